@@ -1,0 +1,283 @@
+//! Serving hypercalls: decoding a notification into a call, running it, and
+//! rendering it for the trace.
+
+use std::fmt::Write as _;
+
+use nix::errno::Errno;
+use nix::unistd::Pid;
+use vkabi::{Hypercall, VkInfo};
+
+use crate::ram::GuestRam;
+use crate::remote::{self, RemoteAddr};
+use crate::sys::kcmp;
+use crate::sys::seccomp::{Notification, NotifyFd};
+use crate::trace::format_flags;
+
+/// What the hypercall handlers need from the supervisor.
+#[derive(Debug)]
+pub struct Hypercalls<'a> {
+    pub ram: &'a GuestRam,
+    pub notify: &'a NotifyFd,
+    /// Last descriptor number at which the RAM memfd was found in a guest.
+    pub ram_fd_guess: &'a mut i32,
+}
+
+impl Hypercalls<'_> {
+    /// Serve notification `n` (a number in the hypercall range) and return
+    /// the guest-visible result. Hypercalls of later milestones answer
+    /// `ENOSYS`, as do unknown numbers.
+    pub fn serve(&mut self, h: Option<Hypercall>, n: &Notification) -> Result<i64, Errno> {
+        match h {
+            Some(Hypercall::VkInfo) => self.vk_info(n),
+            _ => Err(Errno::ENOSYS),
+        }
+    }
+
+    /// `vk_info(out, size)`: copy `min(size, 48)` bytes of [`VkInfo`].
+    fn vk_info(&mut self, n: &Notification) -> Result<i64, Errno> {
+        let tid = Pid::from_raw(n.tid);
+        let out = RemoteAddr(n.args[0]);
+        let size = n.args[1];
+        let info = VkInfo {
+            abi_version: vkabi::VK_ABI_VERSION,
+            page_size: vkabi::PAGE_SIZE as u32,
+            ram_fd: self.ram_fd_in(tid, n.id)?,
+            vpte_levels: vkabi::VPTE_LEVELS,
+            ram_size: self.ram.size(),
+            user_max: vkabi::USER_MAX,
+            reserved: [0; 2],
+        };
+        let bytes = info.to_bytes();
+        let len = usize::try_from(size).unwrap_or(usize::MAX).min(bytes.len());
+        // The caller may have died and its tid been reused since the
+        // notification arrived: only write while the call is still pending.
+        if !self.notify.id_valid(n.id) {
+            return Err(Errno::ESRCH);
+        }
+        remote::write_bytes(tid, out, &bytes[..len])?;
+        Ok(0)
+    }
+
+    /// The number of the RAM memfd in the caller's descriptor table. If the
+    /// caller no longer has it (closed it, or a `close_fds` parent dropped
+    /// it), a new descriptor is installed: the guest is entitled to its RAM.
+    fn ram_fd_in(&mut self, tid: Pid, id: u64) -> Result<i32, Errno> {
+        use std::os::fd::AsFd;
+        let ours = self.ram.as_fd();
+        let guess = *self.ram_fd_guess;
+        if guess >= 0 && kcmp::same_file(ours, tid, guess) == Ok(true) {
+            return Ok(guess);
+        }
+        let found = std::fs::read_dir(format!("/proc/{tid}/fd"))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+            .find(|&fd| kcmp::same_file(ours, tid, fd) == Ok(true));
+        let fd = match found {
+            Some(fd) => fd,
+            None => {
+                let fd = self.notify.add_fd(id, ours)?;
+                tracing::debug!(%tid, fd, "installed the RAM memfd in a guest that had none");
+                fd
+            }
+        };
+        *self.ram_fd_guess = fd;
+        Ok(fd)
+    }
+}
+
+const PROT_NAMES: &[(u64, &str)] = &[(1, "PROT_READ"), (2, "PROT_WRITE"), (4, "PROT_EXEC")];
+
+const MAP_NAMES: &[(u64, &str)] = &[
+    (0x01, "MAP_SHARED"),
+    (0x02, "MAP_PRIVATE"),
+    (0x10, "MAP_FIXED"),
+    (0x20, "MAP_ANONYMOUS"),
+    (vkabi::MAP_VPAGETABLE as u64, "MAP_VPAGETABLE"),
+    (0x4000, "MAP_NORESERVE"),
+    (0x8000, "MAP_POPULATE"),
+    (vkabi::MAP_STACK as u64, "MAP_STACK"),
+    (0x10_0000, "MAP_FIXED_NOREPLACE"),
+];
+
+/// DragonFly's `madvise`/`mcontrol` behaviours by value.
+fn madv_name(behav: u64) -> String {
+    const NAMES: [&str; 12] = [
+        "MADV_NORMAL",
+        "MADV_RANDOM",
+        "MADV_SEQUENTIAL",
+        "MADV_WILLNEED",
+        "MADV_DONTNEED",
+        "MADV_FREE",
+        "MADV_NOSYNC",
+        "MADV_AUTOSYNC",
+        "MADV_NOCORE",
+        "MADV_CORE",
+        "MADV_INVAL",
+        "MADV_SETMAP",
+    ];
+    match NAMES.get(behav as usize) {
+        Some(name) => (*name).to_owned(),
+        None => format!("{:#x}", behav as i32),
+    }
+}
+
+const VPTE_NAMES: &[(u64, &str)] = &[
+    (vkabi::VPTE_V, "V"),
+    (vkabi::VPTE_RW, "RW"),
+    (vkabi::VPTE_U, "U"),
+    (vkabi::VPTE_A, "A"),
+    (vkabi::VPTE_M, "M"),
+    (vkabi::VPTE_PS, "PS"),
+    (vkabi::VPTE_G, "G"),
+    (vkabi::VPTE_WIRED, "WIRED"),
+    (vkabi::VPTE_MANAGED, "MANAGED"),
+    (vkabi::VPTE_NX, "NX"),
+];
+
+/// A VPTE as flags and frame, e.g. `V|RW|A frame=0x1234000`.
+pub fn format_vpte(v: u64) -> String {
+    let flags = format_flags(v & !vkabi::VPTE_FRAME, VPTE_NAMES, "0");
+    format!("{flags} frame={:#x}", v & vkabi::VPTE_FRAME)
+}
+
+fn ptr(v: u64) -> String {
+    if v == 0 {
+        "NULL".to_owned()
+    } else {
+        format!("{v:#x}")
+    }
+}
+
+/// The call as strace would print it: `vk_info(0x7ffd..., 48)`.
+pub fn format_call(h: Option<Hypercall>, n: &Notification) -> String {
+    let a = n.args;
+    let int = |v: u64| (v as i32).to_string();
+    let prot = |v: u64| format_flags(v & 0xffff_ffff, PROT_NAMES, "PROT_NONE");
+    let flags = |v: u64| format_flags(v & 0xffff_ffff, MAP_NAMES, "0");
+    let value = |behav: u64, v: u64| {
+        if behav == vkabi::MADV_SETMAP as u64 {
+            format_vpte(v)
+        } else {
+            format!("{v:#x}")
+        }
+    };
+    let Some(h) = h else {
+        let mut s = format!("syscall_{:#x}(", n.nr);
+        for (i, v) in a.iter().enumerate() {
+            let _ = write!(s, "{}{v:#x}", if i == 0 { "" } else { ", " });
+        }
+        s.push(')');
+        return s;
+    };
+    let args = match h {
+        Hypercall::VkInfo => format!("{}, {}", ptr(a[0]), a[1]),
+        Hypercall::VkMmap => format!(
+            "{}, {}, {}, {}, {}, {:#x}",
+            ptr(a[0]),
+            a[1],
+            prot(a[2]),
+            flags(a[3]),
+            int(a[4]),
+            a[5]
+        ),
+        Hypercall::Mcontrol => format!(
+            "{}, {}, {}, {}",
+            ptr(a[0]),
+            a[1],
+            madv_name(a[2] & 0xffff_ffff),
+            value(a[2], a[3])
+        ),
+        Hypercall::VmspaceCreate => format!("{}, {}, {}", ptr(a[0]), int(a[1]), ptr(a[2])),
+        Hypercall::VmspaceDestroy => ptr(a[0]),
+        Hypercall::VmspaceCtl => {
+            let cmd = if a[1] as i32 == vkabi::VMSPACE_CTL_RUN {
+                "VMSPACE_CTL_RUN".to_owned()
+            } else {
+                int(a[1])
+            };
+            format!("{}, {cmd}, {}, {}", ptr(a[0]), ptr(a[2]), ptr(a[3]))
+        }
+        Hypercall::VmspaceMmap => format!(
+            "{}, {}, {}, {}, {}, {}, {:#x}",
+            ptr(a[0]),
+            ptr(a[1]),
+            a[2],
+            prot(a[3] & 0xffff_ffff),
+            flags(a[3] >> 32),
+            int(a[4]),
+            a[5]
+        ),
+        Hypercall::VmspaceMunmap => format!("{}, {}, {}", ptr(a[0]), ptr(a[1]), a[2]),
+        Hypercall::VmspaceMcontrol => format!(
+            "{}, {}, {}, {}, {}",
+            ptr(a[0]),
+            ptr(a[1]),
+            a[2],
+            madv_name(a[3] & 0xffff_ffff),
+            value(a[3], a[4])
+        ),
+        Hypercall::VmspacePread | Hypercall::VmspacePwrite => format!(
+            "{}, {}, {}, {}, {:#x}",
+            ptr(a[0]),
+            ptr(a[1]),
+            a[2],
+            int(a[3]),
+            a[4]
+        ),
+    };
+    format!("{}({args})", h.name())
+}
+
+/// Whether `h` returns an address (printed in hex).
+pub fn returns_address(h: Option<Hypercall>) -> bool {
+    matches!(h, Some(Hypercall::VkMmap | Hypercall::VmspaceMmap))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn notif(nr: u64, args: [u64; 6]) -> Notification {
+        Notification {
+            id: 1,
+            tid: 1,
+            nr,
+            args,
+        }
+    }
+
+    #[test]
+    fn calls_are_decoded_symbolically() {
+        let n = notif(Hypercall::VkInfo.nr(), [0x7ffd_0000_1000, 48, 0, 0, 0, 0]);
+        assert_eq!(
+            format_call(Some(Hypercall::VkInfo), &n),
+            "vk_info(0x7ffd00001000, 48)"
+        );
+        let n = notif(Hypercall::VkMmap.nr(), [0, 8192, 3, 0x2001, 3, 0]);
+        assert_eq!(
+            format_call(Some(Hypercall::VkMmap), &n),
+            "vk_mmap(NULL, 8192, PROT_READ|PROT_WRITE, MAP_SHARED|MAP_VPAGETABLE, 3, 0x0)"
+        );
+        let n = notif(Hypercall::Mcontrol.nr(), [0x1000, 4096, 11, 0x5023, 0, 0]);
+        assert_eq!(
+            format_call(Some(Hypercall::Mcontrol), &n),
+            "mcontrol(0x1000, 4096, MADV_SETMAP, V|RW|A frame=0x5000)"
+        );
+        let packed = vkabi::vmspace_mmap_prot_flags(1, 0x22);
+        let n = notif(
+            Hypercall::VmspaceMmap.nr(),
+            [7, 0x400000, 4096, packed, -1i64 as u64, 0],
+        );
+        assert_eq!(
+            format_call(Some(Hypercall::VmspaceMmap), &n),
+            "vmspace_mmap(0x7, 0x400000, 4096, PROT_READ, MAP_PRIVATE|MAP_ANONYMOUS, -1, 0x0)"
+        );
+        let n = notif(vkabi::VK_SYS_BASE + 1, [1, 2, 3, 4, 5, 6]);
+        assert_eq!(
+            format_call(None, &n),
+            "syscall_0xdf00001(0x1, 0x2, 0x3, 0x4, 0x5, 0x6)"
+        );
+    }
+}

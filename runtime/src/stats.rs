@@ -1,0 +1,111 @@
+//! Counters printed by `--stats` (ABI section 8): DragonFly's
+//! `vm.vpagetable_*` sysctls and vkrun's own.
+
+use std::fmt::Write as _;
+
+use vkabi::Hypercall;
+
+/// The supervisor's counters; every one is printed, 0 until its feature runs.
+#[derive(Clone, Debug, Default)]
+pub struct Stats {
+    /// `vm.vpagetable_mmap`: VPAGETABLE mappings created.
+    pub vpagetable_mmap: u64,
+    /// `vm.vpagetable_setmap`: `MADV_SETMAP` calls.
+    pub vpagetable_setmap: u64,
+    /// `vm.vpagetable_inval`: `MADV_INVAL` calls.
+    pub vpagetable_inval: u64,
+    /// `vm.vpagetable_faults`: faults resolved by a walk.
+    pub vpagetable_faults: u64,
+    /// Calls per hypercall, indexed like `Hypercall::ALL`.
+    pub hypercalls: [u64; Hypercall::ALL.len()],
+    /// Calls with a number in the range that names no hypercall.
+    pub hypercalls_unknown: u64,
+    /// Hypercalls that returned an error.
+    pub hypercall_errors: u64,
+    /// vmspaces created.
+    pub vmspaces_created: u64,
+    /// vmspaces destroyed.
+    pub vmspaces_destroyed: u64,
+    /// `vmspace_ctl(RUN)` calls.
+    pub runs: u64,
+    /// RUN exits by `syscall`.
+    pub run_exits_syscall: u64,
+    /// RUN exits by page fault.
+    pub run_exits_pagefault: u64,
+    /// RUN exits by another trap.
+    pub run_exits_trap: u64,
+    /// RUN exits by a signal for the caller.
+    pub run_exits_signal: u64,
+    /// Host mappings installed for VPAGETABLE pages.
+    pub host_mappings_installed: u64,
+    /// Host mappings evicted to stay under the VMA budget.
+    pub host_mappings_evicted: u64,
+    /// Host VMAs currently used by installed translations.
+    pub host_vmas: u64,
+}
+
+impl Stats {
+    /// Count one hypercall (`None`: an unknown number) and its outcome.
+    pub fn count_hypercall(&mut self, h: Option<Hypercall>, failed: bool) {
+        match h.and_then(|h| Hypercall::ALL.iter().position(|x| *x == h)) {
+            Some(i) => self.hypercalls[i] += 1,
+            None => self.hypercalls_unknown += 1,
+        }
+        if failed {
+            self.hypercall_errors += 1;
+        }
+    }
+
+    /// The `name: value` lines, DragonFly's sysctls first.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        let mut line = |name: &str, value: u64| {
+            let _ = writeln!(out, "{name}: {value}");
+        };
+        line("vm.vpagetable_mmap", self.vpagetable_mmap);
+        line("vm.vpagetable_setmap", self.vpagetable_setmap);
+        line("vm.vpagetable_inval", self.vpagetable_inval);
+        line("vm.vpagetable_faults", self.vpagetable_faults);
+        let total: u64 = self.hypercalls.iter().sum::<u64>() + self.hypercalls_unknown;
+        line("vkrun.hypercalls", total);
+        line("vkrun.hypercall_errors", self.hypercall_errors);
+        for (h, n) in Hypercall::ALL.iter().zip(self.hypercalls) {
+            line(&format!("vkrun.hypercalls.{}", h.name()), n);
+        }
+        line("vkrun.hypercalls.unknown", self.hypercalls_unknown);
+        line("vkrun.vmspaces_created", self.vmspaces_created);
+        line("vkrun.vmspaces_destroyed", self.vmspaces_destroyed);
+        line("vkrun.runs", self.runs);
+        line("vkrun.run_exits.syscall", self.run_exits_syscall);
+        line("vkrun.run_exits.pagefault", self.run_exits_pagefault);
+        line("vkrun.run_exits.trap", self.run_exits_trap);
+        line("vkrun.run_exits.signal", self.run_exits_signal);
+        line(
+            "vkrun.host_mappings_installed",
+            self.host_mappings_installed,
+        );
+        line("vkrun.host_mappings_evicted", self.host_mappings_evicted);
+        line("vkrun.host_vmas", self.host_vmas);
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_counter_is_rendered() {
+        let mut s = Stats::default();
+        s.count_hypercall(Some(Hypercall::VkInfo), false);
+        s.count_hypercall(None, true);
+        let text = s.render();
+        assert!(text.starts_with("vm.vpagetable_mmap: 0\n"));
+        assert!(text.contains("vkrun.hypercalls: 2\n"));
+        assert!(text.contains("vkrun.hypercalls.vk_info: 1\n"));
+        assert!(text.contains("vkrun.hypercalls.unknown: 1\n"));
+        assert!(text.contains("vkrun.hypercall_errors: 1\n"));
+        assert_eq!(text.lines().count(), 6 + Hypercall::ALL.len() + 1 + 11);
+        assert!(text.lines().all(|l| l.split_once(": ").is_some()));
+    }
+}

@@ -1,0 +1,430 @@
+//! The supervisor's event loop: one thread that is the ptrace tracer of every
+//! guest task and the reader of the seccomp listener.
+//!
+//! It sleeps in `poll(2)` on a signalfd (SIGCHLD for tracee state changes,
+//! plus the signals vkrun forwards) and on the user-notification descriptor
+//! (hypercalls). Tracee stops are handled as ptrace(2) prescribes for a
+//! `PTRACE_SEIZE`d tracee: events are continued, signals are re-injected,
+//! group-stops are `PTRACE_LISTEN`ed so that job control behaves as it would
+//! without vkrun.
+
+use std::collections::HashSet;
+use std::os::fd::AsFd;
+use std::time::{Instant, SystemTime};
+
+use nix::errno::Errno;
+use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+use nix::sys::ptrace::{self, Event, Options};
+use nix::sys::signal::{self, SigSet, SigmaskHow, Signal};
+use nix::sys::signalfd::{SfdFlags, SignalFd};
+use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
+use nix::unistd::Pid;
+use vkabi::Hypercall;
+
+use crate::hypercall::{self, Hypercalls};
+use crate::ram::GuestRam;
+use crate::stats::Stats;
+use crate::sys::seccomp::NotifyFd;
+use crate::sys::spawn::{self, Child, ChildPlan, ChildStep};
+use crate::trace::{self, TraceWriter};
+use crate::{Config, Error, Outcome, resolve_program};
+
+/// Signals sent to vkrun (by `kill`, not by the terminal) that it passes on
+/// to the guest.
+const FORWARDED: [Signal; 6] = [
+    Signal::SIGINT,
+    Signal::SIGTERM,
+    Signal::SIGHUP,
+    Signal::SIGQUIT,
+    Signal::SIGUSR1,
+    Signal::SIGUSR2,
+];
+
+/// `si_code` of a signal the kernel generated (e.g. the terminal's ^C, which
+/// the guest, in the same foreground process group, receives itself).
+const SI_KERNEL: i32 = 0x80;
+
+/// Run the guest described by `config` to its end.
+///
+/// Precondition: the calling process is single-threaded (it forks the guest
+/// and becomes its tracer). The calling thread's signal mask is changed for
+/// the duration of the call and restored afterwards.
+pub fn run(config: Config) -> Result<Outcome, Error> {
+    let Config {
+        program,
+        args,
+        ram_size,
+        trace: trace_options,
+        output,
+        stats: want_stats,
+    } = config;
+    let path = resolve_program(&program)?;
+    let ram = GuestRam::create(ram_size)?;
+
+    let mut mask = SigSet::empty();
+    mask.add(Signal::SIGCHLD);
+    FORWARDED.iter().for_each(|s| mask.add(*s));
+    let mut old_mask = SigSet::empty();
+    signal::pthread_sigmask(SigmaskHow::SIG_BLOCK, Some(&mask), Some(&mut old_mask))
+        .map_err(Error::sys("blocking signals"))?;
+    let result = (|| {
+        let sigfd = SignalFd::with_flags(&mask, SfdFlags::SFD_NONBLOCK | SfdFlags::SFD_CLOEXEC)
+            .map_err(Error::sys("signalfd"))?;
+        let argv = std::iter::once(program.clone()).chain(args).collect();
+        let envp = std::env::vars_os()
+            .map(|(mut k, v)| {
+                k.push("=");
+                k.push(v);
+                k
+            })
+            .collect();
+        let plan =
+            ChildPlan::new(path.into_os_string(), argv, envp, ram.raw_fd()).map_err(|errno| {
+                Error::CannotExecute {
+                    program: program.to_string_lossy().into_owned(),
+                    errno,
+                }
+            })?;
+        let child = spawn::fork_guest(&plan).map_err(Error::sys("fork"))?;
+        let options = Options::PTRACE_O_EXITKILL
+            | Options::PTRACE_O_TRACEFORK
+            | Options::PTRACE_O_TRACEVFORK
+            | Options::PTRACE_O_TRACECLONE
+            | Options::PTRACE_O_TRACEEXEC
+            | Options::PTRACE_O_TRACESYSGOOD;
+        if let Err(errno) = ptrace::seize(child.pid, options) {
+            let _ = signal::kill(child.pid, Signal::SIGKILL);
+            let _ = waitpid(child.pid, None);
+            return Err(Error::Sys {
+                what: "PTRACE_SEIZE of the guest",
+                errno,
+            });
+        }
+        child.release().map_err(Error::sys("releasing the guest"))?;
+        let mut sup = Supervisor {
+            ram_fd_guess: ram.raw_fd(),
+            ram,
+            main: child.pid,
+            child,
+            program: program.to_string_lossy().into_owned(),
+            exec_seen: false,
+            notify: None,
+            sigfd,
+            tracees: HashSet::new(),
+            outcome: None,
+            failure: None,
+            out: TraceWriter::new(output, trace_options),
+            stats: Stats::default(),
+        };
+        sup.tracees.insert(sup.main);
+        let result = sup.event_loop();
+        if want_stats {
+            let text = sup.stats.render();
+            sup.out.write(text.as_bytes());
+        }
+        sup.out.flush();
+        result
+    })();
+    let _ = signal::pthread_sigmask(SigmaskHow::SIG_SETMASK, Some(&old_mask), None);
+    result
+}
+
+/// The state of one supervision.
+struct Supervisor {
+    ram: GuestRam,
+    child: Child,
+    /// The guest's first process: its end is vkrun's outcome.
+    main: Pid,
+    /// Display name of the guest program.
+    program: String,
+    /// Whether `main` has completed its first `execve` (before that, an exit
+    /// is a start-up failure).
+    exec_seen: bool,
+    /// The hypercall listener, once the guest has started; `None` again when
+    /// every task using the filter is gone.
+    notify: Option<NotifyFd>,
+    sigfd: SignalFd,
+    /// Every task (thread id) being traced.
+    tracees: HashSet<Pid>,
+    outcome: Option<Outcome>,
+    failure: Option<Error>,
+    out: TraceWriter,
+    stats: Stats,
+    ram_fd_guess: i32,
+}
+
+impl Supervisor {
+    /// Serve hypercalls and tracee stops until no tracee is left.
+    fn event_loop(&mut self) -> Result<Outcome, Error> {
+        loop {
+            let (signals, notify) = {
+                let mut fds = vec![PollFd::new(self.sigfd.as_fd(), PollFlags::POLLIN)];
+                if let Some(n) = &self.notify {
+                    fds.push(PollFd::new(n.as_fd(), PollFlags::POLLIN));
+                }
+                match poll(&mut fds, PollTimeout::NONE) {
+                    Ok(_) | Err(Errno::EINTR) => {}
+                    Err(errno) => return Err(self.abort(Error::sys("poll")(errno))),
+                }
+                let ready = |fd: &PollFd<'_>| fd.revents().unwrap_or(PollFlags::empty());
+                (ready(&fds[0]), fds.get(1).map(ready))
+            };
+            if let Some(ev) = notify {
+                if ev.contains(PollFlags::POLLIN) {
+                    self.serve_hypercall();
+                } else if ev.intersects(PollFlags::POLLHUP | PollFlags::POLLERR) {
+                    // Every task that could notify is gone.
+                    self.notify = None;
+                }
+            }
+            if signals.contains(PollFlags::POLLIN) && self.on_signals()? {
+                break;
+            }
+        }
+        if let Some(err) = self.failure.take() {
+            return Err(err);
+        }
+        self.outcome.ok_or(Error::Sys {
+            what: "the guest vanished without an exit status",
+            errno: Errno::ECHILD,
+        })
+    }
+
+    /// Kill the guest after a supervisor failure and return the error.
+    fn abort(&mut self, err: Error) -> Error {
+        tracing::error!("supervisor failure, killing the guest: {err}");
+        for tid in &self.tracees {
+            let _ = signal::kill(*tid, Signal::SIGKILL);
+        }
+        err
+    }
+
+    /// Drain the signalfd. Returns true when no tracee is left.
+    fn on_signals(&mut self) -> Result<bool, Error> {
+        let mut reap = false;
+        loop {
+            match self.sigfd.read_signal() {
+                Ok(Some(info)) => {
+                    let sig = Signal::try_from(info.ssi_signo as i32).ok();
+                    match sig {
+                        Some(Signal::SIGCHLD) => reap = true,
+                        Some(sig) if info.ssi_code != SI_KERNEL => self.forward(sig),
+                        _ => {}
+                    }
+                }
+                Ok(None) => break,
+                Err(Errno::EINTR) => continue,
+                Err(errno) => return Err(self.abort(Error::sys("reading signalfd")(errno))),
+            }
+        }
+        if reap { self.reap() } else { Ok(false) }
+    }
+
+    /// Pass a signal sent to vkrun on to the guest's main process, or, once
+    /// that has exited, to every remaining guest process.
+    fn forward(&mut self, sig: Signal) {
+        tracing::debug!(?sig, "forwarding signal to the guest");
+        if self.outcome.is_none() {
+            let _ = signal::kill(self.main, sig);
+            return;
+        }
+        let groups: HashSet<Pid> = self.tracees.iter().filter_map(|t| tgid_of(*t)).collect();
+        for pid in groups {
+            let _ = signal::kill(pid, sig);
+        }
+    }
+
+    /// Collect every pending tracee state change. Returns true when vkrun has
+    /// no tracee or child left.
+    fn reap(&mut self) -> Result<bool, Error> {
+        loop {
+            match waitpid(None, Some(WaitPidFlag::__WALL | WaitPidFlag::WNOHANG)) {
+                Ok(WaitStatus::StillAlive) => return Ok(false),
+                Ok(status) => self.on_wait_status(status)?,
+                Err(Errno::EINTR) => continue,
+                Err(Errno::ECHILD) => return Ok(true),
+                Err(errno) => return Err(self.abort(Error::sys("waitpid")(errno))),
+            }
+        }
+    }
+
+    fn on_wait_status(&mut self, status: WaitStatus) -> Result<(), Error> {
+        match status {
+            WaitStatus::Exited(pid, code) => self.on_exit(pid, Outcome::Exited(code)),
+            WaitStatus::Signaled(pid, signal, core_dumped) => self.on_exit(
+                pid,
+                Outcome::Signaled {
+                    signal,
+                    core_dumped,
+                },
+            ),
+            WaitStatus::Stopped(pid, sig) => {
+                // Signal-delivery-stop: deliver the signal as the kernel would.
+                self.tracees.insert(pid);
+                resume(pid, Some(sig));
+            }
+            WaitStatus::PtraceEvent(pid, sig, event) => {
+                self.tracees.insert(pid);
+                self.on_ptrace_event(pid, sig, event)?;
+            }
+            WaitStatus::PtraceSyscall(pid) => resume(pid, None),
+            WaitStatus::Continued(_) | WaitStatus::StillAlive => {}
+        }
+        Ok(())
+    }
+
+    fn on_ptrace_event(&mut self, pid: Pid, sig: Signal, event: i32) -> Result<(), Error> {
+        const STOP: i32 = libc::PTRACE_EVENT_STOP;
+        match event {
+            STOP if is_stop_signal(sig) => {
+                // Group-stop: stay stopped, keep reporting (job control).
+                if let Err(errno) = crate::sys::ptrace::listen(pid) {
+                    tracing::debug!(%pid, %errno, "PTRACE_LISTEN failed");
+                }
+                return Ok(());
+            }
+            e if e == Event::PTRACE_EVENT_EXEC as i32 => {
+                // The exec'ing thread took over the leader's id; its old id is gone.
+                if let Ok(former) = ptrace::getevent(pid) {
+                    let former = Pid::from_raw(former as i32);
+                    if former != pid {
+                        self.tracees.remove(&former);
+                    }
+                }
+                if pid == self.main && !self.exec_seen {
+                    self.exec_seen = true;
+                    self.on_guest_started()?;
+                }
+            }
+            e if e == Event::PTRACE_EVENT_FORK as i32
+                || e == Event::PTRACE_EVENT_VFORK as i32
+                || e == Event::PTRACE_EVENT_CLONE as i32 =>
+            {
+                if let Ok(new) = ptrace::getevent(pid) {
+                    self.tracees.insert(Pid::from_raw(new as i32));
+                }
+            }
+            _ => {}
+        }
+        resume(pid, None);
+        Ok(())
+    }
+
+    /// The guest's first `execve` succeeded: take over its hypercall listener.
+    fn on_guest_started(&mut self) -> Result<(), Error> {
+        let fd = self
+            .child
+            .take_listener()
+            .map_err(|errno| self.abort(Error::sys("receiving the seccomp listener")(errno)))?;
+        let notify = NotifyFd::new(fd);
+        if let Err(errno) = notify.set_sync_wake_up() {
+            tracing::info!(%errno, "SECCOMP_USER_NOTIF_FD_SYNC_WAKE_UP unavailable");
+        }
+        self.notify = Some(notify);
+        Ok(())
+    }
+
+    fn on_exit(&mut self, pid: Pid, outcome: Outcome) {
+        self.tracees.remove(&pid);
+        if !self.out.set().is_empty() {
+            let text = match outcome {
+                Outcome::Exited(code) => format!("+++ exited with {code} +++"),
+                Outcome::Signaled {
+                    signal,
+                    core_dumped,
+                } => format!(
+                    "+++ killed by {}{} +++",
+                    signal.as_str(),
+                    if core_dumped { " (core dumped)" } else { "" }
+                ),
+            };
+            self.out.line(pid.as_raw(), SystemTime::now(), &text, None);
+        }
+        if pid != self.main {
+            return;
+        }
+        if self.exec_seen {
+            self.outcome = Some(outcome);
+            return;
+        }
+        let program = self.program.clone();
+        self.failure = Some(match self.child.failure() {
+            Some(f) if f.step == ChildStep::Exec => match f.errno {
+                Errno::ENOENT | Errno::ENOTDIR => Error::NotFound { program },
+                errno => Error::CannotExecute { program, errno },
+            },
+            Some(f) => Error::Setup {
+                step: match f.step {
+                    ChildStep::Prepare => "preparing the child",
+                    _ => "installing the seccomp filter",
+                },
+                errno: f.errno,
+            },
+            None => Error::Setup {
+                step: "the guest died before execve",
+                errno: Errno::ECHILD,
+            },
+        });
+    }
+
+    /// Answer one pending hypercall and trace it.
+    fn serve_hypercall(&mut self) {
+        let Some(notify) = &self.notify else { return };
+        let n = match notify.recv() {
+            Ok(n) => n,
+            Err(Errno::ENOENT) => return,
+            Err(errno) => {
+                tracing::warn!(%errno, "SECCOMP_IOCTL_NOTIF_RECV failed");
+                return;
+            }
+        };
+        let h = Hypercall::from_nr(n.nr);
+        let traced = self.out.set().hypercall(h);
+        let when = traced.then(SystemTime::now);
+        let started = (traced && self.out.wants_durations()).then(Instant::now);
+        let result = Hypercalls {
+            ram: &self.ram,
+            notify,
+            ram_fd_guess: &mut self.ram_fd_guess,
+        }
+        .serve(h, &n);
+        match notify.respond(n.id, result) {
+            Ok(()) | Err(Errno::ENOENT) => {}
+            Err(errno) => tracing::warn!(%errno, tid = n.tid, "SECCOMP_IOCTL_NOTIF_SEND failed"),
+        }
+        self.stats.count_hypercall(h, result.is_err());
+        if let Some(when) = when {
+            let text = format!(
+                "{} {}",
+                hypercall::format_call(h, &n),
+                trace::format_result(result, hypercall::returns_address(h))
+            );
+            let took = started.map(|s| s.elapsed());
+            self.out.line(n.tid, when, &text, took);
+        }
+    }
+}
+
+/// Continue a stopped tracee, delivering `sig`. A tracee can die at any
+/// moment (ESRCH), which the next wait reports.
+fn resume(pid: Pid, sig: Option<Signal>) {
+    if let Err(errno) = ptrace::cont(pid, sig)
+        && errno != Errno::ESRCH
+    {
+        tracing::warn!(%pid, %errno, "PTRACE_CONT failed");
+    }
+}
+
+fn is_stop_signal(sig: Signal) -> bool {
+    matches!(
+        sig,
+        Signal::SIGSTOP | Signal::SIGTSTP | Signal::SIGTTIN | Signal::SIGTTOU
+    )
+}
+
+/// The thread-group id of task `tid`, from `/proc`.
+fn tgid_of(tid: Pid) -> Option<Pid> {
+    let status = std::fs::read_to_string(format!("/proc/{tid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("Tgid:"))?;
+    line["Tgid:".len()..].trim().parse().ok().map(Pid::from_raw)
+}

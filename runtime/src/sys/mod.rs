@@ -1,0 +1,11 @@
+//! Raw system interfaces: the only place in the supervisor with `unsafe`.
+//!
+//! Every function exported from here is safe; each `unsafe` block carries a
+//! `// SAFETY:` comment naming the invariants it relies on. Higher layers use
+//! these wrappers and `nix`, never `libc` calls that need `unsafe`.
+
+pub mod kcmp;
+pub mod ptrace;
+pub mod seccomp;
+pub mod spawn;
+pub mod time;

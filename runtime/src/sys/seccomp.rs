@@ -1,0 +1,218 @@
+//! The hypercall filter and its user-notification listener
+//! (seccomp(2), seccomp_unotify(2)).
+//!
+//! The filter lets every system call through natively except the numbers in
+//! `[VK_SYS_BASE, VK_SYS_BASE + VK_SYS_COUNT)` on x86-64, which it turns into
+//! `SECCOMP_RET_USER_NOTIF` so that the supervisor answers them.
+
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
+
+use nix::errno::Errno;
+use vkabi::{VK_SYS_BASE, VK_SYS_COUNT};
+
+const AUDIT_ARCH_X86_64: u32 = 0xC000_003E;
+/// `SECCOMP_USER_NOTIF_FD_SYNC_WAKE_UP` (Linux 6.6): wake the supervisor
+/// synchronously on the notifying task's CPU.
+const SECCOMP_USER_NOTIF_FD_SYNC_WAKE_UP: u64 = 1;
+
+const fn stmt(code: u16, k: u32) -> libc::sock_filter {
+    libc::sock_filter {
+        code,
+        jt: 0,
+        jf: 0,
+        k,
+    }
+}
+
+const fn jump(code: u16, k: u32, jt: u8, jf: u8) -> libc::sock_filter {
+    libc::sock_filter { code, jt, jf, k }
+}
+
+const LD_W_ABS: u16 = (libc::BPF_LD | libc::BPF_W | libc::BPF_ABS) as u16;
+const JEQ_K: u16 = (libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K) as u16;
+const JGE_K: u16 = (libc::BPF_JMP | libc::BPF_JGE | libc::BPF_K) as u16;
+const RET_K: u16 = (libc::BPF_RET | libc::BPF_K) as u16;
+/// `offsetof(struct seccomp_data, nr)` and `arch`.
+const DATA_NR: u32 = 0;
+const DATA_ARCH: u32 = 4;
+
+/// The classic-BPF program: hypercall numbers notify, everything else runs.
+pub const HYPERCALL_FILTER: [libc::sock_filter; 7] = [
+    stmt(LD_W_ABS, DATA_ARCH),
+    jump(JEQ_K, AUDIT_ARCH_X86_64, 0, 4),
+    stmt(LD_W_ABS, DATA_NR),
+    jump(JGE_K, VK_SYS_BASE as u32, 0, 2),
+    jump(JGE_K, (VK_SYS_BASE + VK_SYS_COUNT) as u32, 1, 0),
+    stmt(RET_K, libc::SECCOMP_RET_USER_NOTIF),
+    stmt(RET_K, libc::SECCOMP_RET_ALLOW),
+];
+
+/// Install [`HYPERCALL_FILTER`] on the calling thread and return the
+/// listener descriptor (close-on-exec, as the kernel makes it).
+///
+/// Async-signal-safe: called in the forked child before `execve`. Without
+/// `CAP_SYS_ADMIN` the kernel requires `no_new_privs`; it is set only then, so
+/// that a privileged vkrun runs set-user-ID guests as they would run natively.
+pub fn install_hypercall_filter() -> Result<RawFd, Errno> {
+    let prog = libc::sock_fprog {
+        len: HYPERCALL_FILTER.len() as u16,
+        filter: HYPERCALL_FILTER.as_ptr().cast_mut(),
+    };
+    let install = || {
+        // SAFETY: `prog` points to a valid program that outlives the call;
+        // the kernel copies it.
+        let ret = unsafe {
+            libc::syscall(
+                libc::SYS_seccomp,
+                libc::SECCOMP_SET_MODE_FILTER,
+                libc::SECCOMP_FILTER_FLAG_NEW_LISTENER,
+                &prog as *const libc::sock_fprog,
+            )
+        };
+        Errno::result(ret).map(|fd| fd as RawFd)
+    };
+    match install() {
+        Err(Errno::EACCES) => {
+            // SAFETY: prctl with integer arguments only.
+            let ret = unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) };
+            Errno::result(ret)?;
+            install()
+        }
+        other => other,
+    }
+}
+
+/// One pending hypercall, as `SECCOMP_IOCTL_NOTIF_RECV` reports it.
+#[derive(Clone, Copy, Debug)]
+pub struct Notification {
+    /// Cookie for the answer; valid until answered or the caller dies.
+    pub id: u64,
+    /// Thread id of the caller (in our pid namespace).
+    pub tid: i32,
+    /// System call number.
+    pub nr: u64,
+    /// The six argument registers.
+    pub args: [u64; 6],
+}
+
+/// The supervisor's end of the filter: the user-notification descriptor.
+#[derive(Debug)]
+pub struct NotifyFd {
+    fd: OwnedFd,
+}
+
+impl NotifyFd {
+    /// Take ownership of a listener received from the child.
+    pub fn new(fd: OwnedFd) -> Self {
+        Self { fd }
+    }
+
+    /// Ask the kernel to wake us synchronously (placement-independent latency,
+    /// MECHANISMS.md). Kernels before 6.6 refuse; that only costs speed.
+    pub fn set_sync_wake_up(&self) -> Result<(), Errno> {
+        // SAFETY: SET_FLAGS takes the flags by value.
+        let ret = unsafe {
+            libc::ioctl(
+                self.fd.as_raw_fd(),
+                libc::SECCOMP_IOCTL_NOTIF_SET_FLAGS,
+                SECCOMP_USER_NOTIF_FD_SYNC_WAKE_UP,
+            )
+        };
+        Errno::result(ret).map(drop)
+    }
+
+    /// Receive one notification. Blocks if none is pending; `ENOENT` means
+    /// the caller went away between poll and receive.
+    pub fn recv(&self) -> Result<Notification, Errno> {
+        // SAFETY: seccomp_notif is plain data; the kernel requires it zeroed.
+        let mut n: libc::seccomp_notif = unsafe { std::mem::zeroed() };
+        loop {
+            // SAFETY: `n` is a valid, writable seccomp_notif for the ioctl.
+            let ret = unsafe {
+                libc::ioctl(
+                    self.fd.as_raw_fd(),
+                    libc::SECCOMP_IOCTL_NOTIF_RECV,
+                    &mut n as *mut libc::seccomp_notif,
+                )
+            };
+            match Errno::result(ret) {
+                Ok(_) => break,
+                Err(Errno::EINTR) => continue,
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(Notification {
+            id: n.id,
+            tid: n.pid as i32,
+            nr: u64::from(n.data.nr as u32),
+            args: n.data.args,
+        })
+    }
+
+    /// Answer notification `id`: `Ok(value)` becomes the return value,
+    /// `Err(errno)` becomes `-errno`. `ENOENT` means the caller is gone.
+    pub fn respond(&self, id: u64, result: Result<i64, Errno>) -> Result<(), Errno> {
+        let (val, error) = match result {
+            Ok(v) => (v, 0),
+            Err(e) => (0, -(e as i32)),
+        };
+        let mut resp = libc::seccomp_notif_resp {
+            id,
+            val,
+            error,
+            flags: 0,
+        };
+        // SAFETY: `resp` is a valid seccomp_notif_resp for the ioctl.
+        let ret = unsafe {
+            libc::ioctl(
+                self.fd.as_raw_fd(),
+                libc::SECCOMP_IOCTL_NOTIF_SEND,
+                &mut resp as *mut libc::seccomp_notif_resp,
+            )
+        };
+        Errno::result(ret).map(drop)
+    }
+
+    /// Whether notification `id` is still pending (its caller alive and
+    /// waiting). Check before acting on the caller's memory: a dead caller's
+    /// thread id may already name another task.
+    pub fn id_valid(&self, id: u64) -> bool {
+        let mut id = id;
+        // SAFETY: ID_VALID reads one u64 through the pointer.
+        let ret = unsafe {
+            libc::ioctl(
+                self.fd.as_raw_fd(),
+                libc::SECCOMP_IOCTL_NOTIF_ID_VALID,
+                &mut id as *mut u64,
+            )
+        };
+        ret == 0
+    }
+
+    /// Install a duplicate of `src` in the caller of notification `id`
+    /// (`SECCOMP_IOCTL_NOTIF_ADDFD`); returns its number there.
+    pub fn add_fd(&self, id: u64, src: BorrowedFd<'_>) -> Result<i32, Errno> {
+        let mut addfd = libc::seccomp_notif_addfd {
+            id,
+            flags: 0,
+            srcfd: src.as_raw_fd() as u32,
+            newfd: 0,
+            newfd_flags: 0,
+        };
+        // SAFETY: `addfd` is a valid seccomp_notif_addfd for the ioctl.
+        let ret = unsafe {
+            libc::ioctl(
+                self.fd.as_raw_fd(),
+                libc::SECCOMP_IOCTL_NOTIF_ADDFD,
+                &mut addfd as *mut libc::seccomp_notif_addfd,
+            )
+        };
+        Errno::result(ret)
+    }
+}
+
+impl AsFd for NotifyFd {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.fd.as_fd()
+    }
+}
