@@ -105,7 +105,7 @@ mod tests {
         assert!(text.contains("vkrun.hypercalls.vk_info: 1\n"));
         assert!(text.contains("vkrun.hypercalls.unknown: 1\n"));
         assert!(text.contains("vkrun.hypercall_errors: 1\n"));
-        assert_eq!(text.lines().count(), 6 + Hypercall::ALL.len() + 1 + 11);
+        assert_eq!(text.lines().count(), 6 + Hypercall::ALL.len() + 1 + 10);
         assert!(text.lines().all(|l| l.split_once(": ").is_some()));
     }
 }

@@ -375,3 +375,463 @@ fn deny(access: Access, site: Site) -> Result<(), WalkError> {
         Err(Denial::ExecDenied) => Err(WalkError::ExecDenied(site)),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::builder::{FrameAllocator, PageSize, PageTableBuilder};
+    use crate::mem::AtomicRam;
+    use vkabi::{PGEX_P, VPTE_NX, VPTE_PS, VPTE_RW, VPTE_V};
+
+    const RAM: u64 = 64 * 4096;
+    /// L4 index 1, L3 index 2, L2 index 3, L1 index 4.
+    const P: PageIndex = PageIndex((1 << 27) | (2 << 18) | (3 << 9) | 4);
+    const DATA: GuestPhysAddr = GuestPhysAddr(40 * 4096);
+    const LEVELS: [Level; 4] = [Level::L4, Level::L3, Level::L2, Level::L1];
+
+    /// RAM with tables in pages 0..32 and `P` mapped to `DATA` with `bits`;
+    /// returns the RAM, the master PDE and the addresses of the four entries
+    /// on `P`'s path (L4, L3, L2, L1).
+    fn fixture(bits: u64) -> (AtomicRam, Vpte, [GuestPhysAddr; 4]) {
+        let ram = AtomicRam::new(RAM as usize);
+        let alloc = FrameAllocator::new(GuestPhysAddr(0)..GuestPhysAddr(32 * 4096));
+        let mut b = PageTableBuilder::new(&ram, alloc).expect("room for tables");
+        b.map_page(P, DATA, bits).expect("maps");
+        let master = b.master();
+        let path = path(&ram, master, P);
+        (ram, master, path)
+    }
+
+    /// The addresses of the entries on the path of `p`, read without walking.
+    fn path(ram: &AtomicRam, master: Vpte, p: PageIndex) -> [GuestPhysAddr; 4] {
+        let mut table = master.frame();
+        LEVELS.map(|level| {
+            let pa = GuestPhysAddr(table.0 + 8 * level.index(p) as u64);
+            table = Vpte(ram.load(pa).expect("in RAM")).frame();
+            pa
+        })
+    }
+
+    fn get(ram: &AtomicRam, pa: GuestPhysAddr) -> Vpte {
+        Vpte(ram.load(pa).expect("in RAM"))
+    }
+
+    fn set(ram: &AtomicRam, pa: GuestPhysAddr, v: Vpte) {
+        ram.store(pa, v.0).expect("in RAM");
+    }
+
+    #[test]
+    fn a_plain_walk_reaches_the_page_at_l1() {
+        let (ram, master, path) = fixture(VPTE_RW);
+        let t = walk(&ram, master, P, Access::Read, RAM).expect("mapped");
+        assert_eq!(t.pa, DATA);
+        assert_eq!(t.level(), Level::L1);
+        assert_eq!(t.pages(), 1);
+        assert_eq!(t.leaf.entry_pa, Some(path[3]));
+        assert!(t.executable);
+        assert_eq!(
+            t.to_string(),
+            format!("pindex {:#x} -> pa 0xa0000 r-x via L1 entry V|RW|A frame=0xa0000 at pa {:#x}", P.0, path[3].0)
+        );
+    }
+
+    #[test]
+    fn master_zero_is_not_valid() {
+        let (ram, _, _) = fixture(VPTE_RW);
+        let before = ram.to_bytes();
+        for access in Access::ALL {
+            let e = walk(&ram, Vpte::INVALID, P, access, RAM).expect_err("master 0");
+            assert_eq!(
+                e,
+                WalkError::NotValid(Site {
+                    level: Level::Master,
+                    entry: Vpte(0),
+                    entry_pa: None
+                })
+            );
+            assert!(!e.is_protection());
+        }
+        assert_eq!(ram.to_bytes(), before);
+    }
+
+    #[test]
+    fn v_clear_at_each_level_fails_there_and_leaves_the_entry() {
+        for (i, level) in LEVELS.into_iter().enumerate() {
+            let (ram, master, path) = fixture(VPTE_RW);
+            let cleared = get(&ram, path[i]).without(VPTE_V);
+            set(&ram, path[i], cleared);
+            let e = walk(&ram, master, P, Access::Write, RAM).expect_err("V clear");
+            assert_eq!(
+                e,
+                WalkError::NotValid(Site {
+                    level,
+                    entry: cleared,
+                    entry_pa: Some(path[i])
+                }),
+                "{level}"
+            );
+            assert_eq!(e.pgex(Access::Write), PGEX_W, "not present");
+            assert_eq!(get(&ram, path[i]), cleared, "{level}: failing entry changed");
+            for above in &path[..i] {
+                assert!(get(&ram, *above).has(VPTE_A | VPTE_M), "{level}");
+            }
+        }
+    }
+
+    #[test]
+    fn rw_clear_at_each_level_denies_writes_there() {
+        let (ram, master, _) = fixture(VPTE_RW);
+        let e = walk(&ram, master.without(VPTE_RW), P, Access::Write, RAM).expect_err("master RO");
+        assert_eq!(e.level(), Level::Master);
+        assert!(matches!(e, WalkError::WriteDenied(_)));
+        for (i, level) in LEVELS.into_iter().enumerate() {
+            let (ram, master, path) = fixture(VPTE_RW);
+            let ro = get(&ram, path[i]).without(VPTE_RW);
+            set(&ram, path[i], ro);
+            let e = walk(&ram, master, P, Access::Write, RAM).expect_err("RW clear");
+            assert_eq!(
+                e,
+                WalkError::WriteDenied(Site {
+                    level,
+                    entry: ro,
+                    entry_pa: Some(path[i])
+                })
+            );
+            assert!(e.is_protection());
+            assert_eq!(e.pgex(Access::Write), PGEX_P | PGEX_W);
+            assert_eq!(get(&ram, path[i]), ro, "{level}: failing entry changed");
+            // A read still works, read-only.
+            let t = walk(&ram, master, P, Access::Read, RAM).expect("read");
+            assert!(!t.writable, "{level}");
+        }
+    }
+
+    #[test]
+    fn nx_at_each_level_denies_fetches_there() {
+        let (ram, master, _) = fixture(VPTE_RW);
+        let e = walk(&ram, master.with(VPTE_NX), P, Access::Execute, RAM).expect_err("NX");
+        assert_eq!(e.level(), Level::Master);
+        assert!(matches!(e, WalkError::ExecDenied(_)));
+        assert_eq!(e.pgex(Access::Execute), PGEX_P | PGEX_I);
+        for (i, level) in LEVELS.into_iter().enumerate() {
+            let (ram, master, path) = fixture(VPTE_RW);
+            let nx = get(&ram, path[i]).with(VPTE_NX);
+            set(&ram, path[i], nx);
+            let e = walk(&ram, master, P, Access::Execute, RAM).expect_err("NX");
+            assert_eq!(
+                e,
+                WalkError::ExecDenied(Site {
+                    level,
+                    entry: nx,
+                    entry_pa: Some(path[i])
+                })
+            );
+            assert_eq!(get(&ram, path[i]), nx, "{level}: failing entry changed");
+            let t = walk(&ram, master, P, Access::Write, RAM).expect("write");
+            assert!(!t.executable && t.writable, "{level}");
+        }
+    }
+
+    #[test]
+    fn ps_at_l3_maps_a_1g_superpage() {
+        let ram = AtomicRam::new(RAM as usize);
+        let alloc = FrameAllocator::new(GuestPhysAddr(0)..GuestPhysAddr(32 * 4096));
+        let mut b = PageTableBuilder::new(&ram, alloc).expect("room");
+        let first = Level::L3.region_start(P);
+        b.map(first, GuestPhysAddr(0), PageSize::Size1G, VPTE_RW)
+            .expect("maps");
+        // Page 40 of the superpage is RAM page 40.
+        let p = PageIndex(first.0 + 40);
+        let t = walk(&ram, b.master(), p, Access::Write, RAM).expect("mapped");
+        assert_eq!((t.level(), t.pa, t.bytes()), (Level::L3, DATA, 1 << 30));
+        assert_eq!(t.first_pindex(), first);
+        assert!(t.leaf.entry.has(VPTE_PS | VPTE_A | VPTE_M));
+        // Page 64 is beyond RAM.
+        let e = walk(&ram, b.master(), PageIndex(first.0 + 64), Access::Read, RAM)
+            .expect_err("beyond RAM");
+        assert!(matches!(e, WalkError::PageBeyondRam { page: GuestPhysAddr(RAM), .. }));
+    }
+
+    #[test]
+    fn ps_at_l2_maps_a_2m_superpage() {
+        let ram = AtomicRam::new(RAM as usize);
+        let alloc = FrameAllocator::new(GuestPhysAddr(0)..GuestPhysAddr(32 * 4096));
+        let mut b = PageTableBuilder::new(&ram, alloc).expect("room");
+        let first = Level::L2.region_start(P);
+        b.map(first, GuestPhysAddr(0), PageSize::Size2M, VPTE_RW)
+            .expect("maps");
+        let t = walk(&ram, b.master(), PageIndex(first.0 + 40), Access::Read, RAM).expect("mapped");
+        assert_eq!((t.level(), t.pa, t.pages()), (Level::L2, DATA, 512));
+    }
+
+    #[test]
+    fn ps_at_l4_maps_512g() {
+        let (ram, master, path) = fixture(VPTE_RW);
+        set(&ram, path[0], Vpte::leaf(GuestPhysAddr(0), VPTE_PS | VPTE_RW));
+        let p = PageIndex(Level::L4.region_start(P).0 + 7);
+        let t = walk(&ram, master, p, Access::Read, RAM).expect("mapped");
+        assert_eq!((t.level(), t.pa), (Level::L4, GuestPhysAddr(7 * 4096)));
+    }
+
+    #[test]
+    fn ps_in_the_master_is_a_linear_map() {
+        let ram = AtomicRam::new(RAM as usize);
+        let master = Vpte::leaf(GuestPhysAddr(0), VPTE_PS | VPTE_RW);
+        let before = ram.to_bytes();
+        for n in [0, 1, 63] {
+            let t = walk(&ram, master, PageIndex(n), Access::Write, RAM).expect("linear");
+            assert_eq!((t.level(), t.pa), (Level::Master, GuestPhysAddr(n * 4096)));
+            assert_eq!(t.leaf.entry, master, "the master is never written");
+            // The master has no M: writable only because... it is not.
+            assert!(!t.writable);
+        }
+        // Bits above 36 of the page index are not part of the offset.
+        let t = walk(&ram, master, PageIndex((1 << 36) | 5), Access::Read, RAM).expect("linear");
+        assert_eq!(t.pa, GuestPhysAddr(5 * 4096));
+        let e = walk(&ram, master, PageIndex(64), Access::Read, RAM).expect_err("beyond");
+        assert!(matches!(e, WalkError::PageBeyondRam { .. }));
+        assert_eq!(ram.to_bytes(), before, "nothing in memory to write");
+        let t = walk(&ram, master.with(VPTE_M), PageIndex(1), Access::Read, RAM).expect("linear");
+        assert!(t.writable, "a master with RW|M maps writable");
+    }
+
+    #[test]
+    fn ps_in_an_l1_entry_is_a_plain_leaf() {
+        let (ram, master, path) = fixture(VPTE_RW | VPTE_PS - VPTE_PS);
+        set(&ram, path[3], get(&ram, path[3]).with(VPTE_PS));
+        let t = walk(&ram, master, P, Access::Read, RAM).expect("mapped");
+        assert_eq!((t.level(), t.pa, t.pages()), (Level::L1, DATA, 1));
+    }
+
+    #[test]
+    fn an_unaligned_ps_frame_is_a_base_offset() {
+        let (ram, master, path) = fixture(VPTE_RW);
+        // A 2 MiB superpage whose frame is page 3, not 2 MiB aligned.
+        set(&ram, path[2], Vpte::leaf(GuestPhysAddr(3 * 4096), VPTE_PS | VPTE_RW));
+        let first = Level::L2.region_start(P);
+        let t = walk(&ram, master, PageIndex(first.0 + 10), Access::Read, RAM).expect("mapped");
+        assert_eq!(t.pa, GuestPhysAddr(13 * 4096));
+        assert_eq!(t.first_pa(), GuestPhysAddr(3 * 4096));
+    }
+
+    #[test]
+    fn a_table_beyond_ram_fails_at_the_entry_pointing_to_it() {
+        for (i, level) in [Level::Master, Level::L4, Level::L3, Level::L2]
+            .into_iter()
+            .enumerate()
+        {
+            let (ram, mut master, path) = fixture(VPTE_RW);
+            let far = GuestPhysAddr(RAM);
+            let entry = Vpte::table(far);
+            match i {
+                0 => master = entry,
+                _ => set(&ram, path[i - 1], entry),
+            }
+            let e = walk(&ram, master, P, Access::Read, RAM).expect_err("beyond");
+            assert!(
+                matches!(e, WalkError::TableBeyondRam { table, ram_size: RAM, .. } if table == far),
+                "{e}"
+            );
+            assert_eq!(e.level(), level);
+            assert!(!e.is_protection());
+        }
+        // A RAM size that cuts the table page fails too.
+        let (ram, master, _) = fixture(VPTE_RW);
+        let e = walk(&ram, master, P, Access::Read, master.frame().0 + 4095).expect_err("cut");
+        assert!(matches!(e, WalkError::TableBeyondRam { .. }));
+    }
+
+    #[test]
+    fn a_final_page_beyond_ram_fails() {
+        let (ram, master, path) = fixture(VPTE_RW);
+        set(&ram, path[3], Vpte::leaf(GuestPhysAddr(RAM), VPTE_RW));
+        let e = walk(&ram, master, P, Access::Read, RAM).expect_err("beyond");
+        assert!(matches!(e, WalkError::PageBeyondRam { page: GuestPhysAddr(RAM), .. }));
+        assert_eq!(e.level(), Level::L1);
+        assert_eq!(
+            e.to_string(),
+            format!(
+                "page pa 0x40000 beyond RAM (0x40000 bytes): L1 entry V|RW|A frame=0x40000 at pa {:#x}",
+                path[3].0
+            )
+        );
+        let t = walk(&ram, master, P, Access::Read, RAM + 4096).expect("fits now");
+        assert_eq!(t.pa, GuestPhysAddr(RAM));
+    }
+
+    #[test]
+    fn every_visited_level_gets_a_and_m_only_on_a_write_with_rw() {
+        let (ram, master, path) = fixture(VPTE_RW);
+        for pa in path {
+            assert!(!get(&ram, pa).has(VPTE_A));
+        }
+        walk(&ram, master, P, Access::Read, RAM).expect("read");
+        for pa in path {
+            assert!(get(&ram, pa).is_accessed() && !get(&ram, pa).is_modified());
+        }
+        walk(&ram, master, P, Access::Execute, RAM).expect("fetch");
+        for pa in path {
+            assert!(!get(&ram, pa).is_modified(), "a fetch does not set M");
+        }
+        let t = walk(&ram, master, P, Access::Write, RAM).expect("write");
+        for pa in path {
+            assert!(get(&ram, pa).has(VPTE_A | VPTE_M));
+        }
+        assert!(t.leaf.entry.has(VPTE_A | VPTE_M), "the translation shows the update");
+        // A write that fails at L1 for lack of RW sets A|M above, nothing at L1.
+        let (ram, master, path) = fixture(0);
+        walk(&ram, master, P, Access::Write, RAM).expect_err("read-only");
+        for pa in &path[..3] {
+            assert!(get(&ram, *pa).has(VPTE_A | VPTE_M));
+        }
+        assert_eq!(get(&ram, path[3]), Vpte::leaf(DATA, 0));
+    }
+
+    #[test]
+    fn nothing_is_written_when_a_and_m_are_set() {
+        let (ram, master, _) = fixture(VPTE_RW);
+        walk(&ram, master, P, Access::Write, RAM).expect("write");
+        let mem = crate::reference::CountingMem::new(&ram);
+        for access in Access::ALL {
+            walk(&mem, master, P, access, RAM).expect("walk");
+        }
+        assert!(mem.cas().is_empty());
+        assert_eq!(mem.loads().len(), 12);
+    }
+
+    #[test]
+    fn a_read_maps_read_only_until_the_leaf_has_m() {
+        let (ram, master, _) = fixture(VPTE_RW);
+        let t = walk(&ram, master, P, Access::Read, RAM).expect("read");
+        assert!(!t.writable, "RW without M: read-only");
+        let t = walk(&ram, master, P, Access::Write, RAM).expect("write");
+        assert!(t.writable);
+        let t = walk(&ram, master, P, Access::Read, RAM).expect("read");
+        assert!(t.writable, "RW and M: writable");
+        // M without RW stays read-only.
+        let (ram, master, _) = fixture(VPTE_M | VPTE_A);
+        let t = walk(&ram, master, P, Access::Read, RAM).expect("read");
+        assert!(!t.writable);
+        // RW|M at the leaf but no RW above: read-only.
+        let (ram, master, _) = fixture(VPTE_RW | VPTE_M);
+        let t = walk(&ram, master.without(VPTE_RW), P, Access::Read, RAM).expect("read");
+        assert!(!t.writable);
+    }
+
+    #[test]
+    fn the_file_offset_enters_the_page_index() {
+        let (ram, master, _) = fixture(VPTE_RW);
+        // A mapping at 0x10000000 with offset P pages - 16: va = start + 16 pages.
+        let start = GuestVirtAddr(0x1000_0000);
+        let off = (P.0 - 16) << 12;
+        let va = GuestVirtAddr(start.0 + (16 << 12) + 0x123);
+        let p = PageIndex::for_fault(va, start, off).expect("in range");
+        assert_eq!(p, P);
+        let t = walk(&ram, master, p, Access::Read, RAM).expect("mapped");
+        assert_eq!(t.pa, DATA);
+    }
+
+    #[test]
+    fn a_recursive_slot_reads_the_table_page() {
+        let (ram, master, path) = fixture(VPTE_RW);
+        // L4 slot 511 points back at the L4 table.
+        let l4 = master.frame();
+        set(&ram, GuestPhysAddr(l4.0 + 8 * 511), Vpte::table(l4));
+        // Through the slot, P's L4/L3/L2 indexes select its L1 table.
+        let p = PageIndex((511 << 27) | (1 << 18) | (2 << 9) | 3);
+        let t = walk(&ram, master, p, Access::Read, RAM).expect("recursive");
+        let l1_table = GuestPhysAddr(path[3].0 & !0xFFF);
+        assert_eq!((t.level(), t.pa), (Level::L1, l1_table));
+    }
+
+    #[test]
+    fn a_cycle_stops_after_four_reads() {
+        let ram = AtomicRam::new(RAM as usize);
+        // Every entry of the table at page 1 points at page 1.
+        let table = GuestPhysAddr(4096);
+        for i in 0..512 {
+            set(&ram, GuestPhysAddr(table.0 + 8 * i), Vpte::table(table));
+        }
+        let mem = crate::reference::CountingMem::new(&ram);
+        let t = walk(&mem, Vpte::table(table), PageIndex(0x1234_5678), Access::Write, RAM)
+            .expect("leaf is page 1");
+        assert_eq!((t.level(), t.pa), (Level::L1, table));
+        assert_eq!(mem.loads().len(), 4);
+    }
+
+    /// A memory whose first compare-and-swap loses to a guest store of `guest`.
+    struct Racing<'a> {
+        ram: &'a AtomicRam,
+        guest: Vpte,
+        fired: core::cell::Cell<bool>,
+    }
+
+    impl PhysMem for Racing<'_> {
+        fn load(&self, pa: GuestPhysAddr) -> Result<u64, PhysMemError> {
+            self.ram.load(pa)
+        }
+        fn compare_exchange(
+            &self,
+            pa: GuestPhysAddr,
+            current: u64,
+            new: u64,
+        ) -> Result<Result<u64, u64>, PhysMemError> {
+            if !self.fired.replace(true) {
+                self.ram.store(pa, self.guest.0)?;
+            }
+            self.ram.compare_exchange(pa, current, new)
+        }
+    }
+
+    #[test]
+    fn an_entry_invalidated_during_the_update_is_left_alone() {
+        let (ram, master, path) = fixture(VPTE_RW);
+        let l4 = get(&ram, path[0]);
+        let gone = l4.without(VPTE_V);
+        let mem = Racing {
+            ram: &ram,
+            guest: gone,
+            fired: false.into(),
+        };
+        let e = walk(&mem, master, P, Access::Read, RAM).expect_err("V cleared");
+        assert_eq!(e, WalkError::NotValid(Site { level: Level::L4, entry: gone, entry_pa: Some(path[0]) }));
+        assert_eq!(get(&ram, path[0]), gone, "no A on a cleared entry");
+    }
+
+    #[test]
+    fn a_concurrent_change_is_kept_and_rechecked() {
+        let (ram, master, path) = fixture(VPTE_RW);
+        let l4 = get(&ram, path[0]);
+        // The guest sets G meanwhile: the walk retries and keeps it.
+        let mem = Racing {
+            ram: &ram,
+            guest: l4.with(vkabi::VPTE_G),
+            fired: false.into(),
+        };
+        walk(&mem, master, P, Access::Write, RAM).expect("walks");
+        assert_eq!(get(&ram, path[0]), l4.with(vkabi::VPTE_G | VPTE_A | VPTE_M));
+        // The guest clears RW meanwhile: the write now fails there, unchanged.
+        let (ram, master, path) = fixture(VPTE_RW);
+        let ro = get(&ram, path[1]).without(VPTE_RW);
+        let mem = Racing {
+            ram: &ram,
+            guest: ro,
+            fired: false.into(),
+        };
+        // The first CAS is at L4; make the race hit L3 by pre-setting L4's A|M.
+        set(&ram, path[0], get(&ram, path[0]).with(VPTE_A | VPTE_M));
+        let e = walk(&mem, master, P, Access::Write, RAM).expect_err("RW cleared");
+        assert!(matches!(e, WalkError::WriteDenied(s) if s.level == Level::L3 && s.entry == ro));
+        assert_eq!(get(&ram, path[1]), ro);
+    }
+
+    #[test]
+    fn access_from_pgex() {
+        assert_eq!(Access::from_pgex(0), Access::Read);
+        assert_eq!(Access::from_pgex(PGEX_W | vkabi::PGEX_U), Access::Write);
+        assert_eq!(Access::from_pgex(PGEX_I | PGEX_P), Access::Execute);
+        for a in Access::ALL {
+            assert_eq!(Access::from_pgex(a.pgex()), a);
+        }
+    }
+}
