@@ -379,6 +379,7 @@ fn deny(access: Access, site: Site) -> Result<(), WalkError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::addr::GuestVirtAddr;
     use crate::builder::{FrameAllocator, PageSize, PageTableBuilder};
     use crate::mem::AtomicRam;
     use vkabi::{PGEX_P, VPTE_NX, VPTE_PS, VPTE_RW, VPTE_V};
@@ -431,7 +432,10 @@ mod tests {
         assert!(t.executable);
         assert_eq!(
             t.to_string(),
-            format!("pindex {:#x} -> pa 0xa0000 r-x via L1 entry V|RW|A frame=0xa0000 at pa {:#x}", P.0, path[3].0)
+            format!(
+                "pindex {:#x} -> pa 0x28000 r-x via L1 entry V|RW|A frame=0x28000 at pa {:#x}",
+                P.0, path[3].0
+            )
         );
     }
 
@@ -471,7 +475,11 @@ mod tests {
                 "{level}"
             );
             assert_eq!(e.pgex(Access::Write), PGEX_W, "not present");
-            assert_eq!(get(&ram, path[i]), cleared, "{level}: failing entry changed");
+            assert_eq!(
+                get(&ram, path[i]),
+                cleared,
+                "{level}: failing entry changed"
+            );
             for above in &path[..i] {
                 assert!(get(&ram, *above).has(VPTE_A | VPTE_M), "{level}");
             }
@@ -549,7 +557,13 @@ mod tests {
         // Page 64 is beyond RAM.
         let e = walk(&ram, b.master(), PageIndex(first.0 + 64), Access::Read, RAM)
             .expect_err("beyond RAM");
-        assert!(matches!(e, WalkError::PageBeyondRam { page: GuestPhysAddr(RAM), .. }));
+        assert!(matches!(
+            e,
+            WalkError::PageBeyondRam {
+                page: GuestPhysAddr(RAM),
+                ..
+            }
+        ));
     }
 
     #[test]
@@ -567,7 +581,11 @@ mod tests {
     #[test]
     fn ps_at_l4_maps_512g() {
         let (ram, master, path) = fixture(VPTE_RW);
-        set(&ram, path[0], Vpte::leaf(GuestPhysAddr(0), VPTE_PS | VPTE_RW));
+        set(
+            &ram,
+            path[0],
+            Vpte::leaf(GuestPhysAddr(0), VPTE_PS | VPTE_RW),
+        );
         let p = PageIndex(Level::L4.region_start(P).0 + 7);
         let t = walk(&ram, master, p, Access::Read, RAM).expect("mapped");
         assert_eq!((t.level(), t.pa), (Level::L4, GuestPhysAddr(7 * 4096)));
@@ -582,7 +600,7 @@ mod tests {
             let t = walk(&ram, master, PageIndex(n), Access::Write, RAM).expect("linear");
             assert_eq!((t.level(), t.pa), (Level::Master, GuestPhysAddr(n * 4096)));
             assert_eq!(t.leaf.entry, master, "the master is never written");
-            // The master has no M: writable only because... it is not.
+            // The master lacks M and is never written: read-only until the guest sets M.
             assert!(!t.writable);
         }
         // Bits above 36 of the page index are not part of the offset.
@@ -597,7 +615,7 @@ mod tests {
 
     #[test]
     fn ps_in_an_l1_entry_is_a_plain_leaf() {
-        let (ram, master, path) = fixture(VPTE_RW | VPTE_PS - VPTE_PS);
+        let (ram, master, path) = fixture(VPTE_RW);
         set(&ram, path[3], get(&ram, path[3]).with(VPTE_PS));
         let t = walk(&ram, master, P, Access::Read, RAM).expect("mapped");
         assert_eq!((t.level(), t.pa, t.pages()), (Level::L1, DATA, 1));
@@ -607,7 +625,11 @@ mod tests {
     fn an_unaligned_ps_frame_is_a_base_offset() {
         let (ram, master, path) = fixture(VPTE_RW);
         // A 2 MiB superpage whose frame is page 3, not 2 MiB aligned.
-        set(&ram, path[2], Vpte::leaf(GuestPhysAddr(3 * 4096), VPTE_PS | VPTE_RW));
+        set(
+            &ram,
+            path[2],
+            Vpte::leaf(GuestPhysAddr(3 * 4096), VPTE_PS | VPTE_RW),
+        );
         let first = Level::L2.region_start(P);
         let t = walk(&ram, master, PageIndex(first.0 + 10), Access::Read, RAM).expect("mapped");
         assert_eq!(t.pa, GuestPhysAddr(13 * 4096));
@@ -646,7 +668,13 @@ mod tests {
         let (ram, master, path) = fixture(VPTE_RW);
         set(&ram, path[3], Vpte::leaf(GuestPhysAddr(RAM), VPTE_RW));
         let e = walk(&ram, master, P, Access::Read, RAM).expect_err("beyond");
-        assert!(matches!(e, WalkError::PageBeyondRam { page: GuestPhysAddr(RAM), .. }));
+        assert!(matches!(
+            e,
+            WalkError::PageBeyondRam {
+                page: GuestPhysAddr(RAM),
+                ..
+            }
+        ));
         assert_eq!(e.level(), Level::L1);
         assert_eq!(
             e.to_string(),
@@ -677,7 +705,10 @@ mod tests {
         for pa in path {
             assert!(get(&ram, pa).has(VPTE_A | VPTE_M));
         }
-        assert!(t.leaf.entry.has(VPTE_A | VPTE_M), "the translation shows the update");
+        assert!(
+            t.leaf.entry.has(VPTE_A | VPTE_M),
+            "the translation shows the update"
+        );
         // A write that fails at L1 for lack of RW sets A|M above, nothing at L1.
         let (ram, master, path) = fixture(0);
         walk(&ram, master, P, Access::Write, RAM).expect_err("read-only");
@@ -753,8 +784,14 @@ mod tests {
             set(&ram, GuestPhysAddr(table.0 + 8 * i), Vpte::table(table));
         }
         let mem = crate::reference::CountingMem::new(&ram);
-        let t = walk(&mem, Vpte::table(table), PageIndex(0x1234_5678), Access::Write, RAM)
-            .expect("leaf is page 1");
+        let t = walk(
+            &mem,
+            Vpte::table(table),
+            PageIndex(0x1234_5678),
+            Access::Write,
+            RAM,
+        )
+        .expect("leaf is page 1");
         assert_eq!((t.level(), t.pa), (Level::L1, table));
         assert_eq!(mem.loads().len(), 4);
     }
@@ -794,7 +831,14 @@ mod tests {
             fired: false.into(),
         };
         let e = walk(&mem, master, P, Access::Read, RAM).expect_err("V cleared");
-        assert_eq!(e, WalkError::NotValid(Site { level: Level::L4, entry: gone, entry_pa: Some(path[0]) }));
+        assert_eq!(
+            e,
+            WalkError::NotValid(Site {
+                level: Level::L4,
+                entry: gone,
+                entry_pa: Some(path[0])
+            })
+        );
         assert_eq!(get(&ram, path[0]), gone, "no A on a cleared entry");
     }
 
