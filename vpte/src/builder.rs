@@ -400,3 +400,198 @@ fn entry_pa(table: GuestPhysAddr, level: Level, pindex: PageIndex) -> GuestPhysA
 fn zero_page<M: PhysMem + ?Sized>(mem: &M, pa: GuestPhysAddr) -> Result<(), PhysMemError> {
     (0..VPTE_ENTRIES as u64).try_for_each(|i| mem.store(GuestPhysAddr(pa.0 + 8 * i), 0))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::mem::{AtomicRam, CellRam};
+    use crate::walk::{Access, walk};
+    use vkabi::VPTE_A;
+
+    const RAM: u64 = 64 * 4096;
+
+    fn builder(ram: &AtomicRam) -> PageTableBuilder<&AtomicRam> {
+        let alloc = FrameAllocator::new(GuestPhysAddr(0)..GuestPhysAddr(16 * 4096));
+        PageTableBuilder::new(ram, alloc).expect("room")
+    }
+
+    #[test]
+    fn allocator_bumps_aligns_and_reuses() {
+        let mut a = FrameAllocator::new(GuestPhysAddr(100)..GuestPhysAddr(10 * 4096 + 5));
+        assert_eq!(a.remaining(), 9);
+        assert_eq!(a.alloc(), Some(GuestPhysAddr(4096)));
+        assert_eq!(a.alloc_aligned(2, 4), Some(GuestPhysAddr(4 * 4096)));
+        assert_eq!(a.remaining(), 6, "pages 2 and 3 went to the free list");
+        assert_eq!(a.alloc_aligned(4, 4), None);
+        assert_eq!(a.alloc(), Some(GuestPhysAddr(3 * 4096)));
+        a.free(GuestPhysAddr(4096));
+        assert_eq!(a.alloc(), Some(GuestPhysAddr(4096)));
+        let taken: Vec<_> = std::iter::from_fn(|| a.alloc()).collect();
+        assert_eq!(taken.len(), 5);
+        assert_eq!(a.remaining(), 0);
+        let mut empty = FrameAllocator::new(GuestPhysAddr(4096)..GuestPhysAddr(100));
+        assert_eq!(empty.alloc(), None);
+    }
+
+    #[test]
+    fn map_lookup_protect_unmap() {
+        let ram = AtomicRam::new(RAM as usize);
+        let mut b = builder(&ram);
+        let p = PageIndex(0x1234);
+        let frame = GuestPhysAddr(40 * 4096);
+        assert_eq!(b.lookup(p), Ok(None));
+        assert_eq!(b.map_page(p, frame, VPTE_RW), Ok(None));
+        let m = b.lookup(p).expect("reads").expect("mapped");
+        assert_eq!(
+            (m.first, m.level, m.entry),
+            (p, Level::L1, Vpte::leaf(frame, VPTE_RW))
+        );
+        assert_eq!(m.pa_of(p), Some(frame));
+        assert_eq!(m.pa_of(PageIndex(p.0 + 1)), None);
+        walk(&ram, b.master(), p, Access::Write, RAM).expect("walks");
+        // Protect keeps frame, A and M.
+        let old = b.protect(p, VPTE_NX).expect("reads").expect("mapped");
+        assert!(old.entry.has(VPTE_RW | VPTE_A | vkabi::VPTE_M));
+        let now = b.lookup(p).expect("reads").expect("mapped").entry;
+        assert_eq!(now, Vpte::leaf(frame, VPTE_NX | VPTE_A | vkabi::VPTE_M));
+        assert!(walk(&ram, b.master(), p, Access::Write, RAM).is_err());
+        assert_eq!(
+            b.protect(p, VPTE_A),
+            Err(BuildError::BadBits { bits: VPTE_A })
+        );
+        // Replacing returns the old leaf.
+        let old = b
+            .map_page(p, GuestPhysAddr(41 * 4096), VPTE_RW)
+            .expect("remaps");
+        assert_eq!(old.map(|m| m.entry), Some(now));
+        let gone = b.unmap(p).expect("reads").expect("was mapped");
+        assert_eq!(gone.entry.frame(), GuestPhysAddr(41 * 4096));
+        assert_eq!(b.lookup(p), Ok(None));
+        assert_eq!(b.unmap(p), Ok(None));
+        assert_eq!(b.protect(p, 0), Ok(None));
+    }
+
+    #[test]
+    fn superpages_and_conflicts() {
+        let ram = AtomicRam::new(RAM as usize);
+        let mut b = builder(&ram);
+        let g = PageIndex(1 << 18);
+        b.map(g, GuestPhysAddr(0), PageSize::Size1G, VPTE_RW)
+            .expect("maps 1G");
+        let m = b
+            .lookup(PageIndex(g.0 + 12345))
+            .expect("reads")
+            .expect("mapped");
+        assert_eq!((m.first, m.level), (g, Level::L3));
+        assert!(m.entry.is_superpage());
+        // A 4 KiB or 2 MiB page inside the 1 GiB one conflicts.
+        for size in [PageSize::Size4K, PageSize::Size2M] {
+            let e = b.map(PageIndex(g.0 + 512), GuestPhysAddr(0), size, 0);
+            assert!(
+                matches!(
+                    e,
+                    Err(BuildError::Conflict {
+                        level: Level::L3,
+                        ..
+                    })
+                ),
+                "{e:?}"
+            );
+        }
+        // A 2 MiB page over an L1 table conflicts, and a 1 GiB over an L2 table.
+        let two = PageIndex(2 << 18);
+        b.map_page(two, GuestPhysAddr(0), 0).expect("maps");
+        let e = b.map(two, GuestPhysAddr(0), PageSize::Size2M, 0);
+        assert!(matches!(
+            e,
+            Err(BuildError::Conflict {
+                level: Level::L2,
+                ..
+            })
+        ));
+        let e = b.map(two, GuestPhysAddr(0), PageSize::Size1G, 0);
+        assert!(matches!(
+            e,
+            Err(BuildError::Conflict {
+                level: Level::L3,
+                ..
+            })
+        ));
+        // Superpage over superpage of the same size replaces it.
+        let old = b
+            .map(g, GuestPhysAddr(4096), PageSize::Size1G, 0)
+            .expect("remaps");
+        assert_eq!(old.map(|m| m.level), Some(Level::L3));
+        // Unmapping a superpage removes all of it.
+        let gone = b
+            .unmap(PageIndex(g.0 + 99))
+            .expect("reads")
+            .expect("mapped");
+        assert_eq!(gone.first, g);
+        assert_eq!(b.lookup(g), Ok(None));
+    }
+
+    #[test]
+    fn bad_arguments_are_refused() {
+        let ram = AtomicRam::new(RAM as usize);
+        let mut b = builder(&ram);
+        let f = GuestPhysAddr(0);
+        let p = PageIndex(512);
+        assert!(matches!(
+            b.map(PageIndex(513), f, PageSize::Size2M, 0),
+            Err(BuildError::Misaligned { .. })
+        ));
+        assert!(matches!(
+            b.map(p, GuestPhysAddr(100), PageSize::Size4K, 0),
+            Err(BuildError::FrameMisaligned { .. })
+        ));
+        assert!(matches!(
+            b.map(p, GuestPhysAddr(1 << 52), PageSize::Size4K, 0),
+            Err(BuildError::FrameMisaligned { .. })
+        ));
+        for bits in [VPTE_V, VPTE_PS, 0x5000] {
+            assert_eq!(
+                b.map(p, f, PageSize::Size4K, bits),
+                Err(BuildError::BadBits { bits })
+            );
+        }
+        assert_eq!(b.lookup(p), Ok(None), "nothing changed");
+    }
+
+    #[test]
+    fn running_out_of_frames_is_an_error() {
+        let ram = AtomicRam::new(RAM as usize);
+        let alloc = FrameAllocator::new(GuestPhysAddr(0)..GuestPhysAddr(3 * 4096));
+        let mut b = PageTableBuilder::new(&ram, alloc).expect("root");
+        // Root plus two tables; the L1 table does not fit.
+        assert_eq!(
+            b.map_page(PageIndex(0), GuestPhysAddr(0), 0),
+            Err(BuildError::OutOfFrames)
+        );
+        let alloc = FrameAllocator::new(GuestPhysAddr(0)..GuestPhysAddr(0));
+        assert!(matches!(
+            PageTableBuilder::new(&ram, alloc),
+            Err(BuildError::OutOfFrames)
+        ));
+    }
+
+    #[test]
+    fn tables_in_a_byte_slice() {
+        let mut bytes = vec![0xAAu8; RAM as usize];
+        let alloc = FrameAllocator::new(GuestPhysAddr(0)..GuestPhysAddr(8 * 4096));
+        let mut b = PageTableBuilder::new(CellRam::new(&mut bytes), alloc).expect("room");
+        let frame = b.allocator().alloc().expect("a data frame");
+        b.map_page(PageIndex(77), frame, VPTE_RW).expect("maps");
+        let t = walk(b.mem(), b.master(), PageIndex(77), Access::Read, RAM).expect("walks");
+        assert_eq!(t.pa, frame);
+        // Unused entries of the new tables were zeroed over the 0xAA filler.
+        assert!(matches!(
+            walk(b.mem(), b.master(), PageIndex(78), Access::Read, RAM),
+            Err(crate::walk::WalkError::NotValid(s)) if s.level == Level::L1 && s.entry == Vpte(0)
+        ));
+        let master = b.master();
+        drop(b);
+        let root = master.frame().0 as usize;
+        assert_eq!(bytes[root + 8..root + 16], [0; 8]);
+    }
+}
