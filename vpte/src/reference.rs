@@ -65,7 +65,29 @@ fn reference_steps(
         if access == Access::Execute && v & VPTE_NX != 0 {
             return Err(WalkError::ExecDenied(site));
         }
-        // Only entries that pass their checks are updated.
+        let shift = shifts[depth];
+        let leaf = site.entry.is_superpage() || shift == 0;
+        let target = if leaf {
+            site.entry.frame().0 + (pindex.0 & ((1u64 << shift) - 1)) * PAGE_SIZE
+        } else {
+            site.entry.frame().0
+        };
+        if target >= ram_size || ram_size - target < PAGE_SIZE {
+            return Err(if leaf {
+                WalkError::PageBeyondRam {
+                    site,
+                    page: GuestPhysAddr(target),
+                    ram_size,
+                }
+            } else {
+                WalkError::TableBeyondRam {
+                    site,
+                    table: GuestPhysAddr(target),
+                    ram_size,
+                }
+            });
+        }
+        // Only entries that pass every check are updated.
         if let Some(pa) = site.entry_pa {
             let mut new = v | VPTE_A;
             if access == Access::Write && v & VPTE_RW != 0 {
@@ -78,33 +100,16 @@ fn reference_steps(
         }
         rw_everywhere = rw_everywhere && v & VPTE_RW != 0;
         nx_somewhere = nx_somewhere || v & VPTE_NX != 0;
-        let shift = shifts[depth];
-        if site.entry.is_superpage() || shift == 0 {
-            let offset = (pindex.0 & ((1u64 << shift) - 1)) * PAGE_SIZE;
-            let page = site.entry.frame().0 + offset;
-            if page >= ram_size || ram_size - page < PAGE_SIZE {
-                return Err(WalkError::PageBeyondRam {
-                    site,
-                    page: GuestPhysAddr(page),
-                    ram_size,
-                });
-            }
+        if leaf {
             return Ok(Translation {
                 pindex,
-                pa: GuestPhysAddr(page),
+                pa: GuestPhysAddr(target),
                 writable: rw_everywhere && site.entry.is_modified(),
                 executable: !nx_somewhere,
                 leaf: site,
             });
         }
-        let table = site.entry.frame().0;
-        if table >= ram_size || ram_size - table < PAGE_SIZE {
-            return Err(WalkError::TableBeyondRam {
-                site,
-                table: GuestPhysAddr(table),
-                ram_size,
-            });
-        }
+        let table = target;
         let index = (pindex.0 >> (shift - 9)) % 512;
         let pa = GuestPhysAddr(table + index * 8);
         let value = match updates.get(&pa) {

@@ -275,7 +275,9 @@ impl fmt::Display for Translation {
 ///
 /// Order of check and update (a choice the ABI leaves open, stricter than
 /// DragonFly, which sets A before checking RW/NX): an entry is checked
-/// *before* A/M are ORed in, so a failing entry is never modified. If the
+/// *before* A/M are ORed in (V, RW, NX, and that the table or final page it
+/// points at is inside RAM), so the entry a walk fails at is never modified;
+/// the entries above it, which it passed, keep the A (A|M) it gave them. If the
 /// compare-and-swap finds that the guest changed the entry meanwhile, the new
 /// value is checked again; an entry whose V was cleared concurrently is left
 /// alone and the walk fails there. Each retry means the guest wrote the entry
@@ -296,33 +298,32 @@ pub fn walk<M: PhysMem + ?Sized>(
         entry: master,
         entry_pa: None,
     };
-    deny(access, site)?;
+    let mut step = inspect(site, pindex, access, ram_size)?;
     let mut all_rw = master.is_writable();
     let mut no_nx = !master.is_no_exec();
-
-    while !site.entry.is_superpage() {
-        let Some(next) = site.level.below() else {
-            break;
+    loop {
+        let (level, entry_pa) = match step {
+            Step::Leaf(page) => {
+                return Ok(Translation {
+                    pindex,
+                    pa: page,
+                    writable: all_rw && site.entry.is_modified(),
+                    executable: no_nx,
+                    leaf: site,
+                });
+            }
+            Step::Table { level, entry_pa } => (level, entry_pa),
         };
-        let table = site.entry.frame();
-        if !table.page_in_ram(ram_size) {
-            return Err(WalkError::TableBeyondRam {
-                site,
-                table,
-                ram_size,
-            });
-        }
-        // The index is below 512 and the table page is inside RAM: no overflow.
-        let entry_pa = GuestPhysAddr(table.0 + 8 * next.index(pindex) as u64);
         let memory = |source| WalkError::Memory { site, source };
         let mut entry = Vpte(mem.load(entry_pa).map_err(memory)?);
         loop {
             let at = Site {
-                level: next,
+                level,
                 entry,
                 entry_pa: Some(entry_pa),
             };
-            deny(access, at)?;
+            // A/M do not enter the checks: `step` holds for the updated entry.
+            step = inspect(at, pindex, access, ram_size)?;
             let updated = entry.with(access.update_bits());
             if updated == entry {
                 break;
@@ -341,38 +342,66 @@ pub fn walk<M: PhysMem + ?Sized>(
         all_rw &= entry.is_writable();
         no_nx &= !entry.is_no_exec();
         site = Site {
-            level: next,
+            level,
             entry,
             entry_pa: Some(entry_pa),
         };
     }
-
-    let offset = (pindex.0 & (site.level.pages() - 1)) << PAGE_SHIFT;
-    // frame < 2^52 and offset < 2^48: the sum cannot overflow.
-    let page = GuestPhysAddr(site.entry.frame().0 + offset);
-    if !page.page_in_ram(ram_size) {
-        return Err(WalkError::PageBeyondRam {
-            site,
-            page,
-            ram_size,
-        });
-    }
-    Ok(Translation {
-        pindex,
-        pa: page,
-        writable: all_rw && site.entry.is_modified(),
-        executable: no_nx,
-        leaf: site,
-    })
 }
 
-/// Fail with the reason `site.entry` denies `access`, if it does.
-fn deny(access: Access, site: Site) -> Result<(), WalkError> {
+/// Where an entry that lets the access through leads.
+#[derive(Clone, Copy)]
+enum Step {
+    /// To the entry at `entry_pa`, of `level`, in the table the entry points at.
+    Table {
+        level: Level,
+        entry_pa: GuestPhysAddr,
+    },
+    /// To the final page (the entry is a leaf: PS, or at L1).
+    Leaf(GuestPhysAddr),
+}
+
+/// Check the entry at `site` for `access` (V, RW, NX) and where it leads (the
+/// table page or the final page must be wholly inside RAM).
+fn inspect(
+    site: Site,
+    pindex: PageIndex,
+    access: Access,
+    ram_size: u64,
+) -> Result<Step, WalkError> {
     match access.check(site.entry) {
-        Ok(()) => Ok(()),
-        Err(Denial::NotValid) => Err(WalkError::NotValid(site)),
-        Err(Denial::WriteDenied) => Err(WalkError::WriteDenied(site)),
-        Err(Denial::ExecDenied) => Err(WalkError::ExecDenied(site)),
+        Ok(()) => {}
+        Err(Denial::NotValid) => return Err(WalkError::NotValid(site)),
+        Err(Denial::WriteDenied) => return Err(WalkError::WriteDenied(site)),
+        Err(Denial::ExecDenied) => return Err(WalkError::ExecDenied(site)),
+    }
+    match site.level.below() {
+        Some(level) if !site.entry.is_superpage() => {
+            let table = site.entry.frame();
+            if !table.page_in_ram(ram_size) {
+                return Err(WalkError::TableBeyondRam {
+                    site,
+                    table,
+                    ram_size,
+                });
+            }
+            // The index is below 512 and the table is inside RAM: no overflow.
+            let entry_pa = GuestPhysAddr(table.0 + 8 * level.index(pindex) as u64);
+            Ok(Step::Table { level, entry_pa })
+        }
+        _ => {
+            let offset = (pindex.0 & (site.level.pages() - 1)) << PAGE_SHIFT;
+            // frame < 2^52 and offset < 2^48: the sum cannot overflow.
+            let page = GuestPhysAddr(site.entry.frame().0 + offset);
+            if !page.page_in_ram(ram_size) {
+                return Err(WalkError::PageBeyondRam {
+                    site,
+                    page,
+                    ram_size,
+                });
+            }
+            Ok(Step::Leaf(page))
+        }
     }
 }
 
@@ -656,6 +685,9 @@ mod tests {
             );
             assert_eq!(e.level(), level);
             assert!(!e.is_protection());
+            if i > 0 {
+                assert_eq!(get(&ram, path[i - 1]), entry, "failing entry changed");
+            }
         }
         // A RAM size that cuts the table page fails too.
         let (ram, master, _) = fixture(VPTE_RW);
@@ -679,10 +711,16 @@ mod tests {
         assert_eq!(
             e.to_string(),
             format!(
-                "page pa 0x40000 beyond RAM (0x40000 bytes): L1 entry V|RW|A frame=0x40000 at pa {:#x}",
+                "page pa 0x40000 beyond RAM (0x40000 bytes): L1 entry V|RW frame=0x40000 at pa {:#x}",
                 path[3].0
             )
         );
+        assert_eq!(
+            get(&ram, path[3]),
+            Vpte::leaf(GuestPhysAddr(RAM), VPTE_RW),
+            "failing entry changed"
+        );
+        assert!(get(&ram, path[2]).is_accessed(), "passed entries get A");
         let t = walk(&ram, master, P, Access::Read, RAM + 4096).expect("fits now");
         assert_eq!(t.pa, GuestPhysAddr(RAM));
     }
