@@ -173,7 +173,7 @@ proptest! {
                         model.leaves.remove(&(level, first));
                     }
                     let got = b.unmap(p).expect("in RAM");
-                    prop_assert_eq!(want.map(|(l, f, e)| (l, f, e)), got.map(|m| (m.level, m.first.0, m.entry)));
+                    prop_assert_eq!(want, got.map(|m| (m.level, m.first.0, m.entry)));
                 }
                 Op::Protect(p, prot) => {
                     let want = model.leaf(p);
