@@ -1,7 +1,11 @@
-//! Serving hypercalls: decoding a notification into a call, running it, and
-//! rendering it for the trace.
+//! Serving hypercalls: the server thread, the handlers, and the rendering of
+//! each call for the trace.
 
 use std::fmt::Write as _;
+use std::os::fd::AsFd;
+use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Instant, SystemTime};
 
 use nix::errno::Errno;
 use nix::unistd::Pid;
@@ -9,24 +13,74 @@ use vkabi::{Hypercall, VkInfo};
 
 use crate::ram::GuestRam;
 use crate::remote::{self, RemoteAddr};
+use crate::stats::Stats;
 use crate::sys::kcmp;
 use crate::sys::seccomp::{Notification, NotifyFd};
-use crate::trace::format_flags;
+use crate::trace::{self, TraceWriter, format_flags};
 
-/// What the hypercall handlers need from the supervisor.
+/// The hypercall server: a thread that blocks in
+/// `SECCOMP_IOCTL_NOTIF_RECV`, serves each call and answers it. It needs no
+/// ptrace access (the tracer is the supervisor's main thread), so it runs
+/// beside the tracer and a hypercall costs one hand-off each way.
 #[derive(Debug)]
-pub struct Hypercalls<'a> {
-    pub ram: &'a GuestRam,
-    pub notify: &'a NotifyFd,
+pub struct Server {
+    pub ram: Arc<GuestRam>,
+    pub notify: Arc<NotifyFd>,
+    pub stats: Arc<Stats>,
+    pub trace: Arc<Mutex<TraceWriter>>,
     /// Last descriptor number at which the RAM memfd was found in a guest.
-    pub ram_fd_guess: &'a mut i32,
+    pub ram_fd_guess: AtomicI32,
 }
 
-impl Hypercalls<'_> {
+impl Server {
+    /// Serve hypercalls until `stop` is set and the thread is interrupted
+    /// (by [`crate::sys::signal::WAKE_SIGNAL`]) or the listener fails.
+    pub fn serve_until(&self, stop: &AtomicBool) {
+        let (set, durations) = {
+            let trace = self.trace.lock().unwrap_or_else(PoisonError::into_inner);
+            (*trace.set(), trace.wants_durations())
+        };
+        while !stop.load(Ordering::Acquire) {
+            let n = match self.notify.recv() {
+                Ok(n) => n,
+                // The caller died before we received it, or we were woken.
+                Err(Errno::ENOENT | Errno::EINTR) => continue,
+                Err(errno) => {
+                    tracing::warn!(%errno, "SECCOMP_IOCTL_NOTIF_RECV failed, no more hypercalls");
+                    return;
+                }
+            };
+            let h = Hypercall::from_nr(n.nr);
+            let traced = set.hypercall(h);
+            let when = traced.then(SystemTime::now);
+            let started = (traced && durations).then(Instant::now);
+            let result = self.serve(h, &n);
+            self.stats.count_hypercall(h, result.is_err());
+            // Trace before answering, so the line precedes anything the
+            // guest does next (its exit line in particular).
+            if let Some(when) = when {
+                let text = format!(
+                    "{} {}",
+                    format_call(h, &n),
+                    trace::format_result(result, returns_address(h))
+                );
+                let took = started.map(|s| s.elapsed());
+                let mut trace = self.trace.lock().unwrap_or_else(PoisonError::into_inner);
+                trace.line(n.tid, when, &text, took);
+            }
+            match self.notify.respond(n.id, result) {
+                Ok(()) | Err(Errno::ENOENT) => {}
+                Err(errno) => {
+                    tracing::warn!(%errno, tid = n.tid, "SECCOMP_IOCTL_NOTIF_SEND failed");
+                }
+            }
+        }
+    }
+
     /// Serve notification `n` (a number in the hypercall range) and return
     /// the guest-visible result. Hypercalls of later milestones answer
     /// `ENOSYS`, as do unknown numbers.
-    pub fn serve(&mut self, h: Option<Hypercall>, n: &Notification) -> Result<i64, Errno> {
+    fn serve(&self, h: Option<Hypercall>, n: &Notification) -> Result<i64, Errno> {
         match h {
             Some(Hypercall::VkInfo) => self.vk_info(n),
             _ => Err(Errno::ENOSYS),
@@ -34,7 +88,7 @@ impl Hypercalls<'_> {
     }
 
     /// `vk_info(out, size)`: copy `min(size, 48)` bytes of [`VkInfo`].
-    fn vk_info(&mut self, n: &Notification) -> Result<i64, Errno> {
+    fn vk_info(&self, n: &Notification) -> Result<i64, Errno> {
         let tid = Pid::from_raw(n.tid);
         let out = RemoteAddr(n.args[0]);
         let size = n.args[1];
@@ -61,10 +115,9 @@ impl Hypercalls<'_> {
     /// The number of the RAM memfd in the caller's descriptor table. If the
     /// caller no longer has it (closed it, or a `close_fds` parent dropped
     /// it), a new descriptor is installed: the guest is entitled to its RAM.
-    fn ram_fd_in(&mut self, tid: Pid, id: u64) -> Result<i32, Errno> {
-        use std::os::fd::AsFd;
+    fn ram_fd_in(&self, tid: Pid, id: u64) -> Result<i32, Errno> {
         let ours = self.ram.as_fd();
-        let guess = *self.ram_fd_guess;
+        let guess = self.ram_fd_guess.load(Ordering::Relaxed);
         if guess >= 0 && kcmp::same_file(ours, tid, guess) == Ok(true) {
             return Ok(guess);
         }
@@ -82,7 +135,7 @@ impl Hypercalls<'_> {
                 fd
             }
         };
-        *self.ram_fd_guess = fd;
+        self.ram_fd_guess.store(fd, Ordering::Relaxed);
         Ok(fd)
     }
 }

@@ -2,90 +2,94 @@
 //! `vm.vpagetable_*` sysctls and vkrun's own.
 
 use std::fmt::Write as _;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
 use vkabi::Hypercall;
 
 /// The supervisor's counters; every one is printed, 0 until its feature runs.
-#[derive(Clone, Debug, Default)]
+/// Shared by the supervisor's threads; relaxed atomics (each counter is
+/// independent and read only at exit).
+#[derive(Debug, Default)]
 pub struct Stats {
     /// `vm.vpagetable_mmap`: VPAGETABLE mappings created.
-    pub vpagetable_mmap: u64,
+    pub vpagetable_mmap: AtomicU64,
     /// `vm.vpagetable_setmap`: `MADV_SETMAP` calls.
-    pub vpagetable_setmap: u64,
+    pub vpagetable_setmap: AtomicU64,
     /// `vm.vpagetable_inval`: `MADV_INVAL` calls.
-    pub vpagetable_inval: u64,
+    pub vpagetable_inval: AtomicU64,
     /// `vm.vpagetable_faults`: faults resolved by a walk.
-    pub vpagetable_faults: u64,
+    pub vpagetable_faults: AtomicU64,
     /// Calls per hypercall, indexed like `Hypercall::ALL`.
-    pub hypercalls: [u64; Hypercall::ALL.len()],
+    pub hypercalls: [AtomicU64; Hypercall::ALL.len()],
     /// Calls with a number in the range that names no hypercall.
-    pub hypercalls_unknown: u64,
+    pub hypercalls_unknown: AtomicU64,
     /// Hypercalls that returned an error.
-    pub hypercall_errors: u64,
+    pub hypercall_errors: AtomicU64,
     /// vmspaces created.
-    pub vmspaces_created: u64,
+    pub vmspaces_created: AtomicU64,
     /// vmspaces destroyed.
-    pub vmspaces_destroyed: u64,
+    pub vmspaces_destroyed: AtomicU64,
     /// `vmspace_ctl(RUN)` calls.
-    pub runs: u64,
+    pub runs: AtomicU64,
     /// RUN exits by `syscall`.
-    pub run_exits_syscall: u64,
+    pub run_exits_syscall: AtomicU64,
     /// RUN exits by page fault.
-    pub run_exits_pagefault: u64,
+    pub run_exits_pagefault: AtomicU64,
     /// RUN exits by another trap.
-    pub run_exits_trap: u64,
+    pub run_exits_trap: AtomicU64,
     /// RUN exits by a signal for the caller.
-    pub run_exits_signal: u64,
+    pub run_exits_signal: AtomicU64,
     /// Host mappings installed for VPAGETABLE pages.
-    pub host_mappings_installed: u64,
+    pub host_mappings_installed: AtomicU64,
     /// Host mappings evicted to stay under the VMA budget.
-    pub host_mappings_evicted: u64,
+    pub host_mappings_evicted: AtomicU64,
     /// Host VMAs currently used by installed translations.
-    pub host_vmas: u64,
+    pub host_vmas: AtomicU64,
 }
 
 impl Stats {
     /// Count one hypercall (`None`: an unknown number) and its outcome.
-    pub fn count_hypercall(&mut self, h: Option<Hypercall>, failed: bool) {
+    pub fn count_hypercall(&self, h: Option<Hypercall>, failed: bool) {
         match h.and_then(|h| Hypercall::ALL.iter().position(|x| *x == h)) {
-            Some(i) => self.hypercalls[i] += 1,
-            None => self.hypercalls_unknown += 1,
-        }
+            Some(i) => self.hypercalls[i].fetch_add(1, Relaxed),
+            None => self.hypercalls_unknown.fetch_add(1, Relaxed),
+        };
         if failed {
-            self.hypercall_errors += 1;
+            self.hypercall_errors.fetch_add(1, Relaxed);
         }
     }
 
     /// The `name: value` lines, DragonFly's sysctls first.
     pub fn render(&self) -> String {
         let mut out = String::new();
-        let mut line = |name: &str, value: u64| {
-            let _ = writeln!(out, "{name}: {value}");
+        let mut line = |name: &str, value: &AtomicU64| {
+            let _ = writeln!(out, "{name}: {}", value.load(Relaxed));
         };
-        line("vm.vpagetable_mmap", self.vpagetable_mmap);
-        line("vm.vpagetable_setmap", self.vpagetable_setmap);
-        line("vm.vpagetable_inval", self.vpagetable_inval);
-        line("vm.vpagetable_faults", self.vpagetable_faults);
-        let total: u64 = self.hypercalls.iter().sum::<u64>() + self.hypercalls_unknown;
-        line("vkrun.hypercalls", total);
-        line("vkrun.hypercall_errors", self.hypercall_errors);
-        for (h, n) in Hypercall::ALL.iter().zip(self.hypercalls) {
+        line("vm.vpagetable_mmap", &self.vpagetable_mmap);
+        line("vm.vpagetable_setmap", &self.vpagetable_setmap);
+        line("vm.vpagetable_inval", &self.vpagetable_inval);
+        line("vm.vpagetable_faults", &self.vpagetable_faults);
+        let total: u64 = self.hypercalls.iter().map(|c| c.load(Relaxed)).sum::<u64>()
+            + self.hypercalls_unknown.load(Relaxed);
+        line("vkrun.hypercalls", &AtomicU64::new(total));
+        line("vkrun.hypercall_errors", &self.hypercall_errors);
+        for (h, n) in Hypercall::ALL.iter().zip(&self.hypercalls) {
             line(&format!("vkrun.hypercalls.{}", h.name()), n);
         }
-        line("vkrun.hypercalls.unknown", self.hypercalls_unknown);
-        line("vkrun.vmspaces_created", self.vmspaces_created);
-        line("vkrun.vmspaces_destroyed", self.vmspaces_destroyed);
-        line("vkrun.runs", self.runs);
-        line("vkrun.run_exits.syscall", self.run_exits_syscall);
-        line("vkrun.run_exits.pagefault", self.run_exits_pagefault);
-        line("vkrun.run_exits.trap", self.run_exits_trap);
-        line("vkrun.run_exits.signal", self.run_exits_signal);
+        line("vkrun.hypercalls.unknown", &self.hypercalls_unknown);
+        line("vkrun.vmspaces_created", &self.vmspaces_created);
+        line("vkrun.vmspaces_destroyed", &self.vmspaces_destroyed);
+        line("vkrun.runs", &self.runs);
+        line("vkrun.run_exits.syscall", &self.run_exits_syscall);
+        line("vkrun.run_exits.pagefault", &self.run_exits_pagefault);
+        line("vkrun.run_exits.trap", &self.run_exits_trap);
+        line("vkrun.run_exits.signal", &self.run_exits_signal);
         line(
             "vkrun.host_mappings_installed",
-            self.host_mappings_installed,
+            &self.host_mappings_installed,
         );
-        line("vkrun.host_mappings_evicted", self.host_mappings_evicted);
-        line("vkrun.host_vmas", self.host_vmas);
+        line("vkrun.host_mappings_evicted", &self.host_mappings_evicted);
+        line("vkrun.host_vmas", &self.host_vmas);
         out
     }
 }
@@ -96,7 +100,7 @@ mod tests {
 
     #[test]
     fn every_counter_is_rendered() {
-        let mut s = Stats::default();
+        let s = Stats::default();
         s.count_hypercall(Some(Hypercall::VkInfo), false);
         s.count_hypercall(None, true);
         let text = s.render();

@@ -1,32 +1,36 @@
-//! The supervisor's event loop: one thread that is the ptrace tracer of every
-//! guest task and the reader of the seccomp listener.
+//! The supervisor's event loop: the main thread is the ptrace tracer of every
+//! guest task; a second thread (the [`Server`]) answers hypercalls.
 //!
-//! It sleeps in `poll(2)` on a signalfd (SIGCHLD for tracee state changes,
-//! plus the signals vkrun forwards) and on the user-notification descriptor
-//! (hypercalls). Tracee stops are handled as ptrace(2) prescribes for a
+//! The tracer sleeps in `poll(2)` on a signalfd (SIGCHLD for tracee state
+//! changes, plus the signals vkrun forwards). Tracee stops are handled as
+//! ptrace(2) prescribes for a
 //! `PTRACE_SEIZE`d tracee: events are continued, signals are re-injected,
 //! group-stops are `PTRACE_LISTEN`ed so that job control behaves as it would
 //! without vkrun.
 
 use std::collections::HashSet;
 use std::os::fd::AsFd;
-use std::time::{Instant, SystemTime};
+use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::thread::JoinHandle;
+use std::time::{Duration, SystemTime};
 
 use nix::errno::Errno;
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+use nix::sys::pthread::{Pthread, pthread_kill, pthread_self};
 use nix::sys::ptrace::{self, Event, Options};
 use nix::sys::signal::{self, SigSet, SigmaskHow, Signal};
 use nix::sys::signalfd::{SfdFlags, SignalFd};
 use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
 use nix::unistd::Pid;
-use vkabi::Hypercall;
 
-use crate::hypercall::{self, Hypercalls};
+use crate::hypercall::Server;
 use crate::ram::GuestRam;
 use crate::stats::Stats;
 use crate::sys::seccomp::NotifyFd;
+use crate::sys::signal::{WAKE_SIGNAL, install_wake_handler};
 use crate::sys::spawn::{self, Child, ChildPlan, ChildStep};
-use crate::trace::{self, TraceWriter};
+use crate::trace::TraceWriter;
 use crate::{Config, Error, Outcome, resolve_program};
 
 /// Signals sent to vkrun (by `kill`, not by the terminal) that it passes on
@@ -59,7 +63,8 @@ pub fn run(config: Config) -> Result<Outcome, Error> {
         stats: want_stats,
     } = config;
     let path = resolve_program(&program)?;
-    let ram = GuestRam::create(ram_size)?;
+    let ram = Arc::new(GuestRam::create(ram_size)?);
+    install_wake_handler().map_err(Error::sys("installing the wake-up handler"))?;
 
     let mut mask = SigSet::empty();
     mask.add(Signal::SIGCHLD);
@@ -108,30 +113,79 @@ pub fn run(config: Config) -> Result<Outcome, Error> {
             child,
             program: program.to_string_lossy().into_owned(),
             exec_seen: false,
-            notify: None,
+            server: None,
             sigfd,
             tracees: HashSet::new(),
             outcome: None,
             failure: None,
-            out: TraceWriter::new(output, trace_options),
-            stats: Stats::default(),
+            out: Arc::new(Mutex::new(TraceWriter::new(output, trace_options))),
+            stats: Arc::new(Stats::default()),
         };
         sup.tracees.insert(sup.main);
         let result = sup.event_loop();
-        if want_stats {
-            let text = sup.stats.render();
-            sup.out.write(text.as_bytes());
+        if let Some(server) = sup.server.take() {
+            server.stop();
         }
-        sup.out.flush();
+        let mut out = sup.out.lock().unwrap_or_else(PoisonError::into_inner);
+        if want_stats {
+            out.write(sup.stats.render().as_bytes());
+        }
+        out.flush();
         result
     })();
     let _ = signal::pthread_sigmask(SigmaskHow::SIG_SETMASK, Some(&old_mask), None);
     result
 }
 
+/// The running hypercall server thread.
+struct ServerThread {
+    stop: Arc<AtomicBool>,
+    thread: Pthread,
+    handle: JoinHandle<()>,
+}
+
+impl ServerThread {
+    /// Start serving hypercalls from `server` on a new thread.
+    fn spawn(server: Server) -> Result<Self, Error> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = Arc::clone(&stop);
+        let (tx, rx) = std::sync::mpsc::channel();
+        let handle = std::thread::Builder::new()
+            .name("vkrun-hypercalls".into())
+            .spawn(move || {
+                let _ = tx.send(pthread_self());
+                server.serve_until(&flag);
+            })
+            .map_err(|e| Error::Sys {
+                what: "starting the hypercall thread",
+                errno: Errno::from_raw(e.raw_os_error().unwrap_or(libc::EAGAIN)),
+            })?;
+        let thread = rx.recv().map_err(|_| Error::Sys {
+            what: "starting the hypercall thread",
+            errno: Errno::ECHILD,
+        })?;
+        Ok(Self {
+            stop,
+            thread,
+            handle,
+        })
+    }
+
+    /// Stop the thread: set the flag, then interrupt its blocking receive
+    /// until it notices (the signal may land just before it blocks).
+    fn stop(self) {
+        self.stop.store(true, Ordering::Release);
+        while !self.handle.is_finished() {
+            let _ = pthread_kill(self.thread, WAKE_SIGNAL);
+            std::thread::sleep(Duration::from_micros(200));
+        }
+        let _ = self.handle.join();
+    }
+}
+
 /// The state of one supervision.
 struct Supervisor {
-    ram: GuestRam,
+    ram: Arc<GuestRam>,
     child: Child,
     /// The guest's first process: its end is vkrun's outcome.
     main: Pid,
@@ -140,16 +194,15 @@ struct Supervisor {
     /// Whether `main` has completed its first `execve` (before that, an exit
     /// is a start-up failure).
     exec_seen: bool,
-    /// The hypercall listener, once the guest has started; `None` again when
-    /// every task using the filter is gone.
-    notify: Option<NotifyFd>,
+    /// The hypercall server, once the guest has started.
+    server: Option<ServerThread>,
     sigfd: SignalFd,
     /// Every task (thread id) being traced.
     tracees: HashSet<Pid>,
     outcome: Option<Outcome>,
     failure: Option<Error>,
-    out: TraceWriter,
-    stats: Stats,
+    out: Arc<Mutex<TraceWriter>>,
+    stats: Arc<Stats>,
     ram_fd_guess: i32,
 }
 
@@ -157,27 +210,12 @@ impl Supervisor {
     /// Serve hypercalls and tracee stops until no tracee is left.
     fn event_loop(&mut self) -> Result<Outcome, Error> {
         loop {
-            let (signals, notify) = {
-                let mut fds = vec![PollFd::new(self.sigfd.as_fd(), PollFlags::POLLIN)];
-                if let Some(n) = &self.notify {
-                    fds.push(PollFd::new(n.as_fd(), PollFlags::POLLIN));
-                }
-                match poll(&mut fds, PollTimeout::NONE) {
-                    Ok(_) | Err(Errno::EINTR) => {}
-                    Err(errno) => return Err(self.abort(Error::sys("poll")(errno))),
-                }
-                let ready = |fd: &PollFd<'_>| fd.revents().unwrap_or(PollFlags::empty());
-                (ready(&fds[0]), fds.get(1).map(ready))
-            };
-            if let Some(ev) = notify {
-                if ev.contains(PollFlags::POLLIN) {
-                    self.serve_hypercall();
-                } else if ev.intersects(PollFlags::POLLHUP | PollFlags::POLLERR) {
-                    // Every task that could notify is gone.
-                    self.notify = None;
-                }
+            let mut fds = [PollFd::new(self.sigfd.as_fd(), PollFlags::POLLIN)];
+            match poll(&mut fds, PollTimeout::NONE) {
+                Ok(_) | Err(Errno::EINTR) => {}
+                Err(errno) => return Err(self.abort(Error::sys("poll")(errno))),
             }
-            if signals.contains(PollFlags::POLLIN) && self.on_signals()? {
+            if self.on_signals()? {
                 break;
             }
         }
@@ -320,13 +358,21 @@ impl Supervisor {
         if let Err(errno) = notify.set_sync_wake_up() {
             tracing::info!(%errno, "SECCOMP_USER_NOTIF_FD_SYNC_WAKE_UP unavailable");
         }
-        self.notify = Some(notify);
+        let server = Server {
+            ram: Arc::clone(&self.ram),
+            notify: Arc::new(notify),
+            stats: Arc::clone(&self.stats),
+            trace: Arc::clone(&self.out),
+            ram_fd_guess: AtomicI32::new(self.ram_fd_guess),
+        };
+        self.server = Some(ServerThread::spawn(server).map_err(|e| self.abort(e))?);
         Ok(())
     }
 
     fn on_exit(&mut self, pid: Pid, outcome: Outcome) {
         self.tracees.remove(&pid);
-        if !self.out.set().is_empty() {
+        let mut out = self.out.lock().unwrap_or_else(PoisonError::into_inner);
+        if !out.set().is_empty() {
             let text = match outcome {
                 Outcome::Exited(code) => format!("+++ exited with {code} +++"),
                 Outcome::Signaled {
@@ -338,8 +384,9 @@ impl Supervisor {
                     if core_dumped { " (core dumped)" } else { "" }
                 ),
             };
-            self.out.line(pid.as_raw(), SystemTime::now(), &text, None);
+            out.line(pid.as_raw(), SystemTime::now(), &text, None);
         }
+        drop(out);
         if pid != self.main {
             return;
         }
@@ -365,43 +412,6 @@ impl Supervisor {
                 errno: Errno::ECHILD,
             },
         });
-    }
-
-    /// Answer one pending hypercall and trace it.
-    fn serve_hypercall(&mut self) {
-        let Some(notify) = &self.notify else { return };
-        let n = match notify.recv() {
-            Ok(n) => n,
-            Err(Errno::ENOENT) => return,
-            Err(errno) => {
-                tracing::warn!(%errno, "SECCOMP_IOCTL_NOTIF_RECV failed");
-                return;
-            }
-        };
-        let h = Hypercall::from_nr(n.nr);
-        let traced = self.out.set().hypercall(h);
-        let when = traced.then(SystemTime::now);
-        let started = (traced && self.out.wants_durations()).then(Instant::now);
-        let result = Hypercalls {
-            ram: &self.ram,
-            notify,
-            ram_fd_guess: &mut self.ram_fd_guess,
-        }
-        .serve(h, &n);
-        match notify.respond(n.id, result) {
-            Ok(()) | Err(Errno::ENOENT) => {}
-            Err(errno) => tracing::warn!(%errno, tid = n.tid, "SECCOMP_IOCTL_NOTIF_SEND failed"),
-        }
-        self.stats.count_hypercall(h, result.is_err());
-        if let Some(when) = when {
-            let text = format!(
-                "{} {}",
-                hypercall::format_call(h, &n),
-                trace::format_result(result, hypercall::returns_address(h))
-            );
-            let took = started.map(|s| s.elapsed());
-            self.out.line(n.tid, when, &text, took);
-        }
     }
 }
 

@@ -6,7 +6,8 @@
 //! vkcall raw NR [ARG...]     issue hypercall NR (numbers may be 0x...), print the raw return
 //! vkcall info SIZE           vk_info into a 64-byte 0xee-filled buffer; print return and bytes
 //! vkcall ram-abuse           resize, close, dup over and punch the RAM fd, then vk_info again
-//! vkcall loop getpid|vk_info N   N calls, print ns per call
+//! vkcall loop getpid|vk_info|bare N   N calls, print ns per call (bare: an
+//!                            unassigned hypercall number, answered ENOSYS)
 //! ```
 
 use std::process::ExitCode;
@@ -68,8 +69,12 @@ fn main() -> ExitCode {
                     "vk_info" => {
                         let _ = hypercall::vk_info();
                     }
+                    // SAFETY: an unassigned hypercall number: no memory is touched.
+                    "bare" => unsafe {
+                        syscall6(vkabi::VK_SYS_BASE + 1, 0, 0, 0, 0, 0, 0);
+                    },
                     _ => {
-                        eprintln!("vkcall: loop getpid|vk_info N");
+                        eprintln!("vkcall: loop getpid|vk_info|bare N");
                         return ExitCode::from(2);
                     }
                 }
@@ -79,7 +84,7 @@ fn main() -> ExitCode {
         }
         _ => {
             eprintln!(
-                "usage: vkcall raw NR [ARG...] | info SIZE | ram-abuse | loop getpid|vk_info N"
+                "usage: vkcall raw NR [ARG...] | info SIZE | ram-abuse | loop getpid|vk_info|bare N"
             );
             return ExitCode::from(2);
         }

@@ -32,7 +32,7 @@ fn main() -> ExitCode {
     println!("vpte_levels: {}", info.vpte_levels);
     println!("ram_size: {}", info.ram_size);
     println!("user_max: {:#x}", info.user_max);
-    match check_ram(info.ram_fd, info.ram_size.min(CHECK_LIMIT)) {
+    match check_ram(info.ram_fd, info.ram_size) {
         Ok(()) => {
             println!("pattern: ok");
             ExitCode::SUCCESS
@@ -44,9 +44,11 @@ fn main() -> ExitCode {
     }
 }
 
-/// Write a pattern at the first, middle and last page of `len` bytes of RAM
-/// through one mapping; read it back through another.
-fn check_ram(fd: i32, len: u64) -> Result<(), String> {
+/// Write a pattern at the first, middle and last page of (at most
+/// [`CHECK_LIMIT`] bytes of) RAM through one mapping; read it back through
+/// another; check that RAM cannot grow.
+fn check_ram(fd: i32, ram_size: u64) -> Result<(), String> {
+    let len = ram_size.min(CHECK_LIMIT);
     // SAFETY: vk_info just reported `fd` as this process's RAM memfd; the
     // File takes ownership of it for the rest of the program.
     let file = unsafe { File::from_raw_fd(fd) };
@@ -75,7 +77,7 @@ fn check_ram(fd: i32, len: u64) -> Result<(), String> {
         }
     }
     // Guest RAM cannot be resized by the guest (the memfd is sealed).
-    if file.set_len(len as u64 + page as u64).is_ok() {
+    if file.set_len(ram_size + page as u64).is_ok() {
         return Err("RAM could be grown".to_owned());
     }
     Ok(())

@@ -7,5 +7,6 @@
 pub mod kcmp;
 pub mod ptrace;
 pub mod seccomp;
+pub mod signal;
 pub mod spawn;
 pub mod time;

@@ -1,0 +1,24 @@
+//! The signal that interrupts a supervisor thread blocked in a system call.
+
+use nix::errno::Errno;
+use nix::sys::signal::{SaFlags, SigAction, SigHandler, SigSet, Signal, sigaction};
+
+/// The signal vkrun sends to its own threads to interrupt a blocking call
+/// (`SECCOMP_IOCTL_NOTIF_RECV`); never forwarded to the guest.
+pub const WAKE_SIGNAL: Signal = Signal::SIGURG;
+
+extern "C" fn ignore(_: libc::c_int) {}
+
+/// Install a handler for [`WAKE_SIGNAL`] that does nothing, without
+/// `SA_RESTART`, so a blocked call returns `EINTR`. The guest does not
+/// inherit it: `execve` resets caught signals to their default.
+pub fn install_wake_handler() -> Result<(), Errno> {
+    let action = SigAction::new(
+        SigHandler::Handler(ignore),
+        SaFlags::empty(),
+        SigSet::empty(),
+    );
+    // SAFETY: the handler is async-signal-safe (it does nothing), and no
+    // other code in vkrun handles WAKE_SIGNAL.
+    unsafe { sigaction(WAKE_SIGNAL, &action) }.map(drop)
+}
