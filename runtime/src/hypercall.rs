@@ -34,7 +34,8 @@ pub struct Server {
 
 impl Server {
     /// Serve hypercalls until `stop` is set and the thread is interrupted
-    /// (by [`crate::sys::signal::WAKE_SIGNAL`]) or the listener fails.
+    /// (by [`crate::sys::signal::WAKE_SIGNAL`]), no guest task is left, or
+    /// the listener fails.
     pub fn serve_until(&self, stop: &AtomicBool) {
         let (set, durations) = {
             let trace = self.trace.lock().unwrap_or_else(PoisonError::into_inner);
@@ -43,8 +44,15 @@ impl Server {
         while !stop.load(Ordering::Acquire) {
             let n = match self.notify.recv() {
                 Ok(n) => n,
-                // The caller died before we received it, or we were woken.
-                Err(Errno::ENOENT | Errno::EINTR) => continue,
+                Err(Errno::EINTR) => continue,
+                // The caller died before we received it, or no task uses
+                // the filter any more (then RECV fails at once, forever).
+                Err(Errno::ENOENT) => {
+                    if self.notify.orphaned() {
+                        return;
+                    }
+                    continue;
+                }
                 Err(errno) => {
                     tracing::warn!(%errno, "SECCOMP_IOCTL_NOTIF_RECV failed, no more hypercalls");
                     return;

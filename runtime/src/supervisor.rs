@@ -17,7 +17,9 @@ use std::time::{Duration, SystemTime};
 
 use nix::errno::Errno;
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
-use nix::sys::pthread::{Pthread, pthread_kill, pthread_self};
+use std::os::unix::thread::JoinHandleExt;
+
+use nix::sys::pthread::{Pthread, pthread_kill};
 use nix::sys::ptrace::{self, Event, Options};
 use nix::sys::signal::{self, SigSet, SigmaskHow, Signal};
 use nix::sys::signalfd::{SfdFlags, SignalFd};
@@ -149,21 +151,14 @@ impl ServerThread {
     fn spawn(server: Server) -> Result<Self, Error> {
         let stop = Arc::new(AtomicBool::new(false));
         let flag = Arc::clone(&stop);
-        let (tx, rx) = std::sync::mpsc::channel();
         let handle = std::thread::Builder::new()
             .name("vkrun-hypercalls".into())
-            .spawn(move || {
-                let _ = tx.send(pthread_self());
-                server.serve_until(&flag);
-            })
+            .spawn(move || server.serve_until(&flag))
             .map_err(|e| Error::Sys {
                 what: "starting the hypercall thread",
                 errno: Errno::from_raw(e.raw_os_error().unwrap_or(libc::EAGAIN)),
             })?;
-        let thread = rx.recv().map_err(|_| Error::Sys {
-            what: "starting the hypercall thread",
-            errno: Errno::ECHILD,
-        })?;
+        let thread = handle.as_pthread_t();
         Ok(Self {
             stop,
             thread,

@@ -173,6 +173,20 @@ impl NotifyFd {
         Errno::result(ret).map(drop)
     }
 
+    /// Whether no task uses the filter any more (the listener polls
+    /// `POLLHUP`, seccomp_unotify(2)). Waits until either a notification is
+    /// pending or that is the case; `EINTR` counts as "not orphaned".
+    pub fn orphaned(&self) -> bool {
+        use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+        let mut fds = [PollFd::new(self.fd.as_fd(), PollFlags::POLLIN)];
+        match poll(&mut fds, PollTimeout::NONE) {
+            Ok(_) => fds[0]
+                .revents()
+                .is_some_and(|r| r.intersects(PollFlags::POLLHUP | PollFlags::POLLERR)),
+            Err(_) => false,
+        }
+    }
+
     /// Whether notification `id` is still pending (its caller alive and
     /// waiting). Check before acting on the caller's memory: a dead caller's
     /// thread id may already name another task.
