@@ -60,6 +60,17 @@ fn invalid_sizes_exit_2_naming_the_value() {
 }
 
 #[test]
+fn ram_the_supervisor_cannot_map_is_a_clear_125() {
+    // 2^48 is a valid size, but the supervisor maps all of RAM and the user
+    // address space is 2^47 bytes.
+    let out = run(vkrun().args(["-m", "256T"]).arg(bin("vkinfo")));
+    assert_eq!(out.status.code(), Some(125));
+    let err = text(&out.stderr);
+    assert!(err.starts_with("vkrun: cannot map 281474976710656 bytes"), "{err}");
+    assert!(out.stdout.is_empty(), "the guest must not start");
+}
+
+#[test]
 fn version_and_missing_guest() {
     let out = run(vkrun().arg("--version"));
     assert!(out.status.success());
