@@ -3,7 +3,7 @@
 
 use core::fmt;
 
-use vkabi::{PAGE_SHIFT, PGEX_I, PGEX_P, PGEX_W, VPTE_A, VPTE_M};
+use vkabi::{PAGE_SHIFT, PGEX_I, PGEX_P, PGEX_W, VPTE_A, VPTE_M, VPTE_NX, VPTE_RW, VPTE_V};
 
 use crate::addr::{GuestPhysAddr, PageIndex};
 use crate::entry::{Level, Vpte};
@@ -293,59 +293,65 @@ pub fn walk<M: PhysMem + ?Sized>(
     access: Access,
     ram_size: u64,
 ) -> Result<Translation, WalkError> {
-    let mut site = Site {
-        level: Level::Master,
-        entry: master,
-        entry_pa: None,
+    let rule = Rule::new(access, pindex, ram_size);
+    let mut level = Level::Master;
+    let mut entry = master;
+    let mut entry_pa = None;
+    let Some(mut step) = rule.step(level, entry) else {
+        return Err(rule.failure(site(level, entry, entry_pa)));
     };
-    let mut step = inspect(site, pindex, access, ram_size)?;
     let mut all_rw = master.is_writable();
     let mut no_nx = !master.is_no_exec();
     loop {
-        let (level, entry_pa) = match step {
+        let (next, pa) = match step {
             Step::Leaf(page) => {
                 return Ok(Translation {
                     pindex,
                     pa: page,
-                    writable: all_rw && site.entry.is_modified(),
+                    writable: all_rw && entry.is_modified(),
                     executable: no_nx,
-                    leaf: site,
+                    leaf: site(level, entry, entry_pa),
                 });
             }
             Step::Table { level, entry_pa } => (level, entry_pa),
         };
-        let memory = |source| WalkError::Memory { site, source };
-        let mut entry = Vpte(mem.load(entry_pa).map_err(memory)?);
+        let memory = |source| WalkError::Memory {
+            site: site(level, entry, entry_pa),
+            source,
+        };
+        let mut value = Vpte(mem.load(pa).map_err(memory)?);
         loop {
-            let at = Site {
-                level,
-                entry,
-                entry_pa: Some(entry_pa),
+            // A/M do not enter the checks: `step` holds for the updated value.
+            step = match rule.step(next, value) {
+                Some(step) => step,
+                None => return Err(rule.failure(site(next, value, Some(pa)))),
             };
-            // A/M do not enter the checks: `step` holds for the updated entry.
-            step = inspect(at, pindex, access, ram_size)?;
-            let updated = entry.with(access.update_bits());
-            if updated == entry {
+            let updated = value.with(rule.update);
+            if updated == value {
                 break;
             }
             match mem
-                .compare_exchange(entry_pa, entry.0, updated.0)
+                .compare_exchange(pa, value.0, updated.0)
                 .map_err(memory)?
             {
                 Ok(_) => {
-                    entry = updated;
+                    value = updated;
                     break;
                 }
-                Err(actual) => entry = Vpte(actual),
+                Err(actual) => value = Vpte(actual),
             }
         }
-        all_rw &= entry.is_writable();
-        no_nx &= !entry.is_no_exec();
-        site = Site {
-            level,
-            entry,
-            entry_pa: Some(entry_pa),
-        };
+        all_rw &= value.is_writable();
+        no_nx &= !value.is_no_exec();
+        (level, entry, entry_pa) = (next, value, Some(pa));
+    }
+}
+
+fn site(level: Level, entry: Vpte, entry_pa: Option<GuestPhysAddr>) -> Site {
+    Site {
+        level,
+        entry,
+        entry_pa,
     }
 }
 
@@ -361,46 +367,91 @@ enum Step {
     Leaf(GuestPhysAddr),
 }
 
-/// Check the entry at `site` for `access` (V, RW, NX) and where it leads (the
-/// table page or the final page must be wholly inside RAM).
-fn inspect(
-    site: Site,
-    pindex: PageIndex,
+/// The checks of one walk, precomputed from its access.
+#[derive(Clone, Copy)]
+struct Rule {
     access: Access,
+    pindex: PageIndex,
     ram_size: u64,
-) -> Result<Step, WalkError> {
-    match access.check(site.entry) {
-        Ok(()) => {}
-        Err(Denial::NotValid) => return Err(WalkError::NotValid(site)),
-        Err(Denial::WriteDenied) => return Err(WalkError::WriteDenied(site)),
-        Err(Denial::ExecDenied) => return Err(WalkError::ExecDenied(site)),
-    }
-    match site.level.below() {
-        Some(level) if !site.entry.is_superpage() => {
-            let table = site.entry.frame();
-            if !table.page_in_ram(ram_size) {
-                return Err(WalkError::TableBeyondRam {
-                    site,
-                    table,
-                    ram_size,
-                });
-            }
-            // The index is below 512 and the table is inside RAM: no overflow.
-            let entry_pa = GuestPhysAddr(table.0 + 8 * level.index(pindex) as u64);
-            Ok(Step::Table { level, entry_pa })
+    /// Bits an entry must have: V, and RW for a write.
+    need: u64,
+    /// Bits an entry must not have: NX for a fetch.
+    forbid: u64,
+    /// Bits ORed into each entry passed: A, A|M for a write.
+    update: u64,
+}
+
+impl Rule {
+    fn new(access: Access, pindex: PageIndex, ram_size: u64) -> Rule {
+        let (need, forbid) = match access {
+            Access::Read => (VPTE_V, 0),
+            Access::Write => (VPTE_V | VPTE_RW, 0),
+            Access::Execute => (VPTE_V, VPTE_NX),
+        };
+        Rule {
+            access,
+            pindex,
+            ram_size,
+            need,
+            forbid,
+            update: access.update_bits(),
         }
-        _ => {
-            let offset = (pindex.0 & (site.level.pages() - 1)) << PAGE_SHIFT;
-            // frame < 2^52 and offset < 2^48: the sum cannot overflow.
-            let page = GuestPhysAddr(site.entry.frame().0 + offset);
-            if !page.page_in_ram(ram_size) {
-                return Err(WalkError::PageBeyondRam {
-                    site,
-                    page,
-                    ram_size,
-                });
+    }
+
+    /// Where `entry`, at `level`, leads, if it lets the access through and
+    /// what it points at (table page or final page) is wholly inside RAM;
+    /// `None` otherwise ([`Rule::failure`] then says why).
+    #[inline]
+    fn step(&self, level: Level, entry: Vpte) -> Option<Step> {
+        if entry.0 & self.need != self.need || entry.0 & self.forbid != 0 {
+            return None;
+        }
+        match level.below() {
+            Some(next) if !entry.is_superpage() => {
+                let table = entry.frame();
+                if !table.page_in_ram(self.ram_size) {
+                    return None;
+                }
+                // The index is below 512 and the table is inside RAM: no overflow.
+                let entry_pa = GuestPhysAddr(table.0 + 8 * next.index(self.pindex) as u64);
+                Some(Step::Table {
+                    level: next,
+                    entry_pa,
+                })
             }
-            Ok(Step::Leaf(page))
+            _ => {
+                let offset = (self.pindex.0 & (level.pages() - 1)) << PAGE_SHIFT;
+                // frame < 2^52 and offset < 2^48: the sum cannot overflow.
+                let page = GuestPhysAddr(entry.frame().0 + offset);
+                page.page_in_ram(self.ram_size).then_some(Step::Leaf(page))
+            }
+        }
+    }
+
+    /// Why the entry at `site` failed [`Rule::step`].
+    #[cold]
+    fn failure(&self, site: Site) -> WalkError {
+        match self.access.check(site.entry) {
+            Err(Denial::NotValid) => return WalkError::NotValid(site),
+            Err(Denial::WriteDenied) => return WalkError::WriteDenied(site),
+            Err(Denial::ExecDenied) => return WalkError::ExecDenied(site),
+            Ok(()) => {}
+        }
+        let ram_size = self.ram_size;
+        match site.level.below() {
+            Some(_) if !site.entry.is_superpage() => WalkError::TableBeyondRam {
+                site,
+                table: site.entry.frame(),
+                ram_size,
+            },
+            _ => WalkError::PageBeyondRam {
+                site,
+                page: GuestPhysAddr(
+                    site.entry.frame().0
+                        + ((self.pindex.0 & (site.level.pages() - 1)) << PAGE_SHIFT),
+                ),
+                ram_size,
+            },
         }
     }
 }
