@@ -138,6 +138,14 @@ fn main() {
             ram.words()[i].store(v, Ordering::Relaxed);
         }
     };
+    reset();
+    counting.reset();
+    walk(&counting, master, P, Access::Write, RAM).expect("walks");
+    assert_eq!(
+        counting.cas().len(),
+        4,
+        "after a reset the walk sets A|M at 4 levels"
+    );
     let reset_only = median_ns(|| {
         reset();
         black_box(&ram);

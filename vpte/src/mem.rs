@@ -54,6 +54,7 @@ pub trait PhysMem {
 
     /// Store `value` at `pa` (used by the builder, never by the walker). The
     /// default is a compare-and-swap loop; implementations may do better.
+    #[inline]
     fn store(&self, pa: GuestPhysAddr, value: u64) -> Result<(), PhysMemError> {
         let mut current = self.load(pa)?;
         loop {
@@ -66,10 +67,12 @@ pub trait PhysMem {
 }
 
 impl<M: PhysMem + ?Sized> PhysMem for &M {
+    #[inline]
     fn load(&self, pa: GuestPhysAddr) -> Result<u64, PhysMemError> {
         (**self).load(pa)
     }
 
+    #[inline]
     fn compare_exchange(
         &self,
         pa: GuestPhysAddr,
@@ -79,12 +82,14 @@ impl<M: PhysMem + ?Sized> PhysMem for &M {
         (**self).compare_exchange(pa, current, new)
     }
 
+    #[inline]
     fn store(&self, pa: GuestPhysAddr, value: u64) -> Result<(), PhysMemError> {
         (**self).store(pa, value)
     }
 }
 
 /// The word index of `pa` in a memory of `words` 64-bit words.
+#[inline]
 fn word_index(pa: GuestPhysAddr, words: usize) -> Result<usize, PhysMemError> {
     if !pa.0.is_multiple_of(8) {
         return Err(PhysMemError::Misaligned { pa });
@@ -99,11 +104,13 @@ fn word_index(pa: GuestPhysAddr, words: usize) -> Result<usize, PhysMemError> {
 /// Guest RAM as 64-bit atomics: word `i` holds bytes `8i..8i+8`. This is the
 /// implementation the supervisor can use over its mapping of the memfd.
 impl PhysMem for [AtomicU64] {
+    #[inline]
     fn load(&self, pa: GuestPhysAddr) -> Result<u64, PhysMemError> {
         let i = word_index(pa, self.len())?;
         Ok(self[i].load(Ordering::Acquire))
     }
 
+    #[inline]
     fn compare_exchange(
         &self,
         pa: GuestPhysAddr,
@@ -114,6 +121,7 @@ impl PhysMem for [AtomicU64] {
         Ok(self[i].compare_exchange(current, new, Ordering::AcqRel, Ordering::Acquire))
     }
 
+    #[inline]
     fn store(&self, pa: GuestPhysAddr, value: u64) -> Result<(), PhysMemError> {
         let i = word_index(pa, self.len())?;
         self[i].store(value, Ordering::Release);
@@ -170,10 +178,12 @@ impl AtomicRam {
 }
 
 impl PhysMem for AtomicRam {
+    #[inline]
     fn load(&self, pa: GuestPhysAddr) -> Result<u64, PhysMemError> {
         self.words.load(pa)
     }
 
+    #[inline]
     fn compare_exchange(
         &self,
         pa: GuestPhysAddr,
@@ -183,6 +193,7 @@ impl PhysMem for AtomicRam {
         self.words.compare_exchange(pa, current, new)
     }
 
+    #[inline]
     fn store(&self, pa: GuestPhysAddr, value: u64) -> Result<(), PhysMemError> {
         self.words.store(pa, value)
     }
@@ -225,6 +236,7 @@ impl<'a> CellRam<'a> {
 }
 
 impl PhysMem for CellRam<'_> {
+    #[inline]
     fn load(&self, pa: GuestPhysAddr) -> Result<u64, PhysMemError> {
         let mut w = [0u8; 8];
         for (b, c) in w.iter_mut().zip(self.cells(pa)?) {
@@ -233,6 +245,7 @@ impl PhysMem for CellRam<'_> {
         Ok(u64::from_le_bytes(w))
     }
 
+    #[inline]
     fn compare_exchange(
         &self,
         pa: GuestPhysAddr,
@@ -247,6 +260,7 @@ impl PhysMem for CellRam<'_> {
         Ok(Ok(actual))
     }
 
+    #[inline]
     fn store(&self, pa: GuestPhysAddr, value: u64) -> Result<(), PhysMemError> {
         for (c, b) in self.cells(pa)?.iter().zip(value.to_le_bytes()) {
             c.set(b);
