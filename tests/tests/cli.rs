@@ -66,7 +66,10 @@ fn ram_the_supervisor_cannot_map_is_a_clear_125() {
     let out = run(vkrun().args(["-m", "256T"]).arg(bin("vkinfo")));
     assert_eq!(out.status.code(), Some(125));
     let err = text(&out.stderr);
-    assert!(err.starts_with("vkrun: cannot map 281474976710656 bytes"), "{err}");
+    assert!(
+        err.starts_with("vkrun: cannot map 281474976710656 bytes"),
+        "{err}"
+    );
     assert!(out.stdout.is_empty(), "the guest must not start");
 }
 
