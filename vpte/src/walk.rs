@@ -263,20 +263,21 @@ impl fmt::Display for Translation {
 /// 1. starts with the master PDE at [`Level::Master`] (shift 36);
 /// 2. checks the current entry: V must be set, RW too for a write, NX must be
 ///    clear for an instruction fetch; otherwise it fails at that entry;
-/// 3. stops if the entry has PS or is at [`Level::L1`] (shift 0; PS there is
-///    a plain leaf);
-/// 4. otherwise reads entry `(pindex >> shift) & 511` of the table page at the
-///    entry's frame (failing if that page is not wholly inside RAM), with
-///    shift 9 smaller, and goes to 2 with it. Before going on, it ORs A (A|M
-///    for a write) into the entry in memory by a compare-and-swap loop.
-///
-/// The final page is `frame + ((pindex & ((1 << shift) - 1)) << 12)`, not
-/// alignment-masked; a page not wholly inside RAM fails the walk.
+/// 3. if the entry has PS or is at [`Level::L1`] (shift 0; PS there is a
+///    plain leaf), the final page is `frame + ((pindex & ((1 << shift) - 1))
+///    << 12)`, not alignment-masked; a page not wholly inside RAM fails the
+///    walk at that entry;
+/// 4. otherwise the table page at the entry's frame must be wholly inside RAM
+///    (else the walk fails at that entry); for an entry in memory (not the
+///    master) A, and A|M for a write, are now ORed in by a compare-and-swap
+///    loop; then the walk reads entry `(pindex >> shift) & 511` of that table
+///    with shift 9 smaller, and goes to 2 with it.
 ///
 /// Order of check and update (a choice the ABI leaves open, stricter than
-/// DragonFly, which sets A before checking RW/NX): an entry is checked
-/// *before* A/M are ORed in (V, RW, NX, and that the table or final page it
-/// points at is inside RAM), so the entry a walk fails at is never modified;
+/// DragonFly, which sets A on a valid entry before checking its RW/NX): an
+/// entry is checked *before* A/M are ORed in (V, RW, NX, and that the table
+/// or final page it points at is inside RAM), so the entry a walk fails at is
+/// never modified;
 /// the entries above it, which it passed, keep the A (A|M) it gave them. If the
 /// compare-and-swap finds that the guest changed the entry meanwhile, the new
 /// value is checked again; an entry whose V was cleared concurrently is left
