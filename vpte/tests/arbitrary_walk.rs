@@ -139,3 +139,15 @@ fn the_generator_reaches_every_level_and_outcome() {
         );
     }
 }
+
+/// Found by the fuzzer: a translation of page index `u64::MAX`, which no
+/// prefault window (a `Range`) can hold.
+#[test]
+fn the_last_page_index_walks_and_prefaults_nothing() {
+    for master in [VPTE_V | VPTE_PS, VPTE_V | 0x3000] {
+        let mut writes = vec![(0x7FF, VPTE_V | 0x3000, false)];
+        writes.push((0x7FF + 512 * 3, VPTE_V | VPTE_A | 0x3000, false));
+        let case = WalkCase::new(4, 0, (master, false), u64::MAX, Access::Read, &writes);
+        case.check().expect("walks");
+    }
+}
