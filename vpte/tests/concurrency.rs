@@ -53,6 +53,13 @@ struct Success {
 
 #[test]
 fn walks_racing_with_entry_flips_lose_no_update() {
+    // Each round is bounded by the 11-bit generation field; run several.
+    for _ in 0..8 {
+        race_once();
+    }
+}
+
+fn race_once() {
     let ram = AtomicRam::new(RAM as usize);
     let alloc = FrameAllocator::new(GuestPhysAddr(0)..GuestPhysAddr(16 * 4096));
     let mut b = PageTableBuilder::new(&ram, alloc).expect("room");
