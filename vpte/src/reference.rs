@@ -104,7 +104,7 @@ fn reference_steps(
             return Ok(Translation {
                 pindex,
                 pa: GuestPhysAddr(target),
-                writable: rw_everywhere && site.entry.is_modified(),
+                writable: rw_everywhere && (site.entry.is_modified() || access == Access::Write),
                 executable: !nx_somewhere,
                 leaf: site,
             });

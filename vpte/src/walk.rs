@@ -309,7 +309,10 @@ pub fn walk<M: PhysMem + ?Sized>(
                 return Ok(Translation {
                     pindex,
                     pa: page,
-                    writable: all_rw && entry.is_modified(),
+                    // A write that got here may write: in-memory leaves now
+                    // carry M; a master leaf (never written) cannot, and
+                    // installing it read-only would fault forever.
+                    writable: all_rw && (entry.is_modified() || access == Access::Write),
                     executable: no_nx,
                     leaf: site(level, entry, entry_pa),
                 });
@@ -681,8 +684,14 @@ mod tests {
             let t = walk(&ram, master, PageIndex(n), Access::Write, RAM).expect("linear");
             assert_eq!((t.level(), t.pa), (Level::Master, GuestPhysAddr(n * 4096)));
             assert_eq!(t.leaf.entry, master, "the master is never written");
-            // The master lacks M and is never written: read-only until the guest sets M.
-            assert!(!t.writable);
+            // A permitted write may write, though the master cannot get M
+            // (a read-only install would make the write fault forever).
+            assert!(t.writable);
+            let t = walk(&ram, master, PageIndex(n), Access::Read, RAM).expect("linear");
+            assert!(
+                !t.writable,
+                "a read through a master without M maps read-only"
+            );
         }
         // Bits above 36 of the page index are not part of the offset.
         let t = walk(&ram, master, PageIndex((1 << 36) | 5), Access::Read, RAM).expect("linear");
