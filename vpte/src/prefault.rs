@@ -80,6 +80,11 @@ pub fn prefault_run<M: PhysMem + ?Sized>(
     if !window.contains(&t.pindex) || max_pages == 0 {
         return empty;
     }
+    if t.writable && !t.leaf.entry.is_modified() {
+        // A write through a master leaf, which never gets M: only the
+        // faulting page itself may be installed writable.
+        return PrefaultRun { count: 1, ..empty };
+    }
     // Where neighbours may come from: the superpage itself, or for an L1 leaf
     // the 512 pages of its L1 table (the region of the L2 entry above it).
     let region = if t.level() == Level::L1 {

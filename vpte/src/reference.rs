@@ -388,7 +388,7 @@ impl WalkCase {
                 Ok(u)
                     if e.updates.is_empty()
                         && u.pa == pa
-                        && (u.writable || !run.writable)
+                        && (u.writable || !run.writable || p == t.pindex)
                         && (u.executable || !run.executable) => {}
                 other => {
                     return Err(format!(
