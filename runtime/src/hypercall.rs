@@ -184,25 +184,6 @@ fn madv_name(behav: u64) -> String {
     }
 }
 
-const VPTE_NAMES: &[(u64, &str)] = &[
-    (vkabi::VPTE_V, "V"),
-    (vkabi::VPTE_RW, "RW"),
-    (vkabi::VPTE_U, "U"),
-    (vkabi::VPTE_A, "A"),
-    (vkabi::VPTE_M, "M"),
-    (vkabi::VPTE_PS, "PS"),
-    (vkabi::VPTE_G, "G"),
-    (vkabi::VPTE_WIRED, "WIRED"),
-    (vkabi::VPTE_MANAGED, "MANAGED"),
-    (vkabi::VPTE_NX, "NX"),
-];
-
-/// A VPTE as flags and frame, e.g. `V|RW|A frame=0x1234000`.
-pub fn format_vpte(v: u64) -> String {
-    let flags = format_flags(v & !vkabi::VPTE_FRAME, VPTE_NAMES, "0");
-    format!("{flags} frame={:#x}", v & vkabi::VPTE_FRAME)
-}
-
 fn ptr(v: u64) -> String {
     if v == 0 {
         "NULL".to_owned()
@@ -219,7 +200,7 @@ pub fn format_call(h: Option<Hypercall>, n: &Notification) -> String {
     let flags = |v: u64| format_flags(v & 0xffff_ffff, MAP_NAMES, "0");
     let value = |behav: u64, v: u64| {
         if behav == vkabi::MADV_SETMAP as u64 {
-            format_vpte(v)
+            vpte::Vpte(v).to_string()
         } else {
             format!("{v:#x}")
         }
