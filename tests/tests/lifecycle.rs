@@ -136,3 +136,68 @@ fn many_short_lived_processes_and_threads() {
     assert_eq!(text(&out.stdout), "100\n");
     assert!(out.status.success());
 }
+
+/// A minimal job-control shell in a pseudo-terminal: runs vkrun as the
+/// foreground job, reports when the job stops, waits, then resumes it (`fg`).
+/// The test side types ^Z once the guest is running.
+const CTRL_Z_SCRIPT: &str = r#"
+import os, pty, time, signal, sys, select
+vkrun = sys.argv[1]
+pid, fd = pty.fork()
+if pid == 0:
+    # A minimal job-control shell: run vkrun as a foreground job.
+    signal.signal(signal.SIGTTOU, signal.SIG_IGN)
+    job = os.fork()
+    if job == 0:
+        os.setpgid(0, 0)
+        while os.tcgetpgrp(0) != os.getpid():
+            time.sleep(0.001)
+        os.execv(vkrun, [vkrun, "sh", "-c", "echo ready; i=0; while [ $i -lt 40 ]; do i=$((i+1)); sleep 0.02; done; echo done; exit 5"])
+    os.setpgid(job, job)
+    os.tcsetpgrp(0, job)
+    _, st = os.waitpid(job, os.WUNTRACED)
+    os.tcsetpgrp(0, os.getpgrp())
+    print("JOB-STOPPED" if os.WIFSTOPPED(st) else "JOB-NOT-STOPPED", flush=True)
+    time.sleep(1.2)
+    print("FG", flush=True)
+    os.tcsetpgrp(0, job)
+    os.killpg(job, signal.SIGCONT)
+    _, st = os.waitpid(job, 0)
+    os.tcsetpgrp(0, os.getpgrp())
+    print("JOB-EXIT", os.waitstatus_to_exitcode(st), flush=True)
+    os._exit(0)
+buf = b""
+while b"ready" not in buf:
+    buf += os.read(fd, 100)
+os.write(fd, b"\x1a")
+out = b""
+while True:
+    try:
+        d = os.read(fd, 1000)
+    except OSError:
+        break
+    if not d: break
+    out += d
+os.waitpid(pid, 0)
+print(out.decode().replace("\r", ""))
+"#;
+
+#[test]
+fn ctrl_z_from_a_terminal_stops_and_fg_resumes() {
+    let Some(python) = vkrun_tests::require("python3") else {
+        return;
+    };
+    let out = run(std::process::Command::new(python)
+        .arg("-c")
+        .arg(CTRL_Z_SCRIPT)
+        .arg(vkrun_tests::bin("vkrun")));
+    let text = text(&out.stdout);
+    let stopped = text.find("JOB-STOPPED").expect("the job stopped on ^Z");
+    let fg = text.find("FG").expect("fg");
+    let done = text.find("done").expect("the guest finished");
+    assert!(
+        stopped < fg && fg < done,
+        "the guest ran while stopped: {text}"
+    );
+    assert!(text.contains("JOB-EXIT 5"), "{text}");
+}
