@@ -7,12 +7,14 @@
 //! an exit status.
 
 mod hypercall;
+mod inject;
 pub mod ram;
 pub mod remote;
 pub mod stats;
 mod supervisor;
 mod sys;
 pub mod trace;
+mod vpt;
 
 use std::ffi::OsString;
 use std::io::Write;

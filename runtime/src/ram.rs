@@ -3,6 +3,7 @@
 
 use std::fs::File;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd};
+use std::sync::atomic::AtomicU64;
 
 use memmap2::{MmapOptions, MmapRaw};
 use nix::errno::Errno;
@@ -84,6 +85,17 @@ impl GuestRam {
     /// Base of the supervisor's mapping of RAM.
     pub fn base(&self) -> *mut u8 {
         self.map.as_mut_ptr()
+    }
+
+    /// RAM as 64-bit words, for walking page tables that guest threads
+    /// update concurrently (every access is atomic).
+    pub fn words(&self) -> &[AtomicU64] {
+        let len = self.map.len() / 8;
+        // SAFETY: the mapping is page-aligned (so aligned for AtomicU64),
+        // `len * 8` bytes long, lives as long as `self`, and the memfd is
+        // sealed against shrinking, so no access can fault. Other processes
+        // write it concurrently, which is what atomics permit.
+        unsafe { std::slice::from_raw_parts(self.map.as_mut_ptr().cast::<AtomicU64>(), len) }
     }
 }
 

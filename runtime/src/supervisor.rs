@@ -33,6 +33,7 @@ use crate::sys::seccomp::NotifyFd;
 use crate::sys::signal::{WAKE_SIGNAL, install_wake_handler};
 use crate::sys::spawn::{self, Child, ChildPlan, ChildStep};
 use crate::trace::TraceWriter;
+use crate::vpt::{SegvAction, Vpt};
 use crate::{Config, Error, Outcome, resolve_program};
 
 /// Signals sent to vkrun (by `kill`, not by the terminal) that it passes on
@@ -98,7 +99,8 @@ pub fn run(config: Config) -> Result<Outcome, Error> {
             | Options::PTRACE_O_TRACEVFORK
             | Options::PTRACE_O_TRACECLONE
             | Options::PTRACE_O_TRACEEXEC
-            | Options::PTRACE_O_TRACESYSGOOD;
+            | Options::PTRACE_O_TRACESYSGOOD
+            | Options::PTRACE_O_TRACESECCOMP;
         if let Err(errno) = ptrace::seize(child.pid, options) {
             let _ = signal::kill(child.pid, Signal::SIGKILL);
             let _ = waitpid(child.pid, None);
@@ -122,7 +124,13 @@ pub fn run(config: Config) -> Result<Outcome, Error> {
             failure: None,
             out: Arc::new(Mutex::new(TraceWriter::new(output, trace_options))),
             stats: Arc::new(Stats::default()),
+            vpt: None,
         };
+        sup.vpt = Some(Arc::new(Vpt::new(
+            Arc::clone(&sup.ram),
+            Arc::clone(&sup.stats),
+            Arc::clone(&sup.out),
+        )));
         sup.tracees.insert(sup.main);
         let result = sup.event_loop();
         if let Some(server) = sup.server.take() {
@@ -199,6 +207,8 @@ struct Supervisor {
     out: Arc<Mutex<TraceWriter>>,
     stats: Arc<Stats>,
     ram_fd_guess: i32,
+    /// MAP_VPAGETABLE state of the guest's processes.
+    vpt: Option<Arc<Vpt>>,
 }
 
 impl Supervisor {
@@ -221,6 +231,10 @@ impl Supervisor {
             what: "the guest vanished without an exit status",
             errno: Errno::ECHILD,
         })
+    }
+
+    fn vpt(&self) -> &Arc<Vpt> {
+        self.vpt.as_ref().expect("created before the event loop")
     }
 
     /// Kill the guest after a supervisor failure and return the error.
@@ -291,6 +305,15 @@ impl Supervisor {
                     core_dumped,
                 },
             ),
+            WaitStatus::Stopped(pid, Signal::SIGSEGV) => {
+                self.tracees.insert(pid);
+                let tgid = tgid_of(pid).unwrap_or(pid);
+                match self.vpt().on_sigsegv(pid, tgid) {
+                    SegvAction::Deliver => resume(pid, Some(Signal::SIGSEGV)),
+                    SegvAction::Handled(Some(status)) => self.on_wait_status(status)?,
+                    SegvAction::Handled(None) => {}
+                }
+            }
             WaitStatus::Stopped(pid, sig) => {
                 // Signal-delivery-stop: deliver the signal as the kernel would.
                 self.tracees.insert(pid);
@@ -316,7 +339,19 @@ impl Supervisor {
                 }
                 return Ok(());
             }
+            e if e == Event::PTRACE_EVENT_SECCOMP as i32 => {
+                // vk_mmap or mcontrol: served in the stopped caller.
+                let tgid = tgid_of(pid).unwrap_or(pid);
+                let outcome = self.vpt().on_hypercall_stop(pid, tgid);
+                self.tracees.extend(outcome.new_threads);
+                if let Some(status) = outcome.gone {
+                    self.on_wait_status(status)?;
+                }
+                return Ok(());
+            }
             e if e == Event::PTRACE_EVENT_EXEC as i32 => {
+                // A new program: the old mm's windows and agent are gone.
+                self.vpt().forget(pid);
                 // The exec'ing thread took over the leader's id; its old id is gone.
                 if let Ok(former) = ptrace::getevent(pid) {
                     let former = Pid::from_raw(former as i32);
@@ -366,6 +401,7 @@ impl Supervisor {
 
     fn on_exit(&mut self, pid: Pid, outcome: Outcome) {
         self.tracees.remove(&pid);
+        self.vpt().forget(pid);
         let mut out = self.out.lock().unwrap_or_else(PoisonError::into_inner);
         if !out.set().is_empty() {
             let text = match outcome {
@@ -428,7 +464,7 @@ fn is_stop_signal(sig: Signal) -> bool {
 }
 
 /// The thread-group id of task `tid`, from `/proc`.
-fn tgid_of(tid: Pid) -> Option<Pid> {
+pub(crate) fn tgid_of(tid: Pid) -> Option<Pid> {
     let status = std::fs::read_to_string(format!("/proc/{tid}/status")).ok()?;
     let line = status.lines().find(|l| l.starts_with("Tgid:"))?;
     line["Tgid:".len()..].trim().parse().ok().map(Pid::from_raw)

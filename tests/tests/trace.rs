@@ -41,21 +41,32 @@ fn errors_render_as_minus_one_errno_and_description() {
             .any(|l| l == "vk_info(0x8, 48) = -1 EFAULT (Bad address)"),
         "{err}"
     );
+    // Decoded flags, on a call the supervisor refuses (MAP_PRIVATE).
     let out = run(vkrun().args(["-e", "trace=all"]).arg(bin("vkcall")).args([
         "raw",
         "0xdf000c5",
         "0",
         "8192",
         "3",
-        "0x2001",
+        "0x2002",
         "3",
         "0",
     ]));
     let err = text(&out.stderr);
     assert!(
         err.contains(
-            "vk_mmap(NULL, 8192, PROT_READ|PROT_WRITE, MAP_SHARED|MAP_VPAGETABLE, 3, 0x0) = -1 ENOSYS (Function not implemented)"
+            "vk_mmap(NULL, 8192, PROT_READ|PROT_WRITE, MAP_PRIVATE|MAP_VPAGETABLE, 3, 0x0) = -1 EINVAL (Invalid argument)"
         ),
+        "{err}"
+    );
+    // A hypercall of a later milestone: traced, answered ENOSYS.
+    let out = run(vkrun()
+        .args(["-e", "trace=vmspace_create"])
+        .arg(bin("vkcall"))
+        .args(["raw", "0xdf001e6", "0x1", "0", "0"]));
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("vmspace_create(0x1, 0, NULL) = -1 ENOSYS (Function not implemented)"),
         "{err}"
     );
 }

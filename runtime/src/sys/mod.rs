@@ -4,9 +4,12 @@
 //! `// SAFETY:` comment naming the invariants it relies on. Higher layers use
 //! these wrappers and `nix`, never `libc` calls that need `unsafe`.
 
+pub mod agent_code;
+pub mod futex;
 pub mod kcmp;
 pub mod ptrace;
 pub mod seccomp;
 pub mod signal;
 pub mod spawn;
 pub mod time;
+pub mod uffd;

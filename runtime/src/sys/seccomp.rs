@@ -8,7 +8,7 @@
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 
 use nix::errno::Errno;
-use vkabi::{VK_SYS_BASE, VK_SYS_COUNT};
+use vkabi::{Hypercall, VK_SYS_BASE, VK_SYS_COUNT};
 
 const AUDIT_ARCH_X86_64: u32 = 0xC000_003E;
 /// `SECCOMP_USER_NOTIF_FD_SYNC_WAKE_UP` (Linux 6.6): wake the supervisor
@@ -37,13 +37,19 @@ const DATA_NR: u32 = 0;
 const DATA_ARCH: u32 = 4;
 
 /// The classic-BPF program: hypercall numbers notify, everything else runs.
-pub const HYPERCALL_FILTER: [libc::sock_filter; 7] = [
+/// The hypercalls that act on the caller's own address space (`vk_mmap`,
+/// `mcontrol`) stop the caller for the tracer instead (`SECCOMP_RET_TRACE`),
+/// which runs system calls in it.
+pub const HYPERCALL_FILTER: [libc::sock_filter; 10] = [
     stmt(LD_W_ABS, DATA_ARCH),
-    jump(JEQ_K, AUDIT_ARCH_X86_64, 0, 4),
+    jump(JEQ_K, AUDIT_ARCH_X86_64, 0, 7),
     stmt(LD_W_ABS, DATA_NR),
-    jump(JGE_K, VK_SYS_BASE as u32, 0, 2),
-    jump(JGE_K, (VK_SYS_BASE + VK_SYS_COUNT) as u32, 1, 0),
+    jump(JGE_K, VK_SYS_BASE as u32, 0, 5),
+    jump(JGE_K, (VK_SYS_BASE + VK_SYS_COUNT) as u32, 4, 0),
+    jump(JEQ_K, Hypercall::VkMmap.nr() as u32, 2, 0),
+    jump(JEQ_K, Hypercall::Mcontrol.nr() as u32, 1, 0),
     stmt(RET_K, libc::SECCOMP_RET_USER_NOTIF),
+    stmt(RET_K, libc::SECCOMP_RET_TRACE),
     stmt(RET_K, libc::SECCOMP_RET_ALLOW),
 ];
 

@@ -1,0 +1,215 @@
+//! Running system calls inside a stopped guest thread (ptrace(2) syscall
+//! injection), used to set up vkrun's agent in a guest process and to
+//! execute hypercalls that must act on the caller's own address space.
+//!
+//! The injector starts at a `PTRACE_EVENT_SECCOMP` stop of a hypercall
+//! (`SECCOMP_RET_TRACE`): the hypercall itself is skipped, the thread is
+//! brought to its syscall-exit stop, and each injected call rewinds `rip` to
+//! the hypercall's `syscall` instruction and runs it with other registers.
+//! [`Injector::finish`] restores every register, with `rax` = the
+//! hypercall's result (RAII: dropping an unfinished injector restores too).
+//!
+//! Only the tracer thread may use it. While it waits for the thread's stops
+//! it may see other stops of that thread: signals are kept and delivered at
+//! the end; an exit is handed back to the caller (`Gone`) so the event loop
+//! can account for it.
+
+use nix::errno::Errno;
+use nix::libc::user_regs_struct;
+use nix::sys::ptrace;
+use nix::sys::signal::Signal;
+use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
+use nix::unistd::Pid;
+
+/// Why an injection could not complete.
+#[derive(Debug, thiserror::Error)]
+pub enum InjectError {
+    /// the thread exited or was killed; its wait status is not lost
+    #[error("guest thread {tid} went away during injection")]
+    Gone { tid: Pid, status: WaitStatus },
+    /// a ptrace request failed
+    #[error("ptrace on guest thread {tid}: {errno}")]
+    Ptrace { tid: Pid, errno: Errno },
+}
+
+/// The x86-64 `syscall` instruction is two bytes long.
+const SYSCALL_LEN: u64 = 2;
+
+/// A guest thread held at a syscall stop for injection.
+#[derive(Debug)]
+pub struct Injector {
+    tid: Pid,
+    saved: user_regs_struct,
+    /// A signal that arrived meanwhile, delivered at the end.
+    pending: Option<Signal>,
+    /// Child threads auto-attached during injection (to be tracked).
+    pub new_threads: Vec<Pid>,
+    finished: bool,
+}
+
+impl Injector {
+    /// Take over `tid`, stopped at `PTRACE_EVENT_SECCOMP`: skip the
+    /// hypercall and stop at its syscall exit.
+    pub fn at_seccomp_stop(tid: Pid) -> Result<Self, InjectError> {
+        let fail = |errno| InjectError::Ptrace { tid, errno };
+        let saved = ptrace::getregs(tid).map_err(fail)?;
+        let mut regs = saved;
+        regs.orig_rax = u64::MAX; // skip the hypercall
+        ptrace::setregs(tid, regs).map_err(fail)?;
+        let mut inj = Self {
+            tid,
+            saved,
+            pending: None,
+            new_threads: Vec::new(),
+            finished: false,
+        };
+        inj.resume_to_syscall_stop()?;
+        Ok(inj)
+    }
+
+    /// The registers of the hypercall (its arguments).
+    pub fn regs(&self) -> &user_regs_struct {
+        &self.saved
+    }
+
+    /// The thread.
+    pub fn tid(&self) -> Pid {
+        self.tid
+    }
+
+    /// Run system call `nr` with `args` in the thread; returns its raw result
+    /// (`-errno` on failure).
+    pub fn syscall(&mut self, nr: i64, args: [u64; 6]) -> Result<i64, InjectError> {
+        let mut regs = self.saved;
+        regs.rip = self.saved.rip - SYSCALL_LEN;
+        regs.rax = nr as u64;
+        regs.orig_rax = nr as u64;
+        [regs.rdi, regs.rsi, regs.rdx, regs.r10, regs.r8, regs.r9] = args;
+        self.setregs(regs)?;
+        self.resume_to_syscall_stop()?; // entry
+        self.resume_to_syscall_stop()?; // exit
+        let out = ptrace::getregs(self.tid).map_err(|errno| self.err(errno))?;
+        Ok(out.rax as i64)
+    }
+
+    /// Run `clone` through the gadget at `gadget` (`syscall; test; jz child;
+    /// int3`) with `regs_fn` setting up the registers; returns the new
+    /// thread's id. The child is auto-attached (`PTRACE_O_TRACECLONE`); it is
+    /// released from its initial stop here.
+    pub fn clone_at(
+        &mut self,
+        gadget: u64,
+        setup: impl FnOnce(&mut user_regs_struct),
+    ) -> Result<Pid, InjectError> {
+        let mut regs = self.saved;
+        regs.rip = gadget;
+        regs.rax = libc::SYS_clone as u64;
+        setup(&mut regs);
+        self.setregs(regs)?;
+        ptrace::cont(self.tid, None).map_err(|errno| self.err(errno))?;
+        let mut child = None;
+        loop {
+            match self.wait()? {
+                WaitStatus::PtraceEvent(_, _, ev) if ev == libc::PTRACE_EVENT_CLONE => {
+                    let new = ptrace::getevent(self.tid).map_err(|errno| self.err(errno))?;
+                    child = Some(Pid::from_raw(new as i32));
+                    ptrace::cont(self.tid, None).map_err(|errno| self.err(errno))?;
+                }
+                WaitStatus::Stopped(_, Signal::SIGTRAP) => break,
+                WaitStatus::Stopped(_, sig) => {
+                    self.pending = Some(sig);
+                    ptrace::cont(self.tid, None).map_err(|errno| self.err(errno))?;
+                }
+                _ => ptrace::cont(self.tid, None).map_err(|errno| self.err(errno))?,
+            }
+        }
+        let out = ptrace::getregs(self.tid).map_err(|errno| self.err(errno))?;
+        let child = match child {
+            Some(c) => c,
+            None if (out.rax as i64) > 0 => Pid::from_raw(out.rax as i32),
+            None => {
+                return Err(self.err(Errno::from_raw(-(out.rax as i64) as i32)));
+            }
+        };
+        // The child's first stop (PTRACE_EVENT_STOP for an auto-attached task).
+        loop {
+            match waitpid(child, Some(WaitPidFlag::__WALL)) {
+                Ok(WaitStatus::PtraceEvent(..)) | Ok(WaitStatus::Stopped(..)) => {
+                    let _ = ptrace::cont(child, None);
+                    break;
+                }
+                Ok(_) => break,
+                Err(Errno::EINTR) => continue,
+                Err(errno) => return Err(InjectError::Ptrace { tid: child, errno }),
+            }
+        }
+        self.new_threads.push(child);
+        Ok(child)
+    }
+
+    /// Restore the thread's registers with `result` as the hypercall's return
+    /// value and let it run.
+    pub fn finish(mut self, result: i64) -> Result<(), InjectError> {
+        self.finished = true;
+        self.restore(result)
+    }
+
+    fn restore(&mut self, result: i64) -> Result<(), InjectError> {
+        let mut regs = self.saved;
+        regs.rax = result as u64;
+        self.setregs(regs)?;
+        ptrace::cont(self.tid, self.pending.take()).map_err(|errno| self.err(errno))
+    }
+
+    fn setregs(&self, regs: user_regs_struct) -> Result<(), InjectError> {
+        ptrace::setregs(self.tid, regs).map_err(|errno| self.err(errno))
+    }
+
+    fn err(&self, errno: Errno) -> InjectError {
+        InjectError::Ptrace {
+            tid: self.tid,
+            errno,
+        }
+    }
+
+    fn wait(&self) -> Result<WaitStatus, InjectError> {
+        loop {
+            match waitpid(self.tid, Some(WaitPidFlag::__WALL)) {
+                Ok(status @ (WaitStatus::Exited(..) | WaitStatus::Signaled(..))) => {
+                    return Err(InjectError::Gone {
+                        tid: self.tid,
+                        status,
+                    });
+                }
+                Ok(status) => return Ok(status),
+                Err(Errno::EINTR) => continue,
+                Err(errno) => return Err(self.err(errno)),
+            }
+        }
+    }
+
+    /// `PTRACE_SYSCALL` until the next syscall stop, keeping signals.
+    fn resume_to_syscall_stop(&mut self) -> Result<(), InjectError> {
+        ptrace::syscall(self.tid, None).map_err(|errno| self.err(errno))?;
+        loop {
+            match self.wait()? {
+                WaitStatus::PtraceSyscall(_) => return Ok(()),
+                WaitStatus::Stopped(_, sig) => {
+                    self.pending = Some(sig);
+                    ptrace::syscall(self.tid, None).map_err(|errno| self.err(errno))?;
+                }
+                _ => ptrace::syscall(self.tid, None).map_err(|errno| self.err(errno))?,
+            }
+        }
+    }
+}
+
+impl Drop for Injector {
+    fn drop(&mut self) {
+        if !self.finished {
+            // An error path: give the thread back as it was, failing the
+            // hypercall with EFAULT-free ENOMEM so the guest sees an error.
+            let _ = self.restore(-(libc::ENOMEM as i64));
+        }
+    }
+}

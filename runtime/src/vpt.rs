@@ -1,0 +1,1011 @@
+//! MAP_VPAGETABLE in the guest's own address space (ABI sections 3-6):
+//! windows created by `vk_mmap`, master PDEs set by `mcontrol(MADV_SETMAP)`,
+//! translations dropped by `MADV_INVAL`, and faults resolved by walking the
+//! guest's VPTEs.
+//!
+//! Per guest process that maps a window, vkrun sets up:
+//! - an **agent** thread in the process (machine code from
+//!   [`crate::sys::agent_code`]) that runs `mmap`s in the guest's mm on
+//!   request, so installs never stop a guest thread;
+//! - a **userfaultfd** created in the guest without `UFFD_USER_MODE_ONLY`
+//!   (so kernel-mode accesses are caught too) and owned by the supervisor;
+//! - a **fault thread** in the supervisor that reads the uffd, walks, and
+//!   installs a true alias (`mmap(MAP_SHARED|MAP_FIXED, ram, pa)`) or, when
+//!   the walk fails, a `PROT_NONE` page that turns the retried access into a
+//!   real `SIGSEGV` (user mode) or `EFAULT` (kernel mode).
+//!
+//! A window is anonymous `MAP_NORESERVE` memory registered for missing-page
+//! faults; dropping translations maps fresh anonymous memory over a range and
+//! registers it again (cost per VMA, not per page; MECHANISMS.md).
+//!
+//! Read-only installs (RW or M clear) are upgraded when a write faults on
+//! them: the tracer sees the `SIGSEGV`, walks for a write (setting M) and, if
+//! the walk allows it, installs the page writable and suppresses the signal.
+//!
+//! Lock order: [`Vpt::procs`] before a process's [`Process::mm`]. The mm lock
+//! serialises every change to the process's window mappings (agent batches,
+//! injected drops); its generation counter makes a fault that walked before
+//! an `MADV_INVAL` retry instead of installing a stale translation.
+
+use std::collections::{BTreeMap, HashMap};
+use std::os::fd::{AsFd, AsRawFd};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, SystemTime};
+
+use memmap2::{MmapOptions, MmapRaw};
+use nix::errno::Errno;
+use nix::sys::ptrace;
+use nix::sys::signal::Signal;
+use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
+use nix::unistd::Pid;
+use vkabi::{
+    Hypercall, MADV_INVAL, MADV_SETMAP, MAP_FIXED, MAP_PRIVATE, MAP_SHARED, MAP_STACK,
+    MAP_VPAGETABLE, PAGE_SIZE, PGEX_U, PROT_READ, PROT_WRITE, USER_MAX,
+};
+use vpte::{Access, GuestVirtAddr, PageIndex, Vpte, WalkError};
+
+use crate::inject::{InjectError, Injector};
+use crate::ram::GuestRam;
+use crate::remote::{self, RemoteAddr};
+use crate::stats::Stats;
+use crate::sys::agent_code::{self, CTL_COUNT, CTL_DONE, CTL_OPS, CTL_REQ, CTL_SIGSET, OP_SIZE};
+use crate::sys::uffd::{PageFault, Userfault};
+use crate::sys::{futex, kcmp};
+use crate::trace::TraceWriter;
+
+const PAGE: u64 = PAGE_SIZE;
+/// Pages of the agent region: control, code, scratch, two of stack.
+const AGENT_PAGES: u64 = 5;
+const AGENT_CODE: u64 = PAGE;
+const AGENT_SCRATCH: u64 = 2 * PAGE;
+/// Where vkrun asks to put the agent: the 2 MiB above `USER_MAX`, which the
+/// ABI keeps out of the guest's reach.
+const AGENT_HINT: u64 = USER_MAX + 0x10_0000;
+const MAP_ANONYMOUS: u64 = libc::MAP_ANONYMOUS as u64;
+const MAP_NORESERVE: u64 = libc::MAP_NORESERVE as u64;
+const MAP_POPULATE: u64 = libc::MAP_POPULATE as u64;
+const MAP_FIXED_NOREPLACE: u64 = libc::MAP_FIXED_NOREPLACE as u64;
+const THREAD_CLONE_FLAGS: u64 = (libc::CLONE_VM
+    | libc::CLONE_FS
+    | libc::CLONE_FILES
+    | libc::CLONE_SIGHAND
+    | libc::CLONE_THREAD
+    | libc::CLONE_SYSVSEM) as u64;
+/// How long the supervisor waits for the agent before checking it is alive.
+const AGENT_POLL: Duration = Duration::from_millis(50);
+
+/// Offsets in `ucontext_t` (x86-64 glibc/kernel layout) of the registers the
+/// ABI fills for a failed walk: `uc_mcontext.gregs[REG_ERR, REG_TRAPNO,
+/// REG_CR2]`.
+const UC_GREGS: u64 = 40;
+const REG_ERR: u64 = 19;
+const REG_TRAPNO: u64 = 20;
+const REG_CR2: u64 = 22;
+const T_PAGEFLT_X86: u64 = 14;
+/// `si_code` values of `SIGSEGV` (siginfo.h).
+const SEGV_MAPERR: i32 = 1;
+const SEGV_ACCERR: i32 = 2;
+
+/// The state of MAP_VPAGETABLE for every guest process using it.
+#[derive(Debug)]
+pub struct Vpt {
+    ram: Arc<GuestRam>,
+    stats: Arc<Stats>,
+    trace: Arc<Mutex<TraceWriter>>,
+    procs: Mutex<HashMap<Pid, Arc<Process>>>,
+}
+
+/// One VPAGETABLE mapping.
+#[derive(Clone, Copy, Debug)]
+struct Window {
+    start: u64,
+    len: u64,
+    off: u64,
+    master: u64,
+}
+
+impl Window {
+    fn end(&self) -> u64 {
+        self.start + self.len
+    }
+}
+
+/// Why a page is mapped `PROT_NONE`: the walk that failed there.
+#[derive(Clone, Copy, Debug)]
+struct Poison {
+    si_code: i32,
+    pgex: u64,
+}
+
+/// Mutable per-process state, under [`Process::mm`].
+#[derive(Debug, Default)]
+struct MmState {
+    windows: BTreeMap<u64, Window>,
+    poisoned: HashMap<u64, Poison>,
+}
+
+/// A guest process with windows: its agent, its uffd and its fault thread.
+#[derive(Debug)]
+struct Process {
+    tgid: Pid,
+    agent: Agent,
+    uffd: Userfault,
+    mm: Mutex<MmState>,
+    /// Bumped by every drop of translations (under `mm`).
+    generation: AtomicU64,
+    /// The process is gone or exec'd: the fault thread stops.
+    dead: AtomicBool,
+}
+
+/// The supervisor's side of an agent: its shared region.
+#[derive(Debug)]
+struct Agent {
+    region: MmapRaw,
+    /// The region's address in the guest.
+    guest_base: u64,
+    tid: Pid,
+    /// The RAM memfd's number in the guest (opened for the agent).
+    ram_fd: AtomicU32,
+}
+
+/// What the tracer should do with a `SIGSEGV` stop.
+#[derive(Debug)]
+pub enum SegvAction {
+    /// Not ours: deliver it unchanged.
+    Deliver,
+    /// Handled here (the thread was resumed, or died: the status is given).
+    Handled(Option<WaitStatus>),
+}
+
+/// Outcome of a hypercall served at a seccomp stop.
+#[derive(Debug)]
+pub struct StopOutcome {
+    /// Threads created meanwhile (the agent), to be tracked.
+    pub new_threads: Vec<Pid>,
+    /// The thread's exit, if it died during the call.
+    pub gone: Option<WaitStatus>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+fn page_down(v: u64) -> u64 {
+    v & !(PAGE - 1)
+}
+
+impl Vpt {
+    /// No process uses MAP_VPAGETABLE yet.
+    pub fn new(ram: Arc<GuestRam>, stats: Arc<Stats>, trace: Arc<Mutex<TraceWriter>>) -> Self {
+        Self {
+            ram,
+            stats,
+            trace,
+            procs: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Serve `vk_mmap` or `mcontrol` for `tid`, stopped at
+    /// `PTRACE_EVENT_SECCOMP`, and resume it with the result.
+    pub fn on_hypercall_stop(self: &Arc<Self>, tid: Pid, tgid: Pid) -> StopOutcome {
+        let mut inj = match Injector::at_seccomp_stop(tid) {
+            Ok(inj) => inj,
+            Err(e) => return outcome_of_error(e, Vec::new()),
+        };
+        let r = *inj.regs();
+        let args = [r.rdi, r.rsi, r.rdx, r.r10, r.r8, r.r9];
+        let h = Hypercall::from_nr(r.orig_rax);
+        let when = SystemTime::now();
+        let result = match h {
+            Some(Hypercall::VkMmap) => self.vk_mmap(&mut inj, tgid, args),
+            Some(Hypercall::Mcontrol) => self.mcontrol(&mut inj, tgid, args),
+            _ => Ok(Err(Errno::ENOSYS)),
+        };
+        let new_threads = std::mem::take(&mut inj.new_threads);
+        let result = match result {
+            Ok(r) => r,
+            Err(e) => return outcome_of_error(e, new_threads),
+        };
+        self.stats.count_hypercall(h, result.is_err());
+        {
+            let mut trace = lock(&self.trace);
+            if trace.set().hypercall(h) {
+                let n = crate::sys::seccomp::Notification {
+                    id: 0,
+                    tid: tid.as_raw(),
+                    nr: r.orig_rax,
+                    args,
+                };
+                let text = format!(
+                    "{} {}",
+                    crate::hypercall::format_call(h, &n),
+                    crate::trace::format_result(result, crate::hypercall::returns_address(h))
+                );
+                trace.line(tid.as_raw(), when, &text, None);
+            }
+        }
+        let raw = match result {
+            Ok(v) => v,
+            Err(e) => -(e as i64),
+        };
+        match inj.finish(raw) {
+            Ok(()) => StopOutcome {
+                new_threads,
+                gone: None,
+            },
+            Err(e) => outcome_of_error(e, new_threads),
+        }
+    }
+
+    /// `vk_mmap(addr, len, prot, flags, fd, off)` (ABI section 4).
+    fn vk_mmap(
+        self: &Arc<Self>,
+        inj: &mut Injector,
+        tgid: Pid,
+        a: [u64; 6],
+    ) -> Result<Result<i64, Errno>, InjectError> {
+        let (addr, len, prot, flags, fd, off) =
+            (a[0], a[1], a[2] as i32, a[3] as i32, a[4] as i32, a[5]);
+        if flags & MAP_VPAGETABLE == 0 {
+            // An ordinary mmap, made in the caller's address space.
+            let ret = inj.syscall(libc::SYS_mmap, a)?;
+            return Ok(errno_or(ret));
+        }
+        let fixed = flags & MAP_FIXED != 0;
+        let len = match len.checked_add(PAGE - 1) {
+            Some(l) if len > 0 => page_down(l),
+            _ => return Ok(Err(Errno::EINVAL)),
+        };
+        if flags & 3 != MAP_SHARED
+            || flags & MAP_PRIVATE != 0
+            || flags & MAP_STACK != 0
+            || prot & (PROT_READ | PROT_WRITE) != PROT_READ | PROT_WRITE
+            || off % PAGE != 0
+            || len > USER_MAX
+            || (fixed && (addr % PAGE != 0 || addr > USER_MAX - len))
+        {
+            return Ok(Err(Errno::EINVAL));
+        }
+        let is_ram = kcmp::same_file(self.ram.as_fd(), inj.tid(), fd) == Ok(true);
+        if fd < 0 || !is_ram {
+            return Ok(Err(Errno::EINVAL));
+        }
+        let proc_ = match self.process(inj, tgid)? {
+            Ok(p) => p,
+            Err(e) => return Ok(Err(e)),
+        };
+        let mut mm = lock(&proc_.mm);
+        let map_flags = libc::MAP_PRIVATE as u64
+            | MAP_ANONYMOUS
+            | MAP_NORESERVE
+            | if fixed { libc::MAP_FIXED as u64 } else { 0 };
+        let hint = if fixed { addr } else { 0 };
+        let rw = (libc::PROT_READ | libc::PROT_WRITE) as u64;
+        let ret = inj.syscall(libc::SYS_mmap, [hint, len, rw, map_flags, u64::MAX, 0])?;
+        let start = match errno_or(ret) {
+            Ok(v) => v as u64,
+            Err(e) => return Ok(Err(e)),
+        };
+        if start.checked_add(len).is_none_or(|end| end > USER_MAX) {
+            inj.syscall(libc::SYS_munmap, [start, len, 0, 0, 0, 0])?;
+            return Ok(Err(Errno::ENOMEM));
+        }
+        if let Err(e) = proc_.uffd.register_missing(start, len) {
+            inj.syscall(libc::SYS_munmap, [start, len, 0, 0, 0, 0])?;
+            return Ok(Err(e));
+        }
+        forget_range(&mut mm, start, start + len);
+        mm.windows.insert(
+            start,
+            Window {
+                start,
+                len,
+                off,
+                master: 0,
+            },
+        );
+        self.stats.vpagetable_mmap.fetch_add(1, Ordering::Relaxed);
+        Ok(Ok(start as i64))
+    }
+
+    /// `mcontrol(addr, len, behav, value)` (ABI section 5).
+    fn mcontrol(
+        self: &Arc<Self>,
+        inj: &mut Injector,
+        tgid: Pid,
+        a: [u64; 6],
+    ) -> Result<Result<i64, Errno>, InjectError> {
+        let (addr, len, behav, value) = (a[0], a[1], a[2] as i32, a[3]);
+        if (0..=9).contains(&behav) {
+            return Ok(Ok(0));
+        }
+        if behav != MADV_INVAL && behav != MADV_SETMAP {
+            return Ok(Err(Errno::EINVAL));
+        }
+        let start = page_down(addr);
+        let end = match addr.checked_add(len).and_then(|e| e.checked_add(PAGE - 1)) {
+            Some(e) => page_down(e),
+            None => return Ok(Err(Errno::EINVAL)),
+        };
+        if end > USER_MAX {
+            return Ok(Err(Errno::EINVAL));
+        }
+        if behav == MADV_SETMAP {
+            self.stats.vpagetable_setmap.fetch_add(1, Ordering::Relaxed);
+        } else {
+            self.stats.vpagetable_inval.fetch_add(1, Ordering::Relaxed);
+        }
+        let proc_ = lock(&self.procs).get(&tgid).cloned();
+        let mut covered = Vec::new();
+        if let Some(p) = &proc_ {
+            let mut mm = lock(&p.mm);
+            p.generation.fetch_add(1, Ordering::AcqRel);
+            let pieces: Vec<(u64, u64)> = mm
+                .windows
+                .values()
+                .filter(|w| w.start < end && start < w.end())
+                .map(|w| (w.start.max(start), w.end().min(end)))
+                .collect();
+            for w in mm.windows.values_mut() {
+                if behav == MADV_SETMAP && w.start < end && start < w.end() {
+                    w.master = value;
+                }
+            }
+            for &(s, e) in &pieces {
+                self.drop_translations(inj, p, &mut mm, s, e)?;
+                covered.push((s, e));
+            }
+        }
+        if behav == MADV_SETMAP && maps_other_memory(tgid, start, end, &covered) {
+            return Ok(Err(Errno::EINVAL));
+        }
+        Ok(Ok(0))
+    }
+
+    /// Replace `[s, e)` of a window with fresh registered anonymous memory,
+    /// so every page walks again. Caller holds `mm`.
+    fn drop_translations(
+        &self,
+        inj: &mut Injector,
+        p: &Process,
+        mm: &mut MmState,
+        s: u64,
+        e: u64,
+    ) -> Result<(), InjectError> {
+        let rw = (libc::PROT_READ | libc::PROT_WRITE) as u64;
+        let flags =
+            libc::MAP_PRIVATE as u64 | MAP_ANONYMOUS | MAP_NORESERVE | libc::MAP_FIXED as u64;
+        let ret = inj.syscall(libc::SYS_mmap, [s, e - s, rw, flags, u64::MAX, 0])?;
+        if ret < 0 {
+            tracing::warn!(errno = -ret, "dropping translations failed");
+        } else if let Err(errno) = p.uffd.register_missing(s, e - s) {
+            tracing::warn!(%errno, "re-registering a dropped range failed");
+        }
+        mm.poisoned.retain(|&page, _| page < s || page >= e);
+        Ok(())
+    }
+
+    /// The process state of `tgid`, setting up its agent and uffd (through
+    /// `inj`, a stopped thread of it) on first use.
+    fn process(
+        self: &Arc<Self>,
+        inj: &mut Injector,
+        tgid: Pid,
+    ) -> Result<Result<Arc<Process>, Errno>, InjectError> {
+        if let Some(p) = lock(&self.procs).get(&tgid) {
+            return Ok(Ok(Arc::clone(p)));
+        }
+        let agent = match self.start_agent(inj)? {
+            Ok(a) => a,
+            Err(e) => return Ok(Err(e)),
+        };
+        // The uffd: created in the guest (bound to its mm), owned by us.
+        let ret = agent.run(
+            tgid,
+            &[(
+                libc::SYS_userfaultfd,
+                [(libc::O_CLOEXEC | libc::O_NONBLOCK) as u64, 0, 0, 0, 0, 0],
+            )],
+        );
+        let guest_fd = match ret.map(|r| errno_or(r[0])) {
+            Ok(Ok(fd)) => fd as i32,
+            Ok(Err(e)) | Err(e) => return Ok(Err(e)),
+        };
+        let stolen = crate::sys::uffd::steal_fd(tgid.as_raw(), guest_fd);
+        let _ = agent.run(tgid, &[(libc::SYS_close, [guest_fd as u64, 0, 0, 0, 0, 0])]);
+        let uffd = match stolen.and_then(Userfault::new) {
+            Ok(u) => u,
+            Err(e) => return Ok(Err(e)),
+        };
+        let p = Arc::new(Process {
+            tgid,
+            agent,
+            uffd,
+            mm: Mutex::new(MmState::default()),
+            generation: AtomicU64::new(0),
+            dead: AtomicBool::new(false),
+        });
+        lock(&self.procs).insert(tgid, Arc::clone(&p));
+        let vpt = Arc::clone(self);
+        let pp = Arc::clone(&p);
+        let spawned = std::thread::Builder::new()
+            .name(format!("vkrun-faults-{tgid}"))
+            .spawn(move || vpt.serve_faults(&pp));
+        if let Err(e) = spawned {
+            tracing::error!("cannot start the fault thread: {e}");
+            return Ok(Err(Errno::EAGAIN));
+        }
+        Ok(Ok(p))
+    }
+
+    /// Create the agent in the process of `inj`'s thread (ABI-invisible:
+    /// its region lies above `USER_MAX`).
+    fn start_agent(&self, inj: &mut Injector) -> Result<Result<Agent, Errno>, InjectError> {
+        let memfd = match nix::sys::memfd::memfd_create(
+            c"vkrun-agent",
+            nix::sys::memfd::MFdFlags::MFD_CLOEXEC,
+        ) {
+            Ok(fd) => std::fs::File::from(fd),
+            Err(e) => return Ok(Err(e)),
+        };
+        if memfd.set_len(AGENT_PAGES * PAGE).is_err() {
+            return Ok(Err(Errno::ENOMEM));
+        }
+        let region = match MmapOptions::new()
+            .len((AGENT_PAGES * PAGE) as usize)
+            .map_raw(&memfd)
+        {
+            Ok(m) => m,
+            Err(_) => return Ok(Err(Errno::ENOMEM)),
+        };
+        // A scratch page in the guest for the path of our memfd.
+        let rw = (libc::PROT_READ | libc::PROT_WRITE) as u64;
+        let anon = libc::MAP_PRIVATE as u64 | MAP_ANONYMOUS;
+        let scratch = inj.syscall(libc::SYS_mmap, [0, PAGE, rw, anon, u64::MAX, 0])?;
+        let Ok(scratch) = errno_or(scratch).map(|v| v as u64) else {
+            return Ok(Err(Errno::ENOMEM));
+        };
+        let path = format!("/proc/{}/fd/{}\0", std::process::id(), memfd.as_raw_fd());
+        if let Err(e) = remote::write_bytes(inj.tid(), RemoteAddr(scratch), path.as_bytes()) {
+            inj.syscall(libc::SYS_munmap, [scratch, PAGE, 0, 0, 0, 0])?;
+            return Ok(Err(e));
+        }
+        let o_flags = (libc::O_RDWR | libc::O_CLOEXEC) as u64;
+        let fd = inj.syscall(libc::SYS_open, [scratch, o_flags, 0, 0, 0, 0])?;
+        inj.syscall(libc::SYS_munmap, [scratch, PAGE, 0, 0, 0, 0])?;
+        let fd = match errno_or(fd) {
+            Ok(fd) => fd as u64,
+            Err(e) => return Ok(Err(e)),
+        };
+        let rwx = (libc::PROT_READ | libc::PROT_WRITE | libc::PROT_EXEC) as u64;
+        let len = AGENT_PAGES * PAGE;
+        let shared = libc::MAP_SHARED as u64;
+        let mut base = inj.syscall(
+            libc::SYS_mmap,
+            [AGENT_HINT, len, rwx, shared | MAP_FIXED_NOREPLACE, fd, 0],
+        )?;
+        if base < 0 {
+            base = inj.syscall(libc::SYS_mmap, [0, len, rwx, shared, fd, 0])?;
+        }
+        inj.syscall(libc::SYS_close, [fd, 0, 0, 0, 0, 0])?;
+        let base = match errno_or(base) {
+            Ok(b) => b as u64,
+            Err(e) => return Ok(Err(e)),
+        };
+        // Code and control page, through our own mapping of the region.
+        let code = agent_code::code();
+        write_region(&region, AGENT_CODE as usize, code);
+        write_region(&region, CTL_SIGSET, &u64::MAX.to_ne_bytes());
+        // Start the thread with every signal blocked (it inherits the mask),
+        // then give the caller its mask back.
+        let old_mask = base + AGENT_SCRATCH;
+        let setmask = libc::SIG_SETMASK as u64;
+        inj.syscall(
+            libc::SYS_rt_sigprocmask,
+            [setmask, base + CTL_SIGSET as u64, old_mask, 8, 0, 0],
+        )?;
+        let stack_top = base + len;
+        let child = inj.clone_at(base + AGENT_CODE, |r| {
+            r.rdi = THREAD_CLONE_FLAGS;
+            r.rsi = stack_top;
+            r.rdx = 0;
+            r.r10 = 0;
+            r.r8 = 0;
+            r.r15 = base;
+        });
+        inj.syscall(libc::SYS_rt_sigprocmask, [setmask, old_mask, 0, 8, 0, 0])?;
+        let tid = child?;
+        let agent = Agent {
+            region,
+            guest_base: base,
+            tid,
+            ram_fd: AtomicU32::new(u32::MAX),
+        };
+        // The agent's own descriptor for RAM.
+        if let Err(e) = agent.open_ram(self.ram.raw_fd(), inj_tgid(inj)) {
+            return Ok(Err(e));
+        }
+        tracing::debug!(tid = %inj.tid(), agent = %tid, base = format_args!("{base:#x}"), "agent started");
+        Ok(Ok(agent))
+    }
+
+    /// The fault thread of process `p`: until it dies, read its uffd and
+    /// resolve each fault.
+    fn serve_faults(&self, p: &Process) {
+        use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+        let mut faults = Vec::new();
+        while !p.dead.load(Ordering::Acquire) {
+            let mut fds = [PollFd::new(p.uffd.as_fd(), PollFlags::POLLIN)];
+            match poll(&mut fds, PollTimeout::from(200u16)) {
+                Ok(0) | Err(Errno::EINTR) => continue,
+                Ok(_) => {}
+                Err(_) => break,
+            }
+            let ev = fds[0].revents().unwrap_or(PollFlags::empty());
+            if ev.intersects(PollFlags::POLLERR | PollFlags::POLLHUP | PollFlags::POLLNVAL) {
+                break;
+            }
+            faults.clear();
+            if p.uffd.read_faults(&mut faults).is_err() {
+                break;
+            }
+            for f in &faults {
+                self.resolve(p, f);
+            }
+        }
+        tracing::debug!(tgid = %p.tgid, "fault thread done");
+    }
+
+    /// Resolve one missing-page fault: walk, install or poison, wake.
+    fn resolve(&self, p: &Process, f: &PageFault) {
+        let page = page_down(f.address);
+        let access = if f.write { Access::Write } else { Access::Read };
+        let mut mm = lock(&p.mm);
+        let Some(w) = window_at(&mm, page) else {
+            drop(mm);
+            let _ = p.uffd.wake(page, PAGE);
+            return;
+        };
+        let result = PageIndex::for_fault(GuestVirtAddr(page), GuestVirtAddr(w.start), w.off)
+            .ok_or(None)
+            .and_then(|pindex| {
+                vpte::walk(
+                    self.ram.words(),
+                    Vpte(w.master),
+                    pindex,
+                    access,
+                    self.ram.size(),
+                )
+                .map_err(Some)
+            });
+        let ops_result = match &result {
+            Ok(t) => {
+                let prot = PROT_READ as u64
+                    | if t.writable { PROT_WRITE as u64 } else { 0 }
+                    | if t.executable {
+                        libc::PROT_EXEC as u64
+                    } else {
+                        0
+                    };
+                let populate = if f.write { MAP_POPULATE } else { 0 };
+                let flags = libc::MAP_SHARED as u64 | libc::MAP_FIXED as u64 | populate;
+                p.agent
+                    .mmap_ram(p.tgid, self.ram.raw_fd(), page, PAGE, prot, flags, t.pa.0)
+            }
+            Err(e) => {
+                let (si_code, pgex) = poison_of(e.as_ref(), access);
+                mm.poisoned.insert(page, Poison { si_code, pgex });
+                let flags = libc::MAP_PRIVATE as u64
+                    | MAP_ANONYMOUS
+                    | MAP_NORESERVE
+                    | libc::MAP_FIXED as u64;
+                p.agent
+                    .run(
+                        p.tgid,
+                        &[(libc::SYS_mmap, [page, PAGE, 0, flags, u64::MAX, 0])],
+                    )
+                    .and_then(|r| errno_or(r[0]).map(drop))
+            }
+        };
+        drop(mm);
+        if let Err(errno) = &ops_result {
+            tracing::warn!(%errno, page = format_args!("{page:#x}"), "installing a fault's page failed");
+        }
+        let _ = p.uffd.wake(page, PAGE);
+        if result.is_ok() && ops_result.is_ok() {
+            self.stats.vpagetable_faults.fetch_add(1, Ordering::Relaxed);
+            self.stats
+                .host_mappings_installed
+                .fetch_add(1, Ordering::Relaxed);
+        }
+        self.trace_fault(f.tid, f.address, w.master, access, &result);
+    }
+
+    fn trace_fault(
+        &self,
+        tid: i32,
+        va: u64,
+        master: u64,
+        access: Access,
+        result: &Result<vpte::Translation, Option<WalkError>>,
+    ) {
+        let mut trace = lock(&self.trace);
+        if !trace.set().faults {
+            return;
+        }
+        let kind = match access {
+            Access::Read => "read",
+            Access::Write => "write",
+            Access::Execute => "exec",
+        };
+        let outcome = match result {
+            Ok(t) => format!("= {:#x} {}", t.pa.0, if t.writable { "rw" } else { "ro" }),
+            Err(Some(e)) => format!("= SIGSEGV ({e})"),
+            Err(None) => "= SIGSEGV (page index overflows)".to_owned(),
+        };
+        let text = format!("fault({va:#x}, {}, {kind}) {outcome}", Vpte(master));
+        trace.line(tid, SystemTime::now(), &text, None);
+    }
+
+    /// A `SIGSEGV` stop of `tid`: a write to a read-only install (upgrade it),
+    /// an access to a page whose walk failed (deliver the ABI's fault), or
+    /// not ours.
+    pub fn on_sigsegv(&self, tid: Pid, tgid: Pid) -> SegvAction {
+        let Some(p) = lock(&self.procs).get(&tgid).cloned() else {
+            return SegvAction::Deliver;
+        };
+        let Ok(info) = crate::sys::ptrace::fault_info(tid) else {
+            return SegvAction::Deliver;
+        };
+        let page = page_down(info.addr);
+        let mut mm = lock(&p.mm);
+        let Some(w) = window_at(&mm, page) else {
+            return SegvAction::Deliver;
+        };
+        if let Some(poison) = mm.poisoned.remove(&page) {
+            // Re-arm the page so the retried access walks again.
+            let flags =
+                libc::MAP_PRIVATE as u64 | MAP_ANONYMOUS | MAP_NORESERVE | libc::MAP_FIXED as u64;
+            let rw = (libc::PROT_READ | libc::PROT_WRITE) as u64;
+            let armed = p
+                .agent
+                .run(
+                    p.tgid,
+                    &[(libc::SYS_mmap, [page, PAGE, rw, flags, u64::MAX, 0])],
+                )
+                .and_then(|r| errno_or(r[0]).map(drop))
+                .and_then(|()| p.uffd.register_missing(page, PAGE));
+            drop(mm);
+            if let Err(errno) = armed {
+                tracing::warn!(%errno, "re-arming a faulted page failed");
+            }
+            return SegvAction::Handled(deliver_page_fault(tid, info.addr, poison));
+        }
+        // An installed page refused the access: a write (or a fetch).
+        let rip = ptrace::getregs(tid).map(|r| r.rip).unwrap_or(0);
+        let access = if rip == info.addr {
+            Access::Execute
+        } else {
+            Access::Write
+        };
+        let walk = PageIndex::for_fault(GuestVirtAddr(page), GuestVirtAddr(w.start), w.off)
+            .ok_or(None)
+            .and_then(|pindex| {
+                vpte::walk(
+                    self.ram.words(),
+                    Vpte(w.master),
+                    pindex,
+                    access,
+                    self.ram.size(),
+                )
+                .map_err(Some)
+            });
+        match walk {
+            Ok(t) => {
+                let prot = PROT_READ as u64
+                    | if t.writable { PROT_WRITE as u64 } else { 0 }
+                    | if t.executable {
+                        libc::PROT_EXEC as u64
+                    } else {
+                        0
+                    };
+                let flags = libc::MAP_SHARED as u64 | libc::MAP_FIXED as u64;
+                let done =
+                    p.agent
+                        .mmap_ram(p.tgid, self.ram.raw_fd(), page, PAGE, prot, flags, t.pa.0);
+                drop(mm);
+                self.trace_fault(tid.as_raw(), info.addr, w.master, access, &Ok(t));
+                if done.is_err() {
+                    return SegvAction::Deliver;
+                }
+                self.stats.vpagetable_faults.fetch_add(1, Ordering::Relaxed);
+                // The instruction restarts and now succeeds.
+                let _ = ptrace::cont(tid, None);
+                SegvAction::Handled(None)
+            }
+            Err(e) => {
+                drop(mm);
+                self.trace_fault(tid.as_raw(), info.addr, w.master, access, &Err(e));
+                let (si_code, pgex) = poison_of(e.as_ref(), access);
+                SegvAction::Handled(deliver_page_fault(tid, info.addr, Poison { si_code, pgex }))
+            }
+        }
+    }
+
+    /// Process `tgid` exec'd or exited: its windows, agent and uffd are gone.
+    pub fn forget(&self, tgid: Pid) {
+        if let Some(p) = lock(&self.procs).remove(&tgid) {
+            p.dead.store(true, Ordering::Release);
+        }
+    }
+}
+
+/// The window containing `page`, if any.
+fn window_at(mm: &MmState, page: u64) -> Option<Window> {
+    mm.windows
+        .range(..=page)
+        .next_back()
+        .map(|(_, w)| *w)
+        .filter(|w| page < w.end())
+}
+
+/// Remove windows (or their parts) in `[s, e)`: a `MAP_FIXED` mapping
+/// replaced them.
+fn forget_range(mm: &mut MmState, s: u64, e: u64) {
+    let hit: Vec<Window> = mm
+        .windows
+        .values()
+        .filter(|w| w.start < e && s < w.end())
+        .copied()
+        .collect();
+    for w in hit {
+        mm.windows.remove(&w.start);
+        if w.start < s {
+            mm.windows.insert(
+                w.start,
+                Window {
+                    len: s - w.start,
+                    ..w
+                },
+            );
+        }
+        if w.end() > e {
+            let cut = e - w.start;
+            mm.windows.insert(
+                e,
+                Window {
+                    start: e,
+                    len: w.end() - e,
+                    off: w.off + cut,
+                    master: w.master,
+                },
+            );
+        }
+    }
+    mm.poisoned.retain(|&page, _| page < s || page >= e);
+}
+
+/// `si_code` and page-fault error bits for a failed walk (ABI section 6).
+fn poison_of(e: Option<&WalkError>, access: Access) -> (i32, u64) {
+    match e {
+        Some(e) => {
+            let code = if e.is_protection() {
+                SEGV_ACCERR
+            } else {
+                SEGV_MAPERR
+            };
+            (code, e.pgex(access) | PGEX_U)
+        }
+        None => (SEGV_MAPERR, access.pgex() | PGEX_U),
+    }
+}
+
+/// Deliver the ABI's `SIGSEGV` for a failed walk to `tid` (stopped with that
+/// signal): the right `si_code`, and, if the guest handles `SIGSEGV`, the
+/// `REG_TRAPNO`/`REG_ERR`/`REG_CR2` of its ucontext. Returns the thread's
+/// wait status if it died instead.
+fn deliver_page_fault(tid: Pid, addr: u64, poison: Poison) -> Option<WaitStatus> {
+    let _ = crate::sys::ptrace::set_fault_code(tid, poison.si_code);
+    if !catches_sigsegv(tid) {
+        let _ = ptrace::cont(tid, Signal::SIGSEGV);
+        return None;
+    }
+    // Deliver by single-stepping: the thread stops at the handler's first
+    // instruction with the frame built; rdx is the ucontext.
+    if ptrace::step(tid, Signal::SIGSEGV).is_err() {
+        return None;
+    }
+    loop {
+        match waitpid(tid, Some(WaitPidFlag::__WALL)) {
+            Ok(WaitStatus::Stopped(_, Signal::SIGTRAP)) => break,
+            Ok(s @ (WaitStatus::Exited(..) | WaitStatus::Signaled(..))) => return Some(s),
+            Ok(_) => {
+                let _ = ptrace::cont(tid, None);
+                return None;
+            }
+            Err(Errno::EINTR) => continue,
+            Err(_) => return None,
+        }
+    }
+    if let Ok(regs) = ptrace::getregs(tid) {
+        let gregs = regs.rdx + UC_GREGS;
+        let put = |reg: u64, v: u64| {
+            let _ = remote::write_bytes(tid, RemoteAddr(gregs + 8 * reg), &v.to_ne_bytes());
+        };
+        put(REG_ERR, poison.pgex);
+        put(REG_TRAPNO, T_PAGEFLT_X86);
+        put(REG_CR2, addr);
+    }
+    let _ = ptrace::cont(tid, None);
+    None
+}
+
+/// Whether the process of `tid` has a handler for `SIGSEGV` (`SigCgt`).
+fn catches_sigsegv(tid: Pid) -> bool {
+    let Ok(status) = std::fs::read_to_string(format!("/proc/{tid}/status")) else {
+        return false;
+    };
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("SigCgt:"))
+        .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
+        .is_some_and(|mask| mask & (1 << (libc::SIGSEGV - 1)) != 0)
+}
+
+/// Whether `[start, end)` of `tgid` holds mappings other than the given
+/// window pieces (for SETMAP's EINVAL), from `/proc/PID/maps`.
+fn maps_other_memory(tgid: Pid, start: u64, end: u64, windows: &[(u64, u64)]) -> bool {
+    let Ok(maps) = std::fs::read_to_string(format!("/proc/{tgid}/maps")) else {
+        return false;
+    };
+    maps.lines().any(|line| {
+        let Some((range, _)) = line.split_once(' ') else {
+            return false;
+        };
+        let Some((a, b)) = range.split_once('-') else {
+            return false;
+        };
+        let (Ok(a), Ok(b)) = (u64::from_str_radix(a, 16), u64::from_str_radix(b, 16)) else {
+            return false;
+        };
+        let (a, b) = (a.max(start), b.min(end));
+        a < b && !windows.iter().any(|&(s, e)| s <= a && b <= e)
+    })
+}
+
+fn errno_or(ret: i64) -> Result<i64, Errno> {
+    if (-4095..0).contains(&ret) {
+        Err(Errno::from_raw(-ret as i32))
+    } else {
+        Ok(ret)
+    }
+}
+
+fn outcome_of_error(e: InjectError, new_threads: Vec<Pid>) -> StopOutcome {
+    match e {
+        InjectError::Gone { status, .. } => StopOutcome {
+            new_threads,
+            gone: Some(status),
+        },
+        InjectError::Ptrace { tid, errno } => {
+            tracing::warn!(%tid, %errno, "hypercall injection failed");
+            StopOutcome {
+                new_threads,
+                gone: None,
+            }
+        }
+    }
+}
+
+fn inj_tgid(inj: &Injector) -> Pid {
+    crate::supervisor::tgid_of(inj.tid()).unwrap_or(inj.tid())
+}
+
+fn write_region(region: &MmapRaw, offset: usize, bytes: &[u8]) {
+    assert!(
+        offset + bytes.len() <= region.len(),
+        "agent region write in bounds"
+    );
+    // SAFETY: in bounds (checked above); the region is our own shared
+    // mapping, written before the agent runs or only at offsets the agent
+    // reads after the release store of `req`.
+    unsafe {
+        std::ptr::copy_nonoverlapping(bytes.as_ptr(), region.as_mut_ptr().add(offset), bytes.len());
+    }
+}
+
+impl Agent {
+    fn word(&self, offset: usize) -> &AtomicU32 {
+        // SAFETY: offsets are constants inside the control page, 4-aligned;
+        // the mapping lives as long as `self`.
+        unsafe { &*self.region.as_mut_ptr().add(offset).cast::<AtomicU32>() }
+    }
+
+    fn qword(&self, offset: usize) -> &AtomicU64 {
+        // SAFETY: as for `word`, 8-aligned offsets inside the control page.
+        unsafe { &*self.region.as_mut_ptr().add(offset).cast::<AtomicU64>() }
+    }
+
+    /// Run a batch of system calls in the guest's mm; returns their raw
+    /// results. Callers serialise batches (they hold the process's `mm`).
+    fn run(&self, tgid: Pid, ops: &[(i64, [u64; 6])]) -> Result<Vec<i64>, Errno> {
+        assert!(
+            ops.len() <= agent_code::MAX_OPS,
+            "agent batch fits the control page"
+        );
+        for (i, (nr, args)) in ops.iter().enumerate() {
+            let base = CTL_OPS + i * OP_SIZE;
+            self.qword(base).store(*nr as u64, Ordering::Relaxed);
+            for (k, a) in args.iter().enumerate() {
+                self.qword(base + 8 + 8 * k).store(*a, Ordering::Relaxed);
+            }
+        }
+        self.word(CTL_COUNT)
+            .store(ops.len() as u32, Ordering::Relaxed);
+        let req = self.word(CTL_REQ).load(Ordering::Relaxed).wrapping_add(1);
+        self.word(CTL_REQ).store(req, Ordering::Release);
+        futex::wake(self.word(CTL_REQ))?;
+        loop {
+            let done = self.word(CTL_DONE).load(Ordering::Acquire);
+            if done == req {
+                break;
+            }
+            futex::wait(self.word(CTL_DONE), done, AGENT_POLL)?;
+            // A dead agent (its process killed) must not hang the supervisor.
+            if self.word(CTL_DONE).load(Ordering::Acquire) != req && !task_alive(tgid, self.tid) {
+                return Err(Errno::ESRCH);
+            }
+        }
+        Ok((0..ops.len())
+            .map(|i| {
+                self.qword(CTL_OPS + i * OP_SIZE + 56)
+                    .load(Ordering::Relaxed) as i64
+            })
+            .collect())
+    }
+
+    /// Open the supervisor's RAM memfd for the agent, via `/proc`.
+    fn open_ram(&self, ram_fd: i32, tgid: Pid) -> Result<(), Errno> {
+        let path = format!("/proc/{}/fd/{ram_fd}\0", std::process::id());
+        write_region(&self.region, AGENT_SCRATCH as usize + 256, path.as_bytes());
+        let ptr = self.guest_base + AGENT_SCRATCH + 256;
+        let flags = (libc::O_RDWR | libc::O_CLOEXEC) as u64;
+        let r = self.run(tgid, &[(libc::SYS_open, [ptr, flags, 0, 0, 0, 0])])?;
+        let fd = errno_or(r[0])?;
+        self.ram_fd.store(fd as u32, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// `mmap` a run of RAM at `va` in the guest (reopening the agent's RAM
+    /// descriptor once if the guest closed it).
+    #[allow(clippy::too_many_arguments)]
+    fn mmap_ram(
+        &self,
+        tgid: Pid,
+        ram_fd: i32,
+        va: u64,
+        len: u64,
+        prot: u64,
+        flags: u64,
+        pa: u64,
+    ) -> Result<(), Errno> {
+        for attempt in 0..2 {
+            let fd = u64::from(self.ram_fd.load(Ordering::Relaxed));
+            let r = self.run(tgid, &[(libc::SYS_mmap, [va, len, prot, flags, fd, pa])])?;
+            match errno_or(r[0]) {
+                Ok(_) => return Ok(()),
+                Err(Errno::EBADF | Errno::EACCES | Errno::ENODEV) if attempt == 0 => {
+                    self.open_ram(ram_fd, tgid)?;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Err(Errno::EBADF)
+    }
+}
+
+/// Whether thread `tid` of `tgid` still exists.
+fn task_alive(tgid: Pid, tid: Pid) -> bool {
+    std::path::Path::new(&format!("/proc/{tgid}/task/{tid}")).exists()
+}
