@@ -43,8 +43,11 @@ pub struct Stats {
     pub host_mappings_installed: AtomicU64,
     /// Host mappings evicted to stay under the VMA budget.
     pub host_mappings_evicted: AtomicU64,
-    /// Host VMAs currently used by installed translations.
+    /// Host VMAs currently used by installed translations (an upper bound:
+    /// two per installed run).
     pub host_vmas: AtomicU64,
+    /// The highest `host_vmas` reached.
+    pub host_vmas_peak: AtomicU64,
 }
 
 impl Stats {
@@ -90,6 +93,7 @@ impl Stats {
         );
         line("vkrun.host_mappings_evicted", &self.host_mappings_evicted);
         line("vkrun.host_vmas", &self.host_vmas);
+        line("vkrun.host_vmas_peak", &self.host_vmas_peak);
         out
     }
 }
@@ -109,7 +113,7 @@ mod tests {
         assert!(text.contains("vkrun.hypercalls.vk_info: 1\n"));
         assert!(text.contains("vkrun.hypercalls.unknown: 1\n"));
         assert!(text.contains("vkrun.hypercall_errors: 1\n"));
-        assert_eq!(text.lines().count(), 6 + Hypercall::ALL.len() + 1 + 10);
+        assert_eq!(text.lines().count(), 6 + Hypercall::ALL.len() + 1 + 11);
         assert!(text.lines().all(|l| l.split_once(": ").is_some()));
     }
 }

@@ -401,6 +401,9 @@ impl Supervisor {
 
     fn on_exit(&mut self, pid: Pid, outcome: Outcome) {
         self.tracees.remove(&pid);
+        if self.vpt().take_agent(pid) {
+            return; // vkrun's own thread in the guest
+        }
         self.vpt().forget(pid);
         let mut out = self.out.lock().unwrap_or_else(PoisonError::into_inner);
         if !out.set().is_empty() {

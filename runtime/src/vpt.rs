@@ -24,10 +24,16 @@
 //!
 //! Lock order: [`Vpt::procs`] before a process's [`Process::mm`]. The mm lock
 //! serialises every change to the process's window mappings (agent batches,
-//! injected drops); its generation counter makes a fault that walked before
-//! an `MADV_INVAL` retry instead of installing a stale translation.
+//! injected drops), and a fault walks and installs under it: so once
+//! `MADV_INVAL` has dropped a range, no walk made before it can install.
+//!
+//! Host VMAs are budgeted: each installed run costs at most two VMAs (it
+//! splits the window's anonymous VMA), the least recently installed runs are
+//! evicted (replaced by registered anonymous memory, whole runs at a time)
+//! before the process nears `vm.max_map_count`, and an install that fails
+//! with `ENOMEM` evicts more and retries.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::os::fd::{AsFd, AsRawFd};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -72,6 +78,14 @@ const THREAD_CLONE_FLAGS: u64 = (libc::CLONE_VM
     | libc::CLONE_SIGHAND
     | libc::CLONE_THREAD
     | libc::CLONE_SYSVSEM) as u64;
+/// Pages installed ahead of access around a fault, at most (ABI section 3,
+/// Prefault; MECHANISMS.md measured 16-page runs at 1.3-1.6 µs a page).
+const PREFAULT_MAX: u64 = 16;
+/// Host VMAs vkrun lets one guest process's installs reach, below
+/// `vm.max_map_count` (65530 here) with room for the guest's own mappings.
+const VMA_BUDGET: u64 = 60_000;
+/// VMAs one installed run may cost: it splits the window's anonymous VMA.
+const VMAS_PER_RUN: u64 = 2;
 /// How long the supervisor waits for the agent before checking it is alive.
 const AGENT_POLL: Duration = Duration::from_millis(50);
 
@@ -94,6 +108,10 @@ pub struct Vpt {
     stats: Arc<Stats>,
     trace: Arc<Mutex<TraceWriter>>,
     procs: Mutex<HashMap<Pid, Arc<Process>>>,
+    /// Agent threads (vkrun's, not the guest's: their exits are not traced).
+    agents: Mutex<HashSet<Pid>>,
+    /// Installed runs one process may hold before the oldest are evicted.
+    max_runs: u64,
 }
 
 /// One VPAGETABLE mapping.
@@ -123,6 +141,14 @@ struct Poison {
 struct MmState {
     windows: BTreeMap<u64, Window>,
     poisoned: HashMap<u64, Poison>,
+    /// Installed runs: start → (length, install sequence number).
+    installed: BTreeMap<u64, (u64, u64)>,
+    /// Install order, oldest first; entries whose sequence number no longer
+    /// matches `installed` are stale and skipped.
+    order: VecDeque<(u64, u64)>,
+    next_seq: u64,
+    /// VMAs this process's installs are counted for in `host_vmas`.
+    counted_vmas: u64,
 }
 
 /// A guest process with windows: its agent, its uffd and its fault thread.
@@ -132,8 +158,6 @@ struct Process {
     agent: Agent,
     uffd: Userfault,
     mm: Mutex<MmState>,
-    /// Bumped by every drop of translations (under `mm`).
-    generation: AtomicU64,
     /// The process is gone or exec'd: the fault thread stops.
     dead: AtomicBool,
 }
@@ -178,12 +202,26 @@ fn page_down(v: u64) -> u64 {
 impl Vpt {
     /// No process uses MAP_VPAGETABLE yet.
     pub fn new(ram: Arc<GuestRam>, stats: Arc<Stats>, trace: Arc<Mutex<TraceWriter>>) -> Self {
+        let max_map_count = std::fs::read_to_string("/proc/sys/vm/max_map_count")
+            .ok()
+            .and_then(|s| s.trim().parse::<u64>().ok())
+            .unwrap_or(65530);
+        // Keep a tenth of the limit (at least 4096) for the guest's own VMAs.
+        let budget = VMA_BUDGET.min(max_map_count.saturating_sub((max_map_count / 10).max(4096)));
         Self {
             ram,
             stats,
             trace,
             procs: Mutex::new(HashMap::new()),
+            agents: Mutex::new(HashSet::new()),
+            max_runs: (budget / VMAS_PER_RUN).max(16),
         }
+    }
+
+    /// Whether `tid` is one of vkrun's agent threads; forgets it if so
+    /// (call when it exits).
+    pub fn take_agent(&self, tid: Pid) -> bool {
+        lock(&self.agents).remove(&tid)
     }
 
     /// Serve `vk_mmap` or `mcontrol` for `tid`, stopped at
@@ -340,7 +378,6 @@ impl Vpt {
         let mut covered = Vec::new();
         if let Some(p) = &proc_ {
             let mut mm = lock(&p.mm);
-            p.generation.fetch_add(1, Ordering::AcqRel);
             let pieces: Vec<(u64, u64)> = mm
                 .windows
                 .values()
@@ -383,7 +420,139 @@ impl Vpt {
             tracing::warn!(%errno, "re-registering a dropped range failed");
         }
         mm.poisoned.retain(|&page, _| page < s || page >= e);
+        self.forget_installed(mm, s, e);
         Ok(())
+    }
+
+    /// Install RAM `[pa, pa+len)` at `va` in `p`'s guest, keeping the VMA
+    /// budget: evict old runs first if needed, and again on `ENOMEM`.
+    /// Caller holds `mm`.
+    #[allow(clippy::too_many_arguments)]
+    fn install(
+        &self,
+        p: &Process,
+        mm: &mut MmState,
+        va: u64,
+        len: u64,
+        prot: u64,
+        flags: u64,
+        pa: u64,
+    ) -> Result<(), Errno> {
+        if mm.installed.len() as u64 >= self.max_runs {
+            self.evict(p, mm, (self.max_runs / 8).max(1))?;
+        }
+        let mut attempt = 0;
+        loop {
+            match p
+                .agent
+                .mmap_ram(p.tgid, self.ram.raw_fd(), va, len, prot, flags, pa)
+            {
+                Ok(()) => break,
+                // The host's VMA limit: never fail a valid access for it.
+                Err(Errno::ENOMEM) if attempt < 3 && !mm.installed.is_empty() => {
+                    attempt += 1;
+                    let n = (mm.installed.len() as u64 / 2).max(1);
+                    self.evict(p, mm, n)?;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        // Runs wholly replaced by this one are gone.
+        let inside: Vec<u64> = mm.installed.range(va..va + len).map(|(&k, _)| k).collect();
+        for k in inside {
+            if mm
+                .installed
+                .get(&k)
+                .is_some_and(|&(l, _)| k + l <= va + len)
+            {
+                mm.installed.remove(&k);
+            }
+        }
+        let seq = mm.next_seq;
+        mm.next_seq += 1;
+        mm.installed.insert(va, (len, seq));
+        mm.order.push_back((va, seq));
+        self.stats
+            .host_mappings_installed
+            .fetch_add(1, Ordering::Relaxed);
+        self.sync_vma_gauge(mm);
+        Ok(())
+    }
+
+    /// Evict up to `count` of the least recently installed runs: replace
+    /// each (a whole run, so no split is needed at the limit) with fresh
+    /// registered anonymous memory. Caller holds `mm`.
+    fn evict(&self, p: &Process, mm: &mut MmState, count: u64) -> Result<(), Errno> {
+        let mut victims = Vec::new();
+        while (victims.len() as u64) < count {
+            let Some((va, seq)) = mm.order.pop_front() else {
+                break;
+            };
+            if let Some(&(len, s)) = mm.installed.get(&va)
+                && s == seq
+            {
+                mm.installed.remove(&va);
+                victims.push((va, len));
+            }
+        }
+        let rw = (libc::PROT_READ | libc::PROT_WRITE) as u64;
+        let flags =
+            libc::MAP_PRIVATE as u64 | MAP_ANONYMOUS | MAP_NORESERVE | libc::MAP_FIXED as u64;
+        for chunk in victims.chunks(agent_code::MAX_OPS) {
+            let ops: Vec<(i64, [u64; 6])> = chunk
+                .iter()
+                .map(|&(va, len)| (libc::SYS_mmap, [va, len, rw, flags, u64::MAX, 0]))
+                .collect();
+            p.agent.run(p.tgid, &ops)?;
+            for &(va, len) in chunk {
+                if let Err(errno) = p.uffd.register_missing(va, len) {
+                    tracing::warn!(%errno, "re-registering an evicted run failed");
+                }
+            }
+        }
+        self.stats
+            .host_mappings_evicted
+            .fetch_add(victims.len() as u64, Ordering::Relaxed);
+        self.sync_vma_gauge(mm);
+        Ok(())
+    }
+
+    /// Forget the installed runs wholly inside `[s, e)` (just dropped).
+    fn forget_installed(&self, mm: &mut MmState, s: u64, e: u64) {
+        let inside: Vec<u64> = mm
+            .installed
+            .range(s..e)
+            .filter(|&(&k, &(l, _))| k + l <= e)
+            .map(|(&k, _)| k)
+            .collect();
+        for k in inside {
+            mm.installed.remove(&k);
+        }
+        if mm.installed.is_empty() {
+            mm.order.clear();
+        }
+        self.sync_vma_gauge(mm);
+    }
+
+    /// Bring `vkrun.host_vmas` (an upper bound: two per installed run) up to
+    /// date with this process's runs.
+    fn sync_vma_gauge(&self, mm: &mut MmState) {
+        let now = mm.installed.len() as u64 * VMAS_PER_RUN;
+        if now >= mm.counted_vmas {
+            let total = self
+                .stats
+                .host_vmas
+                .fetch_add(now - mm.counted_vmas, Ordering::Relaxed)
+                + (now - mm.counted_vmas);
+            self.stats
+                .host_vmas_peak
+                .fetch_max(total, Ordering::Relaxed);
+        } else {
+            self.stats
+                .host_vmas
+                .fetch_sub(mm.counted_vmas - now, Ordering::Relaxed);
+        }
+        mm.counted_vmas = now;
     }
 
     /// The process state of `tgid`, setting up its agent and uffd (through
@@ -423,7 +592,6 @@ impl Vpt {
             agent,
             uffd,
             mm: Mutex::new(MmState::default()),
-            generation: AtomicU64::new(0),
             dead: AtomicBool::new(false),
         });
         lock(&self.procs).insert(tgid, Arc::clone(&p));
@@ -526,6 +694,7 @@ impl Vpt {
         if let Err(e) = agent.open_ram(self.ram.raw_fd(), inj_tgid(inj)) {
             return Ok(Err(e));
         }
+        lock(&self.agents).insert(tid);
         tracing::debug!(tid = %inj.tid(), agent = %tid, base = format_args!("{base:#x}"), "agent started");
         Ok(Ok(agent))
     }
@@ -561,6 +730,7 @@ impl Vpt {
     fn resolve(&self, p: &Process, f: &PageFault) {
         let page = page_down(f.address);
         let access = if f.write { Access::Write } else { Access::Read };
+        let mut wake = (page, PAGE);
         let mut mm = lock(&p.mm);
         let Some(w) = window_at(&mm, page) else {
             drop(mm);
@@ -581,6 +751,17 @@ impl Vpt {
             });
         let ops_result = match &result {
             Ok(t) => {
+                // Batch the neighbours that already carry A (and M): one mmap.
+                let first = w.off >> 12;
+                let window = PageIndex(first)..PageIndex(first.saturating_add(w.len >> 12));
+                let run =
+                    vpte::prefault_run(self.ram.words(), t, window, PREFAULT_MAX, self.ram.size());
+                let (va, len, pa) = if run.count > 0 {
+                    let before = t.pindex.0 - run.first.0;
+                    (page - before * PAGE, run.count * PAGE, run.first_pa.0)
+                } else {
+                    (page, PAGE, t.pa.0)
+                };
                 let prot = PROT_READ as u64
                     | if t.writable { PROT_WRITE as u64 } else { 0 }
                     | if t.executable {
@@ -590,8 +771,8 @@ impl Vpt {
                     };
                 let populate = if f.write { MAP_POPULATE } else { 0 };
                 let flags = libc::MAP_SHARED as u64 | libc::MAP_FIXED as u64 | populate;
-                p.agent
-                    .mmap_ram(p.tgid, self.ram.raw_fd(), page, PAGE, prot, flags, t.pa.0)
+                wake = (va, len);
+                self.install(p, &mut mm, va, len, prot, flags, pa)
             }
             Err(e) => {
                 let (si_code, pgex) = poison_of(e.as_ref(), access);
@@ -612,12 +793,9 @@ impl Vpt {
         if let Err(errno) = &ops_result {
             tracing::warn!(%errno, page = format_args!("{page:#x}"), "installing a fault's page failed");
         }
-        let _ = p.uffd.wake(page, PAGE);
+        let _ = p.uffd.wake(wake.0, wake.1);
         if result.is_ok() && ops_result.is_ok() {
             self.stats.vpagetable_faults.fetch_add(1, Ordering::Relaxed);
-            self.stats
-                .host_mappings_installed
-                .fetch_add(1, Ordering::Relaxed);
         }
         self.trace_fault(f.tid, f.address, w.master, access, &result);
     }
@@ -737,6 +915,9 @@ impl Vpt {
     pub fn forget(&self, tgid: Pid) {
         if let Some(p) = lock(&self.procs).remove(&tgid) {
             p.dead.store(true, Ordering::Release);
+            let mut mm = lock(&p.mm);
+            mm.installed.clear();
+            self.sync_vma_gauge(&mut mm);
         }
     }
 }
