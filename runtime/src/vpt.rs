@@ -88,6 +88,10 @@ const VMA_BUDGET: u64 = 60_000;
 const VMAS_PER_RUN: u64 = 2;
 /// How long the supervisor waits for the agent before checking it is alive.
 const AGENT_POLL: Duration = Duration::from_millis(50);
+/// How long a batch may take before vkrun gives up on the agent (a guest
+/// that overwrote it, or stopped it for good) and kills the guest process:
+/// a broken agent must not hang the supervisor.
+const AGENT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Offsets in `ucontext_t` (x86-64 glibc/kernel layout) of the registers the
 /// ABI fills for a failed walk: `uc_mcontext.gregs[REG_ERR, REG_TRAPNO,
@@ -325,6 +329,8 @@ impl Vpt {
             Ok(v) => v as u64,
             Err(e) => return Ok(Err(e)),
         };
+        let (nr, args) = dontfork(start, len);
+        inj.syscall(nr, args)?;
         if start.checked_add(len).is_none_or(|end| end > USER_MAX) {
             inj.syscall(libc::SYS_munmap, [start, len, 0, 0, 0, 0])?;
             return Ok(Err(Errno::ENOMEM));
@@ -414,6 +420,8 @@ impl Vpt {
         let flags =
             libc::MAP_PRIVATE as u64 | MAP_ANONYMOUS | MAP_NORESERVE | libc::MAP_FIXED as u64;
         let ret = inj.syscall(libc::SYS_mmap, [s, e - s, rw, flags, u64::MAX, 0])?;
+        let (nr, args) = dontfork(s, e - s);
+        inj.syscall(nr, args)?;
         if ret < 0 {
             tracing::warn!(errno = -ret, "dropping translations failed");
         } else if let Err(errno) = p.uffd.register_missing(s, e - s) {
@@ -498,10 +506,15 @@ impl Vpt {
         let rw = (libc::PROT_READ | libc::PROT_WRITE) as u64;
         let flags =
             libc::MAP_PRIVATE as u64 | MAP_ANONYMOUS | MAP_NORESERVE | libc::MAP_FIXED as u64;
-        for chunk in victims.chunks(agent_code::MAX_OPS) {
+        for chunk in victims.chunks(agent_code::MAX_OPS / 2) {
             let ops: Vec<(i64, [u64; 6])> = chunk
                 .iter()
-                .map(|&(va, len)| (libc::SYS_mmap, [va, len, rw, flags, u64::MAX, 0]))
+                .flat_map(|&(va, len)| {
+                    [
+                        (libc::SYS_mmap, [va, len, rw, flags, u64::MAX, 0]),
+                        dontfork(va, len),
+                    ]
+                })
                 .collect();
             p.agent.run(p.tgid, &ops)?;
             for &(va, len) in chunk {
@@ -784,7 +797,10 @@ impl Vpt {
                 p.agent
                     .run(
                         p.tgid,
-                        &[(libc::SYS_mmap, [page, PAGE, 0, flags, u64::MAX, 0])],
+                        &[
+                            (libc::SYS_mmap, [page, PAGE, 0, flags, u64::MAX, 0]),
+                            dontfork(page, PAGE),
+                        ],
                     )
                     .and_then(|r| errno_or(r[0]).map(drop))
             }
@@ -850,7 +866,10 @@ impl Vpt {
                 .agent
                 .run(
                     p.tgid,
-                    &[(libc::SYS_mmap, [page, PAGE, rw, flags, u64::MAX, 0])],
+                    &[
+                        (libc::SYS_mmap, [page, PAGE, rw, flags, u64::MAX, 0]),
+                        dontfork(page, PAGE),
+                    ],
                 )
                 .and_then(|r| errno_or(r[0]).map(drop))
                 .and_then(|()| p.uffd.register_missing(page, PAGE));
@@ -1055,6 +1074,16 @@ fn maps_other_memory(tgid: Pid, start: u64, end: u64, windows: &[(u64, u64)]) ->
     })
 }
 
+/// `madvise(va, len, MADV_DONTFORK)`: every VMA of a window carries it, so
+/// a forked child gets no window at all (a clean `SIGSEGV`) rather than
+/// anonymous copies that no agent serves.
+fn dontfork(va: u64, len: u64) -> (i64, [u64; 6]) {
+    (
+        libc::SYS_madvise,
+        [va, len, libc::MADV_DONTFORK as u64, 0, 0, 0],
+    )
+}
+
 fn errno_or(ret: i64) -> Result<i64, Errno> {
     if (-4095..0).contains(&ret) {
         Err(Errno::from_raw(-ret as i32))
@@ -1127,6 +1156,7 @@ impl Agent {
         let req = self.word(CTL_REQ).load(Ordering::Relaxed).wrapping_add(1);
         self.word(CTL_REQ).store(req, Ordering::Release);
         futex::wake(self.word(CTL_REQ))?;
+        let started = std::time::Instant::now();
         loop {
             let done = self.word(CTL_DONE).load(Ordering::Acquire);
             if done == req {
@@ -1136,6 +1166,11 @@ impl Agent {
             // A dead agent (its process killed) must not hang the supervisor.
             if self.word(CTL_DONE).load(Ordering::Acquire) != req && !task_alive(tgid, self.tid) {
                 return Err(Errno::ESRCH);
+            }
+            if started.elapsed() > AGENT_TIMEOUT && !process_stopped(tgid) {
+                tracing::error!(%tgid, "the agent does not answer; killing the guest process");
+                let _ = nix::sys::signal::kill(tgid, nix::sys::signal::Signal::SIGKILL);
+                return Err(Errno::ETIMEDOUT);
             }
         }
         Ok((0..ops.len())
@@ -1173,7 +1208,13 @@ impl Agent {
     ) -> Result<(), Errno> {
         for attempt in 0..2 {
             let fd = u64::from(self.ram_fd.load(Ordering::Relaxed));
-            let r = self.run(tgid, &[(libc::SYS_mmap, [va, len, prot, flags, fd, pa])])?;
+            let r = self.run(
+                tgid,
+                &[
+                    (libc::SYS_mmap, [va, len, prot, flags, fd, pa]),
+                    dontfork(va, len),
+                ],
+            )?;
             match errno_or(r[0]) {
                 Ok(_) => return Ok(()),
                 Err(Errno::EBADF | Errno::EACCES | Errno::ENODEV) if attempt == 0 => {
@@ -1184,6 +1225,19 @@ impl Agent {
         }
         Err(Errno::EBADF)
     }
+}
+
+/// Whether process `tgid` is stopped (job control), which legitimately
+/// pauses its agent.
+fn process_stopped(tgid: Pid) -> bool {
+    std::fs::read_to_string(format!("/proc/{tgid}/stat"))
+        .ok()
+        .and_then(|s| {
+            s.rsplit(')')
+                .next()
+                .map(|r| r.trim_start().starts_with(['T', 't']))
+        })
+        .unwrap_or(false)
 }
 
 /// Whether thread `tid` of `tgid` still exists.
