@@ -28,6 +28,8 @@ pub struct Server {
     pub notify: Arc<NotifyFd>,
     pub stats: Arc<Stats>,
     pub trace: Arc<Mutex<TraceWriter>>,
+    /// MAP_VPAGETABLE state (for `mcontrol`).
+    pub vpt: Arc<crate::vpt::Vpt>,
     /// Last descriptor number at which the RAM memfd was found in a guest.
     pub ram_fd_guess: AtomicI32,
 }
@@ -91,6 +93,7 @@ impl Server {
     fn serve(&self, h: Option<Hypercall>, n: &Notification) -> Result<i64, Errno> {
         match h {
             Some(Hypercall::VkInfo) => self.vk_info(n),
+            Some(Hypercall::Mcontrol) => self.vpt.mcontrol(Pid::from_raw(n.tid), n.args),
             _ => Err(Errno::ENOSYS),
         }
     }

@@ -393,6 +393,7 @@ impl Supervisor {
             notify: Arc::new(notify),
             stats: Arc::clone(&self.stats),
             trace: Arc::clone(&self.out),
+            vpt: Arc::clone(self.vpt()),
             ram_fd_guess: AtomicI32::new(self.ram_fd_guess),
         };
         self.server = Some(ServerThread::spawn(server).map_err(|e| self.abort(e))?);
@@ -401,6 +402,7 @@ impl Supervisor {
 
     fn on_exit(&mut self, pid: Pid, outcome: Outcome) {
         self.tracees.remove(&pid);
+        self.vpt().forget_thread(pid);
         if self.vpt().take_agent(pid) {
             return; // vkrun's own thread in the guest
         }

@@ -112,6 +112,8 @@ pub struct Vpt {
     stats: Arc<Stats>,
     trace: Arc<Mutex<TraceWriter>>,
     procs: Mutex<HashMap<Pid, Arc<Process>>>,
+    /// Thread → thread group, for hypercalls served from notifications.
+    tgids: Mutex<HashMap<Pid, Pid>>,
     /// Agent threads (vkrun's, not the guest's: their exits are not traced).
     agents: Mutex<HashSet<Pid>>,
     /// Installed runs one process may hold before the oldest are evicted.
@@ -218,6 +220,7 @@ impl Vpt {
             trace,
             procs: Mutex::new(HashMap::new()),
             agents: Mutex::new(HashSet::new()),
+            tgids: Mutex::new(HashMap::new()),
             max_runs: (budget / VMAS_PER_RUN).max(16),
         }
     }
@@ -228,7 +231,7 @@ impl Vpt {
         lock(&self.agents).remove(&tid)
     }
 
-    /// Serve `vk_mmap` or `mcontrol` for `tid`, stopped at
+    /// Serve `vk_mmap` for `tid`, stopped at
     /// `PTRACE_EVENT_SECCOMP`, and resume it with the result.
     pub fn on_hypercall_stop(self: &Arc<Self>, tid: Pid, tgid: Pid) -> StopOutcome {
         let mut inj = match Injector::at_seccomp_stop(tid) {
@@ -241,7 +244,6 @@ impl Vpt {
         let when = SystemTime::now();
         let result = match h {
             Some(Hypercall::VkMmap) => self.vk_mmap(&mut inj, tgid, args),
-            Some(Hypercall::Mcontrol) => self.mcontrol(&mut inj, tgid, args),
             _ => Ok(Err(Errno::ENOSYS)),
         };
         let new_threads = std::mem::take(&mut inj.new_threads);
@@ -353,33 +355,30 @@ impl Vpt {
         Ok(Ok(start as i64))
     }
 
-    /// `mcontrol(addr, len, behav, value)` (ABI section 5).
-    fn mcontrol(
-        self: &Arc<Self>,
-        inj: &mut Injector,
-        tgid: Pid,
-        a: [u64; 6],
-    ) -> Result<Result<i64, Errno>, InjectError> {
+    /// `mcontrol(addr, len, behav, value)` (ABI section 5) for thread `tid`,
+    /// served from the hypercall thread: drops go through the agent.
+    pub fn mcontrol(&self, tid: Pid, a: [u64; 6]) -> Result<i64, Errno> {
         let (addr, len, behav, value) = (a[0], a[1], a[2] as i32, a[3]);
         if (0..=9).contains(&behav) {
-            return Ok(Ok(0));
+            return Ok(0);
         }
         if behav != MADV_INVAL && behav != MADV_SETMAP {
-            return Ok(Err(Errno::EINVAL));
+            return Err(Errno::EINVAL);
         }
         let start = page_down(addr);
         let end = match addr.checked_add(len).and_then(|e| e.checked_add(PAGE - 1)) {
             Some(e) => page_down(e),
-            None => return Ok(Err(Errno::EINVAL)),
+            None => return Err(Errno::EINVAL),
         };
         if end > USER_MAX {
-            return Ok(Err(Errno::EINVAL));
+            return Err(Errno::EINVAL);
         }
         if behav == MADV_SETMAP {
             self.stats.vpagetable_setmap.fetch_add(1, Ordering::Relaxed);
         } else {
             self.stats.vpagetable_inval.fetch_add(1, Ordering::Relaxed);
         }
+        let tgid = self.tgid(tid);
         let proc_ = lock(&self.procs).get(&tgid).cloned();
         let mut covered = Vec::new();
         if let Some(p) = &proc_ {
@@ -396,40 +395,81 @@ impl Vpt {
                 }
             }
             for &(s, e) in &pieces {
-                self.drop_translations(inj, p, &mut mm, s, e)?;
+                self.drop_translations(p, &mut mm, s, e)?;
                 covered.push((s, e));
             }
         }
         if behav == MADV_SETMAP && maps_other_memory(tgid, start, end, &covered) {
-            return Ok(Err(Errno::EINVAL));
+            return Err(Errno::EINVAL);
         }
-        Ok(Ok(0))
+        Ok(0)
     }
 
-    /// Replace `[s, e)` of a window with fresh registered anonymous memory,
-    /// so every page walks again. Caller holds `mm`.
+    /// Drop every host translation in `[s, e)` of a window: map fresh
+    /// registered anonymous memory over the span that holds installed or
+    /// faulted pages (one mmap: its cost is per VMA, not per page), so they
+    /// walk again. Caller holds `mm`.
     fn drop_translations(
         &self,
-        inj: &mut Injector,
         p: &Process,
         mm: &mut MmState,
         s: u64,
         e: u64,
-    ) -> Result<(), InjectError> {
+    ) -> Result<(), Errno> {
+        let before = mm
+            .installed
+            .range(..s)
+            .next_back()
+            .filter(|&(&k, &(l, _))| k + l > s)
+            .map(|(&k, &(l, _))| (k, k + l));
+        let runs = mm.installed.range(s..e).map(|(&k, &(l, _))| (k, k + l));
+        let poisoned = mm
+            .poisoned
+            .keys()
+            .filter(|&&pg| s <= pg && pg < e)
+            .map(|&pg| (pg, pg + PAGE));
+        let span = before.into_iter().chain(runs).chain(poisoned).fold(
+            None,
+            |acc: Option<(u64, u64)>, (a, b)| match acc {
+                None => Some((a, b)),
+                Some((lo, hi)) => Some((lo.min(a), hi.max(b))),
+            },
+        );
+        let Some((lo, hi)) = span else {
+            return Ok(()); // nothing installed here: nothing to drop
+        };
+        let (lo, hi) = (lo.max(s), hi.min(e));
         let rw = (libc::PROT_READ | libc::PROT_WRITE) as u64;
         let flags =
             libc::MAP_PRIVATE as u64 | MAP_ANONYMOUS | MAP_NORESERVE | libc::MAP_FIXED as u64;
-        let ret = inj.syscall(libc::SYS_mmap, [s, e - s, rw, flags, u64::MAX, 0])?;
-        let (nr, args) = dontfork(s, e - s);
-        inj.syscall(nr, args)?;
-        if ret < 0 {
-            tracing::warn!(errno = -ret, "dropping translations failed");
-        } else if let Err(errno) = p.uffd.register_missing(s, e - s) {
-            tracing::warn!(%errno, "re-registering a dropped range failed");
-        }
-        mm.poisoned.retain(|&page, _| page < s || page >= e);
-        self.forget_installed(mm, s, e);
+        let r = p.agent.run(
+            p.tgid,
+            &[
+                (libc::SYS_mmap, [lo, hi - lo, rw, flags, u64::MAX, 0]),
+                dontfork(lo, hi - lo),
+            ],
+        )?;
+        errno_or(r[0])?;
+        p.uffd.register_missing(lo, hi - lo)?;
+        mm.poisoned.retain(|&page, _| page < lo || page >= hi);
+        self.forget_installed(mm, lo, hi);
         Ok(())
+    }
+
+    /// The thread-group id of guest thread `tid` (cached; see
+    /// [`Vpt::forget_thread`]).
+    fn tgid(&self, tid: Pid) -> Pid {
+        if let Some(t) = lock(&self.tgids).get(&tid) {
+            return *t;
+        }
+        let tgid = crate::supervisor::tgid_of(tid).unwrap_or(tid);
+        lock(&self.tgids).insert(tid, tgid);
+        tgid
+    }
+
+    /// Thread `tid` exited: its id may be reused.
+    pub fn forget_thread(&self, tid: Pid) {
+        lock(&self.tgids).remove(&tid);
     }
 
     /// Install RAM `[pa, pa+len)` at `va` in `p`'s guest, keeping the VMA

@@ -37,17 +37,16 @@ const DATA_NR: u32 = 0;
 const DATA_ARCH: u32 = 4;
 
 /// The classic-BPF program: hypercall numbers notify, everything else runs.
-/// The hypercalls that act on the caller's own address space (`vk_mmap`,
-/// `mcontrol`) stop the caller for the tracer instead (`SECCOMP_RET_TRACE`),
-/// which runs system calls in it.
-pub const HYPERCALL_FILTER: [libc::sock_filter; 10] = [
+/// `vk_mmap`, which may have to set vkrun's agent up in the caller's process
+/// (system calls run in the caller), stops the caller for the tracer instead
+/// (`SECCOMP_RET_TRACE`).
+pub const HYPERCALL_FILTER: [libc::sock_filter; 9] = [
     stmt(LD_W_ABS, DATA_ARCH),
-    jump(JEQ_K, AUDIT_ARCH_X86_64, 0, 7),
+    jump(JEQ_K, AUDIT_ARCH_X86_64, 0, 6),
     stmt(LD_W_ABS, DATA_NR),
-    jump(JGE_K, VK_SYS_BASE as u32, 0, 5),
-    jump(JGE_K, (VK_SYS_BASE + VK_SYS_COUNT) as u32, 4, 0),
-    jump(JEQ_K, Hypercall::VkMmap.nr() as u32, 2, 0),
-    jump(JEQ_K, Hypercall::Mcontrol.nr() as u32, 1, 0),
+    jump(JGE_K, VK_SYS_BASE as u32, 0, 4),
+    jump(JGE_K, (VK_SYS_BASE + VK_SYS_COUNT) as u32, 3, 0),
+    jump(JEQ_K, Hypercall::VkMmap.nr() as u32, 1, 0),
     stmt(RET_K, libc::SECCOMP_RET_USER_NOTIF),
     stmt(RET_K, libc::SECCOMP_RET_TRACE),
     stmt(RET_K, libc::SECCOMP_RET_ALLOW),
