@@ -65,6 +65,16 @@ const PAGE: u64 = PAGE_SIZE;
 const AGENT_PAGES: u64 = 5;
 const AGENT_CODE: u64 = PAGE;
 const AGENT_SCRATCH: u64 = 2 * PAGE;
+/// In the scratch page: the caller's saved signal mask (agent start-up).
+const SCRATCH_SIGMASK: u64 = 0;
+/// In the scratch page: the RAM memfd's `/proc` path.
+const SCRATCH_PATH: u64 = 256;
+/// In the scratch page: `struct uffdio_register` slots for the agent.
+const SCRATCH_REGISTER: u64 = 512;
+/// Register slots (32 bytes each) in the scratch page.
+const REGISTER_SLOTS: usize = ((PAGE - SCRATCH_REGISTER) / 32) as usize;
+/// `UFFDIO_REGISTER`: `_IOWR(0xAA, 0x00, struct uffdio_register)`.
+const UFFDIO_REGISTER: u64 = 0xC020_AA00;
 /// Where vkrun asks to put the agent: the 2 MiB above `USER_MAX`, which the
 /// ABI keeps out of the guest's reach.
 const AGENT_HINT: u64 = USER_MAX + 0x10_0000;
@@ -180,6 +190,8 @@ struct Agent {
     tid: Pid,
     /// The RAM memfd's number in the guest (opened for the agent).
     ram_fd: AtomicU32,
+    /// The guest's descriptor of its userfaultfd (the agent registers with it).
+    uffd_fd: AtomicU32,
 }
 
 /// What the tracer should do with a `SIGSEGV` stop.
@@ -442,18 +454,7 @@ impl Vpt {
             return Ok(()); // nothing installed here: nothing to drop
         };
         let (lo, hi) = (lo.max(s), hi.min(e));
-        let rw = (libc::PROT_READ | libc::PROT_WRITE) as u64;
-        let flags =
-            libc::MAP_PRIVATE as u64 | MAP_ANONYMOUS | MAP_NORESERVE | libc::MAP_FIXED as u64;
-        let r = p.agent.run(
-            p.tgid,
-            &[
-                (libc::SYS_mmap, [lo, hi - lo, rw, flags, u64::MAX, 0]),
-                dontfork(lo, hi - lo),
-            ],
-        )?;
-        errno_or(r[0])?;
-        p.uffd.register_missing(lo, hi - lo)?;
+        self.rearm(p, &[(lo, hi - lo)])?;
         mm.poisoned.retain(|&page, _| page < lo || page >= hi);
         self.forget_installed(mm, lo, hi);
         Ok(())
@@ -546,30 +547,50 @@ impl Vpt {
                 victims.push((va, len));
             }
         }
-        let rw = (libc::PROT_READ | libc::PROT_WRITE) as u64;
-        let flags =
-            libc::MAP_PRIVATE as u64 | MAP_ANONYMOUS | MAP_NORESERVE | libc::MAP_FIXED as u64;
-        for chunk in victims.chunks(agent_code::MAX_OPS / 2) {
-            let ops: Vec<(i64, [u64; 6])> = chunk
-                .iter()
-                .flat_map(|&(va, len)| {
-                    [
-                        (libc::SYS_mmap, [va, len, rw, flags, u64::MAX, 0]),
-                        dontfork(va, len),
-                    ]
-                })
-                .collect();
-            p.agent.run(p.tgid, &ops)?;
-            for &(va, len) in chunk {
-                if let Err(errno) = p.uffd.register_missing(va, len) {
-                    tracing::warn!(%errno, "re-registering an evicted run failed");
-                }
-            }
-        }
+        self.rearm(p, &victims)?;
         self.stats
             .host_mappings_evicted
             .fetch_add(victims.len() as u64, Ordering::Relaxed);
         self.sync_vma_gauge(mm);
+        Ok(())
+    }
+
+    /// Put fresh registered anonymous memory over each `(va, len)`, dropping
+    /// whatever translation was there, with no moment at which another guest
+    /// thread could touch unregistered memory (and see zeroes): each range is
+    /// mapped `PROT_NONE` first (an access then is a `SIGSEGV` the tracer
+    /// resolves once the caller releases `mm`), registered by the agent, and
+    /// only then made accessible. Caller holds `mm`.
+    fn rearm(&self, p: &Process, ranges: &[(u64, u64)]) -> Result<(), Errno> {
+        const OPS_PER_RANGE: usize = 4;
+        let none = libc::PROT_NONE as u64;
+        let rw = (libc::PROT_READ | libc::PROT_WRITE) as u64;
+        let flags =
+            libc::MAP_PRIVATE as u64 | MAP_ANONYMOUS | MAP_NORESERVE | libc::MAP_FIXED as u64;
+        let uffd = u64::from(p.agent.uffd_fd.load(Ordering::Relaxed));
+        let per_batch = (agent_code::MAX_OPS / OPS_PER_RANGE).min(REGISTER_SLOTS);
+        for chunk in ranges.chunks(per_batch) {
+            let mut ops = Vec::with_capacity(chunk.len() * OPS_PER_RANGE);
+            for (i, &(va, len)) in chunk.iter().enumerate() {
+                let slot = p.agent.register_slot(i, va, len);
+                ops.push((libc::SYS_mmap, [va, len, none, flags, u64::MAX, 0]));
+                ops.push((libc::SYS_ioctl, [uffd, UFFDIO_REGISTER, slot, 0, 0, 0]));
+                ops.push((libc::SYS_mprotect, [va, len, rw, 0, 0, 0]));
+                ops.push(dontfork(va, len));
+            }
+            let r = p.agent.run(p.tgid, &ops)?;
+            for (i, &(va, len)) in chunk.iter().enumerate() {
+                errno_or(r[OPS_PER_RANGE * i])?;
+                if errno_or(r[OPS_PER_RANGE * i + 1]).is_err() {
+                    // The guest closed the agent's uffd descriptor: register
+                    // from here, and zap whatever was mapped meanwhile.
+                    p.uffd.register_missing(va, len)?;
+                    let dontneed = libc::MADV_DONTNEED as u64;
+                    p.agent
+                        .run(p.tgid, &[(libc::SYS_madvise, [va, len, dontneed, 0, 0, 0])])?;
+                }
+            }
+        }
         Ok(())
     }
 
@@ -637,8 +658,10 @@ impl Vpt {
             Ok(Ok(fd)) => fd as i32,
             Ok(Err(e)) | Err(e) => return Ok(Err(e)),
         };
+        // The guest keeps its descriptor (close-on-exec) for the agent's own
+        // registrations (see `rearm`).
         let stolen = crate::sys::uffd::steal_fd(tgid.as_raw(), guest_fd);
-        let _ = agent.run(tgid, &[(libc::SYS_close, [guest_fd as u64, 0, 0, 0, 0, 0])]);
+        agent.uffd_fd.store(guest_fd as u32, Ordering::Relaxed);
         let uffd = match stolen.and_then(Userfault::new) {
             Ok(u) => u,
             Err(e) => return Ok(Err(e)),
@@ -723,7 +746,7 @@ impl Vpt {
         write_region(&region, CTL_SIGSET, &u64::MAX.to_ne_bytes());
         // Start the thread with every signal blocked (it inherits the mask),
         // then give the caller its mask back.
-        let old_mask = base + AGENT_SCRATCH;
+        let old_mask = base + AGENT_SCRATCH + SCRATCH_SIGMASK;
         let setmask = libc::SIG_SETMASK as u64;
         inj.syscall(
             libc::SYS_rt_sigprocmask,
@@ -745,6 +768,7 @@ impl Vpt {
             guest_base: base,
             tid,
             ram_fd: AtomicU32::new(u32::MAX),
+            uffd_fd: AtomicU32::new(u32::MAX),
         };
         // The agent's own descriptor for RAM.
         if let Err(e) = agent.open_ram(self.ram.raw_fd(), inj_tgid(inj)) {
@@ -902,32 +926,23 @@ impl Vpt {
         };
         if let Some(poison) = mm.poisoned.remove(&page) {
             // Re-arm the page so the retried access walks again.
-            let flags =
-                libc::MAP_PRIVATE as u64 | MAP_ANONYMOUS | MAP_NORESERVE | libc::MAP_FIXED as u64;
-            let rw = (libc::PROT_READ | libc::PROT_WRITE) as u64;
-            let armed = p
-                .agent
-                .run(
-                    p.tgid,
-                    &[
-                        (libc::SYS_mmap, [page, PAGE, rw, flags, u64::MAX, 0]),
-                        dontfork(page, PAGE),
-                    ],
-                )
-                .and_then(|r| errno_or(r[0]).map(drop))
-                .and_then(|()| p.uffd.register_missing(page, PAGE));
+            let armed = self.rearm(&p, &[(page, PAGE)]);
             drop(mm);
             if let Err(errno) = armed {
                 tracing::warn!(%errno, "re-arming a faulted page failed");
             }
             return SegvAction::Handled(deliver_page_fault(tid, info.addr, poison));
         }
-        // An installed page refused the access: a write (or a fetch).
+        // An installed page refused the access: a write (or a fetch). A page
+        // not installed was being re-armed (PROT_NONE for a moment): the
+        // access kind is unknown, so walk for a read; a write faults again.
         let rip = ptrace::getregs(tid).map(|r| r.rip).unwrap_or(0);
         let access = if rip == info.addr {
             Access::Execute
-        } else {
+        } else if is_installed(&mm, page) {
             Access::Write
+        } else {
+            Access::Read
         };
         let walk = PageIndex::for_fault(GuestVirtAddr(page), GuestVirtAddr(w.start), w.off)
             .ok_or(None)
@@ -982,6 +997,14 @@ impl Vpt {
             self.sync_vma_gauge(&mut mm);
         }
     }
+}
+
+/// Whether `page` lies in an installed run.
+fn is_installed(mm: &MmState, page: u64) -> bool {
+    mm.installed
+        .range(..=page)
+        .next_back()
+        .is_some_and(|(&k, &(l, _))| page < k + l)
 }
 
 /// The window containing `page`, if any.
@@ -1224,11 +1247,27 @@ impl Agent {
             .collect())
     }
 
+    /// Fill register slot `i` (missing-page mode for `[va, va+len)`) and
+    /// return its address in the guest.
+    fn register_slot(&self, i: usize, va: u64, len: u64) -> u64 {
+        let off = (AGENT_SCRATCH + SCRATCH_REGISTER) as usize + 32 * i;
+        let mut bytes = [0u8; 32];
+        bytes[0..8].copy_from_slice(&va.to_ne_bytes());
+        bytes[8..16].copy_from_slice(&len.to_ne_bytes());
+        bytes[16..24].copy_from_slice(&1u64.to_ne_bytes()); // MODE_MISSING
+        write_region(&self.region, off, &bytes);
+        self.guest_base + off as u64
+    }
+
     /// Open the supervisor's RAM memfd for the agent, via `/proc`.
     fn open_ram(&self, ram_fd: i32, tgid: Pid) -> Result<(), Errno> {
         let path = format!("/proc/{}/fd/{ram_fd}\0", std::process::id());
-        write_region(&self.region, AGENT_SCRATCH as usize + 256, path.as_bytes());
-        let ptr = self.guest_base + AGENT_SCRATCH + 256;
+        write_region(
+            &self.region,
+            (AGENT_SCRATCH + SCRATCH_PATH) as usize,
+            path.as_bytes(),
+        );
+        let ptr = self.guest_base + AGENT_SCRATCH + SCRATCH_PATH;
         let flags = (libc::O_RDWR | libc::O_CLOEXEC) as u64;
         let r = self.run(tgid, &[(libc::SYS_open, [ptr, flags, 0, 0, 0, 0])])?;
         let fd = errno_or(r[0])?;
