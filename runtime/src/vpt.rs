@@ -873,8 +873,15 @@ impl Vpt {
             }
         };
         drop(mm);
-        if let Err(errno) = &ops_result {
-            tracing::warn!(%errno, page = format_args!("{page:#x}"), "installing a fault's page failed");
+        match &ops_result {
+            // The process is going away (its agent died with it).
+            Err(Errno::ESRCH) => {
+                tracing::debug!(page = format_args!("{page:#x}"), "fault of a dying process")
+            }
+            Err(errno) => {
+                tracing::warn!(%errno, page = format_args!("{page:#x}"), "installing a fault's page failed")
+            }
+            Ok(()) => {}
         }
         let _ = p.uffd.wake(wake.0, wake.1);
         if result.is_ok() && ops_result.is_ok() {

@@ -1,0 +1,260 @@
+/* vpt_hostile: a guest that mistreats MAP_VPAGETABLE, for vkrun's tests. Each
+ * mode must end with the documented fault or error for the guest, never a
+ * supervisor crash or hang. Prints "<mode>: ok" and exits 0 on the expected
+ * behaviour, "<mode>: FAIL ..." and exits 1 otherwise.
+ *
+ *   cycle     page tables that point at themselves (recursive slot, 2-cycle)
+ *   beyond    table and page frames beyond RAM
+ *   munmap    munmap/mmap the window while another thread faults in it
+ *   closefd   close every descriptor above 2 (RAM, vkrun's own), then fault
+ *   exit      exit_group while threads are faulting
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <pthread.h>
+#include <setjmp.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+#include <sys/mman.h>
+#include "vkernel.h"
+
+static char *dmap;
+static uint64_t next_frame = 4096, root;
+static struct vk_info info;
+static __thread sigjmp_buf *segv_jump;
+static volatile long segvs;
+
+static uint64_t alloc_frame(void)
+{
+    uint64_t f = next_frame;
+    next_frame += 4096;
+    memset(dmap + f, 0, 4096);
+    return f;
+}
+
+static vpte_t *entry_for(uint64_t pindex)
+{
+    uint64_t table = root;
+    for (int sh = 27; sh >= 0; sh -= 9) {
+        vpte_t *e = (vpte_t *)(dmap + table) + ((pindex >> sh) & 511);
+        if (sh == 0)
+            return e;
+        if (!(*e & VPTE_V))
+            *e = alloc_frame() | VPTE_V | VPTE_RW | VPTE_U;
+        table = *e & VPTE_FRAME;
+    }
+    return 0;
+}
+
+static void on_segv(int sig, siginfo_t *si, void *uc)
+{
+    (void)sig, (void)si, (void)uc;
+    __sync_fetch_and_add(&segvs, 1);
+    if (segv_jump)
+        siglongjmp(*segv_jump, 1);
+    _exit(3);
+}
+
+/* Read one byte at p; 1 if it faulted (SIGSEGV), 0 if it read. */
+static int probe(volatile char *p, char *out)
+{
+    sigjmp_buf jb;
+    segv_jump = &jb;
+    if (sigsetjmp(jb, 1)) {
+        segv_jump = 0;
+        return 1;
+    }
+    *out = *p;
+    segv_jump = 0;
+    return 0;
+}
+
+static char *window(size_t pages, uint64_t master)
+{
+    char *w = vk_mmap(0, pages * 4096, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_VPAGETABLE, info.ram_fd, 0);
+    if (w == MAP_FAILED) {
+        printf("FAIL vk_mmap: %s\n", strerror(errno));
+        exit(1);
+    }
+    if (mcontrol(w, pages * 4096, MADV_SETMAP, master)) {
+        printf("FAIL setmap: %s\n", strerror(errno));
+        exit(1);
+    }
+    return w;
+}
+
+#define FAIL(...) do { printf(__VA_ARGS__); printf("\n"); return 1; } while (0)
+
+static int cycle(void)
+{
+    /* L4 table whose entry 0 points back at itself (a recursive slot), and
+     * a 2-cycle between two tables for index 1. */
+    uint64_t a = alloc_frame(), b = alloc_frame();
+    ((vpte_t *)(dmap + root))[0] = root | VPTE_V | VPTE_RW;
+    ((vpte_t *)(dmap + root))[1] = a | VPTE_V | VPTE_RW;
+    ((vpte_t *)(dmap + a))[0] = b | VPTE_V | VPTE_RW;
+    ((vpte_t *)(dmap + b))[0] = a | VPTE_V | VPTE_RW;
+    char *w = window(1, root | VPTE_V | VPTE_RW);
+    char c;
+    /* pindex 0 walks root[0] four times: the final page is root itself. */
+    if (probe(w, &c))
+        FAIL("cycle: FAIL the recursive slot faulted");
+    if (memcmp(w, dmap + root, 64) != 0)
+        FAIL("cycle: FAIL recursive slot does not read the table page");
+    munmap(w, 4096);
+    /* Index 1<<27 (in pages) goes root[1] -> a -> b -> a: a 4-read walk that
+     * ends on table a; accessible, bounded. */
+    char *w2 = vk_mmap(0, 4096, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_VPAGETABLE, info.ram_fd,
+                       (off_t)1 << 39);
+    mcontrol(w2, 4096, MADV_SETMAP, root | VPTE_V | VPTE_RW);
+    if (probe(w2, &c))
+        FAIL("cycle: FAIL the 2-cycle faulted");
+    printf("cycle: ok\n");
+    return 0;
+}
+
+static int beyond(void)
+{
+    char *w = window(4, root | VPTE_V | VPTE_RW);
+    *entry_for(0) = (info.ram_size) | VPTE_V | VPTE_RW;           /* page beyond RAM */
+    *entry_for(1) = (info.ram_size - 4096) | VPTE_V | VPTE_RW;    /* last page: fine */
+    char c;
+    long before = segvs;
+    if (!probe(w, &c))
+        FAIL("beyond: FAIL a page beyond RAM was readable");
+    if (probe(w + 4096, &c))
+        FAIL("beyond: FAIL the last RAM page faulted");
+    /* A table beyond RAM: a second window whose master points past RAM. */
+    char *w2 = window(1, (info.ram_size + 4096 * 16) | VPTE_V | VPTE_RW);
+    if (!probe(w2, &c))
+        FAIL("beyond: FAIL a table beyond RAM was walked");
+    if (segvs - before != 2)
+        FAIL("beyond: FAIL expected 2 SIGSEGV, got %ld", segvs - before);
+    printf("beyond: ok\n");
+    return 0;
+}
+
+static char *volatile racing_window;
+static volatile int racing_stop;
+
+static void *toucher(void *arg)
+{
+    (void)arg;
+    char c;
+    long i = 0;
+    while (!racing_stop) {
+        char *w = racing_window;
+        probe(w + (i % 64) * 4096, &c);
+        i++;
+    }
+    return 0;
+}
+
+static int munmap_race(void)
+{
+    for (int i = 0; i < 64; i++)
+        *entry_for(i) = alloc_frame() | VPTE_V | VPTE_RW;
+    racing_window = window(64, root | VPTE_V | VPTE_RW);
+    pthread_t t[2];
+    for (int i = 0; i < 2; i++)
+        pthread_create(&t[i], 0, toucher, 0);
+    for (int round = 0; round < 200; round++) {
+        char *w = racing_window;
+        if (round % 2 == 0) {
+            /* plain munmap + anonymous memory in its place */
+            munmap(w, 64 * 4096);
+            mmap(w, 64 * 4096, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED, -1, 0);
+        } else {
+            /* a new window over the old place */
+            char *n = vk_mmap(w, 64 * 4096, PROT_READ | PROT_WRITE,
+                              MAP_SHARED | MAP_VPAGETABLE | MAP_FIXED, info.ram_fd, 0);
+            if (n == MAP_FAILED)
+                FAIL("munmap: FAIL vk_mmap over a window: %s", strerror(errno));
+            mcontrol(n, 64 * 4096, MADV_SETMAP, root | VPTE_V | VPTE_RW);
+        }
+        usleep(200);
+    }
+    racing_stop = 1;
+    for (int i = 0; i < 2; i++)
+        pthread_join(t[i], 0);
+    printf("munmap: ok\n");
+    return 0;
+}
+
+static int closefd(void)
+{
+    uint64_t f[8];
+    for (int i = 0; i < 8; i++) {
+        f[i] = alloc_frame();
+        *entry_for(i) = f[i] | VPTE_V | VPTE_RW;
+        dmap[f[i]] = (char)('a' + i);
+    }
+    char *w = window(8, root | VPTE_V | VPTE_RW);
+    if (w[0] != 'a')
+        FAIL("closefd: FAIL before closing");
+    for (int fd = 3; fd < 1024; fd++)
+        close(fd);
+    for (int i = 1; i < 8; i++)
+        if (w[i * 4096] != 'a' + i)
+            FAIL("closefd: FAIL page %d after closing every descriptor", i);
+    if (mcontrol(w, 8 * 4096, MADV_INVAL, 0))
+        FAIL("closefd: FAIL INVAL: %s", strerror(errno));
+    for (int i = 0; i < 8; i++)
+        if (w[i * 4096] != 'a' + i)
+            FAIL("closefd: FAIL page %d after INVAL", i);
+    printf("closefd: ok\n");
+    return 0;
+}
+
+static void *faulter(void *arg)
+{
+    char *w = arg;
+    for (long i = 0;; i++)
+        mcontrol(w + (i % 512) * 4096, 4096, MADV_INVAL, 0), (void)*(volatile char *)(w + (i % 512) * 4096);
+    return 0;
+}
+
+static int exit_mid(void)
+{
+    for (int i = 0; i < 512; i++)
+        *entry_for(i) = alloc_frame() | VPTE_V | VPTE_RW;
+    char *w = window(512, root | VPTE_V | VPTE_RW);
+    pthread_t t[3];
+    for (int i = 0; i < 3; i++)
+        pthread_create(&t[i], 0, faulter, w);
+    usleep(50000);
+    printf("exit: ok\n");
+    fflush(stdout);
+    _exit(7); /* exit_group with faults in flight */
+}
+
+int main(int argc, char **argv)
+{
+    if (argc < 2)
+        return 2;
+    if (vk_info(&info, sizeof info)) {
+        perror("vk_info");
+        return 1;
+    }
+    dmap = mmap(0, info.ram_size, PROT_READ | PROT_WRITE, MAP_SHARED, info.ram_fd, 0);
+    root = alloc_frame();
+    struct sigaction sa = {0};
+    sa.sa_sigaction = on_segv;
+    sa.sa_flags = SA_SIGINFO | SA_NODEFER;
+    sigaction(SIGSEGV, &sa, 0);
+    setvbuf(stdout, 0, _IONBF, 0);
+    if (!strcmp(argv[1], "cycle"))
+        return cycle();
+    if (!strcmp(argv[1], "beyond"))
+        return beyond();
+    if (!strcmp(argv[1], "munmap"))
+        return munmap_race();
+    if (!strcmp(argv[1], "closefd"))
+        return closefd();
+    if (!strcmp(argv[1], "exit"))
+        return exit_mid();
+    return 2;
+}

@@ -1,0 +1,74 @@
+//! Hostile guests against MAP_VPAGETABLE (`guest-samples/c/vpt_hostile.c`):
+//! page-table cycles, frames beyond RAM, windows unmapped and remapped while
+//! another thread faults, every descriptor closed, exit with faults in
+//! flight. The guest gets the documented fault or error; vkrun neither
+//! crashes nor hangs (every run has a deadline) and reports the guest's
+//! status.
+
+use std::path::PathBuf;
+use std::sync::OnceLock;
+
+use vkrun_tests::{compile_c, run, text, vkrun, workspace_root};
+
+fn guest() -> Option<&'static PathBuf> {
+    static GUEST: OnceLock<Option<(tempfile::TempDir, PathBuf)>> = OnceLock::new();
+    GUEST
+        .get_or_init(|| {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let src = workspace_root().join("guest-samples/c/vpt_hostile.c");
+            let exe = compile_c(&src, dir.path(), &["-pthread"])?;
+            Some((dir, exe))
+        })
+        .as_ref()
+        .map(|(_, exe)| exe)
+}
+
+fn hostile(mode: &str) -> Option<(i32, String, String)> {
+    let exe = guest()?;
+    let out = run(vkrun().args(["-m", "64M", "--"]).arg(exe).arg(mode));
+    Some((
+        out.status.code().unwrap_or(-1),
+        text(&out.stdout),
+        text(&out.stderr),
+    ))
+}
+
+fn expect_ok(mode: &str) {
+    let Some((code, stdout, stderr)) = hostile(mode) else {
+        return;
+    };
+    assert_eq!(code, 0, "{mode}: {stdout}{stderr}");
+    assert_eq!(stdout, format!("{mode}: ok\n"), "{stderr}");
+    assert!(!stderr.contains("ERROR"), "{stderr}");
+}
+
+#[test]
+fn page_table_cycles_and_recursive_slots_are_bounded() {
+    expect_ok("cycle");
+}
+
+#[test]
+fn frames_and_tables_beyond_ram_fault() {
+    expect_ok("beyond");
+}
+
+#[test]
+fn windows_unmapped_and_remapped_while_faulting() {
+    for _ in 0..3 {
+        expect_ok("munmap");
+    }
+}
+
+#[test]
+fn closing_every_descriptor_keeps_windows_working() {
+    expect_ok("closefd");
+}
+
+#[test]
+fn exit_with_faults_in_flight_ends_cleanly() {
+    let Some((code, stdout, stderr)) = hostile("exit") else {
+        return;
+    };
+    assert_eq!(code, 7, "{stdout}{stderr}");
+    assert_eq!(stdout, "exit: ok\n");
+}
