@@ -8,12 +8,14 @@
  *   munmap    munmap/mmap the window while another thread faults in it
  *   closefd   close every descriptor above 2 (RAM, vkrun's own), then fault
  *   exit      exit_group while threads are faulting
+ *   nx        code in a window runs, unless an entry on its path has NX
  */
 #define _GNU_SOURCE
 #include <errno.h>
 #include <pthread.h>
 #include <setjmp.h>
 #include <signal.h>
+#include <ucontext.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -49,9 +51,14 @@ static vpte_t *entry_for(uint64_t pindex)
     return 0;
 }
 
-static void on_segv(int sig, siginfo_t *si, void *uc)
+static volatile long last_code, last_err;
+
+static void on_segv(int sig, siginfo_t *si, void *uc_)
 {
-    (void)sig, (void)si, (void)uc;
+    ucontext_t *uc = uc_;
+    (void)sig;
+    last_code = si->si_code;
+    last_err = uc->uc_mcontext.gregs[REG_ERR];
     __sync_fetch_and_add(&segvs, 1);
     if (segv_jump)
         siglongjmp(*segv_jump, 1);
@@ -231,6 +238,33 @@ static int exit_mid(void)
     _exit(7); /* exit_group with faults in flight */
 }
 
+static int nx(void)
+{
+    uint64_t code = alloc_frame();
+    dmap[code] = (char)0xC3; /* ret */
+    *entry_for(0) = code | VPTE_V | VPTE_RW;
+    *entry_for(1) = code | VPTE_V | VPTE_RW | VPTE_NX;
+    char *w = window(2, root | VPTE_V | VPTE_RW);
+    void (*run0)(void) = (void (*)(void))(void *)w;
+    void (*run1)(void) = (void (*)(void))(void *)(w + 4096);
+    sigjmp_buf jb;
+    segv_jump = &jb;
+    if (sigsetjmp(jb, 1))
+        FAIL("nx: FAIL code without NX did not run");
+    run0();
+    if (sigsetjmp(jb, 1) == 0) {
+        run1();
+        FAIL("nx: FAIL code behind NX ran");
+    }
+    segv_jump = 0;
+    if (last_code != SEGV_ACCERR)
+        FAIL("nx: FAIL si_code %ld, want SEGV_ACCERR", last_code);
+    if ((last_err & 0x15) != 0x15)
+        FAIL("nx: FAIL REG_ERR %#lx, want P|U|I", last_err);
+    printf("nx: ok\n");
+    return 0;
+}
+
 int main(int argc, char **argv)
 {
     if (argc < 2)
@@ -256,5 +290,7 @@ int main(int argc, char **argv)
         return closefd();
     if (!strcmp(argv[1], "exit"))
         return exit_mid();
+    if (!strcmp(argv[1], "nx"))
+        return nx();
     return 2;
 }

@@ -72,3 +72,8 @@ fn exit_with_faults_in_flight_ends_cleanly() {
     assert_eq!(code, 7, "{stdout}{stderr}");
     assert_eq!(stdout, "exit: ok\n");
 }
+
+#[test]
+fn nx_entries_are_not_executable() {
+    expect_ok("nx");
+}
