@@ -55,14 +55,23 @@ use crate::inject::{InjectError, Injector};
 use crate::ram::GuestRam;
 use crate::remote::{self, RemoteAddr};
 use crate::stats::Stats;
-use crate::sys::agent_code::{self, CTL_COUNT, CTL_DONE, CTL_OPS, CTL_REQ, CTL_SIGSET, OP_SIZE};
+use crate::sys::agent_code::{
+    self, CTL_COUNT, CTL_DONE, CTL_OPS, CTL_REQ, CTL_SIGSET, OP_SIZE, RES_BUDGET, RES_ENABLED,
+    RES_FWD_HEAD, RES_FWD_RING, RES_FWD_SLOTS, RES_FWD_TAIL, RES_INS_HEAD, RES_INS_RING,
+    RES_INS_SLOTS, RES_INS_TAIL, RES_LOCK, RES_MAX_WINDOWS, RES_NWIN, RES_RAM_BASE, RES_RAM_FD,
+    RES_RAM_SIZE, RES_RESOLVED, RES_SIGSET, RES_SUP_WAKE, RES_UFFD, RES_WINDOWS,
+};
 use crate::sys::uffd::{PageFault, Userfault};
 use crate::sys::{futex, kcmp};
 use crate::trace::TraceWriter;
 
 const PAGE: u64 = PAGE_SIZE;
-/// Pages of the agent region: control, code, scratch, two of stack.
-const AGENT_PAGES: u64 = 5;
+/// Pages of the agent region: control, code, scratch, two of stack for the
+/// installer, the resolver page, two of stack for the resolver.
+const AGENT_PAGES: u64 = 8;
+const AGENT_INSTALLER_STACK_TOP: u64 = 5 * PAGE;
+const AGENT_RESOLVER: u64 = 5 * PAGE;
+const AGENT_RESOLVER_STACK_TOP: u64 = 8 * PAGE;
 const AGENT_CODE: u64 = PAGE;
 const AGENT_SCRATCH: u64 = 2 * PAGE;
 /// In the scratch page: the caller's saved signal mask (agent start-up).
@@ -73,6 +82,8 @@ const SCRATCH_PATH: u64 = 256;
 const SCRATCH_REGISTER: u64 = 512;
 /// Register slots (32 bytes each) in the scratch page.
 const REGISTER_SLOTS: usize = ((PAGE - SCRATCH_REGISTER) / 32) as usize;
+/// Lowest descriptor number the agent's own descriptors are moved to.
+const AGENT_FD_FLOOR: u64 = 768;
 /// `UFFDIO_REGISTER`: `_IOWR(0xAA, 0x00, struct uffdio_register)`.
 const UFFDIO_REGISTER: u64 = 0xC020_AA00;
 /// Where vkrun asks to put the agent: the 2 MiB above `USER_MAX`, which the
@@ -129,6 +140,8 @@ pub struct Vpt {
     tgids: Mutex<HashMap<Pid, Pid>>,
     /// Agent threads (vkrun's, not the guest's: their exits are not traced).
     agents: Mutex<HashSet<Pid>>,
+    /// Resolver threads → their process.
+    resolvers: Mutex<HashMap<Pid, Pid>>,
     /// Installed runs one process may hold before the oldest are evicted.
     max_runs: u64,
 }
@@ -168,6 +181,34 @@ struct MmState {
     next_seq: u64,
     /// VMAs this process's installs are counted for in `host_vmas`.
     counted_vmas: u64,
+    /// The resolver's fault count already added to the counters.
+    resolved_seen: u64,
+}
+
+/// A process's mm state with both locks held: [`Process::mm`] and the lock
+/// shared with the in-guest resolver (released first, on drop).
+struct Locked<'a> {
+    mm: MutexGuard<'a, MmState>,
+    agent: &'a Agent,
+}
+
+impl std::ops::Deref for Locked<'_> {
+    type Target = MmState;
+    fn deref(&self) -> &MmState {
+        &self.mm
+    }
+}
+
+impl std::ops::DerefMut for Locked<'_> {
+    fn deref_mut(&mut self) -> &mut MmState {
+        &mut self.mm
+    }
+}
+
+impl Drop for Locked<'_> {
+    fn drop(&mut self) {
+        self.agent.unlock_shared();
+    }
 }
 
 /// A guest process with windows: its agent, its uffd and its fault thread.
@@ -179,6 +220,9 @@ struct Process {
     mm: Mutex<MmState>,
     /// The process is gone or exec'd: the fault thread stops.
     dead: AtomicBool,
+    /// The resolver thread exited (the guest closed its uffd descriptor):
+    /// the fault thread reads the uffd itself.
+    resolver_gone: AtomicBool,
 }
 
 /// The supervisor's side of an agent: its shared region.
@@ -235,6 +279,7 @@ impl Vpt {
             trace,
             procs: Mutex::new(HashMap::new()),
             agents: Mutex::new(HashSet::new()),
+            resolvers: Mutex::new(HashMap::new()),
             tgids: Mutex::new(HashMap::new()),
             max_runs: (budget / VMAS_PER_RUN).max(16),
         }
@@ -243,6 +288,15 @@ impl Vpt {
     /// Whether `tid` is one of vkrun's agent threads; forgets it if so
     /// (call when it exits).
     pub fn take_agent(&self, tid: Pid) -> bool {
+        if let Some(tgid) = lock(&self.resolvers).remove(&tid) {
+            // A resolver ends early only when its uffd descriptor is gone;
+            // faults must still be served: by the fault thread itself.
+            if let Some(p) = lock(&self.procs).get(&tgid) {
+                tracing::debug!(%tgid, "resolver gone; the supervisor reads the uffd");
+                p.resolver_gone.store(true, Ordering::Release);
+                let _ = futex::wake(p.agent.res_word(RES_SUP_WAKE));
+            }
+        }
         lock(&self.agents).remove(&tid)
     }
 
@@ -334,7 +388,10 @@ impl Vpt {
             Ok(p) => p,
             Err(e) => return Ok(Err(e)),
         };
-        let mut mm = lock(&proc_.mm);
+        let mut mm = match self.enter(&proc_) {
+            Ok(l) => l,
+            Err(e) => return Ok(Err(e)),
+        };
         let map_flags = libc::MAP_PRIVATE as u64
             | MAP_ANONYMOUS
             | MAP_NORESERVE
@@ -366,6 +423,7 @@ impl Vpt {
                 master: 0,
             },
         );
+        self.publish_windows(&proc_, &mm);
         self.stats.vpagetable_mmap.fetch_add(1, Ordering::Relaxed);
         Ok(Ok(start as i64))
     }
@@ -397,7 +455,7 @@ impl Vpt {
         let proc_ = lock(&self.procs).get(&tgid).cloned();
         let mut covered = Vec::new();
         if let Some(p) = &proc_ {
-            let mut mm = lock(&p.mm);
+            let mut mm = self.enter(p)?;
             let pieces: Vec<(u64, u64)> = mm
                 .windows
                 .values()
@@ -409,6 +467,7 @@ impl Vpt {
                     w.master = value;
                 }
             }
+            self.publish_windows(p, &mm);
             for &(s, e) in &pieces {
                 self.drop_translations(p, &mut mm, s, e)?;
                 covered.push((s, e));
@@ -509,6 +568,16 @@ impl Vpt {
                 Err(e) => return Err(e),
             }
         }
+        self.record_install(mm, va, len);
+        self.stats
+            .host_mappings_installed
+            .fetch_add(1, Ordering::Relaxed);
+        self.sync_vma_gauge(mm);
+        Ok(())
+    }
+
+    /// Note an installed run for the VMA budget.
+    fn record_install(&self, mm: &mut MmState, va: u64, len: u64) {
         // Runs wholly replaced by this one are gone.
         let inside: Vec<u64> = mm.installed.range(va..va + len).map(|(&k, _)| k).collect();
         for k in inside {
@@ -524,11 +593,6 @@ impl Vpt {
         mm.next_seq += 1;
         mm.installed.insert(va, (len, seq));
         mm.order.push_back((va, seq));
-        self.stats
-            .host_mappings_installed
-            .fetch_add(1, Ordering::Relaxed);
-        self.sync_vma_gauge(mm);
-        Ok(())
     }
 
     /// Evict up to `count` of the least recently installed runs: replace
@@ -654,9 +718,12 @@ impl Vpt {
                 [(libc::O_CLOEXEC | libc::O_NONBLOCK) as u64, 0, 0, 0, 0, 0],
             )],
         );
-        let guest_fd = match ret.map(|r| errno_or(r[0])) {
-            Ok(Ok(fd)) => fd as i32,
-            Ok(Err(e)) | Err(e) => return Ok(Err(e)),
+        let guest_fd = match ret
+            .map(|r| errno_or(r[0]))
+            .and_then(|fd| fd.and_then(|fd| agent.raise_fd(tgid, fd)))
+        {
+            Ok(fd) => fd as i32,
+            Err(e) => return Ok(Err(e)),
         };
         // The guest keeps its descriptor (close-on-exec) for the agent's own
         // registrations (see `rearm`).
@@ -666,12 +733,17 @@ impl Vpt {
             Ok(u) => u,
             Err(e) => return Ok(Err(e)),
         };
+        let fast = !lock(&self.trace).set().faults;
+        if let Err(e) = self.start_resolver(inj, &agent, tgid, &uffd, fast)? {
+            return Ok(Err(e));
+        }
         let p = Arc::new(Process {
             tgid,
             agent,
             uffd,
             mm: Mutex::new(MmState::default()),
             dead: AtomicBool::new(false),
+            resolver_gone: AtomicBool::new(false),
         });
         lock(&self.procs).insert(tgid, Arc::clone(&p));
         let vpt = Arc::clone(self);
@@ -684,6 +756,137 @@ impl Vpt {
             return Ok(Err(Errno::EAGAIN));
         }
         Ok(Ok(p))
+    }
+
+    /// Start the resolver thread (the in-guest fast path of faults): map RAM
+    /// for it, fill its page, make the uffd blocking (the resolver is its
+    /// only reader now) and clone it from `inj`'s thread, signals blocked.
+    fn start_resolver(
+        &self,
+        inj: &mut Injector,
+        agent: &Agent,
+        tgid: Pid,
+        uffd: &Userfault,
+        enabled: bool,
+    ) -> Result<Result<(), Errno>, InjectError> {
+        let rw = (libc::PROT_READ | libc::PROT_WRITE) as u64;
+        let shared = libc::MAP_SHARED as u64 | MAP_NORESERVE;
+        let ram_fd = u64::from(agent.ram_fd.load(Ordering::Relaxed));
+        let size = self.ram.size();
+        let ram_base = match agent
+            .run(tgid, &[(libc::SYS_mmap, [0, size, rw, shared, ram_fd, 0])])
+            .and_then(|r| errno_or(r[0]))
+        {
+            Ok(b) => b as u64,
+            Err(e) => return Ok(Err(e)),
+        };
+        agent
+            .res_qword(RES_RAM_BASE)
+            .store(ram_base, Ordering::Relaxed);
+        agent.res_qword(RES_RAM_SIZE).store(size, Ordering::Relaxed);
+        agent.res_qword(RES_RAM_FD).store(ram_fd, Ordering::Relaxed);
+        let guest_uffd = u64::from(agent.uffd_fd.load(Ordering::Relaxed));
+        agent
+            .res_qword(RES_UFFD)
+            .store(guest_uffd, Ordering::Relaxed);
+        agent
+            .res_qword(RES_SIGSET)
+            .store(u64::MAX, Ordering::Relaxed);
+        agent.res_word(RES_BUDGET).store(
+            self.max_runs.min(u64::from(u32::MAX)) as u32,
+            Ordering::Relaxed,
+        );
+        agent
+            .res_word(RES_ENABLED)
+            .store(u32::from(enabled), Ordering::Release);
+        if let Err(e) = uffd.set_blocking() {
+            return Ok(Err(e));
+        }
+        let base = agent.guest_base;
+        let old_mask = base + AGENT_SCRATCH + SCRATCH_SIGMASK;
+        let setmask = libc::SIG_SETMASK as u64;
+        inj.syscall(
+            libc::SYS_rt_sigprocmask,
+            [setmask, base + CTL_SIGSET as u64, old_mask, 8, 0, 0],
+        )?;
+        let gadget = base + AGENT_CODE + agent_code::resolver_gadget() as u64;
+        let child = inj.clone_at(gadget, |r| {
+            r.rdi = THREAD_CLONE_FLAGS;
+            r.rsi = base + AGENT_RESOLVER_STACK_TOP;
+            r.rdx = 0;
+            r.r10 = 0;
+            r.r8 = 0;
+            r.r15 = base + AGENT_RESOLVER;
+        });
+        inj.syscall(libc::SYS_rt_sigprocmask, [setmask, old_mask, 0, 8, 0, 0])?;
+        let tid = child?;
+        lock(&self.agents).insert(tid);
+        lock(&self.resolvers).insert(tid, tgid);
+        tracing::debug!(%tgid, resolver = %tid, fast = enabled, "resolver started");
+        Ok(Ok(()))
+    }
+
+    /// Lock `p`'s mm state and the lock shared with its resolver, and take
+    /// in what the resolver did meanwhile.
+    fn enter<'a>(&self, p: &'a Process) -> Result<Locked<'a>, Errno> {
+        let mm = lock(&p.mm);
+        p.agent.lock_shared(p.tgid)?;
+        let mut locked = Locked {
+            mm,
+            agent: &p.agent,
+        };
+        self.sync_from_resolver(p, &mut locked)?;
+        Ok(locked)
+    }
+
+    /// Take in the resolver's installs (VMA bookkeeping and counters) and
+    /// give it a fresh budget, evicting old runs first if needed. Caller
+    /// holds both locks.
+    fn sync_from_resolver(&self, p: &Process, mm: &mut MmState) -> Result<(), Errno> {
+        let a = &p.agent;
+        let head = a.res_word(RES_INS_HEAD).load(Ordering::Acquire);
+        let mut tail = a.res_word(RES_INS_TAIL).load(Ordering::Relaxed);
+        while tail != head {
+            let slot = RES_INS_RING + 16 * (tail % RES_INS_SLOTS) as usize;
+            let va = a.res_qword(slot).load(Ordering::Relaxed);
+            let len = a.res_qword(slot + 8).load(Ordering::Relaxed);
+            self.record_install(mm, va, len);
+            tail = tail.wrapping_add(1);
+        }
+        a.res_word(RES_INS_TAIL).store(tail, Ordering::Release);
+        let resolved = a.res_qword(RES_RESOLVED).load(Ordering::Relaxed);
+        let new = resolved.saturating_sub(mm.resolved_seen);
+        if new > 0 {
+            mm.resolved_seen = resolved;
+            self.stats
+                .vpagetable_faults
+                .fetch_add(new, Ordering::Relaxed);
+            self.stats
+                .host_mappings_installed
+                .fetch_add(new, Ordering::Relaxed);
+        }
+        if mm.installed.len() as u64 >= self.max_runs {
+            self.evict(p, mm, (self.max_runs / 8).max(1))?;
+        }
+        let budget = self.max_runs.saturating_sub(mm.installed.len() as u64);
+        a.res_word(RES_BUDGET)
+            .store(budget.min(u64::from(u32::MAX)) as u32, Ordering::Relaxed);
+        self.sync_vma_gauge(mm);
+        Ok(())
+    }
+
+    /// Copy the window table to the resolver page. Caller holds both locks.
+    fn publish_windows(&self, p: &Process, mm: &MmState) {
+        let a = &p.agent;
+        let n = mm.windows.len().min(RES_MAX_WINDOWS);
+        for (i, w) in mm.windows.values().take(n).enumerate() {
+            let slot = RES_WINDOWS + 32 * i;
+            a.res_qword(slot).store(w.start, Ordering::Relaxed);
+            a.res_qword(slot + 8).store(w.end(), Ordering::Relaxed);
+            a.res_qword(slot + 16).store(w.off, Ordering::Relaxed);
+            a.res_qword(slot + 24).store(w.master, Ordering::Relaxed);
+        }
+        a.res_word(RES_NWIN).store(n as u32, Ordering::Release);
     }
 
     /// Create the agent in the process of `inj`'s thread (ABI-invisible:
@@ -752,7 +955,7 @@ impl Vpt {
             libc::SYS_rt_sigprocmask,
             [setmask, base + CTL_SIGSET as u64, old_mask, 8, 0, 0],
         )?;
-        let stack_top = base + len;
+        let stack_top = base + AGENT_INSTALLER_STACK_TOP;
         let child = inj.clone_at(base + AGENT_CODE, |r| {
             r.rdi = THREAD_CLONE_FLAGS;
             r.rsi = stack_top;
@@ -782,7 +985,50 @@ impl Vpt {
     /// The fault thread of process `p`: until it dies, read its uffd and
     /// resolve each fault.
     fn serve_faults(&self, p: &Process) {
+        let a = &p.agent;
+        while !p.dead.load(Ordering::Acquire) {
+            if p.resolver_gone.load(Ordering::Acquire)
+                && a.res_word(RES_FWD_HEAD).load(Ordering::Acquire)
+                    == a.res_word(RES_FWD_TAIL).load(Ordering::Relaxed)
+            {
+                self.serve_faults_directly(p);
+                break;
+            }
+            let seen = a.res_word(RES_SUP_WAKE).load(Ordering::Acquire);
+            let head = a.res_word(RES_FWD_HEAD).load(Ordering::Acquire);
+            let mut tail = a.res_word(RES_FWD_TAIL).load(Ordering::Relaxed);
+            if head == tail {
+                let _ = futex::wait(a.res_word(RES_SUP_WAKE), seen, Duration::from_millis(200));
+                continue;
+            }
+            while tail != head {
+                let slot = RES_FWD_RING + 32 * (tail % RES_FWD_SLOTS) as usize;
+                let event = a.res_qword(slot).load(Ordering::Relaxed) as u8;
+                let flags = a.res_qword(slot + 8).load(Ordering::Relaxed);
+                let address = a.res_qword(slot + 16).load(Ordering::Relaxed);
+                let ptid = a.res_qword(slot + 24).load(Ordering::Relaxed) as u32;
+                tail = tail.wrapping_add(1);
+                a.res_word(RES_FWD_TAIL).store(tail, Ordering::Release);
+                let _ = futex::wake(a.res_word(RES_FWD_TAIL));
+                if event == crate::sys::uffd::UFFD_EVENT_PAGEFAULT {
+                    let f = PageFault {
+                        address,
+                        write: flags & 1 != 0,
+                        tid: ptid as i32,
+                    };
+                    self.resolve(p, &f);
+                }
+            }
+        }
+        tracing::debug!(tgid = %p.tgid, "fault thread done");
+    }
+
+    /// The fault thread without a resolver: poll and read the uffd here.
+    fn serve_faults_directly(&self, p: &Process) {
         use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+        if let Err(errno) = p.uffd.set_nonblocking() {
+            tracing::warn!(%errno, "cannot make the uffd non-blocking");
+        }
         let mut faults = Vec::new();
         while !p.dead.load(Ordering::Acquire) {
             let mut fds = [PollFd::new(p.uffd.as_fd(), PollFlags::POLLIN)];
@@ -803,7 +1049,6 @@ impl Vpt {
                 self.resolve(p, f);
             }
         }
-        tracing::debug!(tgid = %p.tgid, "fault thread done");
     }
 
     /// Resolve one missing-page fault: walk, install or poison, wake.
@@ -811,7 +1056,13 @@ impl Vpt {
         let page = page_down(f.address);
         let access = if f.write { Access::Write } else { Access::Read };
         let mut wake = (page, PAGE);
-        let mut mm = lock(&p.mm);
+        let mut mm = match self.enter(p) {
+            Ok(l) => l,
+            Err(_) => {
+                let _ = p.uffd.wake(page, PAGE);
+                return;
+            }
+        };
         let Some(w) = window_at(&mm, page) else {
             drop(mm);
             let _ = p.uffd.wake(page, PAGE);
@@ -927,7 +1178,9 @@ impl Vpt {
             return SegvAction::Deliver;
         };
         let page = page_down(info.addr);
-        let mut mm = lock(&p.mm);
+        let Ok(mut mm) = self.enter(&p) else {
+            return SegvAction::Deliver;
+        };
         let Some(w) = window_at(&mm, page) else {
             return SegvAction::Deliver;
         };
@@ -999,7 +1252,17 @@ impl Vpt {
     pub fn forget(&self, tgid: Pid) {
         if let Some(p) = lock(&self.procs).remove(&tgid) {
             p.dead.store(true, Ordering::Release);
+            let _ = futex::wake(p.agent.res_word(RES_SUP_WAKE));
             let mut mm = lock(&p.mm);
+            let resolved = p.agent.res_qword(RES_RESOLVED).load(Ordering::Relaxed);
+            let new = resolved.saturating_sub(mm.resolved_seen);
+            mm.resolved_seen = resolved;
+            self.stats
+                .vpagetable_faults
+                .fetch_add(new, Ordering::Relaxed);
+            self.stats
+                .host_mappings_installed
+                .fetch_add(new, Ordering::Relaxed);
             mm.installed.clear();
             self.sync_vma_gauge(&mut mm);
         }
@@ -1254,6 +1517,50 @@ impl Agent {
             .collect())
     }
 
+    fn res_word(&self, offset: usize) -> &AtomicU32 {
+        self.word(AGENT_RESOLVER as usize + offset)
+    }
+
+    fn res_qword(&self, offset: usize) -> &AtomicU64 {
+        self.qword(AGENT_RESOLVER as usize + offset)
+    }
+
+    /// Take the lock shared with the resolver (futex mutex in shared
+    /// memory). A resolver that dies holding it must not hang vkrun: while
+    /// waiting, the resolver's process is checked.
+    fn lock_shared(&self, tgid: Pid) -> Result<(), Errno> {
+        let word = self.res_word(RES_LOCK);
+        if word
+            .compare_exchange(0, 1, Ordering::Acquire, Ordering::Relaxed)
+            .is_ok()
+        {
+            return Ok(());
+        }
+        let started = std::time::Instant::now();
+        loop {
+            if word.swap(2, Ordering::Acquire) == 0 {
+                return Ok(());
+            }
+            futex::wait(word, 2, AGENT_POLL)?;
+            if nix::sys::signal::kill(tgid, None).is_err() {
+                return Err(Errno::ESRCH);
+            }
+            if started.elapsed() > AGENT_TIMEOUT && !process_stopped(tgid) {
+                tracing::error!(%tgid, "the resolver holds its lock; killing the guest process");
+                let _ = nix::sys::signal::kill(tgid, nix::sys::signal::Signal::SIGKILL);
+                return Err(Errno::ETIMEDOUT);
+            }
+        }
+    }
+
+    /// Release the shared lock, waking a waiting resolver.
+    fn unlock_shared(&self) {
+        let word = self.res_word(RES_LOCK);
+        if word.swap(0, Ordering::Release) == 2 {
+            let _ = futex::wake(word);
+        }
+    }
+
     /// Fill register slot `i` (missing-page mode for `[va, va+len)`) and
     /// return its address in the guest.
     fn register_slot(&self, i: usize, va: u64, len: u64) -> u64 {
@@ -1277,9 +1584,28 @@ impl Agent {
         let ptr = self.guest_base + AGENT_SCRATCH + SCRATCH_PATH;
         let flags = (libc::O_RDWR | libc::O_CLOEXEC) as u64;
         let r = self.run(tgid, &[(libc::SYS_open, [ptr, flags, 0, 0, 0, 0])])?;
-        let fd = errno_or(r[0])?;
+        let fd = self.raise_fd(tgid, errno_or(r[0])?)?;
         self.ram_fd.store(fd as u32, Ordering::Relaxed);
+        self.res_qword(RES_RAM_FD).store(fd, Ordering::Relaxed);
         Ok(())
+    }
+
+    /// Move an agent descriptor to a high number, out of the way of the
+    /// guest's own (programs reuse low numbers); keep it where it is if that
+    /// fails.
+    fn raise_fd(&self, tgid: Pid, fd: i64) -> Result<u64, Errno> {
+        let dupfd = libc::F_DUPFD_CLOEXEC as u64;
+        let r = self.run(
+            tgid,
+            &[(libc::SYS_fcntl, [fd as u64, dupfd, AGENT_FD_FLOOR, 0, 0, 0])],
+        )?;
+        match errno_or(r[0]) {
+            Ok(high) => {
+                self.run(tgid, &[(libc::SYS_close, [fd as u64, 0, 0, 0, 0, 0])])?;
+                Ok(high as u64)
+            }
+            Err(_) => Ok(fd as u64),
+        }
     }
 
     /// `mmap` a run of RAM at `va` in the guest (reopening the agent's RAM

@@ -15,6 +15,29 @@
 //! the page is a `MAP_SHARED` memfd mapping), runs the batch, publishes
 //! `done` and wakes it. It keeps no state in memory but `r14` (last request)
 //! and `r15` (the control page), and uses no stack.
+//!
+//! The **resolver** (second gadget, at [`resolver_gadget`] in the code page)
+//! is the fast path of VPAGETABLE faults, run by a second agent thread: it
+//! reads the guest's userfaultfd, walks the plain 4-level case of the VPTEs
+//! (A/M by `lock cmpxchg`, exactly as the `vpte` walker does), installs the
+//! page with one `mmap` of RAM and wakes the faulting thread, all without
+//! leaving the guest process. Anything else (superpages, failed walks,
+//! neighbours that a prefault run could batch, a full ring, an exhausted VMA
+//! budget, fast path disabled) is forwarded to the supervisor through a ring
+//! in the resolver page. Layout of the resolver page (`r15` in the resolver):
+//! - `0x000 lock: u32`: futex mutex shared with the supervisor (0 free,
+//!   1 held, 2 held with waiters), held across walk and install;
+//! - `0x004 enabled: u32`, `0x008 ram_base`, `0x010 ram_size`, `0x018 ram_fd`,
+//!   `0x020 uffd` (u64 each);
+//! - `0x028 fwd_head`, `0x02c fwd_tail`, `0x030 ins_head`, `0x034 ins_tail`
+//!   (u32, heads written by the resolver, tails by the supervisor);
+//! - `0x038 budget: u32` installs left, `0x03c nwin: u32` windows in the table;
+//! - `0x040 resolved: u64`, `0x048 sup_wake: u32` (futex the supervisor
+//!   sleeps on), `0x050 sigset: u64`;
+//! - `0x060` window table: [`RES_MAX_WINDOWS`] × `{start, end, off, master}`;
+//! - `0x300` message buffer, `0x320` wake range, `0x330` scratch;
+//! - `0x400` forward ring: [`RES_FWD_SLOTS`] raw `uffd_msg`s (32 bytes);
+//! - `0x800` install ring: [`RES_INS_SLOTS`] × `{va, len}`.
 
 use std::arch::global_asm;
 
@@ -32,6 +55,49 @@ pub const CTL_OPS: usize = 0x40;
 pub const OP_SIZE: usize = 64;
 /// Operations per batch.
 pub const MAX_OPS: usize = (4096 - CTL_OPS) / OP_SIZE;
+
+/// Resolver page: the lock word.
+pub const RES_LOCK: usize = 0x000;
+/// Resolver page: fast path enabled.
+pub const RES_ENABLED: usize = 0x004;
+/// Resolver page: guest address of the resolver's RAM mapping.
+pub const RES_RAM_BASE: usize = 0x008;
+/// Resolver page: RAM size.
+pub const RES_RAM_SIZE: usize = 0x010;
+/// Resolver page: the guest's RAM descriptor for installs.
+pub const RES_RAM_FD: usize = 0x018;
+/// Resolver page: the guest's userfaultfd descriptor.
+pub const RES_UFFD: usize = 0x020;
+/// Resolver page: forward ring head (resolver) and tail (supervisor).
+pub const RES_FWD_HEAD: usize = 0x028;
+/// See [`RES_FWD_HEAD`].
+pub const RES_FWD_TAIL: usize = 0x02c;
+/// Resolver page: install ring head (resolver) and tail (supervisor).
+pub const RES_INS_HEAD: usize = 0x030;
+/// See [`RES_INS_HEAD`].
+pub const RES_INS_TAIL: usize = 0x034;
+/// Resolver page: installs the resolver may still make.
+pub const RES_BUDGET: usize = 0x038;
+/// Resolver page: windows in the table.
+pub const RES_NWIN: usize = 0x03c;
+/// Resolver page: faults resolved by the resolver.
+pub const RES_RESOLVED: usize = 0x040;
+/// Resolver page: the futex word the supervisor waits on.
+pub const RES_SUP_WAKE: usize = 0x048;
+/// Resolver page: all-ones signal set.
+pub const RES_SIGSET: usize = 0x050;
+/// Resolver page: the window table.
+pub const RES_WINDOWS: usize = 0x060;
+/// Windows the table holds (the others are served by the supervisor).
+pub const RES_MAX_WINDOWS: usize = (0x300 - RES_WINDOWS) / 32;
+/// Resolver page: the forward ring.
+pub const RES_FWD_RING: usize = 0x400;
+/// Forward ring slots.
+pub const RES_FWD_SLOTS: u32 = 32;
+/// Resolver page: the install ring.
+pub const RES_INS_RING: usize = 0x800;
+/// Install ring slots.
+pub const RES_INS_SLOTS: u32 = 128;
 
 global_asm!(
     ".pushsection .text.vkrun_agent,\"ax\",@progbits",
@@ -91,6 +157,317 @@ global_asm!(
     "mov edx, 1",
     "syscall",
     "jmp 3b",
+    // ---- resolver: clone gadget at code+0x800 ----
+    ".p2align 4",
+    ".globl vkrun_resolver_gadget",
+    ".hidden vkrun_resolver_gadget",
+    "vkrun_resolver_gadget:",
+    "syscall",
+    "test rax, rax",
+    "jz 20f",
+    "int3",
+    "20:",
+    // block every signal
+    "mov eax, 14",
+    "mov edi, 2",
+    "lea rsi, [r15 + 0x50]",
+    "xor edx, edx",
+    "mov r10d, 8",
+    "syscall",
+    // ---- read one uffd message ----
+    "21:",
+    "xor eax, eax",
+    "mov rdi, qword ptr [r15 + 0x20]",
+    "lea rsi, [r15 + 0x300]",
+    "mov edx, 32",
+    "syscall",
+    "cmp rax, 32",
+    "je 22f",
+    "cmp rax, -4",
+    "je 21b",
+    "cmp rax, -11",
+    "je 21b",
+    // the uffd is gone (mm exited): end the thread
+    "mov eax, 60",
+    "xor edi, edi",
+    "syscall",
+    "22:",
+    "cmp byte ptr [r15 + 0x300], 0x12",
+    "jne 60f",
+    // ---- take the lock ----
+    "mov eax, 0",
+    "mov ecx, 1",
+    "lock cmpxchg dword ptr [r15], ecx",
+    "je 24f",
+    "23:",
+    "mov ecx, 2",
+    "xchg ecx, dword ptr [r15]",
+    "test ecx, ecx",
+    "je 24f",
+    "mov eax, 202",
+    "mov rdi, r15",
+    "xor esi, esi",
+    "mov edx, 2",
+    "xor r10d, r10d",
+    "syscall",
+    "jmp 23b",
+    "24:",
+    "cmp dword ptr [r15 + 4], 0",
+    "je 59f",
+    "mov rbp, qword ptr [r15 + 0x08]",
+    "mov rbx, qword ptr [r15 + 0x10]",
+    "mov r8, qword ptr [r15 + 0x310]",
+    "and r8, -4096",
+    "mov qword ptr [r15 + 0x330], r8",
+    // find the window
+    "mov r9d, dword ptr [r15 + 0x3c]",
+    "lea r10, [r15 + 0x60]",
+    "25:",
+    "test r9d, r9d",
+    "jz 59f",
+    "cmp r8, qword ptr [r10]",
+    "jb 26f",
+    "cmp r8, qword ptr [r10 + 8]",
+    "jae 26f",
+    "jmp 27f",
+    "26:",
+    "add r10, 32",
+    "dec r9d",
+    "jmp 25b",
+    "27:",
+    // pindex = (page - start + off) >> 12
+    "mov r11, r8",
+    "sub r11, qword ptr [r10]",
+    "add r11, qword ptr [r10 + 16]",
+    "jc 59f",
+    "shr r11, 12",
+    "mov rdx, qword ptr [r10 + 24]",
+    // write access?
+    "mov r13, qword ptr [r15 + 0x308]",
+    "and r13d, 1",
+    // need = V | (write ? RW : 0); upd = A | (write ? M : 0)
+    "mov r14d, 1",
+    "mov esi, 0x20",
+    "test r13d, r13d",
+    "jz 28f",
+    "or r14d, 2",
+    "or esi, 0x40",
+    "28:",
+    // master: needs its bits, no PS (superpages take the slow path)
+    "mov rax, rdx",
+    "and rax, r14",
+    "cmp rax, r14",
+    "jne 59f",
+    "test edx, 0x80",
+    "jnz 59f",
+    "mov rdi, rdx",
+    "and edi, 2",
+    "mov r9, rdx",
+    "shr r9, 63",
+    "mov ecx, 36",
+    // ---- one level: rdx = entry pointing at the next table ----
+    "30:",
+    "mov r12, 0x000FFFFFFFFFF000",
+    "and r12, rdx",
+    "lea rax, [r12 + 4096]",
+    "cmp rax, rbx",
+    "ja 59f",
+    "sub ecx, 9",
+    "mov r10, r11",
+    "shr r10, cl",
+    "and r10d, 511",
+    "lea r10, [r12 + r10 * 8]",
+    "mov rax, qword ptr [rbp + r10]",
+    "31:",
+    // the entry's own checks
+    "mov r12, rax",
+    "and r12, r14",
+    "cmp r12, r14",
+    "jne 59f",
+    "test ecx, ecx",
+    "jz 32f",
+    // an inner entry: no PS; its table inside RAM
+    "test eax, 0x80",
+    "jnz 59f",
+    "mov r12, 0x000FFFFFFFFFF000",
+    "and r12, rax",
+    "add r12, 4096",
+    "cmp r12, rbx",
+    "ja 59f",
+    "jmp 33f",
+    "32:",
+    // the leaf: its page inside RAM
+    "mov r12, 0x000FFFFFFFFFF000",
+    "and r12, rax",
+    "add r12, 4096",
+    "cmp r12, rbx",
+    "ja 59f",
+    "33:",
+    // set A (and M) by compare-and-swap, re-checking a changed entry
+    "mov r12, rax",
+    "or r12, rsi",
+    "cmp r12, rax",
+    "je 34f",
+    "lock cmpxchg qword ptr [rbp + r10], r12",
+    "jne 31b",
+    "mov rax, r12",
+    "34:",
+    "mov r12, rax",
+    "and r12d, 2",
+    "and edi, r12d",
+    "mov r12, rax",
+    "shr r12, 63",
+    "or r9, r12",
+    "mov rdx, rax",
+    "test ecx, ecx",
+    "jnz 30b",
+    // ---- leaf in rdx, its entry at rbp+r10 ----
+    // a neighbour with V|A whose frame continues this one could join a
+    // prefault run: the slow path batches those
+    "mov rax, 0x000FFFFFFFFFF000",
+    "and rax, rdx",
+    "mov r12, r10",
+    "and r12, 4095",
+    "jz 35f",
+    "mov r8, qword ptr [rbp + r10 - 8]",
+    "mov ecx, r8d",
+    "and ecx, 0x21",
+    "cmp ecx, 0x21",
+    "jne 35f",
+    "mov rcx, 0x000FFFFFFFFFF000",
+    "and rcx, r8",
+    "add rcx, 4096",
+    "cmp rcx, rax",
+    "je 59f",
+    "35:",
+    "cmp r12, 4088",
+    "je 36f",
+    "mov r8, qword ptr [rbp + r10 + 8]",
+    "mov ecx, r8d",
+    "and ecx, 0x21",
+    "cmp ecx, 0x21",
+    "jne 36f",
+    "mov rcx, 0x000FFFFFFFFFF000",
+    "and rcx, r8",
+    "sub rcx, 4096",
+    "cmp rcx, rax",
+    "je 59f",
+    "36:",
+    // room in the VMA budget and the install ring?
+    "cmp dword ptr [r15 + 0x38], 0",
+    "je 59f",
+    "mov eax, dword ptr [r15 + 0x30]",
+    "sub eax, dword ptr [r15 + 0x34]",
+    "cmp eax, 128",
+    "jae 59f",
+    // prot = R | W (all RW and (M or write)) | X (no NX)
+    "mov r10d, 1",
+    "test edi, edi",
+    "jz 37f",
+    "test edx, 0x40",
+    "jnz 38f",
+    "test r13d, r13d",
+    "jz 37f",
+    "38:",
+    "or r10d, 2",
+    "37:",
+    "test r9, r9",
+    "jnz 39f",
+    "or r10d, 4",
+    "39:",
+    // mmap(page, 4096, prot, MAP_SHARED|MAP_FIXED|(write ? MAP_POPULATE : 0), ram_fd, pa)
+    "mov eax, 9",
+    "mov rdi, qword ptr [r15 + 0x330]",
+    "mov esi, 4096",
+    "mov r12, rdx",
+    "mov rdx, r10",
+    "mov r10d, 0x11",
+    "test r13d, r13d",
+    "jz 40f",
+    "or r10d, 0x8000",
+    "40:",
+    "mov r8, qword ptr [r15 + 0x18]",
+    "mov r9, 0x000FFFFFFFFFF000",
+    "and r9, r12",
+    "syscall",
+    "cmp rax, -4096",
+    "ja 59f",
+    // madvise(page, 4096, MADV_DONTFORK)
+    "mov eax, 28",
+    "mov rdi, qword ptr [r15 + 0x330]",
+    "mov esi, 4096",
+    "mov edx, 10",
+    "syscall",
+    // record the install, spend budget, count
+    "mov eax, dword ptr [r15 + 0x30]",
+    "mov ecx, eax",
+    "and ecx, 127",
+    "shl ecx, 4",
+    "mov rdi, qword ptr [r15 + 0x330]",
+    "mov qword ptr [r15 + rcx + 0x800], rdi",
+    "mov qword ptr [r15 + rcx + 0x808], 4096",
+    "inc eax",
+    "mov dword ptr [r15 + 0x30], eax",
+    "dec dword ptr [r15 + 0x38]",
+    "inc qword ptr [r15 + 0x40]",
+    // unlock, then wake the faulting thread
+    "call 70f",
+    "mov rax, qword ptr [r15 + 0x330]",
+    "mov qword ptr [r15 + 0x320], rax",
+    "mov qword ptr [r15 + 0x328], 4096",
+    "mov eax, 16",
+    "mov rdi, qword ptr [r15 + 0x20]",
+    "mov esi, 0x8010AA02",
+    "lea rdx, [r15 + 0x320]",
+    "syscall",
+    "jmp 21b",
+    // ---- forward to the supervisor (59: holding the lock) ----
+    "59:",
+    "call 70f",
+    "60:",
+    "mov eax, dword ptr [r15 + 0x28]",
+    "mov ecx, eax",
+    "sub ecx, dword ptr [r15 + 0x2c]",
+    "cmp ecx, 32",
+    "jb 61f",
+    // ring full: wait for the supervisor to take some
+    "mov edx, dword ptr [r15 + 0x2c]",
+    "mov eax, 202",
+    "lea rdi, [r15 + 0x2c]",
+    "xor esi, esi",
+    "xor r10d, r10d",
+    "syscall",
+    "jmp 60b",
+    "61:",
+    "mov ecx, eax",
+    "and ecx, 31",
+    "shl ecx, 5",
+    "movdqu xmm0, xmmword ptr [r15 + 0x300]",
+    "movdqu xmm1, xmmword ptr [r15 + 0x310]",
+    "movdqu xmmword ptr [r15 + rcx + 0x400], xmm0",
+    "movdqu xmmword ptr [r15 + rcx + 0x410], xmm1",
+    "inc eax",
+    "mov dword ptr [r15 + 0x28], eax",
+    "lock inc dword ptr [r15 + 0x48]",
+    "mov eax, 202",
+    "lea rdi, [r15 + 0x48]",
+    "mov esi, 1",
+    "mov edx, 1",
+    "syscall",
+    "jmp 21b",
+    // ---- unlock (a call: the only stack use, on the agent's stack) ----
+    "70:",
+    "xor eax, eax",
+    "xchg eax, dword ptr [r15]",
+    "cmp eax, 2",
+    "jne 71f",
+    "mov eax, 202",
+    "mov rdi, r15",
+    "mov esi, 1",
+    "mov edx, 1",
+    "syscall",
+    "71:",
+    "ret",
     ".globl vkrun_agent_code_end",
     ".hidden vkrun_agent_code_end",
     "vkrun_agent_code_end:",
@@ -99,7 +476,15 @@ global_asm!(
 
 unsafe extern "C" {
     static vkrun_agent_code_start: u8;
+    static vkrun_resolver_gadget: u8;
     static vkrun_agent_code_end: u8;
+}
+
+/// Offset in the code page of the resolver's `clone` gadget.
+pub fn resolver_gadget() -> usize {
+    let start = &raw const vkrun_agent_code_start;
+    let gadget = &raw const vkrun_resolver_gadget;
+    gadget as usize - start as usize
 }
 
 /// The agent's machine code, to be copied to the start of the code page.
@@ -120,5 +505,12 @@ mod tests {
         assert_eq!(&code[..2], &[0x0f, 0x05], "syscall");
         assert!(code.len() > 64 && code.len() < 4096, "{}", code.len());
         assert!(code.contains(&0xcc), "int3 for the parent");
+        let r = super::resolver_gadget();
+        assert!(r > 0 && r < code.len());
+        assert_eq!(
+            &code[r..r + 2],
+            &[0x0f, 0x05],
+            "the resolver's gadget starts with syscall"
+        );
     }
 }

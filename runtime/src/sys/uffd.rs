@@ -14,7 +14,8 @@ const UFFD_API: u64 = 0xAA;
 /// `UFFD_FEATURE_THREAD_ID`: fault messages carry the faulting thread.
 const UFFD_FEATURE_THREAD_ID: u64 = 1 << 8;
 const UFFDIO_REGISTER_MODE_MISSING: u64 = 1;
-const UFFD_EVENT_PAGEFAULT: u8 = 0x12;
+/// `UFFD_EVENT_PAGEFAULT`: the event byte of a page-fault message.
+pub const UFFD_EVENT_PAGEFAULT: u8 = 0x12;
 /// `UFFD_PAGEFAULT_FLAG_WRITE`.
 const UFFD_PAGEFAULT_FLAG_WRITE: u64 = 1;
 
@@ -85,6 +86,21 @@ impl Userfault {
         // SAFETY: `api` is a valid uffdio_api for the ioctl.
         unsafe { uffdio_api(fd.as_raw_fd(), &mut api) }?;
         Ok(Self { fd })
+    }
+
+    /// Make reads block (the descriptor is shared with the guest's copy, so
+    /// this is the guest-side reader's mode too).
+    pub fn set_blocking(&self) -> Result<(), Errno> {
+        use nix::fcntl::{FcntlArg, OFlag, fcntl};
+        let flags = OFlag::from_bits_truncate(fcntl(&self.fd, FcntlArg::F_GETFL)?);
+        fcntl(&self.fd, FcntlArg::F_SETFL(flags - OFlag::O_NONBLOCK)).map(drop)
+    }
+
+    /// Make reads return `EAGAIN` when nothing is pending.
+    pub fn set_nonblocking(&self) -> Result<(), Errno> {
+        use nix::fcntl::{FcntlArg, OFlag, fcntl};
+        let flags = OFlag::from_bits_truncate(fcntl(&self.fd, FcntlArg::F_GETFL)?);
+        fcntl(&self.fd, FcntlArg::F_SETFL(flags | OFlag::O_NONBLOCK)).map(drop)
     }
 
     /// Register `[start, start+len)` for missing-page faults.
