@@ -9,6 +9,8 @@
  *   closefd   close every descriptor above 2 (RAM, vkrun's own), then fault
  *   exit      exit_group while threads are faulting
  *   nx        code in a window runs, unless an entry on its path has NX
+ *   fork      a forked child has no windows (SIGSEGV there); the parent's
+ *             keep working
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -21,6 +23,7 @@
 #include <string.h>
 #include <unistd.h>
 #include <sys/mman.h>
+#include <sys/wait.h>
 #include "vkernel.h"
 
 static char *dmap;
@@ -265,6 +268,30 @@ static int nx(void)
     return 0;
 }
 
+static int fork_child(void)
+{
+    uint64_t f = alloc_frame();
+    strcpy(dmap + f, "parent");
+    *entry_for(0) = f | VPTE_V | VPTE_RW;
+    char *w = window(4, root | VPTE_V | VPTE_RW);
+    if (strcmp(w, "parent") != 0)
+        FAIL("fork: FAIL before fork");
+    pid_t child = fork();
+    if (child == 0) {
+        char c;
+        /* The window is gone in the child: a clean fault, not stale memory. */
+        _exit(probe(w, &c) ? 0 : 9);
+    }
+    int st = 0;
+    waitpid(child, &st, 0);
+    if (!WIFEXITED(st) || WEXITSTATUS(st) != 0)
+        FAIL("fork: FAIL the child saw the window (status %#x)", st);
+    if (mcontrol(w, 4096, MADV_INVAL, 0) || strcmp(w, "parent") != 0)
+        FAIL("fork: FAIL the parent's window after fork");
+    printf("fork: ok\n");
+    return 0;
+}
+
 int main(int argc, char **argv)
 {
     if (argc < 2)
@@ -292,5 +319,7 @@ int main(int argc, char **argv)
         return exit_mid();
     if (!strcmp(argv[1], "nx"))
         return nx();
+    if (!strcmp(argv[1], "fork"))
+        return fork_child();
     return 2;
 }

@@ -213,3 +213,39 @@ impl Drop for Injector {
         }
     }
 }
+
+/// Run `calls` in `tid`, stopped at any ptrace stop (not a syscall stop),
+/// through a `syscall; int3` gadget at `gadget` in its address space; then
+/// restore its registers and let it run. Results are not returned: callers
+/// use it for clean-up that may fail harmlessly.
+pub fn run_at_stop(tid: Pid, gadget: u64, calls: &[(i64, [u64; 6])]) -> Result<(), InjectError> {
+    let fail = |errno| InjectError::Ptrace { tid, errno };
+    let saved = ptrace::getregs(tid).map_err(fail)?;
+    let mut pending = None;
+    for &(nr, args) in calls {
+        let mut regs = saved;
+        regs.rip = gadget;
+        regs.rax = nr as u64;
+        regs.orig_rax = u64::MAX; // not inside a system call: no restart
+        [regs.rdi, regs.rsi, regs.rdx, regs.r10, regs.r8, regs.r9] = args;
+        ptrace::setregs(tid, regs).map_err(fail)?;
+        ptrace::cont(tid, None).map_err(fail)?;
+        loop {
+            match waitpid(tid, Some(WaitPidFlag::__WALL)) {
+                Ok(WaitStatus::Stopped(_, Signal::SIGTRAP)) => break,
+                Ok(WaitStatus::Stopped(_, sig)) => {
+                    pending = Some(sig);
+                    ptrace::cont(tid, None).map_err(fail)?;
+                }
+                Ok(status @ (WaitStatus::Exited(..) | WaitStatus::Signaled(..))) => {
+                    return Err(InjectError::Gone { tid, status });
+                }
+                Ok(_) => ptrace::cont(tid, None).map_err(fail)?,
+                Err(Errno::EINTR) => continue,
+                Err(errno) => return Err(fail(errno)),
+            }
+        }
+    }
+    ptrace::setregs(tid, saved).map_err(fail)?;
+    ptrace::cont(tid, pending).map_err(fail)
+}

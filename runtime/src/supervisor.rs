@@ -369,12 +369,39 @@ impl Supervisor {
                 || e == Event::PTRACE_EVENT_CLONE as i32 =>
             {
                 if let Ok(new) = ptrace::getevent(pid) {
-                    self.tracees.insert(Pid::from_raw(new as i32));
+                    let child = Pid::from_raw(new as i32);
+                    self.tracees.insert(child);
+                    if e != Event::PTRACE_EVENT_VFORK as i32 {
+                        self.strip_windows(pid, child)?;
+                    }
                 }
             }
             _ => {}
         }
         resume(pid, None);
+        Ok(())
+    }
+
+    /// A new process that does not share `parent`'s mm must not keep its
+    /// windows (no agent serves them there): take them away while the child
+    /// is at its first stop.
+    fn strip_windows(&mut self, parent: Pid, child: Pid) -> Result<(), Error> {
+        let tgid = tgid_of(parent).unwrap_or(parent);
+        if !self.vpt().has_windows(tgid) || crate::sys::kcmp::same_vm(parent, child) {
+            return Ok(());
+        }
+        // Its first stop: an auto-attached task starts in PTRACE_EVENT_STOP.
+        loop {
+            match waitpid(child, Some(WaitPidFlag::__WALL)) {
+                Ok(WaitStatus::PtraceEvent(..)) | Ok(WaitStatus::Stopped(..)) => break,
+                Ok(status) => return self.on_wait_status(status),
+                Err(Errno::EINTR) => continue,
+                Err(_) => return Ok(()),
+            }
+        }
+        if let Some(status) = self.vpt().on_fork(tgid, child) {
+            self.on_wait_status(status)?;
+        }
         Ok(())
     }
 

@@ -403,8 +403,6 @@ impl Vpt {
             Ok(v) => v as u64,
             Err(e) => return Ok(Err(e)),
         };
-        let (nr, args) = dontfork(start, len);
-        inj.syscall(nr, args)?;
         if start.checked_add(len).is_none_or(|end| end > USER_MAX) {
             inj.syscall(libc::SYS_munmap, [start, len, 0, 0, 0, 0])?;
             return Ok(Err(Errno::ENOMEM));
@@ -626,7 +624,7 @@ impl Vpt {
     /// resolves once the caller releases `mm`), registered by the agent, and
     /// only then made accessible. Caller holds `mm`.
     fn rearm(&self, p: &Process, ranges: &[(u64, u64)]) -> Result<(), Errno> {
-        const OPS_PER_RANGE: usize = 4;
+        const OPS_PER_RANGE: usize = 3;
         let none = libc::PROT_NONE as u64;
         let rw = (libc::PROT_READ | libc::PROT_WRITE) as u64;
         let flags =
@@ -640,7 +638,6 @@ impl Vpt {
                 ops.push((libc::SYS_mmap, [va, len, none, flags, u64::MAX, 0]));
                 ops.push((libc::SYS_ioctl, [uffd, UFFDIO_REGISTER, slot, 0, 0, 0]));
                 ops.push((libc::SYS_mprotect, [va, len, rw, 0, 0, 0]));
-                ops.push(dontfork(va, len));
             }
             let r = p.agent.run(p.tgid, &ops)?;
             for (i, &(va, len)) in chunk.iter().enumerate() {
@@ -1115,10 +1112,7 @@ impl Vpt {
                 p.agent
                     .run(
                         p.tgid,
-                        &[
-                            (libc::SYS_mmap, [page, PAGE, 0, flags, u64::MAX, 0]),
-                            dontfork(page, PAGE),
-                        ],
+                        &[(libc::SYS_mmap, [page, PAGE, 0, flags, u64::MAX, 0])],
                     )
                     .and_then(|r| errno_or(r[0]).map(drop))
             }
@@ -1244,6 +1238,45 @@ impl Vpt {
                 self.trace_fault(tid.as_raw(), info.addr, w.master, access, &Err(e));
                 let (si_code, pgex) = poison_of(e.as_ref(), access);
                 SegvAction::Handled(deliver_page_fault(tid, info.addr, Poison { si_code, pgex }))
+            }
+        }
+    }
+
+    /// Whether process `tgid` has VPAGETABLE windows.
+    pub fn has_windows(&self, tgid: Pid) -> bool {
+        lock(&self.procs)
+            .get(&tgid)
+            .is_some_and(|p| !lock(&p.mm).windows.is_empty())
+    }
+
+    /// A fork of process `parent` created `child` (stopped at its first
+    /// stop, not sharing the parent's mm): take the windows away from it, so
+    /// that it gets a clean `SIGSEGV` there instead of memory no agent
+    /// serves. Runs `munmap`s in the child through the agent code's
+    /// `syscall; int3` gadget (the agent region is inherited), then resumes
+    /// it. Returns the child's wait status if it died meanwhile.
+    pub fn on_fork(&self, parent: Pid, child: Pid) -> Option<WaitStatus> {
+        let (ranges, gadget) = {
+            let procs = lock(&self.procs);
+            let p = procs.get(&parent)?;
+            let mm = lock(&p.mm);
+            let ranges: Vec<(u64, u64)> = mm.windows.values().map(|w| (w.start, w.len)).collect();
+            let gadget = p.agent.guest_base + AGENT_CODE + agent_code::syscall_gadget() as u64;
+            (ranges, gadget)
+        };
+        match crate::inject::run_at_stop(
+            child,
+            gadget,
+            &ranges
+                .iter()
+                .map(|&(s, l)| (libc::SYS_munmap, [s, l, 0, 0, 0, 0]))
+                .collect::<Vec<_>>(),
+        ) {
+            Ok(()) => None,
+            Err(InjectError::Gone { status, .. }) => Some(status),
+            Err(e) => {
+                tracing::warn!("removing windows from a forked child failed: {e}");
+                None
             }
         }
     }
@@ -1408,16 +1441,6 @@ fn maps_other_memory(tgid: Pid, start: u64, end: u64, windows: &[(u64, u64)]) ->
         let (a, b) = (a.max(start), b.min(end));
         a < b && !windows.iter().any(|&(s, e)| s <= a && b <= e)
     })
-}
-
-/// `madvise(va, len, MADV_DONTFORK)`: every VMA of a window carries it, so
-/// a forked child gets no window at all (a clean `SIGSEGV`) rather than
-/// anonymous copies that no agent serves.
-fn dontfork(va: u64, len: u64) -> (i64, [u64; 6]) {
-    (
-        libc::SYS_madvise,
-        [va, len, libc::MADV_DONTFORK as u64, 0, 0, 0],
-    )
 }
 
 fn errno_or(ret: i64) -> Result<i64, Errno> {
@@ -1623,13 +1646,7 @@ impl Agent {
     ) -> Result<(), Errno> {
         for attempt in 0..2 {
             let fd = u64::from(self.ram_fd.load(Ordering::Relaxed));
-            let r = self.run(
-                tgid,
-                &[
-                    (libc::SYS_mmap, [va, len, prot, flags, fd, pa]),
-                    dontfork(va, len),
-                ],
-            )?;
+            let r = self.run(tgid, &[(libc::SYS_mmap, [va, len, prot, flags, fd, pa])])?;
             match errno_or(r[0]) {
                 Ok(_) => return Ok(()),
                 Err(Errno::EBADF | Errno::EACCES | Errno::ENODEV) if attempt == 0 => {

@@ -77,3 +77,8 @@ fn exit_with_faults_in_flight_ends_cleanly() {
 fn nx_entries_are_not_executable() {
     expect_ok("nx");
 }
+
+#[test]
+fn a_forked_child_has_no_windows() {
+    expect_ok("fork");
+}

@@ -157,7 +157,13 @@ global_asm!(
     "mov edx, 1",
     "syscall",
     "jmp 3b",
-    // ---- resolver: clone gadget at code+0x800 ----
+    // ---- a plain system call for injection at any stop ----
+    ".globl vkrun_syscall_gadget",
+    ".hidden vkrun_syscall_gadget",
+    "vkrun_syscall_gadget:",
+    "syscall",
+    "int3",
+    // ---- resolver: its clone gadget ----
     ".p2align 4",
     ".globl vkrun_resolver_gadget",
     ".hidden vkrun_resolver_gadget",
@@ -392,12 +398,6 @@ global_asm!(
     "syscall",
     "cmp rax, -4096",
     "ja 59f",
-    // madvise(page, 4096, MADV_DONTFORK)
-    "mov eax, 28",
-    "mov rdi, qword ptr [r15 + 0x330]",
-    "mov esi, 4096",
-    "mov edx, 10",
-    "syscall",
     // record the install, spend budget, count
     "mov eax, dword ptr [r15 + 0x30]",
     "mov ecx, eax",
@@ -477,7 +477,15 @@ global_asm!(
 unsafe extern "C" {
     static vkrun_agent_code_start: u8;
     static vkrun_resolver_gadget: u8;
+    static vkrun_syscall_gadget: u8;
     static vkrun_agent_code_end: u8;
+}
+
+/// Offset in the code page of `syscall; int3`.
+pub fn syscall_gadget() -> usize {
+    let start = &raw const vkrun_agent_code_start;
+    let gadget = &raw const vkrun_syscall_gadget;
+    gadget as usize - start as usize
 }
 
 /// Offset in the code page of the resolver's `clone` gadget.

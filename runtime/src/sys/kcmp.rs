@@ -28,3 +28,21 @@ pub fn same_file(ours: BorrowedFd<'_>, tid: Pid, their_fd: i32) -> Result<bool, 
         _ => Err(Errno::last()),
     }
 }
+
+const KCMP_VM: libc::c_long = 1;
+
+/// Whether tasks `a` and `b` share one address space (kcmp(2), `KCMP_VM`).
+pub fn same_vm(a: Pid, b: Pid) -> bool {
+    // SAFETY: kcmp takes only integers.
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_kcmp,
+            libc::c_long::from(a.as_raw()),
+            libc::c_long::from(b.as_raw()),
+            KCMP_VM,
+            0,
+            0,
+        )
+    };
+    ret == 0
+}
