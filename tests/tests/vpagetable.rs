@@ -1,0 +1,352 @@
+//! MAP_VPAGETABLE end to end (ABI sections 2-6): the `vpt-demo` guest checks
+//! one area per subcommand from the inside and prints `AREA: CHECK ok` per
+//! passing check; each test runs it under vkrun and demands exit 0, no FAIL
+//! line and exactly the expected `ok` lines. Also the C guest, the demo,
+//! the counters and the fault trace, and the guest's behaviour without vkrun.
+
+use std::path::Path;
+use std::process::Command;
+
+use vkrun_tests::{bin, compile_c, run, text, vkrun, workspace_root};
+
+/// Run `vpt-demo ARGS` under `vkrun -m MEM`; assert exit 0 and no FAIL line;
+/// return stdout.
+fn vpt_demo(mem: &str, args: &[&str]) -> String {
+    let out = run(vkrun()
+        .args(["-m", mem, "--"])
+        .arg(bin("vpt-demo"))
+        .args(args));
+    let stdout = text(&out.stdout);
+    let stderr = text(&out.stderr);
+    assert!(
+        !stdout.contains("FAIL"),
+        "vpt-demo {args:?} failed:\n{stdout}{stderr}"
+    );
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "vpt-demo {args:?}:\n{stdout}{stderr}"
+    );
+    stdout
+}
+
+/// Assert that stdout has `AREA: CHECK ok` for every check, and no other
+/// `ok` line of that area (so the lists here follow the guest).
+fn assert_oks<S: AsRef<str>>(stdout: &str, area: &str, checks: &[S]) {
+    let prefix = format!("{area}: ");
+    let oks: Vec<&str> = stdout
+        .lines()
+        .filter(|l| l.starts_with(&prefix) && l.ends_with(" ok"))
+        .collect();
+    for check in checks {
+        let line = format!("{area}: {} ok", check.as_ref());
+        assert!(
+            oks.contains(&line.as_str()),
+            "missing {line:?} in:\n{stdout}"
+        );
+    }
+    assert_eq!(oks.len(), checks.len(), "unexpected ok lines in:\n{stdout}");
+}
+
+/// Run one area at 64 MiB and check its lines.
+fn area(name: &str, checks: &[&str]) {
+    let stdout = vpt_demo("64M", &[name]);
+    assert_oks(&stdout, name, checks);
+}
+
+#[test]
+fn without_vkrun_vpt_demo_fails_cleanly() {
+    let out = run(Command::new(bin("vpt-demo")).arg("args"));
+    assert_eq!(text(&out.stderr), "vk_info: Function not implemented\n");
+    assert_eq!(text(&out.stdout), "");
+    assert_eq!(out.status.code(), Some(1));
+}
+
+#[test]
+#[ignore = "needs MAP_VPAGETABLE in the supervisor (issue 4)"]
+fn args_follow_abi_sections_4_and_5() {
+    area(
+        "args",
+        &[
+            "vk_mmap MAP_PRIVATE EINVAL",
+            "vk_mmap other fd EINVAL",
+            "vk_mmap without PROT_WRITE EINVAL",
+            "vk_mmap MAP_STACK EINVAL",
+            "vk_mmap len 0 EINVAL",
+            "vk_mmap MAP_FIXED beyond user_max EINVAL",
+            "vk_mmap MAP_FIXED address",
+            "vk_mmap chosen address",
+            "mcontrol behav 12 and -1 EINVAL",
+            "mcontrol behav 0..9",
+            "mcontrol wrapping range EINVAL",
+            "mcontrol end beyond user_max EINVAL",
+            "mcontrol unmapped range",
+            "mcontrol SETMAP on a window",
+            "mcontrol SETMAP on anonymous memory EINVAL",
+        ],
+    );
+}
+
+const ALIAS: [&str; 6] = [
+    "dmap -> window",
+    "A set at every level after a read",
+    "M clear after a read",
+    "window -> dmap",
+    "M set at every level after a write",
+    "two pages of one frame alias each other",
+];
+
+#[test]
+#[ignore = "needs MAP_VPAGETABLE in the supervisor (issue 4)"]
+fn window_pages_alias_ram_and_a_m_are_exact() {
+    area("alias", &ALIAS);
+}
+
+#[test]
+#[ignore = "needs MAP_VPAGETABLE in the supervisor (issue 4)"]
+fn reads_map_read_only_until_the_first_write() {
+    area(
+        "readonly",
+        &[
+            "read through an RW leaf without M",
+            "the read leaves M clear",
+            "the first write sets M",
+            "read through a leaf without RW",
+            "write through a leaf without RW raises SIGSEGV",
+            "the write lands once the handler sets RW",
+        ],
+    );
+}
+
+#[test]
+#[ignore = "needs MAP_VPAGETABLE in the supervisor (issue 4)"]
+fn failed_walks_deliver_sigsegv_with_abi_details() {
+    let mut checks = Vec::new();
+    for case in [
+        "maperr read",
+        "maperr write",
+        "accerr write",
+        "beyond-RAM read",
+    ] {
+        for field in [
+            "signal", "si_addr", "si_code", "trapno", "cr2", "err bits", "retry",
+        ] {
+            checks.push(format!("{case} {field}"));
+        }
+    }
+    let stdout = vpt_demo("64M", &["segv"]);
+    assert_oks(&stdout, "segv", &checks);
+}
+
+#[test]
+#[ignore = "needs MAP_VPAGETABLE in the supervisor (issue 4)"]
+fn superpages_and_a_linear_master() {
+    area(
+        "superpage",
+        &[
+            "2 MiB leaf",
+            "2 MiB leaf A and M",
+            "unaligned 2 MiB frame is not masked",
+            "1 GiB leaf",
+            "linear master PDE",
+        ],
+    );
+}
+
+#[test]
+#[ignore = "needs MAP_VPAGETABLE in the supervisor (issue 4)"]
+fn inval_and_setmap_make_changes_visible() {
+    area(
+        "inval",
+        &[
+            "MADV_INVAL writes no VPTE",
+            "a new frame shows after MADV_INVAL",
+            "a cleared RW faults after MADV_INVAL",
+            "a cleared V faults after MADV_INVAL",
+            "SETMAP with a new master drops translations",
+        ],
+    );
+}
+
+#[test]
+#[ignore = "needs MAP_VPAGETABLE in the supervisor (issue 4)"]
+fn system_calls_fault_window_pages_in() {
+    area(
+        "kernel",
+        &[
+            "read(2) into an untouched page",
+            "write(2) from an untouched page",
+            "read(2) across two pages",
+        ],
+    );
+}
+
+#[test]
+#[ignore = "needs MAP_VPAGETABLE in the supervisor (issue 4)"]
+fn a_1_tib_kernel_space_window_at_offset_512_gib() {
+    area("kva", &["1 TiB window mapped", "scattered pages"]);
+}
+
+#[test]
+#[ignore = "needs MAP_VPAGETABLE in the supervisor (issue 4)"]
+fn scattered_pages_default_count() {
+    area(
+        "scatter",
+        &["2000 scattered pages", "A set on all 2000 leaves"],
+    );
+}
+
+#[test]
+#[ignore = "needs MAP_VPAGETABLE in the supervisor (issue 4)"]
+fn two_hundred_thousand_scattered_pages() {
+    let stdout = vpt_demo("1G", &["scatter", "200000"]);
+    assert_oks(
+        &stdout,
+        "scatter",
+        &["200000 scattered pages", "A set on all 200000 leaves"],
+    );
+}
+
+#[test]
+#[ignore = "needs MAP_VPAGETABLE in the supervisor (issue 4)"]
+fn threads_fault_concurrently_and_race_inval() {
+    area(
+        "threads",
+        &[
+            "4 threads fault concurrently",
+            "reads stay right under MADV_INVAL",
+            "no write lost under MADV_INVAL",
+        ],
+    );
+}
+
+#[test]
+#[ignore = "needs MAP_VPAGETABLE in the supervisor (issue 4)"]
+fn c_guest_builds_tables_by_hand() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let src = workspace_root().join("guest-samples/c/vpt_demo.c");
+    let strict = [
+        "-std=c11",
+        "-Wextra",
+        "-Werror",
+        "-pedantic",
+        "-Wconversion",
+        "-Wsign-conversion",
+    ];
+    let Some(exe) = compile_c(&src, dir.path(), &strict) else {
+        return;
+    };
+    let out = run(vkrun().args(["-m", "64M", "--"]).arg(&exe));
+    assert_eq!(
+        text(&out.stdout),
+        "vpt_demo.c: ok\n",
+        "{}",
+        text(&out.stderr)
+    );
+    assert_eq!(out.status.code(), Some(0));
+}
+
+#[test]
+#[ignore = "needs MAP_VPAGETABLE in the supervisor (issue 4)"]
+fn the_demo_runs_every_area() {
+    let stdout = vpt_demo("64M", &[]);
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert!(
+        lines
+            .first()
+            .is_some_and(|l| l.starts_with("vpt-demo: 64 MiB of guest RAM")),
+        "{stdout}"
+    );
+    let areas = [
+        "args",
+        "alias",
+        "readonly",
+        "segv",
+        "superpage",
+        "inval",
+        "kernel",
+        "kva",
+        "scatter",
+        "threads",
+    ];
+    for name in areas {
+        let prefix = format!("  {name} ");
+        assert!(
+            lines
+                .iter()
+                .any(|l| l.starts_with(&prefix) && l.contains(" ok  ")),
+            "no line for {name} in:\n{stdout}"
+        );
+    }
+    assert!(
+        lines
+            .last()
+            .is_some_and(|l| l.starts_with("vpt-demo: all 10 areas pass (")),
+        "{stdout}"
+    );
+}
+
+/// Every `0x...` number in `line`.
+fn hex_numbers(line: &str) -> impl Iterator<Item = u64> + '_ {
+    line.match_indices("0x").filter_map(|(i, _)| {
+        let digits: String = line[i + 2..]
+            .chars()
+            .take_while(char::is_ascii_hexdigit)
+            .collect();
+        u64::from_str_radix(&digits, 16).ok()
+    })
+}
+
+/// The value of counter `name` in `--stats` output.
+fn stat(log: &str, name: &str) -> u64 {
+    let prefix = format!("{name}: ");
+    log.lines()
+        .find_map(|l| l.strip_prefix(&prefix))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no counter {name} in:\n{log}"))
+}
+
+#[test]
+#[ignore = "needs MAP_VPAGETABLE in the supervisor (issue 4)"]
+fn alias_counts_and_traces_its_faults() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let log_path = dir.path().join("trace");
+    let out = run(vkrun()
+        .args(["--stats", "-e", "trace=faults", "-o"])
+        .arg(&log_path)
+        .args(["-m", "64M", "--"])
+        .arg(bin("vpt-demo"))
+        .arg("alias"));
+    let stdout = text(&out.stdout);
+    assert!(out.status.success() && !stdout.contains("FAIL"), "{stdout}");
+    assert_oks(&stdout, "alias", &ALIAS);
+    let base = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("alias: window at 0x"))
+        .and_then(|rest| rest.split(',').next())
+        .and_then(|hex| u64::from_str_radix(hex, 16).ok())
+        .unwrap_or_else(|| panic!("no window address in:\n{stdout}"));
+    let log = std::fs::read_to_string(Path::new(&log_path)).expect("trace file");
+
+    assert!(stat(&log, "vm.vpagetable_mmap") >= 1, "{log}");
+    assert!(stat(&log, "vm.vpagetable_setmap") >= 1, "{log}");
+    let faults = stat(&log, "vm.vpagetable_faults");
+    assert!(faults >= 16, "16 pages, each touched: {log}");
+
+    // One trace line per fault, naming the faulting address.
+    let page = |a: u64| (a >= base && a < base + 16 * 4096).then(|| (a - base) / 4096);
+    let fault_lines: Vec<&str> = log
+        .lines()
+        .filter(|l| hex_numbers(l).any(|a| page(a).is_some()))
+        .collect();
+    assert_eq!(fault_lines.len() as u64, faults, "{log}");
+    for p in 0..16 {
+        assert!(
+            fault_lines
+                .iter()
+                .any(|l| hex_numbers(l).any(|a| page(a) == Some(p))),
+            "no fault line for page {p} ({:#x}):\n{log}",
+            base + p * 4096
+        );
+    }
+}
