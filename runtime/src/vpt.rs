@@ -35,7 +35,7 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::os::fd::{AsFd, AsRawFd};
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, SystemTime};
 
@@ -236,6 +236,8 @@ struct Agent {
     ram_fd: AtomicU32,
     /// The guest's descriptor of its userfaultfd (the agent registers with it).
     uffd_fd: AtomicU32,
+    /// The resolver thread (0 before it starts).
+    resolver_tid: AtomicI32,
 }
 
 /// What the tracer should do with a `SIGSEGV` stop.
@@ -817,6 +819,7 @@ impl Vpt {
         });
         inj.syscall(libc::SYS_rt_sigprocmask, [setmask, old_mask, 0, 8, 0, 0])?;
         let tid = child?;
+        agent.resolver_tid.store(tid.as_raw(), Ordering::Relaxed);
         lock(&self.agents).insert(tid);
         lock(&self.resolvers).insert(tid, tgid);
         tracing::debug!(%tgid, resolver = %tid, fast = enabled, "resolver started");
@@ -969,6 +972,7 @@ impl Vpt {
             tid,
             ram_fd: AtomicU32::new(u32::MAX),
             uffd_fd: AtomicU32::new(u32::MAX),
+            resolver_tid: AtomicI32::new(0),
         };
         // The agent's own descriptor for RAM.
         if let Err(e) = agent.open_ram(self.ram.raw_fd(), inj_tgid(inj)) {
@@ -1522,11 +1526,16 @@ impl Agent {
                 break;
             }
             futex::wait(self.word(CTL_DONE), done, AGENT_POLL)?;
+            if self.word(CTL_DONE).load(Ordering::Acquire) == req {
+                break;
+            }
             // A dead agent (its process killed) must not hang the supervisor.
-            if self.word(CTL_DONE).load(Ordering::Acquire) != req && !task_alive(tgid, self.tid) {
+            if !task_alive(tgid, self.tid) {
                 return Err(Errno::ESRCH);
             }
-            if started.elapsed() > AGENT_TIMEOUT && !process_stopped(tgid) {
+            // Wake it again: a wake-up is cheap, a lost one would be fatal.
+            futex::wake(self.word(CTL_REQ))?;
+            if started.elapsed() > AGENT_TIMEOUT && !task_stopped(tgid, self.tid) {
                 tracing::error!(%tgid, "the agent does not answer; killing the guest process");
                 let _ = nix::sys::signal::kill(tgid, nix::sys::signal::Signal::SIGKILL);
                 return Err(Errno::ETIMEDOUT);
@@ -1568,7 +1577,8 @@ impl Agent {
             if nix::sys::signal::kill(tgid, None).is_err() {
                 return Err(Errno::ESRCH);
             }
-            if started.elapsed() > AGENT_TIMEOUT && !process_stopped(tgid) {
+            let resolver = Pid::from_raw(self.resolver_tid.load(Ordering::Relaxed));
+            if started.elapsed() > AGENT_TIMEOUT && !task_stopped(tgid, resolver) {
                 tracing::error!(%tgid, "the resolver holds its lock; killing the guest process");
                 let _ = nix::sys::signal::kill(tgid, nix::sys::signal::Signal::SIGKILL);
                 return Err(Errno::ETIMEDOUT);
@@ -1659,10 +1669,10 @@ impl Agent {
     }
 }
 
-/// Whether process `tgid` is stopped (job control), which legitimately
-/// pauses its agent.
-fn process_stopped(tgid: Pid) -> bool {
-    std::fs::read_to_string(format!("/proc/{tgid}/stat"))
+/// Whether thread `tid` of `tgid` is stopped (job control, which
+/// legitimately pauses an agent thread).
+fn task_stopped(tgid: Pid, tid: Pid) -> bool {
+    std::fs::read_to_string(format!("/proc/{tgid}/task/{tid}/stat"))
         .ok()
         .and_then(|s| {
             s.rsplit(')')

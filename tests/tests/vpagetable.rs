@@ -63,7 +63,7 @@ fn without_vkrun_vpt_demo_fails_cleanly() {
 }
 
 #[test]
-#[ignore = "needs MAP_VPAGETABLE in the supervisor (issue 4)"]
+
 fn args_follow_abi_sections_4_and_5() {
     area(
         "args",
@@ -97,13 +97,13 @@ const ALIAS: [&str; 6] = [
 ];
 
 #[test]
-#[ignore = "needs MAP_VPAGETABLE in the supervisor (issue 4)"]
+
 fn window_pages_alias_ram_and_a_m_are_exact() {
     area("alias", &ALIAS);
 }
 
 #[test]
-#[ignore = "needs MAP_VPAGETABLE in the supervisor (issue 4)"]
+
 fn reads_map_read_only_until_the_first_write() {
     area(
         "readonly",
@@ -119,7 +119,7 @@ fn reads_map_read_only_until_the_first_write() {
 }
 
 #[test]
-#[ignore = "needs MAP_VPAGETABLE in the supervisor (issue 4)"]
+
 fn failed_walks_deliver_sigsegv_with_abi_details() {
     let mut checks = Vec::new();
     for case in [
@@ -139,7 +139,7 @@ fn failed_walks_deliver_sigsegv_with_abi_details() {
 }
 
 #[test]
-#[ignore = "needs MAP_VPAGETABLE in the supervisor (issue 4)"]
+
 fn superpages_and_a_linear_master() {
     area(
         "superpage",
@@ -154,7 +154,7 @@ fn superpages_and_a_linear_master() {
 }
 
 #[test]
-#[ignore = "needs MAP_VPAGETABLE in the supervisor (issue 4)"]
+
 fn inval_and_setmap_make_changes_visible() {
     area(
         "inval",
@@ -169,7 +169,7 @@ fn inval_and_setmap_make_changes_visible() {
 }
 
 #[test]
-#[ignore = "needs MAP_VPAGETABLE in the supervisor (issue 4)"]
+
 fn system_calls_fault_window_pages_in() {
     area(
         "kernel",
@@ -182,13 +182,13 @@ fn system_calls_fault_window_pages_in() {
 }
 
 #[test]
-#[ignore = "needs MAP_VPAGETABLE in the supervisor (issue 4)"]
+
 fn a_1_tib_kernel_space_window_at_offset_512_gib() {
     area("kva", &["1 TiB window mapped", "scattered pages"]);
 }
 
 #[test]
-#[ignore = "needs MAP_VPAGETABLE in the supervisor (issue 4)"]
+
 fn scattered_pages_default_count() {
     area(
         "scatter",
@@ -197,7 +197,7 @@ fn scattered_pages_default_count() {
 }
 
 #[test]
-#[ignore = "needs MAP_VPAGETABLE in the supervisor (issue 4)"]
+
 fn two_hundred_thousand_scattered_pages() {
     let stdout = vpt_demo("1G", &["scatter", "200000"]);
     assert_oks(
@@ -208,7 +208,7 @@ fn two_hundred_thousand_scattered_pages() {
 }
 
 #[test]
-#[ignore = "needs MAP_VPAGETABLE in the supervisor (issue 4)"]
+
 fn threads_fault_concurrently_and_race_inval() {
     area(
         "threads",
@@ -221,7 +221,7 @@ fn threads_fault_concurrently_and_race_inval() {
 }
 
 #[test]
-#[ignore = "needs MAP_VPAGETABLE in the supervisor (issue 4)"]
+
 fn c_guest_builds_tables_by_hand() {
     let dir = tempfile::tempdir().expect("tempdir");
     let src = workspace_root().join("guest-samples/c/vpt_demo.c");
@@ -247,7 +247,7 @@ fn c_guest_builds_tables_by_hand() {
 }
 
 #[test]
-#[ignore = "needs MAP_VPAGETABLE in the supervisor (issue 4)"]
+
 fn the_demo_runs_every_area() {
     let stdout = vpt_demo("64M", &[]);
     let lines: Vec<&str> = stdout.lines().collect();
@@ -307,7 +307,7 @@ fn stat(log: &str, name: &str) -> u64 {
 }
 
 #[test]
-#[ignore = "needs MAP_VPAGETABLE in the supervisor (issue 4)"]
+
 fn alias_counts_and_traces_its_faults() {
     let dir = tempfile::tempdir().expect("tempdir");
     let log_path = dir.path().join("trace");

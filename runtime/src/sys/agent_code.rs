@@ -11,7 +11,8 @@
 //! - `0x40` operations, 64 bytes each: `nr, a0..a5` in, `ret` out.
 //!
 //! Code page: `clone` gadget at offset 0 (the parent traps with `int3`, the
-//! child jumps into the loop); the loop waits on `req` (`FUTEX_WAIT`, shared:
+//! child jumps into the loop); the loop, starting from `done`, waits on `req`
+//! (`FUTEX_WAIT`, shared:
 //! the page is a `MAP_SHARED` memfd mapping), runs the batch, publishes
 //! `done` and wakes it. It keeps no state in memory but `r14` (last request)
 //! and `r15` (the control page), and uses no stack.
@@ -118,7 +119,9 @@ global_asm!(
     "xor edx, edx",
     "mov r10d, 8",
     "syscall",
-    "mov r14d, dword ptr [r15]",
+    // Start from the last *completed* request: one posted before this
+    // thread first ran is then still seen as pending.
+    "mov r14d, dword ptr [r15 + 4]",
     "3:",
     // futex(&req, FUTEX_WAIT, r14d, NULL)
     "mov eax, 202",
