@@ -1052,6 +1052,26 @@ impl Vpt {
         }
     }
 
+    /// Walk window `w`'s tables for `page` (`Err(None)`: the page index
+    /// overflows).
+    fn walk_window(
+        &self,
+        w: &Window,
+        page: u64,
+        access: Access,
+    ) -> Result<vpte::Translation, Option<WalkError>> {
+        let pindex =
+            PageIndex::for_fault(GuestVirtAddr(page), GuestVirtAddr(w.start), w.off).ok_or(None)?;
+        vpte::walk(
+            self.ram.words(),
+            Vpte(w.master),
+            pindex,
+            access,
+            self.ram.size(),
+        )
+        .map_err(Some)
+    }
+
     /// Resolve one missing-page fault: walk, install or poison, wake.
     fn resolve(&self, p: &Process, f: &PageFault) {
         let page = page_down(f.address);
@@ -1069,18 +1089,7 @@ impl Vpt {
             let _ = p.uffd.wake(page, PAGE);
             return;
         };
-        let result = PageIndex::for_fault(GuestVirtAddr(page), GuestVirtAddr(w.start), w.off)
-            .ok_or(None)
-            .and_then(|pindex| {
-                vpte::walk(
-                    self.ram.words(),
-                    Vpte(w.master),
-                    pindex,
-                    access,
-                    self.ram.size(),
-                )
-                .map_err(Some)
-            });
+        let result = self.walk_window(&w, page, access);
         let ops_result = match &result {
             Ok(t) => {
                 // Batch the neighbours that already carry A (and M): one mmap.
@@ -1094,13 +1103,7 @@ impl Vpt {
                 } else {
                     (page, PAGE, t.pa.0)
                 };
-                let prot = PROT_READ as u64
-                    | if t.writable { PROT_WRITE as u64 } else { 0 }
-                    | if t.executable {
-                        libc::PROT_EXEC as u64
-                    } else {
-                        0
-                    };
+                let prot = prot_of(t);
                 let populate = if f.write { MAP_POPULATE } else { 0 };
                 let flags = libc::MAP_SHARED as u64 | libc::MAP_FIXED as u64 | populate;
                 wake = (va, len);
@@ -1202,27 +1205,10 @@ impl Vpt {
         } else {
             Access::Read
         };
-        let walk = PageIndex::for_fault(GuestVirtAddr(page), GuestVirtAddr(w.start), w.off)
-            .ok_or(None)
-            .and_then(|pindex| {
-                vpte::walk(
-                    self.ram.words(),
-                    Vpte(w.master),
-                    pindex,
-                    access,
-                    self.ram.size(),
-                )
-                .map_err(Some)
-            });
+        let walk = self.walk_window(&w, page, access);
         match walk {
             Ok(t) => {
-                let prot = PROT_READ as u64
-                    | if t.writable { PROT_WRITE as u64 } else { 0 }
-                    | if t.executable {
-                        libc::PROT_EXEC as u64
-                    } else {
-                        0
-                    };
+                let prot = prot_of(&t);
                 let flags = libc::MAP_SHARED as u64 | libc::MAP_FIXED as u64;
                 let done =
                     p.agent
@@ -1304,6 +1290,17 @@ impl Vpt {
             self.sync_vma_gauge(&mut mm);
         }
     }
+}
+
+/// The host protection of an install for translation `t`.
+fn prot_of(t: &vpte::Translation) -> u64 {
+    PROT_READ as u64
+        | if t.writable { PROT_WRITE as u64 } else { 0 }
+        | if t.executable {
+            libc::PROT_EXEC as u64
+        } else {
+            0
+        }
 }
 
 /// Whether `page` lies in an installed run.
