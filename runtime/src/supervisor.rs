@@ -233,6 +233,18 @@ impl Supervisor {
         })
     }
 
+    /// Trace the signal `pid` is about to receive, when tracing.
+    fn trace_signal(&self, pid: Pid) {
+        let mut out = self.out.lock().unwrap_or_else(PoisonError::into_inner);
+        if out.set().is_empty() {
+            return;
+        }
+        if let Ok(info) = crate::sys::ptrace::signal_info(pid) {
+            let text = crate::trace::format_signal(&info);
+            out.line(pid.as_raw(), SystemTime::now(), &text, None);
+        }
+    }
+
     fn vpt(&self) -> &Arc<Vpt> {
         self.vpt.as_ref().expect("created before the event loop")
     }
@@ -309,7 +321,10 @@ impl Supervisor {
                 self.tracees.insert(pid);
                 let tgid = tgid_of(pid).unwrap_or(pid);
                 match self.vpt().on_sigsegv(pid, tgid) {
-                    SegvAction::Deliver => resume(pid, Some(Signal::SIGSEGV)),
+                    SegvAction::Deliver => {
+                        self.trace_signal(pid);
+                        resume(pid, Some(Signal::SIGSEGV));
+                    }
                     SegvAction::Handled(Some(status)) => self.on_wait_status(status)?,
                     SegvAction::Handled(None) => {}
                 }
@@ -317,6 +332,7 @@ impl Supervisor {
             WaitStatus::Stopped(pid, sig) => {
                 // Signal-delivery-stop: deliver the signal as the kernel would.
                 self.tracees.insert(pid);
+                self.trace_signal(pid);
                 resume(pid, Some(sig));
             }
             WaitStatus::PtraceEvent(pid, sig, event) => {

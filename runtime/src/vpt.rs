@@ -1192,6 +1192,7 @@ impl Vpt {
             if let Err(errno) = armed {
                 tracing::warn!(%errno, "re-arming a faulted page failed");
             }
+            self.trace_segv(tid, info.addr, poison.si_code);
             return SegvAction::Handled(deliver_page_fault(tid, info.addr, poison));
         }
         // An installed page refused the access: a write (or a fetch). A page
@@ -1227,6 +1228,7 @@ impl Vpt {
                 drop(mm);
                 self.trace_fault(tid.as_raw(), info.addr, w.master, access, &Err(e));
                 let (si_code, pgex) = poison_of(e.as_ref(), access);
+                self.trace_segv(tid, info.addr, si_code);
                 SegvAction::Handled(deliver_page_fault(tid, info.addr, Poison { si_code, pgex }))
             }
         }
@@ -1269,6 +1271,22 @@ impl Vpt {
                 None
             }
         }
+    }
+
+    /// Trace the `SIGSEGV` a failed walk delivers (when tracing).
+    fn trace_segv(&self, tid: Pid, addr: u64, si_code: i32) {
+        let mut trace = lock(&self.trace);
+        if trace.set().is_empty() {
+            return;
+        }
+        let info = crate::sys::ptrace::SignalInfo {
+            signo: libc::SIGSEGV,
+            code: si_code,
+            addr: Some(addr),
+            sender: None,
+        };
+        let text = crate::trace::format_signal(&info);
+        trace.line(tid.as_raw(), SystemTime::now(), &text, None);
     }
 
     /// Process `tgid` exec'd or exited: its windows, agent and uffd are gone.

@@ -190,4 +190,19 @@ fn killed_by_signal_line() {
             .any(|l| l.starts_with("+++ killed by SIGSEGV") && l.ends_with(" +++")),
         "{err}"
     );
+    // The delivery itself, in strace's grammar, before the exit line.
+    let delivered = err
+        .lines()
+        .filter_map(is_pid_prefix)
+        .position(|l| {
+            l.starts_with("--- SIGSEGV {si_signo=SIGSEGV, si_code=SI_USER, si_pid=")
+                && l.ends_with(", si_uid=0} ---")
+        })
+        .expect("a --- SIGSEGV {...} --- line");
+    let killed = err
+        .lines()
+        .filter_map(is_pid_prefix)
+        .position(|l| l.starts_with("+++ killed by SIGSEGV"))
+        .expect("exit line");
+    assert!(delivered < killed, "{err}");
 }

@@ -40,3 +40,41 @@ pub fn set_fault_code(pid: Pid, code: i32) -> Result<(), Errno> {
     info.si_code = code;
     nix::sys::ptrace::setsiginfo(pid, &info)
 }
+
+/// What strace prints of a signal's siginfo.
+#[derive(Clone, Copy, Debug)]
+pub struct SignalInfo {
+    pub signo: i32,
+    pub code: i32,
+    /// `si_addr`, for faults (`SIGSEGV`, `SIGBUS`, `SIGILL`, `SIGFPE`,
+    /// `SIGTRAP` raised by the kernel).
+    pub addr: Option<u64>,
+    /// `si_pid` and `si_uid`, for signals sent by a process or `SIGCHLD`.
+    pub sender: Option<(i32, u32)>,
+}
+
+/// `PTRACE_GETSIGINFO`, with the union member that applies decoded.
+pub fn signal_info(pid: Pid) -> Result<SignalInfo, Errno> {
+    let info = nix::sys::ptrace::getsiginfo(pid)?;
+    let fault = matches!(
+        info.si_signo,
+        libc::SIGSEGV | libc::SIGBUS | libc::SIGILL | libc::SIGFPE | libc::SIGTRAP
+    ) && info.si_code > 0
+        && info.si_code != 0x80;
+    let from_process = info.si_code <= 0 || info.si_signo == libc::SIGCHLD;
+    // SAFETY: each union member is read only for the signals and codes for
+    // which the kernel fills it (siginfo.h: fault signals with a kernel
+    // code carry si_addr; user-sent signals and SIGCHLD carry si_pid/si_uid).
+    let (addr, sender) = unsafe {
+        (
+            fault.then(|| info.si_addr() as u64),
+            from_process.then(|| (info.si_pid(), info.si_uid())),
+        )
+    };
+    Ok(SignalInfo {
+        signo: info.si_signo,
+        code: info.si_code,
+        addr,
+        sender,
+    })
+}
