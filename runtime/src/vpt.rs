@@ -854,17 +854,7 @@ impl Vpt {
             tail = tail.wrapping_add(1);
         }
         a.res_word(RES_INS_TAIL).store(tail, Ordering::Release);
-        let resolved = a.res_qword(RES_RESOLVED).load(Ordering::Relaxed);
-        let new = resolved.saturating_sub(mm.resolved_seen);
-        if new > 0 {
-            mm.resolved_seen = resolved;
-            self.stats
-                .vpagetable_faults
-                .fetch_add(new, Ordering::Relaxed);
-            self.stats
-                .host_mappings_installed
-                .fetch_add(new, Ordering::Relaxed);
-        }
+        self.count_resolved(p, mm);
         if mm.installed.len() as u64 >= self.max_runs {
             self.evict(p, mm, (self.max_runs / 8).max(1))?;
         }
@@ -873,6 +863,20 @@ impl Vpt {
             .store(budget.min(u64::from(u32::MAX)) as u32, Ordering::Relaxed);
         self.sync_vma_gauge(mm);
         Ok(())
+    }
+
+    /// Add the faults the resolver resolved since the last look to the
+    /// counters (each was one walk and one install).
+    fn count_resolved(&self, p: &Process, mm: &mut MmState) {
+        let resolved = p.agent.res_qword(RES_RESOLVED).load(Ordering::Relaxed);
+        let new = resolved.saturating_sub(mm.resolved_seen);
+        mm.resolved_seen = resolved;
+        self.stats
+            .vpagetable_faults
+            .fetch_add(new, Ordering::Relaxed);
+        self.stats
+            .host_mappings_installed
+            .fetch_add(new, Ordering::Relaxed);
     }
 
     /// Copy the window table to the resolver page. Caller holds both locks.
@@ -1295,15 +1299,7 @@ impl Vpt {
             p.dead.store(true, Ordering::Release);
             let _ = futex::wake(p.agent.res_word(RES_SUP_WAKE));
             let mut mm = lock(&p.mm);
-            let resolved = p.agent.res_qword(RES_RESOLVED).load(Ordering::Relaxed);
-            let new = resolved.saturating_sub(mm.resolved_seen);
-            mm.resolved_seen = resolved;
-            self.stats
-                .vpagetable_faults
-                .fetch_add(new, Ordering::Relaxed);
-            self.stats
-                .host_mappings_installed
-                .fetch_add(new, Ordering::Relaxed);
+            self.count_resolved(&p, &mut mm);
             mm.installed.clear();
             self.sync_vma_gauge(&mut mm);
         }
