@@ -275,6 +275,36 @@ pub fn format_call(h: Option<Hypercall>, n: &Notification) -> String {
     format!("{}({args})", h.name())
 }
 
+/// Trace a hypercall served at a seccomp stop (on the tracer thread), if
+/// it is traced, and count it.
+pub fn account_stop_call(
+    trace: &Mutex<TraceWriter>,
+    stats: &Stats,
+    tid: i32,
+    nr: u64,
+    args: [u64; 6],
+    result: Result<i64, Errno>,
+    when: SystemTime,
+) {
+    let h = Hypercall::from_nr(nr);
+    stats.count_hypercall(h, result.is_err());
+    let mut trace = trace.lock().unwrap_or_else(PoisonError::into_inner);
+    if trace.set().hypercall(h) {
+        let n = Notification {
+            id: 0,
+            tid,
+            nr,
+            args,
+        };
+        let text = format!(
+            "{} {}",
+            format_call(h, &n),
+            trace::format_result(result, returns_address(h))
+        );
+        trace.line(tid, when, &text, None);
+    }
+}
+
 /// Whether `h` returns an address (printed in hex).
 pub fn returns_address(h: Option<Hypercall>) -> bool {
     matches!(h, Some(Hypercall::VkMmap | Hypercall::VmspaceMmap))

@@ -14,6 +14,7 @@ pub mod stats;
 mod supervisor;
 mod sys;
 pub mod trace;
+mod vmspace;
 mod vpt;
 
 use std::ffi::OsString;

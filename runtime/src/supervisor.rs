@@ -20,6 +20,9 @@ use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use std::os::unix::thread::JoinHandleExt;
 
 use nix::sys::pthread::{Pthread, pthread_kill};
+use vkabi::Hypercall;
+
+use crate::inject::{InjectError, Injector};
 use nix::sys::ptrace::{self, Event, Options};
 use nix::sys::signal::{self, SigSet, SigmaskHow, Signal};
 use nix::sys::signalfd::{SfdFlags, SignalFd};
@@ -33,6 +36,7 @@ use crate::sys::seccomp::NotifyFd;
 use crate::sys::signal::{WAKE_SIGNAL, install_wake_handler};
 use crate::sys::spawn::{self, Child, ChildPlan, ChildStep};
 use crate::trace::TraceWriter;
+use crate::vmspace::Vmspaces;
 use crate::vpt::{SegvAction, Vpt};
 use crate::{Config, Error, Outcome, resolve_program};
 
@@ -125,7 +129,9 @@ pub fn run(config: Config) -> Result<Outcome, Error> {
             out: Arc::new(Mutex::new(TraceWriter::new(output, trace_options))),
             stats: Arc::new(Stats::default()),
             vpt: None,
+            vmspaces: Vmspaces::new(Arc::new(Stats::default())),
         };
+        sup.vmspaces = Vmspaces::new(Arc::clone(&sup.stats));
         sup.vpt = Some(Arc::new(Vpt::new(
             Arc::clone(&sup.ram),
             Arc::clone(&sup.stats),
@@ -209,6 +215,8 @@ struct Supervisor {
     ram_fd_guess: i32,
     /// MAP_VPAGETABLE state of the guest's processes.
     vpt: Option<Arc<Vpt>>,
+    /// The guest's vmspaces and their stubs.
+    vmspaces: Vmspaces,
 }
 
 impl Supervisor {
@@ -299,7 +307,12 @@ impl Supervisor {
         loop {
             match waitpid(None, Some(WaitPidFlag::__WALL | WaitPidFlag::WNOHANG)) {
                 Ok(WaitStatus::StillAlive) => return Ok(false),
-                Ok(status) => self.on_wait_status(status)?,
+                Ok(status) => match status.pid() {
+                    Some(pid) if self.vmspaces.is_stub(pid) => {
+                        self.vmspaces.on_stub_status(pid, status);
+                    }
+                    _ => self.on_wait_status(status)?,
+                },
                 Err(Errno::EINTR) => continue,
                 Err(Errno::ECHILD) => return Ok(true),
                 Err(errno) => return Err(self.abort(Error::sys("waitpid")(errno))),
@@ -356,7 +369,13 @@ impl Supervisor {
                 return Ok(());
             }
             e if e == Event::PTRACE_EVENT_SECCOMP as i32 => {
-                // vk_mmap or mcontrol: served in the stopped caller.
+                let nr = ptrace::getregs(pid).map(|r| r.orig_rax).unwrap_or(0);
+                if let Some(h @ (Hypercall::VmspaceCreate | Hypercall::VmspaceDestroy)) =
+                    Hypercall::from_nr(nr)
+                {
+                    return self.vmspace_stop(pid, h);
+                }
+                // vk_mmap: served in the stopped caller.
                 let tgid = tgid_of(pid).unwrap_or(pid);
                 let outcome = self.vpt().on_hypercall_stop(pid, tgid);
                 self.tracees.extend(outcome.new_threads);
@@ -396,6 +415,39 @@ impl Supervisor {
         }
         resume(pid, None);
         Ok(())
+    }
+
+    /// `vmspace_create` or `vmspace_destroy`, stopped at its seccomp stop.
+    fn vmspace_stop(&mut self, pid: Pid, h: Hypercall) -> Result<(), Error> {
+        let inj = match Injector::at_seccomp_stop(pid) {
+            Ok(inj) => inj,
+            Err(InjectError::Gone { status, .. }) => return self.on_wait_status(status),
+            Err(e) => {
+                tracing::warn!("{e}");
+                return Ok(());
+            }
+        };
+        let r = *inj.regs();
+        let args = [r.rdi, r.rsi, r.rdx, r.r10, r.r8, r.r9];
+        let when = SystemTime::now();
+        let result = match h {
+            Hypercall::VmspaceCreate => self.vmspaces.create(args[0]),
+            _ => self.vmspaces.destroy(args[0]),
+        };
+        crate::hypercall::account_stop_call(
+            &self.out,
+            &self.stats,
+            pid.as_raw(),
+            r.orig_rax,
+            args,
+            result,
+            when,
+        );
+        let raw = result.unwrap_or_else(|e| -(e as i64));
+        match inj.finish(raw) {
+            Err(InjectError::Gone { status, .. }) => self.on_wait_status(status),
+            _ => Ok(()),
+        }
     }
 
     /// A new process that does not share `parent`'s mm must not keep its
@@ -466,6 +518,10 @@ impl Supervisor {
             out.line(pid.as_raw(), SystemTime::now(), &text, None);
         }
         drop(out);
+        if self.tracees.is_empty() && !self.vmspaces.is_empty() {
+            // The guest's last task is gone: so are its vmspaces.
+            self.vmspaces.destroy_all();
+        }
         if pid != self.main {
             return;
         }

@@ -322,24 +322,15 @@ impl Vpt {
             Ok(r) => r,
             Err(e) => return outcome_of_error(e, new_threads),
         };
-        self.stats.count_hypercall(h, result.is_err());
-        {
-            let mut trace = lock(&self.trace);
-            if trace.set().hypercall(h) {
-                let n = crate::sys::seccomp::Notification {
-                    id: 0,
-                    tid: tid.as_raw(),
-                    nr: r.orig_rax,
-                    args,
-                };
-                let text = format!(
-                    "{} {}",
-                    crate::hypercall::format_call(h, &n),
-                    crate::trace::format_result(result, crate::hypercall::returns_address(h))
-                );
-                trace.line(tid.as_raw(), when, &text, None);
-            }
-        }
+        crate::hypercall::account_stop_call(
+            &self.trace,
+            &self.stats,
+            tid.as_raw(),
+            r.orig_rax,
+            args,
+            result,
+            when,
+        );
         let raw = match result {
             Ok(v) => v,
             Err(e) => -(e as i64),

@@ -61,12 +61,12 @@ fn errors_render_as_minus_one_errno_and_description() {
     );
     // A hypercall of a later milestone: traced, answered ENOSYS.
     let out = run(vkrun()
-        .args(["-e", "trace=vmspace_create"])
+        .args(["-e", "trace=vmspace_pread"])
         .arg(bin("vkcall"))
-        .args(["raw", "0xdf001e6", "0x1", "0", "0"]));
+        .args(["raw", "0xdf001ec", "0x1", "0", "0", "0", "0"]));
     let err = text(&out.stderr);
     assert!(
-        err.contains("vmspace_create(0x1, 0, NULL) = -1 ENOSYS (Function not implemented)"),
+        err.contains("vmspace_pread(0x1, NULL, 0, 0, 0x0) = -1 ENOSYS (Function not implemented)"),
         "{err}"
     );
 }

@@ -6,6 +6,7 @@
 //! vkcall raw NR [ARG...]     issue hypercall NR (numbers may be 0x...), print the raw return
 //! vkcall info SIZE           vk_info into a 64-byte 0xee-filled buffer; print return and bytes
 //! vkcall ram-abuse           resize, close, dup over and punch the RAM fd, then vk_info again
+//! vkcall hold-vmspaces N     create vmspaces 1..=N, print "ready PID", wait for stdin to close
 //! vkcall loop getpid|vk_info|bare N   N calls, print ns per call (bare: an
 //!                            unassigned hypercall number, answered ENOSYS)
 //! ```
@@ -57,6 +58,18 @@ fn main() -> ExitCode {
             println!("{hex}");
         }
         ["ram-abuse"] => return ram_abuse(),
+        ["hold-vmspaces", n] => {
+            // Create N vmspaces, say so, and keep them until stdin closes.
+            for id in 1..=num(n) {
+                if let Err(e) = hypercall::vmspace_create(id, 0, 0) {
+                    println!("vmspace_create({id}) failed: {}", e.0);
+                    return ExitCode::from(1);
+                }
+            }
+            println!("ready {}", std::process::id());
+            let mut sink = String::new();
+            let _ = std::io::stdin().read_line(&mut sink);
+        }
         ["loop", what, n] => {
             let n = num(n);
             let start = Instant::now();

@@ -11,5 +11,6 @@ pub mod ptrace;
 pub mod seccomp;
 pub mod signal;
 pub mod spawn;
+pub mod stub;
 pub mod time;
 pub mod uffd;

@@ -37,16 +37,19 @@ const DATA_NR: u32 = 0;
 const DATA_ARCH: u32 = 4;
 
 /// The classic-BPF program: hypercall numbers notify, everything else runs.
-/// `vk_mmap`, which may have to set vkrun's agent up in the caller's process
-/// (system calls run in the caller), stops the caller for the tracer instead
-/// (`SECCOMP_RET_TRACE`).
-pub const HYPERCALL_FILTER: [libc::sock_filter; 9] = [
+/// The hypercalls that must run on the tracer thread stop the caller for it
+/// instead (`SECCOMP_RET_TRACE`): `vk_mmap`, which may set vkrun's agent up
+/// in the caller's process (system calls run in the caller), and
+/// `vmspace_create`/`vmspace_destroy`, which fork and reap traced stubs.
+pub const HYPERCALL_FILTER: [libc::sock_filter; 11] = [
     stmt(LD_W_ABS, DATA_ARCH),
-    jump(JEQ_K, AUDIT_ARCH_X86_64, 0, 6),
+    jump(JEQ_K, AUDIT_ARCH_X86_64, 0, 8),
     stmt(LD_W_ABS, DATA_NR),
-    jump(JGE_K, VK_SYS_BASE as u32, 0, 4),
-    jump(JGE_K, (VK_SYS_BASE + VK_SYS_COUNT) as u32, 3, 0),
-    jump(JEQ_K, Hypercall::VkMmap.nr() as u32, 1, 0),
+    jump(JGE_K, VK_SYS_BASE as u32, 0, 6),
+    jump(JGE_K, (VK_SYS_BASE + VK_SYS_COUNT) as u32, 5, 0),
+    jump(JEQ_K, Hypercall::VkMmap.nr() as u32, 3, 0),
+    jump(JEQ_K, Hypercall::VmspaceCreate.nr() as u32, 2, 0),
+    jump(JEQ_K, Hypercall::VmspaceDestroy.nr() as u32, 1, 0),
     stmt(RET_K, libc::SECCOMP_RET_USER_NOTIF),
     stmt(RET_K, libc::SECCOMP_RET_TRACE),
     stmt(RET_K, libc::SECCOMP_RET_ALLOW),
