@@ -29,7 +29,13 @@ Diagnostics: -v, -vv, or RUST_LOG=vkrun_runtime=debug.";
 
 /// Run GUEST as a virtual kernel under the vkrun supervisor.
 #[derive(Debug, Parser)]
-#[command(name = "vkrun", version, about, after_help = AFTER_HELP)]
+#[command(
+    name = "vkrun",
+    version,
+    about,
+    after_help = AFTER_HELP,
+    override_usage = "vkrun [OPTIONS] [-m SIZE] [--] GUEST [ARGS...]"
+)]
 struct Cli {
     /// Guest RAM size: bytes, or with a K, M, G or T suffix; hex allowed
     /// (0x4000000). Default 256M.
@@ -38,6 +44,7 @@ struct Cli {
         long = "memory",
         value_name = "SIZE",
         default_value = "256M",
+        hide_default_value = true,
         value_parser = parse_ram_size,
         allow_hyphen_values = true
     )]
