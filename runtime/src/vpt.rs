@@ -240,6 +240,17 @@ struct Agent {
     resolver_tid: AtomicI32,
 }
 
+/// A run of RAM to map at a guest address: `mmap(va, len, prot, flags,
+/// ram, pa)`.
+#[derive(Clone, Copy, Debug)]
+struct RamRun {
+    va: u64,
+    len: u64,
+    prot: u64,
+    flags: u64,
+    pa: u64,
+}
+
 /// What the tracer should do with a `SIGSEGV` stop.
 #[derive(Debug)]
 pub enum SegvAction {
@@ -529,26 +540,11 @@ impl Vpt {
     /// Install RAM `[pa, pa+len)` at `va` in `p`'s guest, keeping the VMA
     /// budget: evict old runs first if needed, and again on `ENOMEM`.
     /// Caller holds `mm`.
-    #[allow(clippy::too_many_arguments)]
-    fn install(
-        &self,
-        p: &Process,
-        mm: &mut MmState,
-        va: u64,
-        len: u64,
-        prot: u64,
-        flags: u64,
-        pa: u64,
-    ) -> Result<(), Errno> {
-        if mm.installed.len() as u64 >= self.max_runs {
-            self.evict(p, mm, (self.max_runs / 8).max(1))?;
-        }
+    fn install(&self, p: &Process, mm: &mut MmState, run: RamRun) -> Result<(), Errno> {
+        self.make_room(p, mm)?;
         let mut attempt = 0;
         loop {
-            match p
-                .agent
-                .mmap_ram(p.tgid, self.ram.raw_fd(), va, len, prot, flags, pa)
-            {
+            match p.agent.mmap_ram(p.tgid, self.ram.raw_fd(), run) {
                 Ok(()) => break,
                 // The host's VMA limit: never fail a valid access for it.
                 Err(Errno::ENOMEM) if attempt < 3 && !mm.installed.is_empty() => {
@@ -559,11 +555,20 @@ impl Vpt {
                 Err(e) => return Err(e),
             }
         }
-        self.record_install(mm, va, len);
+        self.record_install(mm, run.va, run.len);
         self.stats
             .host_mappings_installed
             .fetch_add(1, Ordering::Relaxed);
         self.sync_vma_gauge(mm);
+        Ok(())
+    }
+
+    /// Evict an eighth of the budget's runs when the process holds as many
+    /// as the budget allows. Caller holds `mm`.
+    fn make_room(&self, p: &Process, mm: &mut MmState) -> Result<(), Errno> {
+        if mm.installed.len() as u64 >= self.max_runs {
+            self.evict(p, mm, (self.max_runs / 8).max(1))?;
+        }
         Ok(())
     }
 
@@ -846,9 +851,7 @@ impl Vpt {
         }
         a.res_word(RES_INS_TAIL).store(tail, Ordering::Release);
         self.count_resolved(p, mm);
-        if mm.installed.len() as u64 >= self.max_runs {
-            self.evict(p, mm, (self.max_runs / 8).max(1))?;
-        }
+        self.make_room(p, mm)?;
         let budget = self.max_runs.saturating_sub(mm.installed.len() as u64);
         a.res_word(RES_BUDGET)
             .store(budget.min(u64::from(u32::MAX)) as u32, Ordering::Relaxed);
@@ -1102,7 +1105,17 @@ impl Vpt {
                 let populate = if f.write { MAP_POPULATE } else { 0 };
                 let flags = libc::MAP_SHARED as u64 | libc::MAP_FIXED as u64 | populate;
                 wake = (va, len);
-                self.install(p, &mut mm, va, len, prot, flags, pa)
+                self.install(
+                    p,
+                    &mut mm,
+                    RamRun {
+                        va,
+                        len,
+                        prot,
+                        flags,
+                        pa,
+                    },
+                )
             }
             Err(e) => {
                 let (si_code, pgex) = poison_of(e.as_ref(), access);
@@ -1206,9 +1219,14 @@ impl Vpt {
             Ok(t) => {
                 let prot = prot_of(&t);
                 let flags = libc::MAP_SHARED as u64 | libc::MAP_FIXED as u64;
-                let done =
-                    p.agent
-                        .mmap_ram(p.tgid, self.ram.raw_fd(), page, PAGE, prot, flags, t.pa.0);
+                let run = RamRun {
+                    va: page,
+                    len: PAGE,
+                    prot,
+                    flags,
+                    pa: t.pa.0,
+                };
+                let done = self.install(&p, &mut mm, run);
                 drop(mm);
                 self.trace_fault(tid.as_raw(), info.addr, w.master, access, &Ok(t));
                 if done.is_err() {
@@ -1645,17 +1663,14 @@ impl Agent {
 
     /// `mmap` a run of RAM at `va` in the guest (reopening the agent's RAM
     /// descriptor once if the guest closed it).
-    #[allow(clippy::too_many_arguments)]
-    fn mmap_ram(
-        &self,
-        tgid: Pid,
-        ram_fd: i32,
-        va: u64,
-        len: u64,
-        prot: u64,
-        flags: u64,
-        pa: u64,
-    ) -> Result<(), Errno> {
+    fn mmap_ram(&self, tgid: Pid, ram_fd: i32, run: RamRun) -> Result<(), Errno> {
+        let RamRun {
+            va,
+            len,
+            prot,
+            flags,
+            pa,
+        } = run;
         for attempt in 0..2 {
             let fd = u64::from(self.ram_fd.load(Ordering::Relaxed));
             let r = self.run(tgid, &[(libc::SYS_mmap, [va, len, prot, flags, fd, pa])])?;
