@@ -277,36 +277,22 @@ fn send_fd(sock: RawFd, fd: RawFd) -> Result<(), Errno> {
     Ok(())
 }
 
-/// Receive one descriptor sent by [`send_fd`] (non-blocking socket).
+/// Receive one descriptor sent by [`send_fd`] (non-blocking socket; runs
+/// in the parent, so it may use `nix`'s allocating wrapper).
 fn recv_fd(sock: RawFd) -> Result<OwnedFd, Errno> {
+    use nix::sys::socket::{ControlMessageOwned, MsgFlags, recvmsg};
     let mut payload = [0u8; 1];
-    let mut iov = libc::iovec {
-        iov_base: payload.as_mut_ptr().cast(),
-        iov_len: 1,
-    };
-    let mut buf = CmsgBuf { bytes: [0; 64] };
-    // SAFETY: as in `send_fd`; the kernel writes at most `msg_controllen`
-    // bytes into `buf`, and we only read a descriptor from a control message
-    // the kernel marked as SCM_RIGHTS of the right length.
-    unsafe {
-        let mut msg: libc::msghdr = std::mem::zeroed();
-        msg.msg_iov = &mut iov;
-        msg.msg_iovlen = 1;
-        msg.msg_control = (&raw mut buf).cast();
-        msg.msg_controllen = size_of::<CmsgBuf>();
-        if libc::recvmsg(sock, &mut msg, libc::MSG_CMSG_CLOEXEC) < 0 {
-            return Err(Errno::last());
-        }
-        let cmsg = libc::CMSG_FIRSTHDR(&msg);
-        if cmsg.is_null()
-            || (*cmsg).cmsg_level != libc::SOL_SOCKET
-            || (*cmsg).cmsg_type != libc::SCM_RIGHTS
-            || (*cmsg).cmsg_len != libc::CMSG_LEN(size_of::<RawFd>() as u32) as usize
+    let mut iov = [std::io::IoSliceMut::new(&mut payload)];
+    let mut space = nix::cmsg_space!(RawFd);
+    let msg = recvmsg::<()>(sock, &mut iov, Some(&mut space), MsgFlags::MSG_CMSG_CLOEXEC)?;
+    for cmsg in msg.cmsgs()? {
+        if let ControlMessageOwned::ScmRights(fds) = cmsg
+            && let [fd] = fds[..]
         {
-            return Err(Errno::EBADMSG);
+            // SAFETY: the kernel installed `fd` for us just now; nobody else
+            // owns it.
+            return Ok(unsafe { OwnedFd::from_raw_fd(fd) });
         }
-        let fd = std::ptr::read_unaligned(libc::CMSG_DATA(cmsg).cast::<RawFd>());
-        // The kernel installed `fd` for us and nobody else owns it.
-        Ok(OwnedFd::from_raw_fd(fd))
     }
+    Err(Errno::EBADMSG)
 }
