@@ -32,26 +32,11 @@ static double now_us(void)
     return t.tv_sec * 1e6 + t.tv_nsec / 1e3;
 }
 
-static uint64_t alloc_frame(void)
-{
-    uint64_t f = next_frame;
-    next_frame += 4096;
-    memset(dmap + f, 0, 4096);
-    return f;
-}
+#include "vpt_tables.h"
 
 static vpte_t *entry_for(uint64_t pindex)
 {
-    uint64_t table = root;
-    for (int sh = 27; sh >= 0; sh -= 9) {
-        vpte_t *e = (vpte_t *)(dmap + table) + ((pindex >> sh) & 511);
-        if (sh == 0)
-            return e;
-        if (!(*e & VPTE_V))
-            *e = alloc_frame() | VPTE_V | VPTE_RW | VPTE_U | VPTE_A | VPTE_M;
-        table = *e & VPTE_FRAME;
-    }
-    return 0;
+    return entry_for_with(pindex, VPTE_V | VPTE_RW | VPTE_U | VPTE_A | VPTE_M);
 }
 
 static char *window(size_t pages)

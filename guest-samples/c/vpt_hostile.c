@@ -32,26 +32,11 @@ static struct vk_info info;
 static __thread sigjmp_buf *segv_jump;
 static volatile long segvs;
 
-static uint64_t alloc_frame(void)
-{
-    uint64_t f = next_frame;
-    next_frame += 4096;
-    memset(dmap + f, 0, 4096);
-    return f;
-}
+#include "vpt_tables.h"
 
 static vpte_t *entry_for(uint64_t pindex)
 {
-    uint64_t table = root;
-    for (int sh = 27; sh >= 0; sh -= 9) {
-        vpte_t *e = (vpte_t *)(dmap + table) + ((pindex >> sh) & 511);
-        if (sh == 0)
-            return e;
-        if (!(*e & VPTE_V))
-            *e = alloc_frame() | VPTE_V | VPTE_RW | VPTE_U;
-        table = *e & VPTE_FRAME;
-    }
-    return 0;
+    return entry_for_with(pindex, VPTE_V | VPTE_RW | VPTE_U);
 }
 
 static volatile long last_code, last_err;
