@@ -311,6 +311,86 @@ pub struct TrapFrame {
     pub tf_ss: u64,
 }
 
+impl TrapFrame {
+    /// The frame as its 25 words, in field (ABI) order.
+    pub fn to_words(&self) -> [u64; 25] {
+        [
+            self.tf_rdi, self.tf_rsi, self.tf_rdx, self.tf_rcx, self.tf_r8, self.tf_r9,
+            self.tf_rax, self.tf_rbx, self.tf_rbp, self.tf_r10, self.tf_r11, self.tf_r12,
+            self.tf_r13, self.tf_r14, self.tf_r15, self.tf_xflags, self.tf_trapno,
+            self.tf_addr, self.tf_flags, self.tf_err, self.tf_rip, self.tf_cs,
+            self.tf_rflags, self.tf_rsp, self.tf_ss,
+        ]
+    }
+
+    /// The frame of 25 words in field (ABI) order.
+    pub fn from_words(w: [u64; 25]) -> Self {
+        let [
+            tf_rdi, tf_rsi, tf_rdx, tf_rcx, tf_r8, tf_r9, tf_rax, tf_rbx, tf_rbp, tf_r10,
+            tf_r11, tf_r12, tf_r13, tf_r14, tf_r15, tf_xflags, tf_trapno, tf_addr, tf_flags,
+            tf_err, tf_rip, tf_cs, tf_rflags, tf_rsp, tf_ss,
+        ] = w;
+        Self {
+            tf_rdi, tf_rsi, tf_rdx, tf_rcx, tf_r8, tf_r9, tf_rax, tf_rbx, tf_rbp, tf_r10,
+            tf_r11, tf_r12, tf_r13, tf_r14, tf_r15, tf_xflags, tf_trapno, tf_addr, tf_flags,
+            tf_err, tf_rip, tf_cs, tf_rflags, tf_rsp, tf_ss,
+        }
+    }
+
+    /// The frame's bytes, as the guest's memory holds them.
+    pub fn to_bytes(&self) -> [u8; size_of::<TrapFrame>()] {
+        words_to_bytes(&self.to_words())
+    }
+
+    /// A frame from the guest's bytes.
+    pub fn from_bytes(b: &[u8; size_of::<TrapFrame>()]) -> Self {
+        Self::from_words(bytes_to_words(b))
+    }
+}
+
+impl VextFrame {
+    /// The frame's bytes, as the guest's memory holds them.
+    pub fn to_bytes(&self) -> [u8; size_of::<VextFrame>()] {
+        let [fs, gs] = self.vx_tls;
+        words_to_bytes(&[fs.base, fs.size as u64, gs.base, gs.size as u64])
+    }
+
+    /// A frame from the guest's bytes.
+    pub fn from_bytes(b: &[u8; size_of::<VextFrame>()]) -> Self {
+        let [fb, fsz, gb, gsz] = bytes_to_words(b);
+        Self {
+            vx_tls: [
+                TlsInfo {
+                    base: fb,
+                    size: fsz as i64,
+                },
+                TlsInfo {
+                    base: gb,
+                    size: gsz as i64,
+                },
+            ],
+        }
+    }
+}
+
+fn words_to_bytes<const W: usize, const B: usize>(w: &[u64; W]) -> [u8; B] {
+    let mut out = [0u8; B];
+    for (chunk, v) in out.chunks_exact_mut(8).zip(w) {
+        chunk.copy_from_slice(&v.to_ne_bytes());
+    }
+    out
+}
+
+fn bytes_to_words<const B: usize, const W: usize>(b: &[u8; B]) -> [u64; W] {
+    let mut out = [0u64; W];
+    for (v, chunk) in out.iter_mut().zip(b.chunks_exact(8)) {
+        let mut a = [0u8; 8];
+        a.copy_from_slice(chunk);
+        *v = u64::from_ne_bytes(a);
+    }
+    out
+}
+
 /// `struct tls_info`: one TLS segment base.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 #[repr(C)]
@@ -387,5 +467,25 @@ mod tests {
         let r10 = vmspace_mmap_prot_flags(PROT_READ | PROT_WRITE, MAP_SHARED | MAP_VPAGETABLE);
         assert_eq!(r10, (0x2001u64 << 32) | 3);
         assert_eq!(vmspace_mmap_prot_flags(-1, 0), 0xFFFF_FFFF);
+    }
+
+    #[test]
+    fn frames_round_trip_through_bytes() {
+        let mut w = [0u64; 25];
+        for (i, v) in w.iter_mut().enumerate() {
+            *v = 0x1111_0000_0000_0000 | i as u64;
+        }
+        let tf = TrapFrame::from_words(w);
+        assert_eq!(tf.tf_rip, w[20]);
+        assert_eq!(tf.tf_trapno, w[16]);
+        assert_eq!(TrapFrame::from_bytes(&tf.to_bytes()), tf);
+        assert_eq!(&tf.to_bytes()[160..168], &w[20].to_ne_bytes());
+        let vf = VextFrame {
+            vx_tls: [
+                TlsInfo { base: 1, size: -2 },
+                TlsInfo { base: 3, size: 4 },
+            ],
+        };
+        assert_eq!(VextFrame::from_bytes(&vf.to_bytes()), vf);
     }
 }
