@@ -30,6 +30,8 @@ pub struct Server {
     pub trace: Arc<Mutex<TraceWriter>>,
     /// MAP_VPAGETABLE state (for `mcontrol`).
     pub vpt: Arc<crate::vpt::Vpt>,
+    /// The guest's vmspaces (RUN, `vmspace_mcontrol`, pread, pwrite).
+    pub vmspaces: Arc<crate::vmspace::Vmspaces>,
     /// Last descriptor number at which the RAM memfd was found in a guest.
     pub ram_fd_guess: AtomicI32,
 }
@@ -39,6 +41,7 @@ impl Server {
     /// (by [`crate::sys::signal::WAKE_SIGNAL`]), no guest task is left, or
     /// the listener fails.
     pub fn serve_until(&self, stop: &AtomicBool) {
+        let _ = crate::sys::sched::set_batch(Pid::from_raw(0));
         let (set, durations) = {
             let trace = self.trace.lock().unwrap_or_else(PoisonError::into_inner);
             (*trace.set(), trace.wants_durations())
@@ -64,7 +67,15 @@ impl Server {
             let traced = set.hypercall(h);
             let when = traced.then(SystemTime::now);
             let started = (traced && durations).then(Instant::now);
-            let result = self.serve(h, &n);
+            let result = match h {
+                Some(Hypercall::VmspaceCtl) => match self.vmspaces.ctl(&n) {
+                    Some(r) => r,
+                    // In flight: the context's waiter answers, counts and
+                    // traces it.
+                    None => continue,
+                },
+                _ => self.serve(h, &n),
+            };
             self.stats.count_hypercall(h, result.is_err());
             // Trace before answering, so the line precedes anything the
             // guest does next (its exit line in particular).
@@ -94,6 +105,9 @@ impl Server {
         match h {
             Some(Hypercall::VkInfo) => self.vk_info(n),
             Some(Hypercall::Mcontrol) => self.vpt.mcontrol(Pid::from_raw(n.tid), n.args),
+            Some(Hypercall::VmspaceMcontrol) => self.vmspaces.mcontrol(n.args),
+            Some(Hypercall::VmspacePread) => self.vmspaces.prw(Pid::from_raw(n.tid), n.args, false),
+            Some(Hypercall::VmspacePwrite) => self.vmspaces.prw(Pid::from_raw(n.tid), n.args, true),
             _ => Err(Errno::ENOSYS),
         }
     }

@@ -45,6 +45,10 @@ pub struct Injector {
     /// Child threads auto-attached during injection (to be tracked).
     pub new_threads: Vec<Pid>,
     finished: bool,
+    /// A `syscall; int3` gadget to run calls through, for a thread stopped
+    /// outside any system call (a vmspace stub's main thread); `None` at a
+    /// seccomp stop (calls rerun the hypercall's own instruction).
+    gadget: Option<u64>,
 }
 
 impl Injector {
@@ -62,9 +66,25 @@ impl Injector {
             pending: None,
             new_threads: Vec::new(),
             finished: false,
+            gadget: None,
         };
         inj.resume_to_syscall_stop()?;
         Ok(inj)
+    }
+
+    /// Take over `tid`, stopped (not in a system call) with a `syscall;
+    /// int3` gadget at `gadget` in its address space. The thread is left
+    /// stopped, registers restored, when the injector finishes.
+    pub fn at_trap_stop(tid: Pid, gadget: u64) -> Result<Self, InjectError> {
+        let saved = ptrace::getregs(tid).map_err(|errno| InjectError::Ptrace { tid, errno })?;
+        Ok(Self {
+            tid,
+            saved,
+            pending: None,
+            new_threads: Vec::new(),
+            finished: false,
+            gadget: Some(gadget),
+        })
     }
 
     /// The registers of the hypercall (its arguments).
@@ -80,6 +100,17 @@ impl Injector {
     /// Run system call `nr` with `args` in the thread; returns its raw result
     /// (`-errno` on failure).
     pub fn syscall(&mut self, nr: i64, args: [u64; 6]) -> Result<i64, InjectError> {
+        if let Some(gadget) = self.gadget {
+            let mut regs = self.saved;
+            regs.rip = gadget;
+            regs.rax = nr as u64;
+            regs.orig_rax = u64::MAX; // not inside a system call: no restart
+            [regs.rdi, regs.rsi, regs.rdx, regs.r10, regs.r8, regs.r9] = args;
+            self.setregs(regs)?;
+            self.cont_to_trap()?;
+            let out = ptrace::getregs(self.tid).map_err(|errno| self.err(errno))?;
+            return Ok(out.rax as i64);
+        }
         let mut regs = self.saved;
         regs.rip = self.saved.rip - SYSCALL_LEN;
         regs.rax = nr as u64;
@@ -147,8 +178,47 @@ impl Injector {
         Ok(child)
     }
 
+    /// Run `clone` through the gadget at `gadget` (as [`Injector::clone_at`])
+    /// for a child that is not traced (`CLONE_UNTRACED` in the flags):
+    /// returns its thread id, or the error of `clone`.
+    pub fn clone_untraced_at(
+        &mut self,
+        gadget: u64,
+        setup: impl FnOnce(&mut user_regs_struct),
+    ) -> Result<Result<Pid, Errno>, InjectError> {
+        let mut regs = self.saved;
+        regs.rip = gadget;
+        regs.rax = libc::SYS_clone as u64;
+        regs.orig_rax = u64::MAX;
+        setup(&mut regs);
+        self.setregs(regs)?;
+        self.cont_to_trap()?;
+        let out = ptrace::getregs(self.tid).map_err(|errno| self.err(errno))?;
+        let ret = out.rax as i64;
+        Ok(if ret > 0 {
+            Ok(Pid::from_raw(ret as i32))
+        } else {
+            Err(Errno::from_raw(-ret as i32))
+        })
+    }
+
+    /// Continue until the gadget's `int3`, keeping other signals.
+    fn cont_to_trap(&mut self) -> Result<(), InjectError> {
+        ptrace::cont(self.tid, None).map_err(|errno| self.err(errno))?;
+        loop {
+            match self.wait()? {
+                WaitStatus::Stopped(_, Signal::SIGTRAP) => return Ok(()),
+                WaitStatus::Stopped(_, sig) => {
+                    self.pending = Some(sig);
+                    ptrace::cont(self.tid, None).map_err(|errno| self.err(errno))?;
+                }
+                _ => ptrace::cont(self.tid, None).map_err(|errno| self.err(errno))?,
+            }
+        }
+    }
+
     /// Restore the thread's registers with `result` as the hypercall's return
-    /// value and let it run.
+    /// value and let it run (at a trap stop: leave it stopped).
     pub fn finish(mut self, result: i64) -> Result<(), InjectError> {
         self.finished = true;
         self.restore(result)
@@ -156,6 +226,9 @@ impl Injector {
 
     fn restore(&mut self, result: i64) -> Result<(), InjectError> {
         let mut regs = self.saved;
+        if self.gadget.is_some() {
+            return self.setregs(regs);
+        }
         regs.rax = result as u64;
         self.setregs(regs)?;
         ptrace::cont(self.tid, self.pending.take()).map_err(|errno| self.err(errno))

@@ -10,6 +10,7 @@ mod hypercall;
 mod inject;
 pub mod ram;
 pub mod remote;
+mod run;
 pub mod stats;
 mod supervisor;
 mod sys;

@@ -53,3 +53,41 @@ pub fn read_bytes(tid: Pid, addr: RemoteAddr, buf: &mut [u8]) -> Result<(), Errn
         Err(_) => Err(Errno::EFAULT),
     }
 }
+
+/// Copy two buffers from two addresses of task `tid` in one system call
+/// (a RUN's trapframe and vextframe); any partial copy is `EFAULT`.
+pub fn read_two(
+    tid: Pid,
+    a: (RemoteAddr, &mut [u8]),
+    b: (RemoteAddr, &mut [u8]),
+) -> Result<(), Errno> {
+    let remote = [remote_iov(a.0, a.1.len())?, remote_iov(b.0, b.1.len())?];
+    let want = a.1.len() + b.1.len();
+    match process_vm_readv(
+        tid,
+        &mut [IoSliceMut::new(a.1), IoSliceMut::new(b.1)],
+        &remote,
+    ) {
+        Ok(n) if n == want => Ok(()),
+        Err(Errno::ESRCH) => Err(Errno::ESRCH),
+        _ => Err(Errno::EFAULT),
+    }
+}
+
+/// Copy two buffers to two addresses of task `tid` in one system call;
+/// any partial copy is `EFAULT`.
+pub fn write_two(tid: Pid, a: (RemoteAddr, &[u8]), b: (RemoteAddr, &[u8])) -> Result<(), Errno> {
+    let remote = [remote_iov(a.0, a.1.len())?, remote_iov(b.0, b.1.len())?];
+    let want = a.1.len() + b.1.len();
+    match process_vm_writev(tid, &[IoSlice::new(a.1), IoSlice::new(b.1)], &remote) {
+        Ok(n) if n == want => Ok(()),
+        Err(Errno::ESRCH) => Err(Errno::ESRCH),
+        _ => Err(Errno::EFAULT),
+    }
+}
+
+fn remote_iov(addr: RemoteAddr, len: usize) -> Result<RemoteIoVec, Errno> {
+    let base = usize::try_from(addr.0).map_err(|_| Errno::EFAULT)?;
+    base.checked_add(len).ok_or(Errno::EFAULT)?;
+    Ok(RemoteIoVec { base, len })
+}

@@ -129,14 +129,22 @@ pub fn run(config: Config) -> Result<Outcome, Error> {
             out: Arc::new(Mutex::new(TraceWriter::new(output, trace_options))),
             stats: Arc::new(Stats::default()),
             vpt: None,
-            vmspaces: Vmspaces::new(Arc::new(Stats::default())),
+            vmspaces: None,
         };
-        sup.vmspaces = Vmspaces::new(Arc::clone(&sup.stats));
-        sup.vpt = Some(Arc::new(Vpt::new(
+        let vpt = Arc::new(Vpt::new(
             Arc::clone(&sup.ram),
             Arc::clone(&sup.stats),
             Arc::clone(&sup.out),
-        )));
+        ));
+        sup.vmspaces = Some(Arc::new(
+            Vmspaces::new(
+                Arc::clone(&sup.stats),
+                Arc::clone(&vpt),
+                Arc::clone(&sup.ram),
+            )
+            .map_err(Error::sys("eventfd"))?,
+        ));
+        sup.vpt = Some(vpt);
         sup.tracees.insert(sup.main);
         let result = sup.event_loop();
         if let Some(server) = sup.server.take() {
@@ -216,17 +224,24 @@ struct Supervisor {
     /// MAP_VPAGETABLE state of the guest's processes.
     vpt: Option<Arc<Vpt>>,
     /// The guest's vmspaces and their stubs.
-    vmspaces: Vmspaces,
+    vmspaces: Option<Arc<Vmspaces>>,
 }
 
 impl Supervisor {
     /// Serve hypercalls and tracee stops until no tracee is left.
     fn event_loop(&mut self) -> Result<Outcome, Error> {
         loop {
-            let mut fds = [PollFd::new(self.sigfd.as_fd(), PollFlags::POLLIN)];
+            let vmspaces = Arc::clone(self.vmspaces());
+            let mut fds = [
+                PollFd::new(self.sigfd.as_fd(), PollFlags::POLLIN),
+                PollFd::new(vmspaces.jobs_fd(), PollFlags::POLLIN),
+            ];
             match poll(&mut fds, PollTimeout::NONE) {
                 Ok(_) | Err(Errno::EINTR) => {}
                 Err(errno) => return Err(self.abort(Error::sys("poll")(errno))),
+            }
+            if fds[1].any().unwrap_or(false) {
+                vmspaces.run_jobs();
             }
             if self.on_signals()? {
                 break;
@@ -251,6 +266,12 @@ impl Supervisor {
             let text = crate::trace::format_signal(&info);
             out.line(pid.as_raw(), SystemTime::now(), &text, None);
         }
+    }
+
+    fn vmspaces(&self) -> &Arc<Vmspaces> {
+        self.vmspaces
+            .as_ref()
+            .expect("the vmspace registry exists from the start")
     }
 
     fn vpt(&self) -> &Arc<Vpt> {
@@ -308,8 +329,8 @@ impl Supervisor {
             match waitpid(None, Some(WaitPidFlag::__WALL | WaitPidFlag::WNOHANG)) {
                 Ok(WaitStatus::StillAlive) => return Ok(false),
                 Ok(status) => match status.pid() {
-                    Some(pid) if self.vmspaces.is_stub(pid) => {
-                        self.vmspaces.on_stub_status(pid, status);
+                    Some(pid) if self.vmspaces().is_stub(pid) => {
+                        self.vmspaces().on_stub_status(pid, status);
                     }
                     _ => self.on_wait_status(status)?,
                 },
@@ -345,6 +366,7 @@ impl Supervisor {
             WaitStatus::Stopped(pid, sig) => {
                 // Signal-delivery-stop: deliver the signal as the kernel would.
                 self.tracees.insert(pid);
+                self.end_interrupted_run(pid);
                 self.trace_signal(pid);
                 resume(pid, Some(sig));
             }
@@ -370,8 +392,12 @@ impl Supervisor {
             }
             e if e == Event::PTRACE_EVENT_SECCOMP as i32 => {
                 let nr = ptrace::getregs(pid).map(|r| r.orig_rax).unwrap_or(0);
-                if let Some(h @ (Hypercall::VmspaceCreate | Hypercall::VmspaceDestroy)) =
-                    Hypercall::from_nr(nr)
+                if let Some(
+                    h @ (Hypercall::VmspaceCreate
+                    | Hypercall::VmspaceDestroy
+                    | Hypercall::VmspaceMmap
+                    | Hypercall::VmspaceMunmap),
+                ) = Hypercall::from_nr(nr)
                 {
                     return self.vmspace_stop(pid, h);
                 }
@@ -417,7 +443,29 @@ impl Supervisor {
         Ok(())
     }
 
-    /// `vmspace_create` or `vmspace_destroy`, stopped at its seccomp stop.
+    /// A signal-delivery-stop of guest thread `pid`: if the signal
+    /// interrupted its RUN, make the call return what RUN says (0 with
+    /// `tf_trapno = 0`, or `EINTR`) instead of restarting.
+    fn end_interrupted_run(&self, pid: Pid) {
+        if self.vmspaces().is_empty() {
+            return;
+        }
+        let Ok(mut regs) = ptrace::getregs(pid) else {
+            return;
+        };
+        if regs.orig_rax != Hypercall::VmspaceCtl.nr() {
+            return;
+        }
+        if let Some(ret) = self.vmspaces().on_guest_signal(pid, regs.rax as i64) {
+            regs.rax = ret as u64;
+            if let Err(errno) = ptrace::setregs(pid, regs) {
+                tracing::debug!(%pid, %errno, "setting RUN's result failed");
+            }
+        }
+    }
+
+    /// A vmspace hypercall served on the tracer thread, stopped at its
+    /// seccomp stop.
     fn vmspace_stop(&mut self, pid: Pid, h: Hypercall) -> Result<(), Error> {
         let inj = match Injector::at_seccomp_stop(pid) {
             Ok(inj) => inj,
@@ -430,9 +478,12 @@ impl Supervisor {
         let r = *inj.regs();
         let args = [r.rdi, r.rsi, r.rdx, r.r10, r.r8, r.r9];
         let when = SystemTime::now();
+        let vmspaces = self.vmspaces();
         let result = match h {
-            Hypercall::VmspaceCreate => self.vmspaces.create(args[0]),
-            _ => self.vmspaces.destroy(args[0]),
+            Hypercall::VmspaceCreate => vmspaces.create(args[0]),
+            Hypercall::VmspaceMmap => vmspaces.mmap(pid, args),
+            Hypercall::VmspaceMunmap => vmspaces.munmap(args),
+            _ => vmspaces.destroy(args[0]),
         };
         crate::hypercall::account_stop_call(
             &self.out,
@@ -489,8 +540,15 @@ impl Supervisor {
             stats: Arc::clone(&self.stats),
             trace: Arc::clone(&self.out),
             vpt: Arc::clone(self.vpt()),
+            vmspaces: Arc::clone(self.vmspaces()),
             ram_fd_guess: AtomicI32::new(self.ram_fd_guess),
         };
+        self.vmspaces().set_env(Arc::new(crate::run::RunEnv {
+            notify: Arc::clone(&server.notify),
+            stats: Arc::clone(&self.stats),
+            trace: Arc::clone(&self.out),
+            vpt: Arc::clone(self.vpt()),
+        }));
         self.server = Some(ServerThread::spawn(server).map_err(|e| self.abort(e))?);
         Ok(())
     }
@@ -498,6 +556,7 @@ impl Supervisor {
     fn on_exit(&mut self, pid: Pid, outcome: Outcome) {
         self.tracees.remove(&pid);
         self.vpt().forget_thread(pid);
+        self.vmspaces().forget_thread(pid);
         if self.vpt().take_agent(pid) {
             return; // vkrun's own thread in the guest
         }
@@ -518,9 +577,9 @@ impl Supervisor {
             out.line(pid.as_raw(), SystemTime::now(), &text, None);
         }
         drop(out);
-        if self.tracees.is_empty() && !self.vmspaces.is_empty() {
+        if self.tracees.is_empty() && !self.vmspaces().is_empty() {
             // The guest's last task is gone: so are its vmspaces.
-            self.vmspaces.destroy_all();
+            self.vmspaces().destroy_all();
         }
         if pid != self.main {
             return;

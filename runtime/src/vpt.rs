@@ -47,7 +47,7 @@ use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
 use nix::unistd::Pid;
 use vkabi::{
     Hypercall, MADV_INVAL, MADV_SETMAP, MAP_FIXED, MAP_PRIVATE, MAP_SHARED, MAP_STACK,
-    MAP_VPAGETABLE, PAGE_SIZE, PGEX_U, PROT_READ, PROT_WRITE, USER_MAX,
+    MAP_VPAGETABLE, PAGE_SIZE, PGEX_I, PGEX_U, PGEX_W, PROT_READ, PROT_WRITE, USER_MAX,
 };
 use vpte::{Access, GuestVirtAddr, PageIndex, Vpte, WalkError};
 
@@ -260,6 +260,15 @@ pub enum SegvAction {
     Handled(Option<WaitStatus>),
 }
 
+/// What a fault in a vmspace's context comes to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StubFault {
+    /// Resolved: run the instruction again.
+    Retry,
+    /// The vkernel's: `T_PAGEFLT` with these error bits.
+    Report(u64),
+}
+
 /// Outcome of a hypercall served at a seccomp stop.
 #[derive(Debug)]
 pub struct StopOutcome {
@@ -369,6 +378,30 @@ impl Vpt {
             let ret = inj.syscall(libc::SYS_mmap, a)?;
             return Ok(errno_or(ret));
         }
+        let is_ram = kcmp::same_file(self.ram.as_fd(), inj.tid(), fd) == Ok(true);
+        if fd < 0 || !is_ram {
+            return Ok(Err(Errno::EINVAL));
+        }
+        self.map_window(inj, tgid, addr, len, prot, flags, off)
+            .map(|r| r.map(|start| start as i64))
+    }
+
+    /// A MAP_VPAGETABLE window of RAM (the caller checked the descriptor)
+    /// in process `tgid`, through `inj`, a stopped thread of it: the
+    /// argument rules of ABI section 4, then anonymous memory registered
+    /// with the process's userfaultfd (set up on first use). Returns the
+    /// window's start.
+    #[allow(clippy::too_many_arguments)]
+    pub fn map_window(
+        self: &Arc<Self>,
+        inj: &mut Injector,
+        tgid: Pid,
+        addr: u64,
+        len: u64,
+        prot: i32,
+        flags: i32,
+        off: u64,
+    ) -> Result<Result<u64, Errno>, InjectError> {
         let fixed = flags & MAP_FIXED != 0;
         let len = match len.checked_add(PAGE - 1) {
             Some(l) if len > 0 => page_down(l),
@@ -378,14 +411,10 @@ impl Vpt {
             || flags & MAP_PRIVATE != 0
             || flags & MAP_STACK != 0
             || prot & (PROT_READ | PROT_WRITE) != PROT_READ | PROT_WRITE
-            || off % PAGE != 0
+            || !off.is_multiple_of(PAGE)
             || len > USER_MAX
-            || (fixed && (addr % PAGE != 0 || addr > USER_MAX - len))
+            || (fixed && (!addr.is_multiple_of(PAGE) || addr > USER_MAX - len))
         {
-            return Ok(Err(Errno::EINVAL));
-        }
-        let is_ram = kcmp::same_file(self.ram.as_fd(), inj.tid(), fd) == Ok(true);
-        if fd < 0 || !is_ram {
             return Ok(Err(Errno::EINVAL));
         }
         let proc_ = match self.process(inj, tgid)? {
@@ -427,12 +456,27 @@ impl Vpt {
         );
         self.publish_windows(&proc_, &mm);
         self.stats.vpagetable_mmap.fetch_add(1, Ordering::Relaxed);
-        Ok(Ok(start as i64))
+        Ok(Ok(start))
     }
 
     /// `mcontrol(addr, len, behav, value)` (ABI section 5) for thread `tid`,
     /// served from the hypercall thread: drops go through the agent.
     pub fn mcontrol(&self, tid: Pid, a: [u64; 6]) -> Result<i64, Errno> {
+        let tgid = self.tgid(tid);
+        self.mcontrol_in(tgid, a, |s, e, covered| {
+            maps_other_memory(tgid, s, e, covered)
+        })
+    }
+
+    /// `mcontrol` in process `tgid` (a guest process or a vmspace's stub);
+    /// `other(start, end, windows)` says whether `[start, end)` maps memory
+    /// that is not a window (`windows`: the window pieces in the range).
+    pub fn mcontrol_in(
+        &self,
+        tgid: Pid,
+        a: [u64; 6],
+        other: impl Fn(u64, u64, &[(u64, u64)]) -> bool,
+    ) -> Result<i64, Errno> {
         let (addr, len, behav, value) = (a[0], a[1], a[2] as i32, a[3]);
         if (0..=9).contains(&behav) {
             return Ok(0);
@@ -453,7 +497,6 @@ impl Vpt {
         } else {
             self.stats.vpagetable_inval.fetch_add(1, Ordering::Relaxed);
         }
-        let tgid = self.tgid(tid);
         let proc_ = lock(&self.procs).get(&tgid).cloned();
         let mut covered = Vec::new();
         if let Some(p) = &proc_ {
@@ -475,7 +518,7 @@ impl Vpt {
                 covered.push((s, e));
             }
         }
-        if behav == MADV_SETMAP && maps_other_memory(tgid, start, end, &covered) {
+        if behav == MADV_SETMAP && other(start, end, &covered) {
             return Err(Errno::EINVAL);
         }
         Ok(0)
@@ -1245,6 +1288,112 @@ impl Vpt {
                 SegvAction::Handled(deliver_page_fault(tid, info.addr, Poison { si_code, pgex }))
             }
         }
+    }
+
+    /// A fault that reached an execution context's handler in vmspace stub
+    /// `tgid` at `addr`, with the hardware's error bits `err`: resolve it
+    /// here if a walk allows the access (a read-only page written, a page
+    /// being re-armed), else say what the vkernel must see (`T_PAGEFLT`
+    /// with these `PGEX` bits). `trace_tid` is the guest thread running
+    /// the context (for the trace).
+    pub fn on_stub_fault(&self, tgid: Pid, addr: u64, err: u64, trace_tid: Pid) -> StubFault {
+        let Some(p) = lock(&self.procs).get(&tgid).cloned() else {
+            return StubFault::Report(err);
+        };
+        let page = page_down(addr);
+        let Ok(mut mm) = self.enter(&p) else {
+            return StubFault::Report(err);
+        };
+        let Some(w) = window_at(&mm, page) else {
+            return StubFault::Report(err);
+        };
+        if let Some(poison) = mm.poisoned.remove(&page) {
+            // Failed walk: re-arm the page for the retry after the fix.
+            let armed = self.rearm(&p, &[(page, PAGE)]);
+            if let Err(errno) = armed {
+                tracing::warn!(%errno, "re-arming a faulted page failed");
+            }
+            return StubFault::Report(poison.pgex);
+        }
+        let access = if err & PGEX_I != 0 {
+            Access::Execute
+        } else if err & PGEX_W != 0 {
+            Access::Write
+        } else {
+            Access::Read
+        };
+        match self.walk_window(&w, page, access) {
+            Ok(t) => {
+                let run = RamRun {
+                    va: page,
+                    len: PAGE,
+                    prot: prot_of(&t),
+                    flags: libc::MAP_SHARED as u64 | libc::MAP_FIXED as u64,
+                    pa: t.pa.0,
+                };
+                let done = self.install(&p, &mut mm, run);
+                drop(mm);
+                self.trace_fault(trace_tid.as_raw(), addr, w.master, access, &Ok(t));
+                if done.is_err() {
+                    return StubFault::Report(err);
+                }
+                self.stats.vpagetable_faults.fetch_add(1, Ordering::Relaxed);
+                StubFault::Retry
+            }
+            Err(e) => {
+                drop(mm);
+                self.trace_fault(trace_tid.as_raw(), addr, w.master, access, &Err(e));
+                StubFault::Report(poison_of(e.as_ref(), access).1)
+            }
+        }
+    }
+
+    /// `[s, e)` of process `tgid` was unmapped: forget the windows there
+    /// (cutting those that straddle it) and what was installed in them.
+    pub fn unmap(&self, tgid: Pid, s: u64, e: u64) {
+        let Some(p) = lock(&self.procs).get(&tgid).cloned() else {
+            return;
+        };
+        let Ok(mut mm) = self.enter(&p) else {
+            return;
+        };
+        let cut: Vec<Window> = mm
+            .windows
+            .values()
+            .filter(|w| w.start < e && s < w.end())
+            .copied()
+            .collect();
+        for w in cut {
+            mm.windows.remove(&w.start);
+            if w.start < s {
+                let mut left = w;
+                left.len = s - w.start;
+                mm.windows.insert(left.start, left);
+            }
+            if w.end() > e {
+                let mut right = w;
+                right.off = w.off + (e - w.start);
+                right.start = e;
+                right.len = w.end() - e;
+                mm.windows.insert(right.start, right);
+            }
+        }
+        forget_range(&mut mm, s, e);
+        self.publish_windows(&p, &mm);
+    }
+
+    /// The RAM address a user access to `va` in a window of process `tgid`
+    /// reaches (setting A, and M for a write, as the access would), or
+    /// `None` if the walk fails or `va` is in no window.
+    pub fn translate(&self, tgid: Pid, va: u64, write: bool) -> Option<u64> {
+        let p = lock(&self.procs).get(&tgid).cloned()?;
+        let w = {
+            let mm = self.enter(&p).ok()?;
+            window_at(&mm, page_down(va))?
+        };
+        let access = if write { Access::Write } else { Access::Read };
+        let t = self.walk_window(&w, page_down(va), access).ok()?;
+        Some(t.pa.0 + va % PAGE)
     }
 
     /// Whether process `tgid` has VPAGETABLE windows.

@@ -59,14 +59,14 @@ fn errors_render_as_minus_one_errno_and_description() {
         ),
         "{err}"
     );
-    // A hypercall of a later milestone: traced, answered ENOSYS.
+    // A vmspace call on an unknown id: traced, answered ENOENT.
     let out = run(vkrun()
         .args(["-e", "trace=vmspace_pread"])
         .arg(bin("vkcall"))
         .args(["raw", "0xdf001ec", "0x1", "0", "0", "0", "0"]));
     let err = text(&out.stderr);
     assert!(
-        err.contains("vmspace_pread(0x1, NULL, 0, 0, 0x0) = -1 ENOSYS (Function not implemented)"),
+        err.contains("vmspace_pread(0x1, NULL, 0, 0, 0x0) = -1 ENOENT (No such file or directory)"),
         "{err}"
     );
 }

@@ -15,7 +15,7 @@ const AUDIT_ARCH_X86_64: u32 = 0xC000_003E;
 /// synchronously on the notifying task's CPU.
 const SECCOMP_USER_NOTIF_FD_SYNC_WAKE_UP: u64 = 1;
 
-const fn stmt(code: u16, k: u32) -> libc::sock_filter {
+pub(crate) const fn stmt(code: u16, k: u32) -> libc::sock_filter {
     libc::sock_filter {
         code,
         jt: 0,
@@ -24,14 +24,14 @@ const fn stmt(code: u16, k: u32) -> libc::sock_filter {
     }
 }
 
-const fn jump(code: u16, k: u32, jt: u8, jf: u8) -> libc::sock_filter {
+pub(crate) const fn jump(code: u16, k: u32, jt: u8, jf: u8) -> libc::sock_filter {
     libc::sock_filter { code, jt, jf, k }
 }
 
-const LD_W_ABS: u16 = (libc::BPF_LD | libc::BPF_W | libc::BPF_ABS) as u16;
-const JEQ_K: u16 = (libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K) as u16;
+pub(crate) const LD_W_ABS: u16 = (libc::BPF_LD | libc::BPF_W | libc::BPF_ABS) as u16;
+pub(crate) const JEQ_K: u16 = (libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K) as u16;
 const JGE_K: u16 = (libc::BPF_JMP | libc::BPF_JGE | libc::BPF_K) as u16;
-const RET_K: u16 = (libc::BPF_RET | libc::BPF_K) as u16;
+pub(crate) const RET_K: u16 = (libc::BPF_RET | libc::BPF_K) as u16;
 /// `offsetof(struct seccomp_data, nr)` and `arch`.
 const DATA_NR: u32 = 0;
 const DATA_ARCH: u32 = 4;
@@ -40,16 +40,19 @@ const DATA_ARCH: u32 = 4;
 /// The hypercalls that must run on the tracer thread stop the caller for it
 /// instead (`SECCOMP_RET_TRACE`): `vk_mmap`, which may set vkrun's agent up
 /// in the caller's process (system calls run in the caller), and
-/// `vmspace_create`/`vmspace_destroy`, which fork and reap traced stubs.
-pub const HYPERCALL_FILTER: [libc::sock_filter; 11] = [
+/// `vmspace_create`/`vmspace_destroy`/`vmspace_mmap`/`vmspace_munmap`,
+/// which fork, reap or drive traced stubs.
+pub const HYPERCALL_FILTER: [libc::sock_filter; 13] = [
     stmt(LD_W_ABS, DATA_ARCH),
-    jump(JEQ_K, AUDIT_ARCH_X86_64, 0, 8),
+    jump(JEQ_K, AUDIT_ARCH_X86_64, 0, 10),
     stmt(LD_W_ABS, DATA_NR),
-    jump(JGE_K, VK_SYS_BASE as u32, 0, 6),
-    jump(JGE_K, (VK_SYS_BASE + VK_SYS_COUNT) as u32, 5, 0),
-    jump(JEQ_K, Hypercall::VkMmap.nr() as u32, 3, 0),
-    jump(JEQ_K, Hypercall::VmspaceCreate.nr() as u32, 2, 0),
-    jump(JEQ_K, Hypercall::VmspaceDestroy.nr() as u32, 1, 0),
+    jump(JGE_K, VK_SYS_BASE as u32, 0, 8),
+    jump(JGE_K, (VK_SYS_BASE + VK_SYS_COUNT) as u32, 7, 0),
+    jump(JEQ_K, Hypercall::VkMmap.nr() as u32, 5, 0),
+    jump(JEQ_K, Hypercall::VmspaceCreate.nr() as u32, 4, 0),
+    jump(JEQ_K, Hypercall::VmspaceDestroy.nr() as u32, 3, 0),
+    jump(JEQ_K, Hypercall::VmspaceMmap.nr() as u32, 2, 0),
+    jump(JEQ_K, Hypercall::VmspaceMunmap.nr() as u32, 1, 0),
     stmt(RET_K, libc::SECCOMP_RET_USER_NOTIF),
     stmt(RET_K, libc::SECCOMP_RET_TRACE),
     stmt(RET_K, libc::SECCOMP_RET_ALLOW),

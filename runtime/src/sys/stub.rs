@@ -7,6 +7,10 @@
 //! mapped by the parent at [`STUB_BASE`] (above `USER_MAX`, the ABI's
 //! reserved 2 MiB) just for the fork. From there it unmaps everything below
 //! `USER_MAX` and stops on `int3`: `[0, USER_MAX)` belongs to the vkernel.
+//!
+//! The same region holds the stub's execution contexts (see the code block
+//! below and [`crate::run`]): threads that run guest user code with every
+//! system call trapped, and report each trap through their block.
 
 use std::arch::global_asm;
 use std::os::fd::{AsRawFd, BorrowedFd};
@@ -17,9 +21,141 @@ use vkabi::USER_MAX;
 
 /// Where a stub's region lives (in the stub; in vkrun only during a fork).
 pub const STUB_BASE: u64 = USER_MAX + 0x10000;
-/// The region: a code page and a stack page.
-pub const STUB_LEN: u64 = 2 * 4096;
+/// The region: header (code, main stack, read-only data) and the execution
+/// contexts. It ends below the agent's region (`USER_MAX + 0x100000`).
+pub const STUB_LEN: u64 = 0xF0000;
+/// Header: the code (two pages).
+pub const CODE: u64 = 0;
+/// Header: top of the main thread's stack.
+pub const MAIN_STACK_TOP: u64 = 0x3000;
+/// Header: the data page (`sock_fprog`, `sigaction`, signal set, scratch
+/// path, filter program). Read-only in the stub.
+pub const DATA: u64 = 0x3000;
+/// Data page: `struct sock_fprog` of the context filter.
+pub const DATA_FPROG: u64 = DATA;
+/// Data page: `struct kernel_sigaction` of the context handler.
+pub const DATA_SIGACTION: u64 = DATA + 0x10;
+/// Data page: the signals a context unblocks.
+pub const DATA_UNBLOCK: u64 = DATA + 0x30;
+/// Data page: a NUL-terminated path for `open` (the RAM memfd).
+pub const DATA_PATH: u64 = DATA + 0x40;
+/// Data page: length of the path scratch.
+pub const DATA_PATH_LEN: u64 = 0x1C0;
+/// Data page: the filter's instructions.
+pub const DATA_FILTER: u64 = DATA + 0x200;
+/// First execution context.
+pub const CONTEXTS: u64 = 0x10000;
+/// One execution context: its control block and signal stack.
+pub const CTX_SIZE: u64 = 0x4000;
+/// Execution contexts a stub holds.
+pub const MAX_CONTEXTS: usize = ((STUB_LEN - CONTEXTS) / CTX_SIZE) as usize;
 
+/// Context block (offsets from its base, all little-endian):
+/// `state` (futex the context sleeps on between runs).
+pub const CX_STATE: usize = 0x000;
+/// Reports made (futex vkrun sleeps on).
+pub const CX_SEQ: usize = 0x004;
+/// Non-zero while vkrun wants the running user code interrupted.
+pub const CX_KICK: usize = 0x008;
+/// The report: signal number (`u32::MAX`: the context failed to start,
+/// `CX_ADDR` holds the error).
+pub const CX_SIG: usize = 0x010;
+/// The report: `si_code`.
+pub const CX_CODE: usize = 0x014;
+/// The report: `si_addr` (or `si_call_addr` of `SIGSYS`).
+pub const CX_ADDR: usize = 0x018;
+/// The report: `si_syscall` (low half) and `si_arch` (high half) of `SIGSYS`.
+pub const CX_SYSCALL: usize = 0x020;
+/// FS and GS bases at the report.
+pub const CX_FS_OUT: usize = 0x028;
+/// See [`CX_FS_OUT`].
+pub const CX_GS_OUT: usize = 0x030;
+/// FS and GS bases to run with.
+pub const CX_FS_IN: usize = 0x038;
+/// See [`CX_FS_IN`].
+pub const CX_GS_IN: usize = 0x040;
+/// The context's `stack_t` for `sigaltstack`.
+pub const CX_ALTSTACK: usize = 0x048;
+/// Registers to run with, in `ucontext` `gregs` order (`REG_R8` ..
+/// `REG_EFL`: [`GREGS_IN`] of them).
+pub const CX_IN: usize = 0x100;
+/// Registers at the report, all 23 `gregs` (with `REG_ERR`, `REG_TRAPNO`,
+/// `REG_CR2`).
+pub const CX_OUT: usize = 0x200;
+/// The stack a context starts on (below its signal stack).
+pub const CX_ENTRY_STACK: u64 = 0xF00;
+/// The signal stack: from here to the block's end.
+pub const CX_SIGSTACK: u64 = 0x1000;
+
+/// `state`: the context sleeps in its handler (a report is available).
+pub const STATE_WAIT: u32 = 0;
+/// `state`: vkrun posted registers; run them.
+pub const STATE_GO: u32 = 1;
+/// `state`: the user code runs.
+pub const STATE_RUNNING: u32 = 2;
+/// `state`: end the context's thread.
+pub const STATE_EXIT: u32 = 3;
+
+/// `gregs` indices (`<sys/ucontext.h>`).
+pub const REG_R8: usize = 0;
+pub const REG_R9: usize = 1;
+pub const REG_R10: usize = 2;
+pub const REG_R11: usize = 3;
+pub const REG_R12: usize = 4;
+pub const REG_R13: usize = 5;
+pub const REG_R14: usize = 6;
+pub const REG_R15: usize = 7;
+pub const REG_RDI: usize = 8;
+pub const REG_RSI: usize = 9;
+pub const REG_RBP: usize = 10;
+pub const REG_RBX: usize = 11;
+pub const REG_RDX: usize = 12;
+pub const REG_RAX: usize = 13;
+pub const REG_RCX: usize = 14;
+pub const REG_RSP: usize = 15;
+pub const REG_RIP: usize = 16;
+pub const REG_EFL: usize = 17;
+pub const REG_ERR: usize = 19;
+pub const REG_TRAPNO: usize = 20;
+pub const REG_CR2: usize = 22;
+/// Registers vkrun sets for a run (`REG_R8` ..= `REG_EFL`).
+pub const GREGS_IN: usize = 18;
+/// All `gregs`.
+pub const GREGS: usize = 23;
+
+/// `SA_RESTORER` (x86-64 `<asm/signal.h>`).
+const SA_RESTORER: u64 = 0x0400_0000;
+
+/// The signal vkrun sends a context to interrupt its user code.
+pub const KICK_SIGNAL: i32 = libc::SIGURG;
+/// The signals a context handles: every synchronous trap, `SIGSYS` from its
+/// filter, and the kick.
+pub const CONTEXT_SIGNALS: [i32; 7] = [
+    libc::SIGSYS,
+    libc::SIGSEGV,
+    libc::SIGBUS,
+    libc::SIGILL,
+    libc::SIGTRAP,
+    libc::SIGFPE,
+    KICK_SIGNAL,
+];
+
+// The stub's code. The main thread enters at the start (from the forked
+// child, on the main stack), unmaps everything below USER_MAX, makes the
+// header read-only and stops on `int3` for good: vkrun drives it by
+// ptrace through the gadgets.
+//
+// An execution context is a thread cloned at `clone_gadget` with r15 = its
+// block (CLONE_UNTRACED: its signals reach its handler, not vkrun). It
+// installs its signal stack and handler, unblocks its signals, installs the
+// context filter (every system call traps with SIGSYS except futex
+// WAIT/WAKE, rt_sigreturn and exit made from `handler_syscall`), and traps
+// once to report that it is ready. From then on it lives in its handler:
+// each signal writes the interrupted registers to the block, bumps `seq`
+// and wakes vkrun, sleeps until vkrun posts new registers (`STATE_GO`),
+// loads them into the signal frame and returns through `rt_sigreturn` into
+// the user code. The FPU state stays in the frame between runs: it is the
+// context's own.
 global_asm!(
     ".pushsection .text.vkrun_stub,\"ax\",@progbits",
     ".p2align 4",
@@ -29,20 +165,224 @@ global_asm!(
     // munmap(0, USER_MAX): nothing of vkrun stays below USER_MAX
     "mov eax, 11",
     "xor edi, edi",
-    "mov rsi, 0x00007FFFFFE00000",
+    "mov rsi, {user_max}",
+    "syscall",
+    // mprotect(header, DATA + 4096, PROT_READ | PROT_EXEC)
+    "mov eax, 10",
+    "mov rdi, {base}",
+    "mov esi, {header_len}",
+    "mov edx, 5",
     "syscall",
     "2:",
     "int3",
     "jmp 2b",
+    // syscall gadget: vkrun runs system calls in the main thread here
+    ".globl vkrun_stub_syscall_gadget",
+    ".hidden vkrun_stub_syscall_gadget",
+    "vkrun_stub_syscall_gadget:",
+    "syscall",
+    "int3",
+    // clone gadget: the parent traps, the child becomes a context
+    ".globl vkrun_stub_clone_gadget",
+    ".hidden vkrun_stub_clone_gadget",
+    "vkrun_stub_clone_gadget:",
+    "syscall",
+    "test rax, rax",
+    "jz 3f",
+    "int3",
+    "3:",
+    // sigaltstack(&block.altstack, NULL)
+    "lea rdi, [r15 + {cx_altstack}]",
+    "xor esi, esi",
+    "mov eax, 131",
+    "syscall",
+    // rt_sigaction(sig, &data.sigaction, NULL, 8) for each signal
+    "mov r14, {data}",
+    "lea rbx, [rip + 7f]",
+    "4:",
+    "movzx edi, byte ptr [rbx]",
+    "test edi, edi",
+    "jz 5f",
+    "lea rsi, [r14 + {d_sigaction}]",
+    "xor edx, edx",
+    "mov r10d, 8",
+    "mov eax, 13",
+    "syscall",
+    "test rax, rax",
+    "jnz 6f",
+    "inc rbx",
+    "jmp 4b",
+    "5:",
+    // rt_sigprocmask(SIG_UNBLOCK, &data.unblock, NULL, 8)
+    "mov edi, 1",
+    "lea rsi, [r14 + {d_unblock}]",
+    "xor edx, edx",
+    "mov r10d, 8",
+    "mov eax, 14",
+    "syscall",
+    // prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)
+    "mov edi, 38",
+    "mov esi, 1",
+    "xor edx, edx",
+    "xor r10d, r10d",
+    "xor r8d, r8d",
+    "mov eax, 157",
+    "syscall",
+    // seccomp(SECCOMP_SET_MODE_FILTER, 0, &data.fprog)
+    "mov edi, 1",
+    "xor esi, esi",
+    "lea rdx, [r14 + {d_fprog}]",
+    "mov eax, 317",
+    "syscall",
+    "test rax, rax",
+    "jnz 6f",
+    // ready: any system call made here traps into the handler
+    "mov eax, 39",
+    "syscall",
+    "ud2",
+    // set-up failed: report the error, end the thread
+    "6:",
+    "mov [r15 + {cx_addr}], rax",
+    "mov dword ptr [r15 + {cx_sig}], -1",
+    "lock inc dword ptr [r15 + {cx_seq}]",
+    "lea rdi, [r15 + {cx_seq}]",
+    "mov esi, 1",
+    "mov edx, 1",
+    "mov eax, 202",
+    "syscall",
+    "mov eax, 60",
+    "xor edi, edi",
+    "syscall",
+    "ud2",
+    "7:",
+    ".byte 31, 11, 7, 4, 5, 8, 23, 0",
+    // The handler: rdi = signal, rsi = siginfo, rdx = ucontext; on the
+    // signal stack, which lies in the block: the block is rsp rounded down.
+    ".p2align 4",
+    ".globl vkrun_stub_handler",
+    ".hidden vkrun_stub_handler",
+    "vkrun_stub_handler:",
+    "mov r15, rsp",
+    "and r15, {cx_mask}",
+    "cmp edi, {kick}",
+    "jne 10f",
+    "cmp dword ptr [r15 + {cx_kick}], 0",
+    "je 14f",
+    "10:",
+    "mov r12, rdx",
+    "mov [r15 + {cx_sig}], edi",
+    "mov eax, [rsi + 8]",
+    "mov [r15 + {cx_code}], eax",
+    "mov rax, [rsi + 16]",
+    "mov [r15 + {cx_addr}], rax",
+    "mov rax, [rsi + 24]",
+    "mov [r15 + {cx_syscall}], rax",
+    "lea rsi, [r12 + 40]",
+    "lea rdi, [r15 + {cx_out}]",
+    "mov ecx, 23",
+    "rep movsq",
+    "rdfsbase rax",
+    "mov [r15 + {cx_fs_out}], rax",
+    "rdgsbase rax",
+    "mov [r15 + {cx_gs_out}], rax",
+    // publish: state = WAIT, seq += 1, wake vkrun
+    "mov dword ptr [r15 + {cx_state}], {st_wait}",
+    "lock inc dword ptr [r15 + {cx_seq}]",
+    "lea rdi, [r15 + {cx_seq}]",
+    "mov esi, 1",
+    "mov edx, 1",
+    "mov eax, 202",
+    "call 20f",
+    // wait for GO (or EXIT)
+    "11:",
+    "mov eax, [r15 + {cx_state}]",
+    "cmp eax, {st_go}",
+    "je 12f",
+    "cmp eax, {st_exit}",
+    "je 13f",
+    "lea rdi, [r15 + {cx_state}]",
+    "xor esi, esi",
+    "mov edx, eax",
+    "xor r10d, r10d",
+    "mov eax, 202",
+    "call 20f",
+    "jmp 11b",
+    "12:",
+    "mov eax, {st_go}",
+    "mov ecx, {st_running}",
+    "lock cmpxchg [r15 + {cx_state}], ecx",
+    "jne 11b",
+    "lea rsi, [r15 + {cx_in}]",
+    "lea rdi, [r12 + 40]",
+    "mov ecx, {gregs_in}",
+    "rep movsq",
+    "mov rax, [r15 + {cx_fs_in}]",
+    "wrfsbase rax",
+    "mov rax, [r15 + {cx_gs_in}]",
+    "wrgsbase rax",
+    "14:",
+    "ret",
+    "13:",
+    "mov eax, 60",
+    "xor edi, edi",
+    "call 20f",
+    "ud2",
+    // the only system call instruction the filter lets through
+    ".p2align 4",
+    ".globl vkrun_stub_handler_syscall",
+    ".hidden vkrun_stub_handler_syscall",
+    "vkrun_stub_handler_syscall:",
+    "20:",
+    "syscall",
+    "ret",
+    // sa_restorer: rt_sigreturn, through the same instruction
+    ".globl vkrun_stub_restorer",
+    ".hidden vkrun_stub_restorer",
+    "vkrun_stub_restorer:",
+    "mov eax, 15",
+    "jmp 20b",
     ".globl vkrun_stub_code_end",
     ".hidden vkrun_stub_code_end",
     "vkrun_stub_code_end:",
     ".popsection",
+    user_max = const USER_MAX,
+    base = const STUB_BASE,
+    header_len = const DATA + 0x1000,
+    data = const STUB_BASE + DATA,
+    d_sigaction = const DATA_SIGACTION - DATA,
+    d_unblock = const DATA_UNBLOCK - DATA,
+    d_fprog = const DATA_FPROG - DATA,
+    cx_mask = const !(CTX_SIZE - 1),
+    kick = const KICK_SIGNAL,
+    cx_state = const CX_STATE,
+    cx_seq = const CX_SEQ,
+    cx_kick = const CX_KICK,
+    cx_sig = const CX_SIG,
+    cx_code = const CX_CODE,
+    cx_addr = const CX_ADDR,
+    cx_syscall = const CX_SYSCALL,
+    cx_fs_out = const CX_FS_OUT,
+    cx_gs_out = const CX_GS_OUT,
+    cx_fs_in = const CX_FS_IN,
+    cx_gs_in = const CX_GS_IN,
+    cx_altstack = const CX_ALTSTACK,
+    cx_in = const CX_IN,
+    cx_out = const CX_OUT,
+    gregs_in = const GREGS_IN,
+    st_wait = const STATE_WAIT,
+    st_go = const STATE_GO,
+    st_running = const STATE_RUNNING,
+    st_exit = const STATE_EXIT,
 );
 
 unsafe extern "C" {
     static vkrun_stub_code_start: u8;
     static vkrun_stub_code_end: u8;
+    static vkrun_stub_syscall_gadget: u8;
+    static vkrun_stub_clone_gadget: u8;
+    static vkrun_stub_handler: u8;
+    static vkrun_stub_handler_syscall: u8;
+    static vkrun_stub_restorer: u8;
 }
 
 /// The stub's machine code, copied to the start of its region.
@@ -51,6 +391,93 @@ pub fn code() -> &'static [u8] {
     let end = &raw const vkrun_stub_code_end;
     // SAFETY: the symbols delimit the block above in our own text.
     unsafe { std::slice::from_raw_parts(start, end as usize - start as usize) }
+}
+
+/// The stub address of a symbol of the code block.
+fn at(symbol: *const u8) -> u64 {
+    let start = &raw const vkrun_stub_code_start;
+    STUB_BASE + CODE + (symbol as u64 - start as u64)
+}
+
+/// Stub address of `syscall; int3`.
+pub fn syscall_gadget() -> u64 {
+    at(&raw const vkrun_stub_syscall_gadget)
+}
+
+/// Stub address of the context `clone` gadget.
+pub fn clone_gadget() -> u64 {
+    at(&raw const vkrun_stub_clone_gadget)
+}
+
+/// The data page of a stub region (`sock_fprog`, `sigaction`, unblocked
+/// signals, filter), as written by vkrun through its mapping of the region
+/// before the first context starts.
+pub fn data_page() -> Vec<u8> {
+    let mut page = vec![0u8; 4096];
+    let mut put = |off: u64, bytes: &[u8]| {
+        let o = (off - DATA) as usize;
+        page[o..o + bytes.len()].copy_from_slice(bytes);
+    };
+    let filter = context_filter();
+    put(DATA_FPROG, &(filter.len() as u16).to_ne_bytes());
+    put(DATA_FPROG + 8, &(STUB_BASE + DATA_FILTER).to_ne_bytes());
+    // struct kernel_sigaction { handler, flags, restorer, mask }
+    let flags = (libc::SA_SIGINFO | libc::SA_ONSTACK) as u64 | SA_RESTORER;
+    put(
+        DATA_SIGACTION,
+        &at(&raw const vkrun_stub_handler).to_ne_bytes(),
+    );
+    put(DATA_SIGACTION + 8, &flags.to_ne_bytes());
+    put(
+        DATA_SIGACTION + 16,
+        &at(&raw const vkrun_stub_restorer).to_ne_bytes(),
+    );
+    put(DATA_SIGACTION + 24, &u64::MAX.to_ne_bytes());
+    let unblock = CONTEXT_SIGNALS
+        .iter()
+        .fold(0u64, |set, &s| set | 1 << (s - 1));
+    put(DATA_UNBLOCK, &unblock.to_ne_bytes());
+    for (i, insn) in filter.iter().enumerate() {
+        let mut b = [0u8; 8];
+        b[..2].copy_from_slice(&insn.code.to_ne_bytes());
+        b[2] = insn.jt;
+        b[3] = insn.jf;
+        b[4..].copy_from_slice(&insn.k.to_ne_bytes());
+        put(DATA_FILTER + 8 * i as u64, &b);
+    }
+    page
+}
+
+/// The filter of an execution context: every system call of the user code
+/// traps (`SECCOMP_RET_TRAP`, so none reaches the host), whatever its
+/// architecture (`int 0x80` included). Only the handler's own instruction
+/// may make `futex` (`FUTEX_WAIT`/`FUTEX_WAKE` only), `rt_sigreturn` and
+/// `exit` (the calling thread). User code can jump to that instruction too;
+/// all it can reach that way is its own context's sleep, a spurious futex
+/// wake-up, a forged signal return (its own registers) or its own end.
+pub fn context_filter() -> Vec<libc::sock_filter> {
+    use crate::sys::seccomp::{JEQ_K, LD_W_ABS, RET_K, jump, stmt};
+    const TRAP: u32 = libc::SECCOMP_RET_TRAP;
+    const ALLOW: u32 = libc::SECCOMP_RET_ALLOW;
+    let ip = at(&raw const vkrun_stub_handler_syscall) + 2;
+    vec![
+        /* 0 */ stmt(LD_W_ABS, 4),
+        /* 1 */ jump(JEQ_K, 0xC000_003E, 0, 8),
+        /* 2 */ stmt(LD_W_ABS, 8),
+        /* 3 */ jump(JEQ_K, ip as u32, 0, 6),
+        /* 4 */ stmt(LD_W_ABS, 12),
+        /* 5 */ jump(JEQ_K, (ip >> 32) as u32, 0, 4),
+        /* 6 */ stmt(LD_W_ABS, 0),
+        /* 7 */ jump(JEQ_K, libc::SYS_futex as u32, 3, 0),
+        /* 8 */ jump(JEQ_K, libc::SYS_rt_sigreturn as u32, 5, 0),
+        /* 9 */ jump(JEQ_K, libc::SYS_exit as u32, 4, 0),
+        /* 10 */ stmt(RET_K, TRAP),
+        /* 11 */ stmt(LD_W_ABS, 24),
+        /* 12 */ jump(JEQ_K, 0, 1, 0),
+        /* 13 */ jump(JEQ_K, 1, 0, 1),
+        /* 14 */ stmt(RET_K, ALLOW),
+        /* 15 */ stmt(RET_K, TRAP),
+    ]
 }
 
 /// Fork a stub whose region is the memfd `region` (code at offset 0).
@@ -118,7 +545,7 @@ unsafe fn stub_child(parent: libc::pid_t, go: libc::c_int) -> ! {
         libc::sigprocmask(libc::SIG_SETMASK, &all, std::ptr::null_mut());
         libc::syscall(libc::SYS_close_range, 0u32, u32::MAX, 0u32);
         unregister_rseq();
-        let stack_top = STUB_BASE + STUB_LEN;
+        let stack_top = STUB_BASE + MAIN_STACK_TOP;
         std::arch::asm!(
             "mov rsp, {stack}",
             "jmp {entry}",
@@ -169,10 +596,12 @@ unsafe fn unregister_rseq() {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
     #[test]
     fn the_stub_unmaps_then_traps() {
         let code = super::code();
-        assert!(code.len() < 4096);
+        assert!(code.len() < DATA as usize);
         assert!(code.contains(&0xcc), "int3");
         assert_eq!(&code[..5], &[0xb8, 11, 0, 0, 0], "mov eax, SYS_munmap");
     }
