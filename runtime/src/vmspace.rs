@@ -888,5 +888,5 @@ const _: () = {
     assert!(STUB_BASE + STUB_LEN <= USER_MAX + 0x10_0000);
     // Blocks are aligned to their size (the handler finds its block from
     // its stack pointer).
-    assert!((STUB_BASE + CONTEXTS) % CTX_SIZE == 0);
+    assert!((STUB_BASE + CONTEXTS).is_multiple_of(CTX_SIZE));
 };
