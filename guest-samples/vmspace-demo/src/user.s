@@ -313,3 +313,6 @@ vmspace_user_touch_start:
 vmspace_user_touch_end:
 
     .popsection
+
+    /* No executable stack for whoever links this file. */
+    .section .note.GNU-stack, "", @progbits
