@@ -1,0 +1,157 @@
+//! The vmspace sample guests end to end (ABI section 7): `vmspace-demo` and
+//! its C twin `guest-samples/c/vmspace_demo.c` build page tables in guest
+//! RAM, run a user program in a vmspace with `vmspace_ctl(RUN)`, serve its
+//! page faults and system calls, and print what it computed; the tests check
+//! the output exactly, the exit status, and vkrun's RUN counters. Also the
+//! bench subcommands' output and the guest's behaviour without vkrun.
+//!
+//! The user program (`guest-samples/vmspace-demo/src/user.s`) is checked on
+//! its own, natively, by `cargo test -p vmspace-demo`; that test pins the
+//! figures used here (43 page faults: heap pages 0..=24 and 31..=32 and 16
+//! stack pages; 3 writes and an exit).
+
+use std::path::PathBuf;
+use std::process::{Command, Output};
+
+use vkrun_tests::{bin, compile_c, run, text, vkrun, workspace_root};
+
+/// What the demo program prints.
+const PROGRAM_OUTPUT: &str = "primes below 100000: 9592, sum 454396537\n\
+                              fib(90): 2880067194370816120\n\
+                              sum(1..1000) by recursion: 500500\n";
+/// First touches of heap and stack pages, each a `T_PAGEFLT` the vkernel serves.
+const PAGE_FAULTS: u64 = 43;
+/// Three writes and the exit.
+const SYSCALLS: u64 = 4;
+
+/// The value of counter `name` in `--stats` output.
+fn stat(log: &str, name: &str) -> u64 {
+    let prefix = format!("{name}: ");
+    log.lines()
+        .find_map(|l| l.strip_prefix(&prefix))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no counter {name} in:\n{log}"))
+}
+
+/// Run `guest ARGS` under `vkrun --stats`.
+fn under_vkrun(guest: impl Into<PathBuf>, args: &[&str]) -> Output {
+    run(vkrun().args(["--stats", "--"]).arg(guest.into()).args(args))
+}
+
+/// Check a demo run: the program's output then `NAME: ... exit 0`, status
+/// 0, and one RUN per page fault and per system call.
+fn assert_demo(out: &Output, name: &str) {
+    let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
+    let summary =
+        format!("{name}: {PAGE_FAULTS} page faults served, {SYSCALLS} syscalls, exit 0\n");
+    assert_eq!(
+        stdout,
+        format!("{PROGRAM_OUTPUT}{summary}"),
+        "stderr:\n{stderr}"
+    );
+    assert_eq!(out.status.code(), Some(0), "stderr:\n{stderr}");
+    // Each RUN comes back with exactly one event: a fault to serve or a
+    // system call.
+    assert_eq!(stat(&stderr, "vkrun.run_exits.pagefault"), PAGE_FAULTS);
+    assert_eq!(stat(&stderr, "vkrun.run_exits.syscall"), SYSCALLS);
+    assert_eq!(stat(&stderr, "vkrun.runs"), PAGE_FAULTS + SYSCALLS);
+    assert_eq!(stat(&stderr, "vkrun.vmspaces_created"), 1);
+}
+
+#[test]
+fn without_vkrun_vmspace_demo_fails_cleanly() {
+    let out = run(&mut Command::new(bin("vmspace-demo")));
+    assert_eq!(text(&out.stderr), "vk_info: Function not implemented\n");
+    assert_eq!(text(&out.stdout), "");
+    assert_eq!(out.status.code(), Some(1));
+}
+
+#[test]
+fn a_bad_command_line_is_status_2() {
+    for args in [
+        &["bench"][..],
+        &["bench", "0"],
+        &["bench-fault", "x"],
+        &["demo"],
+    ] {
+        let out = run(Command::new(bin("vmspace-demo")).args(args));
+        assert_eq!(
+            text(&out.stderr),
+            "usage: vmspace-demo [bench N | bench-fault N | bench-vpt N]\n",
+            "{args:?}"
+        );
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+    }
+}
+
+#[test]
+#[ignore = "needs vmspace RUN (issue 5)"]
+fn the_demo_runs_its_program_in_a_vmspace() {
+    let out = under_vkrun(bin("vmspace-demo"), &[]);
+    assert_demo(&out, "vmspace-demo");
+}
+
+#[test]
+#[ignore = "needs vmspace RUN (issue 5)"]
+fn the_c_demo_runs_the_same_program() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let root = workspace_root();
+    let user = root.join("guest-samples/vmspace-demo/src/user.s");
+    let user = user.to_str().expect("utf-8 path");
+    let flags = [
+        "-std=c11",
+        "-Wextra",
+        "-Werror",
+        "-pedantic",
+        "-Wconversion",
+        "-Wsign-conversion",
+        user,
+    ];
+    let src = root.join("guest-samples/c/vmspace_demo.c");
+    let Some(exe) = compile_c(&src, dir.path(), &flags) else {
+        return;
+    };
+    let out = under_vkrun(exe, &[]);
+    assert_demo(&out, "vmspace_demo.c");
+}
+
+/// Run `vmspace-demo ARGS` under vkrun; assert status 0 and a single
+/// `NAME <positive number>` line; return stderr (the counters).
+fn bench(args: &[&str], name: &str) -> String {
+    let out = under_vkrun(bin("vmspace-demo"), args);
+    let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
+    assert_eq!(out.status.code(), Some(0), "{args:?}:\n{stdout}{stderr}");
+    let value = stdout
+        .strip_prefix(&format!("{name} "))
+        .and_then(|v| v.strip_suffix('\n'))
+        .and_then(|v| v.parse::<f64>().ok())
+        .unwrap_or_else(|| panic!("{args:?}: expected one `{name} <ns>` line:\n{stdout}"));
+    assert!(value > 0.0, "{args:?}: {stdout}");
+    stderr
+}
+
+#[test]
+#[ignore = "needs vmspace RUN (issue 5)"]
+fn bench_times_run_round_trips() {
+    let stderr = bench(&["bench", "200"], "run_ns_per_call");
+    // The marker, 200 calls and the exit.
+    assert_eq!(stat(&stderr, "vkrun.run_exits.syscall"), 202, "{stderr}");
+    assert_eq!(stat(&stderr, "vkrun.run_exits.pagefault"), 0, "{stderr}");
+}
+
+#[test]
+#[ignore = "needs vmspace RUN (issue 5)"]
+fn bench_fault_serves_one_page_fault_per_page() {
+    let stderr = bench(&["bench-fault", "64"], "fault_ns_per_page");
+    assert_eq!(stat(&stderr, "vkrun.run_exits.pagefault"), 64, "{stderr}");
+}
+
+#[test]
+#[ignore = "needs vmspace RUN (issue 5)"]
+fn bench_vpt_faults_never_leave_the_host() {
+    // The guest checks that each page holds what was stored and that the
+    // host set A and M on its prefilled leaf.
+    let stderr = bench(&["bench-vpt", "64"], "vpt_fault_ns_per_page");
+    assert_eq!(stat(&stderr, "vkrun.run_exits.pagefault"), 0, "{stderr}");
+    assert_eq!(stat(&stderr, "vkrun.run_exits.syscall"), 2, "{stderr}");
+}
