@@ -178,6 +178,8 @@ static long sys_write(uint64_t fd, uint64_t buf, uint64_t n)
 
     if (fd != 1 && fd != 2)
         return -EBADF;
+    if (n == 0)
+        return 0;
     if (n > MAX_IO)
         n = MAX_IO;
     got = vmspace_pread(VM, bytes, (size_t)n, 0, (off_t)buf);
@@ -186,7 +188,7 @@ static long sys_write(uint64_t fd, uint64_t buf, uint64_t n)
         exit(1);
     }
     if (got <= 0)
-        return n ? -EFAULT : 0;
+        return -EFAULT;
     while (done < (size_t)got) {
         ssize_t w = write((int)fd, bytes + done, (size_t)got - done);
         if (w < 0)

@@ -358,13 +358,16 @@ impl Kernel {
             2 => Box::new(io::stderr().lock()),
             _ => return Ok(-i64::from(libc::EBADF)),
         };
+        if n == 0 {
+            return Ok(0);
+        }
         let mut bytes = vec![0u8; n.min(MAX_IO) as usize];
         let got = match self.vm.pread(&mut bytes, buf) {
             Ok(got) => got,
             Err(e) if e.errno == Errno::EFAULT => 0,
             Err(e) => return Err(e.into()),
         };
-        if got == 0 && !bytes.is_empty() {
+        if got == 0 {
             return Ok(-i64::from(libc::EFAULT));
         }
         match out.write_all(&bytes[..got]).and_then(|()| out.flush()) {
