@@ -48,7 +48,7 @@ use crate::sys::stub::{
     CX_STATE, DATA, DATA_PATH, DATA_PATH_LEN, MAX_CONTEXTS, STATE_WAIT, STUB_BASE, STUB_LEN,
 };
 use crate::sys::{futex, kcmp};
-use crate::vpt::Vpt;
+use crate::vpt::{Space, Vpt};
 
 const PAGE: u64 = PAGE_SIZE;
 /// How long a new context may take to report ready.
@@ -367,9 +367,25 @@ impl Vmspaces {
         for ctx in lock(&vm.contexts).drain().map(|(_, c)| c) {
             ctx.close();
         }
+        // Collect its traced threads (agent threads) before the leader: a
+        // traced thread group's leader is reported only after them.
+        let threads: Vec<Pid> = {
+            let mut tids = lock(&self.stub_tids);
+            let mine: Vec<Pid> = tids
+                .iter()
+                .filter(|&(t, s)| *s == vm.stub && *t != vm.stub)
+                .map(|(t, _)| *t)
+                .collect();
+            tids.retain(|_, s| *s != vm.stub);
+            mine
+        };
+        let _ = kill(vm.stub, Signal::SIGKILL);
+        for tid in threads {
+            reap(tid);
+            self.vpt.take_agent(tid);
+        }
         reap(vm.stub);
         self.vpt.forget(vm.stub);
-        lock(&self.stub_tids).retain(|_, s| *s != vm.stub);
         self.stats
             .vmspaces_destroyed
             .fetch_add(1, Ordering::Relaxed);
@@ -594,9 +610,16 @@ impl Vmspaces {
             if fd < 0 || !is_ram() {
                 return Err(Errno::EINVAL);
             }
-            let r = self
-                .vpt
-                .map_window(&mut inj, vm.stub, addr, len, prot, flags, off);
+            let r = self.vpt.map_window(
+                &mut inj,
+                vm.stub,
+                addr,
+                len,
+                prot,
+                flags,
+                off,
+                Space::Vmspace,
+            );
             lock(&self.stub_tids).extend(inj.new_threads.drain(..).map(|t| (t, vm.stub)));
             let start = r.map_err(|e| self.inject_failed(&vm, &e))??;
             (start, Kind::Window)
@@ -869,7 +892,7 @@ fn spawn() -> Result<(Pid, MmapRaw), Errno> {
     Ok((pid, region))
 }
 
-/// Kill a stub and collect it.
+/// Kill a stub (or a thread of one) and collect it.
 fn reap(pid: Pid) {
     let _ = kill(pid, Signal::SIGKILL);
     loop {

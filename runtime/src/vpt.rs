@@ -260,6 +260,16 @@ pub enum SegvAction {
     Handled(Option<WaitStatus>),
 }
 
+/// Whose address space a window is made in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Space {
+    /// A guest process (`vk_mmap`).
+    Guest,
+    /// A vmspace's stub (`vmspace_mmap`): nothing of vkrun may be mapped
+    /// below `USER_MAX`.
+    Vmspace,
+}
+
 /// What a fault in a vmspace's context comes to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum StubFault {
@@ -382,7 +392,7 @@ impl Vpt {
         if fd < 0 || !is_ram {
             return Ok(Err(Errno::EINVAL));
         }
-        self.map_window(inj, tgid, addr, len, prot, flags, off)
+        self.map_window(inj, tgid, addr, len, prot, flags, off, Space::Guest)
             .map(|r| r.map(|start| start as i64))
     }
 
@@ -401,6 +411,7 @@ impl Vpt {
         prot: i32,
         flags: i32,
         off: u64,
+        space: Space,
     ) -> Result<Result<u64, Errno>, InjectError> {
         let fixed = flags & MAP_FIXED != 0;
         let len = match len.checked_add(PAGE - 1) {
@@ -417,7 +428,7 @@ impl Vpt {
         {
             return Ok(Err(Errno::EINVAL));
         }
-        let proc_ = match self.process(inj, tgid)? {
+        let proc_ = match self.process(inj, tgid, space)? {
             Ok(p) => p,
             Err(e) => return Ok(Err(e)),
         };
@@ -740,6 +751,7 @@ impl Vpt {
         self: &Arc<Self>,
         inj: &mut Injector,
         tgid: Pid,
+        space: Space,
     ) -> Result<Result<Arc<Process>, Errno>, InjectError> {
         if let Some(p) = lock(&self.procs).get(&tgid) {
             return Ok(Ok(Arc::clone(p)));
@@ -771,7 +783,9 @@ impl Vpt {
             Ok(u) => u,
             Err(e) => return Ok(Err(e)),
         };
-        let fast = !lock(&self.trace).set().faults;
+        // In a vmspace, all of [0, USER_MAX) is the vkernel's: the resolver
+        // cannot map RAM there to walk it, so the supervisor walks.
+        let fast = !lock(&self.trace).set().faults && space == Space::Guest;
         if let Err(e) = self.start_resolver(inj, &agent, tgid, &uffd, fast)? {
             return Ok(Err(e));
         }
@@ -811,12 +825,18 @@ impl Vpt {
         let shared = libc::MAP_SHARED as u64 | MAP_NORESERVE;
         let ram_fd = u64::from(agent.ram_fd.load(Ordering::Relaxed));
         let size = self.ram.size();
-        let ram_base = match agent
-            .run(tgid, &[(libc::SYS_mmap, [0, size, rw, shared, ram_fd, 0])])
-            .and_then(|r| errno_or(r[0]))
-        {
-            Ok(b) => b as u64,
-            Err(e) => return Ok(Err(e)),
+        // The fast path walks RAM through its own mapping; without it the
+        // resolver only forwards faults and needs none.
+        let ram_base = if !enabled {
+            0
+        } else {
+            match agent
+                .run(tgid, &[(libc::SYS_mmap, [0, size, rw, shared, ram_fd, 0])])
+                .and_then(|r| errno_or(r[0]))
+            {
+                Ok(b) => b as u64,
+                Err(e) => return Ok(Err(e)),
+            }
         };
         agent
             .res_qword(RES_RAM_BASE)
