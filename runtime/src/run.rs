@@ -42,10 +42,11 @@ use crate::stats::Stats;
 use crate::sys::futex;
 use crate::sys::seccomp::{Notification, NotifyFd};
 use crate::sys::stub::{
-    CX_ADDR, CX_FS_IN, CX_FS_OUT, CX_GS_IN, CX_GS_OUT, CX_IN, CX_KICK, CX_OUT, CX_SEQ, CX_SIG,
-    CX_STATE, CX_SYSCALL, GREGS, GREGS_IN, KICK_SIGNAL, REG_CR2, REG_EFL, REG_ERR, REG_R8, REG_R9,
-    REG_R10, REG_R11, REG_R12, REG_R13, REG_R14, REG_R15, REG_RAX, REG_RBP, REG_RBX, REG_RCX,
-    REG_RDI, REG_RDX, REG_RIP, REG_RSI, REG_RSP, REG_TRAPNO, STATE_EXIT, STATE_GO, STATE_WAIT,
+    CX_ADDR, CX_CODE, CX_FS_IN, CX_FS_OUT, CX_GS_IN, CX_GS_OUT, CX_IN, CX_KICK, CX_OUT, CX_SEQ,
+    CX_SIG, CX_STATE, CX_SYSCALL, GREGS, GREGS_IN, KICK_SIGNAL, REG_CR2, REG_EFL, REG_ERR, REG_R8,
+    REG_R9, REG_R10, REG_R11, REG_R12, REG_R13, REG_R14, REG_R15, REG_RAX, REG_RBP, REG_RBX,
+    REG_RCX, REG_RDI, REG_RDX, REG_RIP, REG_RSI, REG_RSP, REG_TRAPNO, STATE_EXIT, STATE_GO,
+    STATE_WAIT,
 };
 use crate::trace::TraceWriter;
 use crate::vmspace::Vmspace;
@@ -57,6 +58,8 @@ const USER_SS: u64 = 0x2b;
 /// `tf_rflags` bits the guest may set (ABI section 7), and those always set.
 const RFLAGS_USER: u64 = 0x27_4DD5;
 const RFLAGS_SET: u64 = 0x202;
+/// `si_code` of a `SIGSEGV` for an access the mapping denies.
+const SEGV_ACCERR: i32 = 2;
 /// `si_arch` of `SIGSYS` for a 32-bit system call (`int 0x80`).
 const AUDIT_ARCH_I386: u32 = 0x4000_0003;
 /// How long the tracer waits for a kicked context before declaring its stub
@@ -261,6 +264,7 @@ fn result_of(v: i64) -> Result<i64, Errno> {
 #[derive(Debug, Clone, Copy)]
 struct Report {
     sig: u32,
+    code: i32,
     addr: u64,
     syscall: u64,
     gregs: [u64; GREGS],
@@ -276,6 +280,7 @@ impl Report {
         }
         Self {
             sig: ctx.word(CX_SIG).load(Ordering::Acquire),
+            code: ctx.word(CX_CODE).load(Ordering::Relaxed) as i32,
             addr: ctx.qword(CX_ADDR).load(Ordering::Relaxed),
             syscall: ctx.qword(CX_SYSCALL).load(Ordering::Relaxed),
             gregs,
@@ -324,9 +329,13 @@ fn trap_of(r: &Report) -> Trap {
                 }
             }
         }
+        // The hardware says "not present" for a page never touched; a
+        // mapping that denies the access (SEGV_ACCERR) is a protection
+        // fault whatever the host page table held.
         libc::SIGSEGV if hw == 14 => Trap {
             trapno: T_PAGEFLT,
-            err: err & (PGEX_P | PGEX_W | PGEX_U | PGEX_I),
+            err: err & (PGEX_P | PGEX_W | PGEX_U | PGEX_I)
+                | if r.code == SEGV_ACCERR { PGEX_P } else { 0 },
             addr: r.gregs[REG_CR2],
         },
         libc::SIGSEGV if hw == 11 => plain(T_SEGNPFLT),
@@ -647,6 +656,7 @@ mod tests {
         gregs[REG_CR2] = 0x1234_5000;
         Report {
             sig: sig as u32,
+            code: 0,
             addr: 0,
             syscall: u64::from(0xC000_003Eu32) << 32,
             gregs,
@@ -678,6 +688,9 @@ mod tests {
             }
         );
         assert_eq!(trap_of(&report(libc::SIGSYS, 0, 0)).err, 2);
+        let mut ro = report(libc::SIGSEGV, 14, PGEX_W | PGEX_U);
+        ro.code = SEGV_ACCERR;
+        assert_eq!(trap_of(&ro).err, PGEX_P | PGEX_W | PGEX_U);
     }
 
     #[test]

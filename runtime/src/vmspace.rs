@@ -80,6 +80,8 @@ enum Kind {
 struct Mapping {
     len: u64,
     kind: Kind,
+    /// `PROT_*` of the mapping (pread and pwrite honour it).
+    prot: i32,
 }
 
 /// One vmspace: its stub, its region, its mappings and contexts.
@@ -206,13 +208,7 @@ impl Vmspace {
         for (k, m) in overlapping {
             maps.remove(&k);
             if k < s {
-                maps.insert(
-                    k,
-                    Mapping {
-                        len: s - k,
-                        kind: m.kind,
-                    },
-                );
+                maps.insert(k, Mapping { len: s - k, ..m });
             }
             let end = k + m.len;
             if end > e {
@@ -220,7 +216,14 @@ impl Vmspace {
                     Kind::Linear { off } => Kind::Linear { off: off + (e - k) },
                     other => other,
                 };
-                maps.insert(e, Mapping { len: end - e, kind });
+                maps.insert(
+                    e,
+                    Mapping {
+                        len: end - e,
+                        kind,
+                        prot: m.prot,
+                    },
+                );
             }
         }
     }
@@ -672,7 +675,14 @@ impl Vmspaces {
             // A plain mapping replaced whatever window part was there.
             self.vpt.unmap(vm.stub, start, start + len);
         }
-        lock(&vm.maps).insert(start, Mapping { len, kind: what });
+        lock(&vm.maps).insert(
+            start,
+            Mapping {
+                len,
+                kind: what,
+                prot,
+            },
+        );
         Ok(start as i64)
     }
 
@@ -795,7 +805,13 @@ impl Vmspaces {
     /// Where `va` (one page at most) lives in RAM, for a user access.
     fn ram_offset(&self, vm: &Vmspace, va: u64, write: bool) -> Option<Result<u64, ()>> {
         let (start, m) = vm.mapping_at(va)?;
+        let wanted = if write {
+            libc::PROT_WRITE
+        } else {
+            libc::PROT_READ
+        };
         Some(match m.kind {
+            Kind::Linear { .. } if m.prot & wanted == 0 => Err(()),
             Kind::Linear { off } => Ok(off + (va - start)),
             Kind::Window => self.vpt.translate(vm.stub, va, write).ok_or(()),
             Kind::Anon => return None,
