@@ -789,6 +789,11 @@ impl Vpt {
         if let Err(e) = self.start_resolver(inj, &agent, tgid, &uffd, fast)? {
             return Ok(Err(e));
         }
+        if space == Space::Vmspace
+            && let Err(e) = self.confine_agent(inj, &agent, tgid)?
+        {
+            return Ok(Err(e));
+        }
         let p = Arc::new(Process {
             tgid,
             agent,
@@ -808,6 +813,50 @@ impl Vpt {
             return Ok(Err(Errno::EAGAIN));
         }
         Ok(Ok(p))
+    }
+
+    /// In a vmspace stub the agent's region is within reach of the user
+    /// code: make its code read-only (through `inj`, the stub's main
+    /// thread) and confine the installer to mm and uffd calls
+    /// ([`agent_code::vmspace_agent_filter`]; it installs the filter on
+    /// itself). The resolver runs fixed code without a stack.
+    fn confine_agent(
+        &self,
+        inj: &mut Injector,
+        agent: &Agent,
+        tgid: Pid,
+    ) -> Result<Result<(), Errno>, InjectError> {
+        let rx = (libc::PROT_READ | libc::PROT_EXEC) as u64;
+        let code = agent.guest_base + AGENT_CODE;
+        if let Err(e) = errno_or(inj.syscall(libc::SYS_mprotect, [code, PAGE, rx, 0, 0, 0])?) {
+            return Ok(Err(e));
+        }
+        let filter = agent_code::vmspace_agent_filter();
+        let at = AGENT_SCRATCH + SCRATCH_REGISTER;
+        let mut bytes = Vec::with_capacity(16 + 8 * filter.len());
+        bytes.extend_from_slice(&(filter.len() as u64).to_ne_bytes());
+        bytes.extend_from_slice(&(agent.guest_base + at + 16).to_ne_bytes());
+        for insn in &filter {
+            bytes.extend_from_slice(&insn.code.to_ne_bytes());
+            bytes.extend_from_slice(&[insn.jt, insn.jf]);
+            bytes.extend_from_slice(&insn.k.to_ne_bytes());
+        }
+        write_region(&agent.region, at as usize, &bytes);
+        let prog = agent.guest_base + at;
+        let r = agent.run(
+            tgid,
+            &[
+                (
+                    libc::SYS_prctl,
+                    [libc::PR_SET_NO_NEW_PRIVS as u64, 1, 0, 0, 0, 0],
+                ),
+                (
+                    libc::SYS_seccomp,
+                    [libc::SECCOMP_SET_MODE_FILTER as u64, 0, prog, 0, 0, 0],
+                ),
+            ],
+        );
+        Ok(r.and_then(|r| r.iter().try_for_each(|&v| errno_or(v).map(drop))))
     }
 
     /// Start the resolver thread (the in-guest fast path of faults): map RAM

@@ -525,3 +525,62 @@ mod tests {
         );
     }
 }
+
+/// The system calls the agent of a vmspace stub may make once set up: those
+/// that edit its own mm and serve its userfaultfd. The agent's control page
+/// lies in the stub, where the vmspace's user code can write it; this
+/// filter (on the agent threads) keeps forged requests from reaching
+/// anything else on the host (`EPERM`).
+pub fn vmspace_agent_filter() -> Vec<libc::sock_filter> {
+    use crate::sys::seccomp::{JEQ_K, LD_W_ABS, RET_K, jump, stmt};
+    let allowed = [
+        libc::SYS_mmap,
+        libc::SYS_munmap,
+        libc::SYS_mprotect,
+        libc::SYS_madvise,
+        libc::SYS_ioctl,
+        libc::SYS_futex,
+        libc::SYS_read,
+        libc::SYS_close,
+        libc::SYS_rt_sigprocmask,
+        libc::SYS_exit,
+    ];
+    let n = allowed.len();
+    let mut f = vec![
+        stmt(LD_W_ABS, 4),
+        // not x86-64: deny (jump over the list to the EPERM return)
+        jump(JEQ_K, 0xC000_003E, 0, (n + 1) as u8),
+        stmt(LD_W_ABS, 0),
+    ];
+    for (i, nr) in allowed.iter().enumerate() {
+        // match: jump to the ALLOW after the EPERM return
+        f.push(jump(JEQ_K, *nr as u32, (n - i) as u8, 0));
+    }
+    f.push(stmt(RET_K, libc::SECCOMP_RET_ERRNO | libc::EPERM as u32));
+    f.push(stmt(RET_K, libc::SECCOMP_RET_ALLOW));
+    f
+}
+
+#[cfg(test)]
+mod filter_tests {
+    #[test]
+    fn the_vmspace_agent_filter_is_well_formed() {
+        let f = super::vmspace_agent_filter();
+        let n = f.len();
+        // every jump lands inside the program, on a return
+        for (i, insn) in f.iter().enumerate() {
+            if insn.code == crate::sys::seccomp::JEQ_K {
+                for off in [insn.jt, insn.jf] {
+                    let to = i + 1 + off as usize;
+                    assert!(to < n, "jump {i} out of range");
+                }
+                let allow = i + 1 + insn.jt as usize;
+                if i > 1 {
+                    assert_eq!(allow, n - 1, "a listed call allows");
+                }
+            }
+        }
+        assert_eq!(f[n - 1].k, libc::SECCOMP_RET_ALLOW);
+        assert_eq!(f[n - 2].k, libc::SECCOMP_RET_ERRNO | libc::EPERM as u32);
+    }
+}
