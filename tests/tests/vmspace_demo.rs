@@ -85,14 +85,12 @@ fn a_bad_command_line_is_status_2() {
 }
 
 #[test]
-#[ignore = "needs vmspace RUN (issue 5)"]
 fn the_demo_runs_its_program_in_a_vmspace() {
     let out = under_vkrun(bin("vmspace-demo"), &[]);
     assert_demo(&out, "vmspace-demo");
 }
 
 #[test]
-#[ignore = "needs vmspace RUN (issue 5)"]
 fn the_c_demo_runs_the_same_program() {
     let dir = tempfile::tempdir().expect("tempdir");
     let root = workspace_root();
@@ -131,7 +129,6 @@ fn bench(args: &[&str], name: &str) -> String {
 }
 
 #[test]
-#[ignore = "needs vmspace RUN (issue 5)"]
 fn bench_times_run_round_trips() {
     let stderr = bench(&["bench", "200"], "run_ns_per_call");
     // The marker, 200 calls and the exit.
@@ -140,14 +137,12 @@ fn bench_times_run_round_trips() {
 }
 
 #[test]
-#[ignore = "needs vmspace RUN (issue 5)"]
 fn bench_fault_serves_one_page_fault_per_page() {
     let stderr = bench(&["bench-fault", "64"], "fault_ns_per_page");
     assert_eq!(stat(&stderr, "vkrun.run_exits.pagefault"), 64, "{stderr}");
 }
 
 #[test]
-#[ignore = "needs vmspace RUN (issue 5)"]
 fn bench_vpt_faults_never_leave_the_host() {
     // The guest checks that each page holds what was stored and that the
     // host set A and M on its prefilled leaf.
