@@ -1,0 +1,65 @@
+//! The conformance areas, one module each; each module's doc lists the
+//! checks it prints.
+
+mod errors;
+mod fork;
+pub mod hold;
+mod isolation;
+mod paging;
+mod prw;
+mod regs;
+mod signals;
+mod threads;
+mod traps;
+
+use crate::env::Env;
+use crate::report::{Outcome, Report};
+
+/// One area: its name on the command line and in every line it prints.
+#[derive(Debug)]
+pub struct Area {
+    /// The subcommand.
+    pub name: &'static str,
+    /// Run the checks.
+    pub run: fn(&mut Env, &mut Report) -> Outcome,
+}
+
+/// Every area, in `all` order.
+pub const AREAS: [Area; 9] = [
+    Area {
+        name: "errors",
+        run: errors::run,
+    },
+    Area {
+        name: "regs",
+        run: regs::run,
+    },
+    Area {
+        name: "traps",
+        run: traps::run,
+    },
+    Area {
+        name: "paging",
+        run: paging::run,
+    },
+    Area {
+        name: "isolation",
+        run: isolation::run,
+    },
+    Area {
+        name: "signals",
+        run: signals::run,
+    },
+    Area {
+        name: "threads",
+        run: threads::run,
+    },
+    Area {
+        name: "prw",
+        run: prw::run,
+    },
+    Area {
+        name: "fork",
+        run: fork::run,
+    },
+];

@@ -1,0 +1,159 @@
+//! `signals`: a signal for the guest thread that is inside RUN ends the RUN
+//! (ABI section 7: returns 0 with `tf_trapno` 0, the guest's handler runs
+//! after the return), the frame shows how far the user code got, and
+//! RUNning that frame again continues. Checked for a handler installed with
+//! `SA_RESTART` (SIGUSR1) and one without (SIGUSR2), each signal sent with
+//! `pthread_kill` from this thread while the runner thread's user code
+//! spins, counting in rax and storing the count where this thread watches.
+//! For each KIND (`sa-restart`, `no-sa-restart`), on success:
+//!
+//! ```text
+//! ok signals.KIND.returns-0        vmspace_ctl returned 0
+//! ok signals.KIND.trapno-0         tf_trapno 0
+//! ok signals.KIND.progress         rax at least the count seen, rip in the loop,
+//!                                  the other registers as passed
+//! ok signals.KIND.handler-once     the handler ran once, on the runner thread,
+//!                                  by the time RUN returned
+//! ok signals.KIND.rerun-continues  RUN of that frame counts on from there
+//! ok signals.KIND.second-signal    a second signal ends that RUN too (trapno 0,
+//!                                  rax grew)
+//! ok signals.KIND.handler-once-again  and the handler ran once more
+//! ok signals.KIND.no-extra-handler no handler runs later
+//! ```
+
+use std::time::Duration;
+
+use vkabi::{T_SIGNAL, TrapFrame, VextFrame};
+
+use crate::env::{Env, User, describe};
+use crate::report::{Outcome, Report, trap};
+use crate::runner::{RunEnd, Runner};
+use crate::sys;
+use crate::user::Snippet;
+
+/// A register the spinning code leaves alone.
+const MARK: u64 = 0x5167_0000_0000_00A1;
+
+pub fn run(env: &mut Env, rep: &mut Report) -> Outcome {
+    sys::install_counter(libc::SIGUSR1, true).map_err(|e| format!("sigaction: {e}"))?;
+    sys::install_counter(libc::SIGUSR2, false).map_err(|e| format!("sigaction: {e}"))?;
+    let vs = env.vmspace()?;
+    let user = env.user(&vs)?;
+    for (kind, sig) in [
+        ("sa-restart", libc::SIGUSR1),
+        ("no-sa-restart", libc::SIGUSR2),
+    ] {
+        round(env, &user, vs.id(), rep, kind, sig)?;
+    }
+    Ok(())
+}
+
+fn slot(sig: i32) -> usize {
+    usize::from(sig != libc::SIGUSR1)
+}
+
+fn round(env: &Env, user: &User, id: u64, rep: &mut Report, kind: &str, sig: i32) -> Outcome {
+    let progress = user.data.pa(0, 0);
+    env.store(progress, 0);
+    let mut runner = Runner::new(id);
+    let mut tf = user.frame(Snippet::Spin);
+    tf.tf_rbx = user.data.va(0, 0);
+    tf.tf_r12 = MARK;
+    tf.tf_rax = 0;
+    let start = tf;
+    let loop_ =
+        user.entry(Snippet::Spin)..user.entry(Snippet::Spin) + Snippet::Spin.bytes().len() as u64;
+
+    runner.start(tf, VextFrame::default())?;
+    let seen = runner.wait_progress(env.ram, progress, 0)?;
+    let (before, _) = sys::handled(sig);
+    runner.signal(sig)?;
+    let end = runner.wait_end()?;
+    rep.result(format_args!("{kind}.returns-0"), end.ok());
+    rep.result(
+        format_args!("{kind}.trapno-0"),
+        trap(&end.tf, T_SIGNAL, None),
+    );
+    let tf = end.tf;
+    let detail = if tf.tf_rax < seen {
+        Some(format!(
+            "rax {:#x} is below the count {seen:#x} the code had stored",
+            tf.tf_rax
+        ))
+    } else if !loop_.contains(&tf.tf_rip) {
+        Some(format!(
+            "rip {:#x} is outside the loop {loop_:#x?}",
+            tf.tf_rip
+        ))
+    } else if tf.tf_rbx != start.tf_rbx || tf.tf_r12 != MARK || tf.tf_rsp != start.tf_rsp {
+        Some(format!(
+            "rbx/r12/rsp changed: {:#x}/{:#x}/{:#x}, passed {:#x}/{MARK:#x}/{:#x}",
+            tf.tf_rbx, tf.tf_r12, tf.tf_rsp, start.tf_rbx, start.tf_rsp
+        ))
+    } else {
+        None
+    };
+    rep.check(format_args!("{kind}.progress"), detail.is_none(), || {
+        detail.unwrap_or_default()
+    });
+    handler_once(rep, kind, "handler-once", &end, sig, before + 1);
+
+    // RUN that frame again: it counts on from its rax.
+    let first = tf;
+    runner.start(first, VextFrame::default())?;
+    let more = runner.wait_progress(env.ram, progress, first.tf_rax);
+    rep.result(
+        format_args!("{kind}.rerun-continues"),
+        more.as_ref().map(drop).map_err(|e| {
+            format!(
+                "after RUN of the returned frame (rax {:#x}): {e}",
+                first.tf_rax
+            )
+        }),
+    );
+    more?;
+    runner.signal(sig)?;
+    let end = runner.wait_end()?;
+    let second = check_second(&end, &first);
+    rep.result(format_args!("{kind}.second-signal"), second);
+    handler_once(rep, kind, "handler-once-again", &end, sig, before + 2);
+    drop(runner);
+    std::thread::sleep(Duration::from_millis(50));
+    let (now, _) = sys::handled(sig);
+    rep.eq(
+        format_args!("{kind}.no-extra-handler"),
+        "handler runs in total",
+        now - before,
+        2,
+    );
+    Ok(())
+}
+
+fn check_second(end: &RunEnd, first: &TrapFrame) -> Result<(), String> {
+    end.ok()?;
+    trap(&end.tf, T_SIGNAL, None)?;
+    if end.tf.tf_rax <= first.tf_rax {
+        return Err(format!(
+            "rax {:#x} did not grow past {:#x} ({})",
+            end.tf.tf_rax,
+            first.tf_rax,
+            describe(&end.tf)
+        ));
+    }
+    Ok(())
+}
+
+fn handler_once(rep: &mut Report, kind: &str, name: &str, end: &RunEnd, sig: i32, want: u64) {
+    let (count, tid) = end.handled[slot(sig)];
+    rep.check(
+        format_args!("{kind}.{name}"),
+        count == want && tid == end.tid,
+        || {
+            format!(
+                "when RUN returned the handler had run {count} times in all (expected {want}), \
+                 last on thread {tid} (the runner is {})",
+                end.tid
+            )
+        },
+    );
+}
