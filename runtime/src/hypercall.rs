@@ -41,7 +41,6 @@ impl Server {
     /// (by [`crate::sys::signal::WAKE_SIGNAL`]), no guest task is left, or
     /// the listener fails.
     pub fn serve_until(&self, stop: &AtomicBool) {
-        let _ = crate::sys::sched::set_batch(Pid::from_raw(0));
         let (set, durations) = {
             let trace = self.trace.lock().unwrap_or_else(PoisonError::into_inner);
             (*trace.set(), trace.wants_durations())

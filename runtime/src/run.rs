@@ -406,7 +406,6 @@ impl Waiter {
     /// Until the context closes: wait for each report and finish its RUN.
     pub fn serve(self) {
         let ctx = &*self.ctx;
-        let _ = crate::sys::sched::set_batch(Pid::from_raw(0));
         loop {
             let seq = ctx.word(CX_SEQ).load(Ordering::Acquire);
             if seq == ctx.seen.load(Ordering::Relaxed) {

@@ -540,7 +540,6 @@ impl Vmspaces {
             })
             .map_err(|e| self.inject_failed(vm, &e))??;
         let _ = inj.finish(0);
-        let _ = crate::sys::sched::set_batch(tid);
         lock(&vm.slots)[slot] = Some(tid);
         // Its first report says it is ready (or why it is not).
         let deadline = Instant::now() + CONTEXT_START;

@@ -1209,7 +1209,20 @@ impl Vpt {
                     vpte::prefault_run(self.ram.words(), t, window, PREFAULT_MAX, self.ram.size());
                 let (va, len, pa) = if run.count > 0 {
                     let before = t.pindex.0 - run.first.0;
-                    (page - before * PAGE, run.count * PAGE, run.first_pa.0)
+                    // Neighbours already installed stay as they are: the
+                    // run is the uninstalled stretch around the fault
+                    // (re-mapping them would cost a run per fault).
+                    let start = page - before * PAGE;
+                    let end = start + run.count * PAGE;
+                    let mut lo = page;
+                    while lo > start && !is_installed(&mm, lo - PAGE) {
+                        lo -= PAGE;
+                    }
+                    let mut hi = page + PAGE;
+                    while hi < end && !is_installed(&mm, hi) {
+                        hi += PAGE;
+                    }
+                    (lo, hi - lo, t.pa.0 - (page - lo))
                 } else {
                     (page, PAGE, t.pa.0)
                 };

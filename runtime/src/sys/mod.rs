@@ -8,7 +8,6 @@ pub mod agent_code;
 pub mod futex;
 pub mod kcmp;
 pub mod ptrace;
-pub mod sched;
 pub mod seccomp;
 pub mod signal;
 pub mod spawn;
