@@ -9,7 +9,8 @@
 //! vmspace-check all         every area in turn, then `vmspace-check: N ok, M failed`
 //! vmspace-check hold-run    RUN spinning user code in two vmspaces, print
 //!                           `running PID`, then block until killed
-//! vmspace-check exit-running  the same, then exit 0 while both RUNs spin
+//! vmspace-check exit-running  the same, then exit 0 while both RUNs spin,
+//!                           as soon as stdin has a line or ends
 //! ```
 //!
 //! Areas: `errors`, `regs`, `traps`, `paging`, `isolation`, `signals`,
@@ -88,7 +89,12 @@ fn main() -> ExitCode {
             failures
         }
         Plan::HoldRun { exit } => match checks::hold::run(&mut env) {
-            Ok(()) if exit => 0,
+            Ok(()) if exit => {
+                // Exit (returning from main: exit_group) once stdin has a
+                // line or ends, while both RUNs spin.
+                let _ = std::io::stdin().read_line(&mut String::new());
+                0
+            }
             Ok(()) => loop {
                 std::thread::sleep(Duration::from_secs(3600));
             },

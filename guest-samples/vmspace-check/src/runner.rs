@@ -144,14 +144,18 @@ impl Runner {
 
     /// Wait for the RUN to return, up to [`RUN_TIMEOUT`].
     pub fn wait_end(&mut self) -> Result<RunEnd, String> {
+        self.wait_end_for(RUN_TIMEOUT)?
+            .ok_or_else(|| format!("RUN did not return within {RUN_TIMEOUT:?}"))
+    }
+
+    /// Wait for the RUN to return, up to `limit`: `None` if it has not.
+    pub fn wait_end_for(&mut self, limit: Duration) -> Result<Option<RunEnd>, String> {
         if let Some(end) = self.early.take() {
-            return Ok(end);
+            return Ok(Some(end));
         }
-        match self.from.recv_timeout(RUN_TIMEOUT) {
-            Ok(end) => Ok(end),
-            Err(RecvTimeoutError::Timeout) => {
-                Err(format!("RUN did not return within {RUN_TIMEOUT:?}"))
-            }
+        match self.from.recv_timeout(limit) {
+            Ok(end) => Ok(Some(end)),
+            Err(RecvTimeoutError::Timeout) => Ok(None),
             Err(RecvTimeoutError::Disconnected) => Err("the runner thread is gone".to_owned()),
         }
     }

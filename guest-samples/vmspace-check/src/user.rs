@@ -114,6 +114,8 @@ snippets! {
         "3:", "inc qword ptr [rbx + 8]", "dec rcx", "jnz 3b",
         "4:", "syscall", "jmp 4b",
     ];
+    /// Copy rcx bytes from rsi to rdi (`rep movsb`), then the syscall loop.
+    Copy(vmsc_copy_start, vmsc_copy_end) = ["rep movsb", "2:", "syscall", "jmp 2b"];
     /// For rcx pages from rbx: `rax += [page]; [page + 8] = rax`, then the
     /// syscall loop (rax starts as the frame's rax).
     SumPages(vmsc_sum_start, vmsc_sum_end) = [

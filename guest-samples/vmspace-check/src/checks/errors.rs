@@ -537,12 +537,12 @@ fn mcontrol(env: &mut Env, rep: &mut Report) -> Outcome {
             r.is_err().then(|| format!("{c}: {}", show(&r)))
         })
         .collect();
-    rep.check("mcontrol.behav-0-9", bad.is_empty(), || {
+    rep.check("mcontrol.behav.0-9", bad.is_empty(), || {
         format!("expected success: {}", bad.join("; "))
     });
     for behav in [12, 13, 100, -1] {
         let (c, r) = call(lin.va, lin.len(), behav, 0);
-        rep.errno(format_args!("mcontrol.behav-{behav}"), &c, r, Errno::EINVAL);
+        rep.errno(format_args!("mcontrol.behav.{behav}"), &c, r, Errno::EINVAL);
     }
     for (name, va, len) in [
         ("mcontrol.wrap", win.va, 0xffff_ffff_ffff_f000),

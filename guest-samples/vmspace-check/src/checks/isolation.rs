@@ -15,21 +15,29 @@
 //! ok isolation.int80-exit.alive       RUN again goes on after it
 //! ok isolation.hypercall.trapped      a hypercall number (vk_info) is a plain T_FAST_SYSCALL
 //! ok isolation.guest-memory-invisible the vkernel's own addresses fault
+//! ok isolation.above-user-max.syscalls-trapped  a syscall or int 0x80 found in
+//!                                     a page there that user code can read (none
+//!                                     should be) traps when jumped to: no file
 //! ok isolation.above-user-max.read    every page in [user_max, 2^47) faults on read,
 //! ok isolation.above-user-max.write   on write,
-//! ok isolation.above-user-max.fetch   and on instruction fetch
+//! ok isolation.above-user-max.fetch   and on instruction fetch (in a vmspace of
+//!                                     their own; a RUN that does not come back
+//!                                     within 2 s is stopped with a signal)
 //! ```
 
 use std::path::Path;
+use std::time::Duration;
 
 use vkabi::{
     Hypercall, PAGE_SIZE, PGEX_I, PGEX_U, PGEX_W, T_FAST_SYSCALL, T_PAGEFLT, T_SYSCALL80,
-    TrapFrame, USER_MAX,
+    TrapFrame, USER_MAX, VextFrame,
 };
 
 use crate::checks::traps::pagefault;
-use crate::env::{Env, User, Vmspace, describe};
+use crate::env::{Env, User, describe};
 use crate::report::{Outcome, Report, trap};
+use crate::runner::Runner;
+use crate::sys;
 use crate::user::Snippet;
 
 /// x86-64 user space ends here (4-level paging).
@@ -131,8 +139,7 @@ pub fn run(env: &mut Env, rep: &mut Report) -> Outcome {
         .collect();
     rep.check("guest-memory-invisible", bad.is_empty(), || bad.join("; "));
 
-    above_user_max(&vs, &user, rep)?;
-    Ok(())
+    above_user_max(env, rep, &path)
 }
 
 /// A frame for the `syscall` snippet with `rax = nr` and the first four
@@ -171,50 +178,159 @@ fn no_file(path: &str) -> Result<(), String> {
     }
 }
 
-/// Every page of `[user_max, 2^47)` faults for reads, writes and fetches.
-fn above_user_max(vs: &Vmspace, user: &User, rep: &mut Report) -> Outcome {
-    let mut first_bad: [Option<String>; 3] = [None, None, None];
-    let mut va = USER_MAX;
-    while va < HOST_USER_END {
-        let kinds = [
-            (Snippet::Load, PGEX_U, user.entry(Snippet::Load)),
-            (Snippet::Store, PGEX_W | PGEX_U, user.entry(Snippet::Store)),
-            (Snippet::Jump, PGEX_I | PGEX_U, va),
-        ];
-        for (k, (s, err, rip)) in kinds.into_iter().enumerate() {
-            if first_bad[k].is_some() {
-                continue;
-            }
+/// How long a RUN into vkrun's own region may take before this guest stops
+/// it with a signal (the user code then runs code it must not reach).
+const GUARD: Duration = Duration::from_secs(2);
+
+/// RUN `tf` on `runner`; a RUN that does not return within [`GUARD`] is
+/// ended with SIGUSR1 and reported.
+fn guarded(runner: &mut Runner, tf: TrapFrame) -> Result<TrapFrame, String> {
+    runner.start(tf, VextFrame::default())?;
+    let end = match runner.wait_end_for(GUARD)? {
+        Some(end) => end,
+        None => {
+            runner.signal(libc::SIGUSR1)?;
+            let end = runner.wait_end()?;
+            return Err(format!(
+                "RUN from rip {:#x} did not return within {GUARD:?} (stopped by a signal: {})",
+                tf.tf_rip,
+                describe(&end.tf)
+            ));
+        }
+    };
+    end.ok()?;
+    Ok(end.tf)
+}
+
+/// Every page of `[user_max, 2^47)` faults for reads, writes and fetches
+/// (checked in a vmspace of its own, as writes and jumps there may wreck
+/// whatever vkrun keeps there); and if any page is readable nonetheless,
+/// every `syscall` or `int 0x80` in it still traps when user code jumps to
+/// it with the arguments of a file creation.
+fn above_user_max(env: &mut Env, rep: &mut Report, path: &str) -> Outcome {
+    sys::install_counter(libc::SIGUSR1, true).map_err(|e| format!("sigaction: {e}"))?;
+    let vs = env.vmspace()?;
+    let user = env.user(&vs)?;
+    let mut cpath = path.as_bytes().to_vec();
+    cpath.push(0);
+    env.write_bytes(user.data.pa(0, 0), &cpath);
+    let mut runner = Runner::new(vs.id());
+    let pages = (USER_MAX..HOST_USER_END).step_by(PAGE_SIZE as usize);
+
+    let kinds = [
+        ("read", Snippet::Load, PGEX_U),
+        ("write", Snippet::Store, PGEX_W | PGEX_U),
+        ("fetch", Snippet::Jump, PGEX_I | PGEX_U),
+    ];
+    let mut readable = Vec::new();
+    let mut results = Vec::new();
+    for (i, (name, s, err)) in kinds.into_iter().enumerate() {
+        let mut first_bad = None;
+        for va in pages.clone() {
             let mut tf = user.frame(s);
             tf.tf_rbx = va;
-            vs.run_plain(&mut tf)?;
+            let rip = if s == Snippet::Jump { va } else { tf.tf_rip };
             // Whatever vkrun keeps there may be mapped on the host, so P
             // may be set: only the access bits are compared.
             let access = PGEX_W | PGEX_U | PGEX_I;
-            if tf.tf_trapno != T_PAGEFLT
-                || tf.tf_addr != va
-                || tf.tf_rip != rip
-                || tf.tf_err & access != err
-            {
-                first_bad[k] = Some(format!(
-                    "page {va:#x} (expected err {err:#x} in W|U|I): {}",
-                    describe(&tf)
+            let bad = match guarded(&mut runner, tf) {
+                Err(e) => Some(e),
+                Ok(tf)
+                    if tf.tf_trapno == T_PAGEFLT
+                        && tf.tf_addr == va
+                        && tf.tf_rip == rip
+                        && tf.tf_err & access == err =>
+                {
+                    None
+                }
+                Ok(tf) => {
+                    if s == Snippet::Load && tf.tf_trapno == T_FAST_SYSCALL {
+                        readable.push(va);
+                    }
+                    Some(describe(&tf))
+                }
+            };
+            if let Some(bad) = bad {
+                first_bad.get_or_insert(format!(
+                    "page {va:#x} (expected err {err:#x} in W|U|I): {bad}"
                 ));
             }
         }
-        va += PAGE_SIZE;
+        results.push((name, first_bad));
+        if i == 0 {
+            // Before writes and jumps there can change anything.
+            let r = stub_syscalls(env, &user, &mut runner, &readable, path);
+            rep.result("above-user-max.syscalls-trapped", r);
+        }
     }
-    for (name, bad) in ["read", "write", "fetch"].iter().zip(first_bad) {
-        rep.check(
-            format_args!("above-user-max.{name}"),
-            bad.is_none(),
-            || {
-                format!(
-                    "expected T_PAGEFLT (0xc) at the address with the access's err bits; first page that did not: {}",
-                    bad.unwrap_or_default()
-                )
-            },
-        );
+    for (name, bad) in results {
+        rep.check(format_args!("above-user-max.{name}"), bad.is_none(), || {
+            format!(
+                "expected T_PAGEFLT (0xc) at the address with the access's err bits; \
+                     first page that did not: {}",
+                bad.unwrap_or_default()
+            )
+        });
+    }
+    Ok(())
+}
+
+/// For each page of `readable` (above user_max, readable by user code
+/// although it must not be), copy it into data page 3 with user code, and
+/// jump to every `syscall` (0f 05) and `int 0x80` (cd 80) in it with the
+/// registers of `openat(AT_FDCWD, path, O_CREAT|O_WRONLY, 0644)` (and of
+/// the i386 `open`): each must come back as a trap right after the
+/// instruction, and no file may appear.
+fn stub_syscalls(
+    env: &Env,
+    user: &User,
+    runner: &mut Runner,
+    readable: &[u64],
+    path: &str,
+) -> Result<(), String> {
+    let creat = (libc::O_CREAT | libc::O_WRONLY) as u64;
+    let path_va = user.data.va(0, 0);
+    for &page in readable {
+        let mut tf = user.frame(Snippet::Copy);
+        tf.tf_rsi = page;
+        tf.tf_rdi = user.data.va(3, 0);
+        tf.tf_rcx = PAGE_SIZE;
+        let tf = guarded(runner, tf)?;
+        if tf.tf_trapno != T_FAST_SYSCALL {
+            continue;
+        }
+        let bytes = env.read_bytes(user.data.pa(3, 0), PAGE_SIZE as usize);
+        for (off, pair) in (0u64..).zip(bytes.windows(2)) {
+            let trapno = match pair {
+                [0x0f, 0x05] => T_FAST_SYSCALL,
+                [0xcd, 0x80] => T_SYSCALL80,
+                _ => continue,
+            };
+            let at = page + off;
+            let mut tf = user.frame(Snippet::Syscall);
+            tf.tf_rip = at;
+            if trapno == T_FAST_SYSCALL {
+                tf.tf_rax = libc::SYS_openat as u64;
+                tf.tf_rdi = libc::AT_FDCWD as i64 as u64;
+                tf.tf_rsi = path_va;
+                tf.tf_rdx = creat;
+                tf.tf_r10 = 0o644;
+            } else {
+                tf.tf_rax = 5;
+                tf.tf_rbx = path_va;
+                tf.tf_rcx = creat;
+                tf.tf_rdx = 0o644;
+            }
+            let r = guarded(runner, tf)
+                .and_then(|tf| trap(&tf, trapno, Some(at + 2)))
+                .and_then(|()| no_file(path));
+            if let Err(e) = r {
+                return Err(format!(
+                    "the system call instruction at {at:#x} (in vkrun's region above \
+                     user_max, readable by user code): {e}"
+                ));
+            }
+        }
     }
     Ok(())
 }

@@ -1,0 +1,587 @@
+//! vmspace RUN and the rest of ABI section 7, end to end: each test runs
+//! `vkrun -q -- vmspace-check AREA` and expects exit 0, every `ok AREA.CHECK`
+//! line listed here, and no `FAIL` line (the guest checks itself; see
+//! `guest-samples/vmspace-check`). Then: no `vkrun-vmspace` stub outlives a
+//! guest killed (or exiting) while its threads are inside RUN, or a killed
+//! vkrun; and the trace and `--stats` show the RUNs.
+
+use std::io::{BufRead, BufReader, Write};
+use std::process::{Child, Output, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use vkrun_tests::{DEADLINE, alive, bin, eventually, run, text, vkrun, wait_deadline};
+
+/// Run `vmspace-check area` under vkrun.
+fn vmspace_check(area: &str) -> Output {
+    run(vkrun()
+        .arg("-q")
+        .arg("--")
+        .arg(bin("vmspace-check"))
+        .arg(area))
+}
+
+/// `vmspace-check area` passes: exit 0, no FAIL line, and `ok area.NAME`
+/// for every name in `expected`.
+fn check(area: &str, expected: &[&str]) {
+    let out = vmspace_check(area);
+    let stdout = text(&out.stdout);
+    let stderr = text(&out.stderr);
+    let fails: Vec<&str> = stdout.lines().filter(|l| l.starts_with("FAIL")).collect();
+    assert!(
+        fails.is_empty(),
+        "vmspace-check {area} failed:\n{}\nstderr:\n{stderr}",
+        fails.join("\n")
+    );
+    let missing: Vec<String> = expected
+        .iter()
+        .map(|name| format!("ok {area}.{name}"))
+        .filter(|line| !stdout.lines().any(|l| l == line))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "vmspace-check {area}: missing lines:\n{}\nstdout:\n{stdout}\nstderr:\n{stderr}",
+        missing.join("\n")
+    );
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "vmspace-check {area} exit status; stdout:\n{stdout}\nstderr:\n{stderr}"
+    );
+}
+
+#[test]
+#[ignore = "needs vmspace RUN (issue 5)"]
+fn errors_follow_section_7() {
+    check(
+        "errors",
+        &[
+            "enoent.vmspace_destroy",
+            "enoent.vmspace_ctl",
+            "enoent.vmspace_mmap",
+            "enoent.vmspace_munmap",
+            "enoent.vmspace_mcontrol",
+            "enoent.vmspace_pread",
+            "enoent.vmspace_pwrite",
+            "enoent.destroyed",
+            "null-id.vmspace_create",
+            "null-id.vmspace_destroy",
+            "null-id.vmspace_ctl",
+            "null-id.vmspace_mmap",
+            "null-id.vmspace_munmap",
+            "null-id.vmspace_mcontrol",
+            "null-id.vmspace_pread",
+            "null-id.vmspace_pwrite",
+            "eexist",
+            "ctl-cmd.0",
+            "ctl-cmd.2",
+            "ctl-cmd.-1",
+            "ctl-cmd.256",
+            "efault.tf-null",
+            "efault.tf-8",
+            "efault.tf-unmapped",
+            "efault.tf-into-unmapped",
+            "efault.tf-kernel",
+            "efault.tf-partial-untouched",
+            "efault.vf-null",
+            "efault.vf-8",
+            "efault.vf-unmapped",
+            "efault.vf-into-unmapped",
+            "efault.tf-untouched",
+            "efault.caller-intact",
+            "prw-flags.pread-0x1",
+            "prw-flags.pwrite-0x1",
+            "prw-flags.pread-0xffffffff",
+            "prw-flags.pwrite-0xffffffff",
+            "prw-flags.pread-0x100",
+            "prw-flags.pwrite-0x100",
+            "munmap.zero-length",
+            "munmap.wrap",
+            "munmap.wrap-high",
+            "munmap.end-beyond-user-max",
+            "munmap.at-user-max",
+            "munmap.not-entirely-mapped",
+            "munmap.nothing-mapped",
+            "munmap.failed-call-unmaps-nothing",
+            "munmap.page-offset-folded",
+            "munmap.ok",
+            "mmap.vpt-private",
+            "mmap.vpt-other-fd",
+            "mmap.vpt-no-fd",
+            "mmap.vpt-read-only",
+            "mmap.vpt-write-only",
+            "mmap.vpt-prot-none",
+            "mmap.vpt-map-stack",
+            "mmap.vpt-zero-length",
+            "mmap.linear-zero-length",
+            "mmap.anon-zero-length",
+            "mmap.end-beyond-user-max",
+            "mmap.at-user-max",
+            "mmap.wrap",
+            "mmap.linear-fixed",
+            "mmap.linear-anywhere",
+            "mmap.anon-fixed",
+            "mmap.anon-anywhere",
+            "mmap.vpt-big-offset",
+            "mmap.last-user-page",
+            "mcontrol.setmap-linear",
+            "mcontrol.setmap-mixed",
+            "mcontrol.behav.0-9",
+            "mcontrol.behav.12",
+            "mcontrol.behav.13",
+            "mcontrol.behav.100",
+            "mcontrol.behav.-1",
+            "mcontrol.wrap",
+            "mcontrol.end-beyond-user-max",
+            "mcontrol.unmapped-skipped",
+            "mcontrol.inval-window",
+            "ebusy",
+            "ebusy.signal-ends-run",
+            "ebusy.destroy-after",
+        ],
+    );
+}
+
+#[test]
+#[ignore = "needs vmspace RUN (issue 5)"]
+fn run_round_trips_registers_and_sanitises_the_frame() {
+    check(
+        "regs",
+        &[
+            "syscall.trapno",
+            "syscall.err",
+            "syscall.rip",
+            "syscall.rcx",
+            "syscall.r11",
+            "gprs",
+            "rflags.sanitised",
+            "rflags.frame",
+            "rflags.zero",
+            "selectors.0x23-0x2b",
+            "selectors.0x8-0x10",
+            "selectors.0x0-0x0",
+            "selectors.0xffff-0xffff",
+            "tls.fs-base",
+            "tls.gs-base",
+            "tls.per-run",
+            "fpu.xmm0-kept",
+        ],
+    );
+}
+
+#[test]
+#[ignore = "needs vmspace RUN (issue 5)"]
+fn every_trap_kind_comes_back_to_the_vkernel() {
+    check(
+        "traps",
+        &[
+            "syscall",
+            "int3",
+            "int3.resume",
+            "ud2",
+            "hlt",
+            "cli",
+            "mov-from-cr0",
+            "divide",
+            "int80",
+            "int80.resume",
+            "pagefault.read",
+            "pagefault.write",
+            "pagefault.fetch",
+            "pagefault.write-readonly",
+            "pagefault.read-restarts",
+            "pagefault.write-restarts",
+            "pagefault.fetch-restarts",
+        ],
+    );
+}
+
+#[test]
+#[ignore = "needs vmspace RUN (issue 5)"]
+fn user_code_demand_pages_through_a_vpagetable_window() {
+    check(
+        "paging",
+        &[
+            "demand.faults",
+            "demand.sum",
+            "demand.writes",
+            "demand.accessed-modified",
+            "readonly.read",
+            "readonly.accessed-not-modified",
+            "readonly.write-faults",
+            "readonly.no-m-on-failed-write",
+            "readonly.upgrade-restarts",
+            "nx.fetch-faults",
+            "nx.exec-after-clear",
+            "inval.writes-no-vpte",
+            "inval.new-frame-visible",
+            "setmap.new-master",
+            "beyond-ram",
+        ],
+    );
+}
+
+#[test]
+#[ignore = "needs vmspace RUN (issue 5)"]
+fn user_code_never_reaches_the_host() {
+    check(
+        "isolation",
+        &[
+            "open.trapped",
+            "open.no-file",
+            "openat.no-file",
+            "int80-open.no-file",
+            "exit_group.trapped",
+            "exit_group.alive",
+            "int80-exit.trapped",
+            "int80-exit.alive",
+            "hypercall.trapped",
+            "guest-memory-invisible",
+            "above-user-max.read",
+            "above-user-max.write",
+            "above-user-max.fetch",
+        ],
+    );
+    // The guest removes a file it finds; none of its name may be left.
+    let left: Vec<String> = std::fs::read_dir("/tmp")
+        .expect("/tmp")
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("vkrun-isolation-"))
+        .collect();
+    assert!(left.is_empty(), "files created by user code: {left:?}");
+}
+
+#[test]
+#[ignore = "needs vmspace RUN (issue 5)"]
+fn a_signal_ends_run_and_run_continues() {
+    let mut names = Vec::new();
+    for kind in ["sa-restart", "no-sa-restart"] {
+        for check in [
+            "returns-0",
+            "trapno-0",
+            "progress",
+            "handler-once",
+            "rerun-continues",
+            "second-signal",
+            "handler-once-again",
+            "no-extra-handler",
+        ] {
+            names.push(format!("{kind}.{check}"));
+        }
+    }
+    let names: Vec<&str> = names.iter().map(String::as_str).collect();
+    check("signals", &names);
+}
+
+#[test]
+#[ignore = "needs vmspace RUN (issue 5)"]
+fn threads_have_their_own_contexts_and_vmspaces_are_isolated() {
+    check(
+        "threads",
+        &[
+            "same-vmspace.concurrent",
+            "same-vmspace.counters",
+            "same-vmspace.own-registers",
+            "fpu-per-thread",
+            "vmspaces.linear",
+            "vmspaces.anon",
+            "vmspaces.pread",
+            "vmspaces.mapping-absent",
+        ],
+    );
+}
+
+#[test]
+#[ignore = "needs vmspace RUN (issue 5)"]
+fn pread_and_pwrite_walk_mappings_and_tables() {
+    check(
+        "prw",
+        &[
+            "linear.pread",
+            "linear.pwrite",
+            "linear.short-read",
+            "linear.short-write",
+            "linear.readonly-pwrite",
+            "unmapped",
+            "zero-length",
+            "window.pread",
+            "window.pread-sets-a",
+            "window.pwrite",
+            "window.pwrite-sets-a-m",
+            "window.readonly-pwrite",
+            "window.short-read",
+            "window.short-write",
+        ],
+    );
+}
+
+#[test]
+#[ignore = "needs vmspace RUN (issue 5)"]
+fn a_forked_guest_shares_the_registry() {
+    check(
+        "fork",
+        &[
+            "child.exit",
+            "child.sees-parent-vmspace",
+            "child.shares-registry",
+            "child.runs-parent-vmspace",
+            "child.creates",
+            "child-vmspace-survives-child",
+            "parent-destroys-child-vmspace",
+            "parent-runs-after-child",
+        ],
+    );
+}
+
+#[test]
+#[ignore = "needs vmspace RUN (issue 5)"]
+fn all_areas_pass_in_one_guest() {
+    let out = vmspace_check("all");
+    let stdout = text(&out.stdout);
+    let summary = stdout
+        .lines()
+        .last()
+        .and_then(|l| l.strip_prefix("vmspace-check: "))
+        .unwrap_or_else(|| panic!("no summary line:\n{stdout}"));
+    assert!(
+        summary.ends_with(" ok, 0 failed"),
+        "{summary}\n{}",
+        stdout
+            .lines()
+            .filter(|l| l.starts_with("FAIL"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    assert_eq!(out.status.code(), Some(0));
+}
+
+#[test]
+#[ignore = "needs vmspace RUN (issue 5)"]
+fn without_vkrun_it_says_it_is_not_supervised() {
+    let out = run(std::process::Command::new(bin("vmspace-check")).arg("traps"));
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(text(&out.stderr), "vk_info: Function not implemented\n");
+    assert_eq!(text(&out.stdout), "");
+    let out = run(std::process::Command::new(bin("vmspace-check")).arg("bogus"));
+    assert_eq!(out.status.code(), Some(2));
+}
+
+// Cleanup: guests killed or exiting while their threads are inside RUN.
+
+/// The comm of process `pid`, if it exists.
+fn comm(pid: i32) -> Option<String> {
+    std::fs::read_to_string(format!("/proc/{pid}/comm"))
+        .ok()
+        .map(|c| c.trim_end().to_owned())
+}
+
+/// vkrun's children named `vkrun-vmspace`: the stubs.
+fn stubs(vkrun_pid: u32) -> Vec<i32> {
+    let mut out = Vec::new();
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{vkrun_pid}/task")) else {
+        return out;
+    };
+    for task in tasks.filter_map(|t| t.ok()) {
+        let children = std::fs::read_to_string(task.path().join("children")).unwrap_or_default();
+        out.extend(
+            children
+                .split_whitespace()
+                .filter_map(|p| p.parse::<i32>().ok())
+                .filter(|p| comm(*p).as_deref() == Some("vkrun-vmspace")),
+        );
+    }
+    out
+}
+
+/// Whether stub `pid` still exists as a `vkrun-vmspace` process (a pid
+/// reused by something else does not count).
+fn stub_alive(pid: i32) -> bool {
+    alive(pid) && comm(pid).as_deref() == Some("vkrun-vmspace")
+}
+
+/// Every process on the machine named `vkrun-vmspace` (for the messages).
+fn all_stubs() -> Vec<i32> {
+    std::fs::read_dir("/proc")
+        .expect("/proc")
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|p| stub_alive(*p))
+        .collect()
+}
+
+/// Start `vkrun vmspace-check sub` (hold-run or exit-running) and wait for
+/// `running PID`: the child, the guest's pid and its stubs.
+fn hold(sub: &str) -> (Child, i32, Vec<i32>) {
+    let mut child = vkrun()
+        .arg("-q")
+        .arg("--")
+        .arg(bin("vmspace-check"))
+        .arg(sub)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn vkrun");
+    let stdout = child.stdout.take().expect("stdout");
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let mut line = String::new();
+        let _ = BufReader::new(stdout).read_line(&mut line);
+        let _ = tx.send(line);
+    });
+    let line = match rx.recv_timeout(Duration::from_secs(30)) {
+        Ok(line) => line,
+        Err(_) => {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("vmspace-check {sub} did not start running within 30 s");
+        }
+    };
+    let guest = line
+        .strip_prefix("running ")
+        .and_then(|p| p.trim().parse().ok())
+        .unwrap_or_else(|| {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("vmspace-check {sub}: unexpected first line: {line}")
+        });
+    let stubs = stubs(child.id());
+    (child, guest, stubs)
+}
+
+fn assert_stubs_gone(stubs: &[i32], what: &str) {
+    assert!(
+        eventually(Duration::from_secs(5), || !stubs
+            .iter()
+            .any(|s| stub_alive(*s))),
+        "vkrun-vmspace stubs {stubs:?} outlived {what}; vkrun-vmspace processes now: {:?}",
+        all_stubs()
+    );
+}
+
+#[test]
+#[ignore = "needs vmspace RUN (issue 5)"]
+fn sigkill_of_the_guest_inside_run_leaves_no_stub() {
+    let (mut child, guest, stubs) = hold("hold-run");
+    assert_eq!(stubs.len(), 2, "one stub per vmspace: {stubs:?}");
+    kill(Pid::from_raw(guest), Signal::SIGKILL).expect("kill guest");
+    let status = wait_deadline(&mut child, DEADLINE);
+    assert_eq!(status.code(), Some(128 + 9), "vkrun reports the SIGKILL");
+    assert_stubs_gone(&stubs, "the guest killed inside RUN");
+}
+
+#[test]
+#[ignore = "needs vmspace RUN (issue 5)"]
+fn sigkill_of_vkrun_inside_run_leaves_no_stub() {
+    let (mut child, guest, stubs) = hold("hold-run");
+    assert_eq!(stubs.len(), 2, "one stub per vmspace: {stubs:?}");
+    kill(Pid::from_raw(child.id() as i32), Signal::SIGKILL).expect("kill vkrun");
+    wait_deadline(&mut child, DEADLINE);
+    assert_stubs_gone(&stubs, "vkrun killed while the guest was inside RUN");
+    assert!(
+        eventually(Duration::from_secs(5), || !alive(guest)),
+        "the guest {guest} outlived vkrun"
+    );
+}
+
+#[test]
+#[ignore = "needs vmspace RUN (issue 5)"]
+fn a_guest_exiting_inside_run_leaves_no_stub() {
+    let (mut child, _guest, stubs) = hold("exit-running");
+    assert_eq!(stubs.len(), 2, "one stub per vmspace: {stubs:?}");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(b"\n")
+        .expect("tell the guest to exit");
+    let status = wait_deadline(&mut child, DEADLINE);
+    assert_eq!(status.code(), Some(0), "the guest's exit status");
+    assert_stubs_gone(
+        &stubs,
+        "the guest exiting while its threads were inside RUN",
+    );
+}
+
+// The trace and the counters.
+
+#[test]
+#[ignore = "needs vmspace RUN (issue 5)"]
+fn trace_shows_each_run_and_how_it_ended() {
+    let out = run(vkrun()
+        .args(["-e", "trace=runs", "--"])
+        .arg(bin("vmspace-check"))
+        .arg("traps"));
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stdout));
+    let err = text(&out.stderr);
+    // The traps area uses vmspace id 0x7e577a95.
+    let runs: Vec<&str> = err
+        .lines()
+        .filter(|l| l.contains("vmspace_ctl(0x7e577a95"))
+        .collect();
+    assert!(!runs.is_empty(), "no vmspace_ctl line with the id:\n{err}");
+    assert!(
+        runs.iter().any(|l| l.contains("T_FAST_SYSCALL rip=0x")),
+        "no T_FAST_SYSCALL exit:\n{err}"
+    );
+    assert!(
+        runs.iter().any(|l| l
+            .split_once("T_PAGEFLT addr=0x")
+            .is_some_and(|(_, rest)| rest.contains(" err="))),
+        "no T_PAGEFLT exit with addr and err:\n{err}"
+    );
+    for trap in [
+        "T_BPTFLT",
+        "T_PRIVINFLT",
+        "T_PROTFLT",
+        "T_DIVIDE",
+        "T_SYSCALL80",
+    ] {
+        assert!(
+            runs.iter().any(|l| l.contains(trap)),
+            "no {trap} exit:\n{err}"
+        );
+    }
+}
+
+/// The value of counter `name` in `--stats` output.
+fn counter(stats: &str, name: &str) -> u64 {
+    stats
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("{name}: ")))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no counter {name}:\n{stats}"))
+}
+
+#[test]
+#[ignore = "needs vmspace RUN (issue 5)"]
+fn stats_count_runs_and_their_exits() {
+    let out = run(vkrun()
+        .args(["-q", "--stats", "--"])
+        .arg(bin("vmspace-check"))
+        .arg("traps"));
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stdout));
+    let stats = text(&out.stderr);
+    let runs = counter(&stats, "vkrun.runs");
+    let syscall = counter(&stats, "vkrun.run_exits.syscall");
+    let pagefault = counter(&stats, "vkrun.run_exits.pagefault");
+    let trap = counter(&stats, "vkrun.run_exits.trap");
+    assert!(
+        runs > 0 && syscall > 0 && pagefault > 0 && trap > 0,
+        "{stats}"
+    );
+    assert!(
+        syscall + pagefault + trap + counter(&stats, "vkrun.run_exits.signal") <= runs,
+        "more exits than RUNs:\n{stats}"
+    );
+
+    let out = run(vkrun()
+        .args(["-q", "--stats", "--"])
+        .arg(bin("vmspace-check"))
+        .arg("signals"));
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stdout));
+    let stats = text(&out.stderr);
+    assert!(counter(&stats, "vkrun.run_exits.signal") >= 4, "{stats}");
+}
