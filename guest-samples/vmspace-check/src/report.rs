@@ -108,7 +108,7 @@ impl Report {
 /// A hypercall result for a FAIL line.
 pub fn show<T: std::fmt::Debug>(r: &Result<T, Errno>) -> String {
     match r {
-        Ok(v) => format!("success ({v:x?})"),
+        Ok(v) => format!("success ({v:#x?})"),
         Err(e) => errno_text(*e),
     }
 }

@@ -14,6 +14,8 @@
 //!                                    an unmapped page, kernel): EFAULT
 //! ok errors.efault.vf-WHAT           bad vf (null, 8, unmapped, running into
 //!                                    an unmapped page): EFAULT
+//! ok errors.efault.tf-partial-untouched  the mapped part of a tf running into an
+//!                                    unmapped page is not written
 //! ok errors.efault.tf-untouched      a good tf with a bad vf is not written
 //! ok errors.efault.caller-intact     a good RUN afterwards works
 //! ok errors.prw-flags.CALL-FLAGS     pread/pwrite with flags != 0: EINVAL
