@@ -121,6 +121,8 @@ pub struct Context {
     seen: AtomicU32,
     /// The context is being destroyed: its waiter ends.
     closed: AtomicBool,
+    /// A fault whose walk failed, for the kick it sent: (address, `PGEX`).
+    fault: Mutex<Option<(u64, u64)>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -139,6 +141,7 @@ impl Context {
             cond: Condvar::new(),
             seen: AtomicU32::new(seen),
             closed: AtomicBool::new(false),
+            fault: Mutex::new(None),
         }
     }
 
@@ -168,6 +171,14 @@ impl Context {
         self.word(CX_STATE).store(STATE_EXIT, Ordering::Release);
         let _ = futex::wake(self.word(CX_STATE));
         let _ = futex::wake(self.word(CX_SEQ));
+    }
+
+    /// The context's user code is waiting on a fault whose walk failed:
+    /// interrupt it to report `T_PAGEFLT` at `addr` with `pgex`.
+    pub fn fault(&self, addr: u64, pgex: u64) {
+        *lock(&self.fault) = Some((addr, pgex));
+        self.word(CX_KICK).store(1, Ordering::Release);
+        let _ = self.vm.kick(self.tid);
     }
 
     /// Post registers and go. (The kick flag is left alone: a kick for this
@@ -442,10 +453,22 @@ impl Waiter {
             return; // a report nobody asked for (user code jumping around)
         };
         let mut trap = trap_of(&r);
-        if r.sig as i32 == KICK_SIGNAL && !st.interrupt {
-            // A kick meant for an earlier run: carry on.
-            ctx.post(&in_regs(&r), r.fs, r.gs);
-            return;
+        if r.sig as i32 == KICK_SIGNAL {
+            if let Some((addr, err)) = lock(&ctx.fault).take() {
+                // Kicked out of a fault the walk could not resolve.
+                trap = Trap {
+                    trapno: T_PAGEFLT,
+                    err,
+                    addr,
+                };
+                if !st.interrupt {
+                    ctx.word(CX_KICK).store(0, Ordering::Release);
+                }
+            } else if !st.interrupt {
+                // A kick meant for an earlier run: carry on.
+                ctx.post(&in_regs(&r), r.fs, r.gs);
+                return;
+            }
         }
         if trap.trapno == T_PAGEFLT && r.sig as i32 == libc::SIGSEGV && !st.interrupt {
             // A window fault the host resolves (read-only page written,

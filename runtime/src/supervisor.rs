@@ -144,6 +144,11 @@ pub fn run(config: Config) -> Result<Outcome, Error> {
             )
             .map_err(Error::sys("eventfd"))?,
         ));
+        let weak = Arc::downgrade(sup.vmspaces());
+        vpt.on_vmspace_walk_failed(move |tid, addr, pgex| {
+            weak.upgrade()
+                .is_some_and(|v| v.context_fault(tid, addr, pgex))
+        });
         sup.vpt = Some(vpt);
         sup.tracees.insert(sup.main);
         let result = sup.event_loop();

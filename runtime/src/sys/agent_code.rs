@@ -5,10 +5,11 @@
 //!
 //! Layout of the control page (all little-endian):
 //! - `0x00` `req: u32`, futex: the supervisor bumps it to post a batch;
-//! - `0x04` `done: u32`, futex: the agent sets it to `req` when the batch ran;
+//! - `0x3000` (response page) `done: u32`, futex: the agent sets it to `req`
+//!   when the batch ran; `0x3040` one `i64` result per operation;
 //! - `0x08` `count: u32`: operations in the batch;
 //! - `0x10` `sigset: u64`: all ones (the agent blocks every signal);
-//! - `0x40` operations, 64 bytes each: `nr, a0..a5` in, `ret` out.
+//! - `0x40` operations, 64 bytes each: `nr, a0..a5`.
 //!
 //! Code page: `clone` gadget at offset 0 (the parent traps with `int3`, the
 //! child jumps into the loop); the loop, starting from `done`, waits on `req`
@@ -44,8 +45,14 @@ use std::arch::global_asm;
 
 /// Offset of `req` in the control page.
 pub const CTL_REQ: usize = 0x00;
+/// Offset of the response page (the agent's writes: `done`, then one
+/// result per operation). Apart from the control page, which a vmspace's
+/// stub maps read-only: user code there cannot forge requests.
+pub const CTL_RESP: usize = 0x3000;
 /// Offset of `done`.
-pub const CTL_DONE: usize = 0x04;
+pub const CTL_DONE: usize = CTL_RESP;
+/// Offset of the first operation's result (`i64` each).
+pub const CTL_RET: usize = CTL_RESP + 0x40;
 /// Offset of `count`.
 pub const CTL_COUNT: usize = 0x08;
 /// Offset of the all-ones signal set.
@@ -121,7 +128,7 @@ global_asm!(
     "syscall",
     // Start from the last *completed* request: one posted before this
     // thread first ran is then still seen as pending.
-    "mov r14d, dword ptr [r15 + 4]",
+    "mov r14d, dword ptr [r15 + {resp}]",
     "3:",
     // futex(&req, FUTEX_WAIT, r14d, NULL)
     "mov eax, 202",
@@ -136,6 +143,7 @@ global_asm!(
     "mov r14d, eax",
     "mov r13d, dword ptr [r15 + 8]",
     "lea rbx, [r15 + 0x40]",
+    "lea r12, [r15 + {resp} + 0x40]",
     "4:",
     "test r13d, r13d",
     "jz 5f",
@@ -147,15 +155,16 @@ global_asm!(
     "mov r8, qword ptr [rbx + 40]",
     "mov r9, qword ptr [rbx + 48]",
     "syscall",
-    "mov qword ptr [rbx + 56], rax",
+    "mov qword ptr [r12], rax",
     "add rbx, 64",
+    "add r12, 8",
     "dec r13d",
     "jmp 4b",
     "5:",
-    "mov dword ptr [r15 + 4], r14d",
+    "mov dword ptr [r15 + {resp}], r14d",
     // futex(&done, FUTEX_WAKE, 1)
     "mov eax, 202",
-    "lea rdi, [r15 + 4]",
+    "lea rdi, [r15 + {resp}]",
     "mov esi, 1",
     "mov edx, 1",
     "syscall",
@@ -475,6 +484,7 @@ global_asm!(
     ".hidden vkrun_agent_code_end",
     "vkrun_agent_code_end:",
     ".popsection",
+    resp = const CTL_RESP,
 );
 
 unsafe extern "C" {
