@@ -442,7 +442,7 @@ impl Waiter {
         let Some(p) = st.run.take() else {
             return;
         };
-        tracing::warn!(vmspace = p.args[0], guest = %ctx.guest, "the vmspace's host process died during RUN");
+        tracing::warn!(vmspace = format_args!("{:#x}", p.args[0]), guest = %ctx.guest, "the vmspace's host process died during RUN");
         self.answer(&mut st, &p, Err(errno));
     }
 

@@ -419,7 +419,7 @@ impl Vmspaces {
                     if let Some(vm) = vm
                         && !vm.is_dead()
                     {
-                        tracing::warn!(%pid, ?status, vmspace = vm.id, "a vmspace stub died");
+                        tracing::warn!(%pid, ?status, vmspace = format_args!("{:#x}", vm.id), "a vmspace stub died");
                         vm.mark_dead();
                     }
                 }
@@ -560,14 +560,21 @@ impl Vmspaces {
         let seq = vm.block_word(slot, CX_SEQ);
         while seq.load(Ordering::Acquire) == 0 {
             if Instant::now() > deadline || vm.is_dead() {
-                tracing::warn!(vmspace = vm.id, "a vmspace context did not start");
+                tracing::warn!(
+                    vmspace = format_args!("{:#x}", vm.id),
+                    "a vmspace context did not start"
+                );
                 return Err(Errno::EIO);
             }
             let _ = futex::wait(seq, 0, Duration::from_millis(50));
         }
         if vm.block_word(slot, CX_SIG).load(Ordering::Acquire) == u32::MAX {
             let err = vm.block_qword(slot, CX_ADDR).load(Ordering::Relaxed) as i64;
-            tracing::warn!(vmspace = vm.id, err, "a vmspace context failed to set up");
+            tracing::warn!(
+                vmspace = format_args!("{:#x}", vm.id),
+                err,
+                "a vmspace context failed to set up"
+            );
             return Err(Errno::from_raw((-err) as i32));
         }
         let ctx = Arc::new(Context::new(
@@ -586,12 +593,15 @@ impl Vmspaces {
             .spawn(move || waiter.serve())
             .map_err(|_| Errno::EAGAIN)?;
         lock(&vm.contexts).insert(guest, Arc::clone(&ctx));
-        tracing::debug!(vmspace = vm.id, %guest, context = %tid, slot, "execution context ready");
+        tracing::debug!(vmspace = format_args!("{:#x}", vm.id), %guest, context = %tid, slot, "execution context ready");
         Ok(ctx)
     }
 
     fn inject_failed(&self, vm: &Vmspace, e: &InjectError) -> Errno {
-        tracing::warn!(vmspace = vm.id, "driving the stub failed: {e}");
+        tracing::warn!(
+            vmspace = format_args!("{:#x}", vm.id),
+            "driving the stub failed: {e}"
+        );
         if let InjectError::Gone { .. } = e {
             vm.mark_dead();
         }

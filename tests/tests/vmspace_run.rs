@@ -488,6 +488,46 @@ fn a_guest_exiting_inside_run_leaves_no_stub() {
     );
 }
 
+#[test]
+fn a_stub_killed_inside_run_makes_run_fail_with_eio() {
+    let mut child = vkrun()
+        .arg("-q")
+        .arg("--")
+        .arg(bin("vmspace-check"))
+        .arg("stub-death")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn vkrun");
+    let stdout = child.stdout.take().expect("stdout");
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let first = rx
+        .recv_timeout(Duration::from_secs(30))
+        .expect("the guest starts running");
+    assert!(first.starts_with("running "), "{first}");
+    let stubs = stubs(child.id());
+    assert_eq!(stubs.len(), 1, "one vmspace: {stubs:?}");
+    kill(Pid::from_raw(stubs[0]), Signal::SIGKILL).expect("kill the stub");
+    let ended = rx
+        .recv_timeout(Duration::from_secs(30))
+        .expect("RUN returns after its stub died");
+    assert_eq!(ended, "run ended: EIO 5 (Input/output error)");
+    let status = wait_deadline(&mut child, DEADLINE);
+    assert_eq!(status.code(), Some(0), "the guest goes on and exits");
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().expect("stderr"), &mut err)
+        .expect("stderr");
+    assert!(err.contains("died"), "vkrun says why: {err}");
+}
+
 // The trace and the counters.
 
 #[test]

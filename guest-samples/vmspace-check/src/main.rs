@@ -37,13 +37,14 @@ use vkabi::hypercall;
 use crate::env::Env;
 use crate::report::{Report, strerror};
 
-const USAGE: &str = "usage: vmspace-check [errors|regs|traps|paging|isolation|signals|threads|prw|fork|all|hold-run|exit-running]";
+const USAGE: &str = "usage: vmspace-check [errors|regs|traps|paging|isolation|signals|threads|prw|fork|all|hold-run|exit-running|stub-death]";
 
 /// What the command line asked for.
 enum Plan {
     One(&'static checks::Area),
     All,
     HoldRun { exit: bool },
+    StubDeath,
 }
 
 fn parse(args: &[String]) -> Option<Plan> {
@@ -52,6 +53,7 @@ fn parse(args: &[String]) -> Option<Plan> {
             "all" => Some(Plan::All),
             "hold-run" => Some(Plan::HoldRun { exit: false }),
             "exit-running" => Some(Plan::HoldRun { exit: true }),
+            "stub-death" => Some(Plan::StubDeath),
             name => checks::AREAS.iter().find(|a| a.name == name).map(Plan::One),
         },
         _ => None,
@@ -88,6 +90,13 @@ fn main() -> ExitCode {
             println!("vmspace-check: {oks} ok, {failures} failed");
             failures
         }
+        Plan::StubDeath => match checks::hold::stub_death(&mut env) {
+            Ok(()) => 0,
+            Err(e) => {
+                println!("FAIL stub-death: {e}");
+                1
+            }
+        },
         Plan::HoldRun { exit } => match checks::hold::run(&mut env) {
             Ok(()) if exit => {
                 // Exit (returning from main: exit_group) once stdin has a

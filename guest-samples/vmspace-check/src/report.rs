@@ -119,6 +119,7 @@ pub fn errno_text(e: Errno) -> String {
         Errno::EPERM => "EPERM",
         Errno::ENOENT => "ENOENT",
         Errno::EINTR => "EINTR",
+        Errno::EIO => "EIO",
         Errno::EBADF => "EBADF",
         Errno::ENOMEM => "ENOMEM",
         Errno::EFAULT => "EFAULT",
