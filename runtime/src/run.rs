@@ -171,6 +171,10 @@ impl Context {
         self.word(CX_STATE).store(STATE_EXIT, Ordering::Release);
         let _ = futex::wake(self.word(CX_STATE));
         let _ = futex::wake(self.word(CX_SEQ));
+        // If its user code is running (its guest thread died inside RUN),
+        // kick it into the handler, which then sees EXIT.
+        self.word(CX_KICK).store(1, Ordering::Release);
+        let _ = self.vm.kick(self.tid);
     }
 
     /// The context's user code is waiting on a fault whose walk failed:

@@ -528,6 +528,39 @@ fn a_stub_killed_inside_run_makes_run_fail_with_eio() {
     assert!(err.contains("died"), "vkrun says why: {err}");
 }
 
+#[test]
+fn a_guest_process_dying_inside_run_ends_its_contexts() {
+    // The guest lives on (the shell), so the vmspaces stay; the contexts
+    // of the killed process must stop running its user code.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = dir.path().join("out");
+    let check = bin("vmspace-check");
+    let script = format!(
+        r#"{check} hold-run > {out} &
+victim=$!
+for i in $(seq 100); do grep -q running {out} && break; sleep 0.1; done
+kill -9 $victim
+stubs=$(pgrep -P $PPID -x vkrun-vmspace)
+echo "stubs $(echo $stubs | wc -w)"
+for i in $(seq 50); do
+  busy=0
+  for p in $stubs; do [ "$(ls /proc/$p/task | wc -l)" -gt 1 ] && busy=1; done
+  [ $busy = 0 ] && break
+  sleep 0.1
+done
+echo "busy $busy""#,
+        check = check.display(),
+        out = out.display()
+    );
+    let res = run(vkrun().args(["-q", "--", "sh", "-c", &script]));
+    assert_eq!(
+        text(&res.stdout),
+        "stubs 2\nbusy 0\n",
+        "{}",
+        text(&res.stderr)
+    );
+}
+
 // The trace and the counters.
 
 #[test]

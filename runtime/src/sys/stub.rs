@@ -285,8 +285,10 @@ global_asm!(
     "mov [r15 + {cx_fs_out}], rax",
     "rdgsbase rax",
     "mov [r15 + {cx_gs_out}], rax",
-    // publish: state = WAIT, seq += 1, wake vkrun
-    "mov dword ptr [r15 + {cx_state}], {st_wait}",
+    // publish: state RUNNING -> WAIT (EXIT stays), seq += 1, wake vkrun
+    "mov eax, {st_running}",
+    "mov ecx, {st_wait}",
+    "lock cmpxchg [r15 + {cx_state}], ecx",
     "lock inc dword ptr [r15 + {cx_seq}]",
     "lea rdi, [r15 + {cx_seq}]",
     "mov esi, 1",
