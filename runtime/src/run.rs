@@ -153,6 +153,12 @@ impl Context {
         self.vm.block_qword(self.slot, off)
     }
 
+    /// Whether the context has ended (its guest thread died, or its thread
+    /// in the stub is gone).
+    pub fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::Acquire)
+    }
+
     /// Whether a RUN of this context is in flight or unanswered.
     pub fn busy(&self) -> bool {
         let st = lock(&self.state);
@@ -428,10 +434,20 @@ impl Waiter {
                     return;
                 }
                 if ctx.vm.is_dead() {
-                    self.fail_pending(Errno::EIO);
+                    self.fail_pending(Errno::EIO, "the vmspace's host process died");
                     return;
                 }
                 let _ = futex::wait(ctx.word(CX_SEQ), seq, WAITER_POLL);
+                if ctx.word(CX_SEQ).load(Ordering::Acquire) == seq
+                    && lock(&ctx.state).run.is_some()
+                    && !crate::vmspace::task_alive(ctx.vm.stub, ctx.tid)
+                {
+                    // The context's thread is gone (user code jumped into
+                    // vkrun's code and ended it): this context is broken.
+                    self.fail_pending(Errno::EIO, "the execution context's thread ended");
+                    ctx.closed.store(true, Ordering::Release);
+                    return;
+                }
                 continue;
             }
             ctx.seen.store(seq, Ordering::Relaxed);
@@ -439,14 +455,14 @@ impl Waiter {
         }
     }
 
-    /// The stub died: fail the RUN in flight.
-    fn fail_pending(&self, errno: Errno) {
+    /// The stub or the context's thread died: fail the RUN in flight.
+    fn fail_pending(&self, errno: Errno, why: &str) {
         let ctx = &*self.ctx;
         let mut st = lock(&ctx.state);
         let Some(p) = st.run.take() else {
             return;
         };
-        tracing::warn!(vmspace = format_args!("{:#x}", p.args[0]), guest = %ctx.guest, "the vmspace's host process died during RUN");
+        tracing::warn!(vmspace = format_args!("{:#x}", p.args[0]), guest = %ctx.guest, "RUN failed: {why}");
         self.answer(&mut st, &p, Err(errno));
     }
 

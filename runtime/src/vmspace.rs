@@ -492,7 +492,14 @@ impl Vmspaces {
             return Some(Err(Errno::EOPNOTSUPP));
         }
         let guest = Pid::from_raw(n.tid);
-        let existing = lock(&vm.contexts).get(&guest).cloned();
+        let existing = {
+            let mut contexts = lock(&vm.contexts);
+            // A broken context is replaced by a fresh one.
+            if contexts.get(&guest).is_some_and(|c| c.is_closed()) {
+                contexts.remove(&guest);
+            }
+            contexts.get(&guest).cloned()
+        };
         let ctx = match existing {
             Some(c) => c,
             None => {
@@ -873,7 +880,7 @@ fn errno_or(ret: i64) -> Result<i64, Errno> {
 }
 
 /// Whether thread `tid` of process `tgid` still exists.
-fn task_alive(tgid: Pid, tid: Pid) -> bool {
+pub(crate) fn task_alive(tgid: Pid, tid: Pid) -> bool {
     std::path::Path::new(&format!("/proc/{tgid}/task/{tid}")).exists()
 }
 

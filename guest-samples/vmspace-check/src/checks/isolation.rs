@@ -285,7 +285,38 @@ fn stub_syscalls(
                      user_max, readable by user code): {e}"
                 ));
             }
+            if trapno == T_FAST_SYSCALL {
+                exit_through(user, runner, at)?;
+            }
         }
     }
     Ok(())
+}
+
+/// Jump to the system call instruction at `at` with the registers of
+/// `exit(0)`: if vkrun's filter lets that one through (its handler's own
+/// instruction), it can only end this context: RUN returns a trap or fails
+/// with `EIO`, never hangs, and the next RUN works in a fresh context.
+fn exit_through(user: &User, runner: &mut Runner, at: u64) -> Result<(), String> {
+    let mut tf = user.frame(Snippet::Syscall);
+    tf.tf_rip = at;
+    tf.tf_rax = libc::SYS_exit as u64;
+    tf.tf_rdi = 0;
+    runner.start(tf, VextFrame::default())?;
+    let end = runner
+        .wait_end_for(Duration::from_secs(5))?
+        .ok_or_else(|| format!("RUN of exit(0) at {at:#x} did not return within 5 s"))?;
+    match end.result {
+        Ok(()) | Err(vkabi::hypercall::Errno::EIO) => {}
+        Err(e) => {
+            return Err(format!(
+                "RUN of exit(0) at {at:#x}: expected a trap or EIO, got {}",
+                crate::report::errno_text(e)
+            ));
+        }
+    }
+    let tf = guarded(runner, user.frame(Snippet::Syscall))
+        .map_err(|e| format!("after exit(0) at {at:#x}, the next RUN: {e}"))?;
+    trap(&tf, T_FAST_SYSCALL, None)
+        .map_err(|e| format!("after exit(0) at {at:#x}, the next RUN: {e}"))
 }
