@@ -149,6 +149,7 @@ int main(void)
     CONST(EPERM);
     CONST(ENOENT);
     CONST(EINTR);
+    CONST(EIO);
     CONST(EBADF);
     CONST(ENOMEM);
     CONST(EFAULT);

@@ -326,6 +326,7 @@ fn vkabi_table() -> Abi {
         ("EPERM", Errno::EPERM),
         ("ENOENT", Errno::ENOENT),
         ("EINTR", Errno::EINTR),
+        ("EIO", Errno::EIO),
         ("EBADF", Errno::EBADF),
         ("ENOMEM", Errno::ENOMEM),
         ("EFAULT", Errno::EFAULT),
