@@ -1,0 +1,319 @@
+//! The minikernel proper: guest RAM, the frame allocator, and the user
+//! process ([`Proc`]: its vmspace, address space and registers), run with
+//! `vmspace_ctl(RUN)` until it exits or is killed ([`Kernel::run`]).
+//!
+//! Each RUN comes back with one event:
+//!
+//! - `T_FAST_SYSCALL`: the system call is served by [`crate::syscall`]; its
+//!   result goes in `tf_rax` and RUN continues after the `syscall`
+//!   instruction;
+//! - `T_PAGEFLT`: demand paging ([`Mm::fault`]): a zeroed frame for an
+//!   anonymous page; an address outside every area, or an access the area
+//!   forbids, kills the process with `SIGSEGV`;
+//! - `T_SIGNAL`: a host signal for the minikernel arrived (its handler, if
+//!   any, has run): RUN again;
+//! - any other trap kills the process with the signal Linux would send.
+//!
+//! A killed process ends the minikernel with status 128 + signal, as a
+//! shell reports it; `exit_group(code)` ends it with `code`.
+
+use std::path::PathBuf;
+
+use vkabi::{
+    PAGE_SIZE, T_ALIGNFLT, T_ARITHTRAP, T_BOUND, T_BPTFLT, T_DIVIDE, T_FAST_SYSCALL, T_FPOPFLT,
+    T_OFLOW, T_PAGEFLT, T_PRIVINFLT, T_PROTFLT, T_SEGNPFLT, T_SIGNAL, T_STKFLT, T_SYSCALL80,
+    T_TRCTRAP, T_TSSFLT, T_XMMFLT, TrapFrame, VextFrame, VkInfo,
+};
+
+use crate::exec::{self, ExecError};
+use crate::mm::{Fault, Mm, page_down};
+use crate::ram::{Frames, OutOfMemory, Ram};
+use crate::vmspace::{HypercallError, Vmspace};
+
+/// The first address of the user window (page index = `va >> 12`).
+pub const WINDOW_BASE: u64 = crate::mm::MIN_ADDR;
+
+/// Why the minikernel itself failed (as opposed to its user process).
+#[derive(Debug, thiserror::Error)]
+pub enum KernelError {
+    /// A hypercall failed.
+    #[error(transparent)]
+    Hypercall(#[from] HypercallError),
+    /// Guest RAM could not be mapped or is full.
+    #[error("guest RAM: {0}")]
+    Ram(String),
+    /// The program could not be loaded.
+    #[error("{path}: {source}")]
+    Exec {
+        /// The program.
+        path: String,
+        /// Why.
+        source: ExecError,
+    },
+    /// A trap user code cannot raise.
+    #[error("RUN returned trap {trapno} at rip {rip:#x}")]
+    UnexpectedTrap {
+        /// `tf_trapno`.
+        trapno: u64,
+        /// `tf_rip`.
+        rip: u64,
+    },
+    /// The host kept faulting on a page the tables allow.
+    #[error("T_PAGEFLT at {addr:#x} (err {err:#x}) repeats although the page is mapped")]
+    Unresolved {
+        /// `tf_addr`.
+        addr: u64,
+        /// `tf_err`.
+        err: u64,
+    },
+}
+
+impl From<OutOfMemory> for KernelError {
+    fn from(e: OutOfMemory) -> Self {
+        KernelError::Ram(e.to_string())
+    }
+}
+
+/// Signal dispositions and masks (recorded; nothing is delivered yet).
+#[derive(Clone, Debug)]
+pub struct Signals {
+    /// `struct sigaction` (kernel layout: handler, flags, restorer, mask)
+    /// per signal 1..=64.
+    pub actions: [[u64; 4]; 64],
+    /// The blocked set.
+    pub mask: u64,
+    /// `stack_t`: sp, flags, size.
+    pub altstack: [u64; 3],
+}
+
+impl Default for Signals {
+    fn default() -> Self {
+        Signals {
+            actions: [[0; 4]; 64],
+            mask: 0,
+            altstack: [0, 2, 0], // SS_DISABLE
+        }
+    }
+}
+
+/// A user process.
+#[derive(Debug)]
+pub struct Proc {
+    /// Its vmspace.
+    pub vm: Vmspace,
+    /// Its memory.
+    pub mm: Mm,
+    /// Its registers (valid between RUNs).
+    pub tf: TrapFrame,
+    /// Its FS and GS bases.
+    pub vf: VextFrame,
+    /// Its pid (and tid).
+    pub pid: i32,
+    /// Its parent's pid.
+    pub ppid: i32,
+    /// Its signal state.
+    pub sig: Signals,
+    /// The program it runs (what `/proc/self/exe` names).
+    pub exe: PathBuf,
+}
+
+/// How the user process ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Exit {
+    /// `exit_group(code)`.
+    Code(i32),
+    /// Killed by a signal.
+    Signal(i32),
+}
+
+/// What the minikernel served, for `MINIKERNEL_STATS=1`.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Stats {
+    /// RUN calls.
+    pub runs: u64,
+    /// System calls served.
+    pub syscalls: u64,
+    /// Page faults served with a fresh page.
+    pub page_faults: u64,
+    /// Stale translations invalidated.
+    pub stale_faults: u64,
+    /// `T_SIGNAL` exits.
+    pub signals: u64,
+}
+
+/// Tracing of system calls (`MINIKERNEL_TRACE`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Trace {
+    /// Nothing.
+    Off,
+    /// Unknown system calls (`MINIKERNEL_TRACE=1`).
+    Unknown,
+    /// Every system call and its result (`MINIKERNEL_TRACE=all`).
+    All,
+}
+
+/// The minikernel: guest RAM and its frames.
+#[derive(Debug)]
+pub struct Kernel {
+    /// The direct map.
+    pub ram: Ram,
+    /// Free frames.
+    pub frames: Frames,
+    /// `ram_fd`, moved to a high descriptor the user program cannot touch.
+    pub ram_fd: i32,
+    /// `vk_info.user_max`.
+    pub user_max: u64,
+    /// Counters.
+    pub stats: Stats,
+    /// Tracing.
+    pub trace: Trace,
+}
+
+/// Where `ram_fd` is moved (out of the way of the user program's fds).
+const RAM_FD_MIN: i32 = 1000;
+
+impl Kernel {
+    /// Map guest RAM and move `ram_fd` out of the user program's way.
+    pub fn boot(info: &VkInfo) -> Result<Kernel, KernelError> {
+        // SAFETY: fcntl on a descriptor this process owns; close of the old
+        // number after it was duplicated.
+        let fd = unsafe {
+            let fd = libc::fcntl(info.ram_fd, libc::F_DUPFD_CLOEXEC, RAM_FD_MIN);
+            if fd >= 0 {
+                libc::close(info.ram_fd);
+            }
+            fd
+        };
+        if fd < 0 {
+            return Err(KernelError::Ram(format!(
+                "moving ram_fd: {}",
+                std::io::Error::last_os_error()
+            )));
+        }
+        let ram = Ram::map(fd, info.ram_size)
+            .map_err(|e| KernelError::Ram(format!("mmap of ram_fd: {e}")))?;
+        let frames = Frames::new(ram.size());
+        let trace = match std::env::var("MINIKERNEL_TRACE").as_deref() {
+            Ok("all") => Trace::All,
+            Ok("") | Ok("0") | Err(_) => Trace::Off,
+            Ok(_) => Trace::Unknown,
+        };
+        Ok(Kernel {
+            ram,
+            frames,
+            ram_fd: fd,
+            user_max: info.user_max,
+            stats: Stats::default(),
+            trace,
+        })
+    }
+
+    /// Whether `fd` is one of the minikernel's own descriptors.
+    pub fn reserved_fd(&self, fd: u64) -> bool {
+        fd as i32 == self.ram_fd
+    }
+
+    /// A new vmspace with its window pointing at `mm`'s tables.
+    pub fn vmspace(&self, mm: &Mm) -> Result<Vmspace, KernelError> {
+        let vm = Vmspace::create()?;
+        let len = self.user_max - WINDOW_BASE;
+        vm.map_vpagetable(WINDOW_BASE, len, WINDOW_BASE, self.ram_fd)?;
+        vm.setmap(WINDOW_BASE, len, mm.pt.master())?;
+        Ok(vm)
+    }
+
+    /// A process running `path` with `argv` and `envp`.
+    pub fn spawn(
+        &mut self,
+        path: PathBuf,
+        argv: &[Vec<u8>],
+        envp: &[Vec<u8>],
+    ) -> Result<Proc, KernelError> {
+        let mut mm = Mm::new(&self.ram, &mut self.frames, self.user_max)?;
+        let start = exec::load(&self.ram, &mut self.frames, &mut mm, &path, argv, envp).map_err(
+            |source| KernelError::Exec {
+                path: path.display().to_string(),
+                source,
+            },
+        )?;
+        let vm = self.vmspace(&mm)?;
+        // SAFETY: getpid and getppid cannot fail.
+        let (pid, ppid) = unsafe { (libc::getpid(), libc::getppid()) };
+        let exe = std::fs::canonicalize(&path).unwrap_or(path);
+        Ok(Proc {
+            vm,
+            mm,
+            tf: TrapFrame {
+                tf_rip: start.entry,
+                tf_rsp: start.rsp,
+                tf_rflags: vkabi::RFLAGS_USER_SET,
+                ..TrapFrame::default()
+            },
+            vf: VextFrame::default(),
+            pid,
+            ppid,
+            sig: Signals::default(),
+            exe,
+        })
+    }
+
+    /// Run `p` until it exits or is killed.
+    pub fn run(&mut self, p: &mut Proc) -> Result<Exit, KernelError> {
+        let mut last_fault = (u64::MAX, 0u32);
+        loop {
+            p.vm.run(&mut p.tf, &mut p.vf)?;
+            self.stats.runs += 1;
+            match p.tf.tf_trapno {
+                T_FAST_SYSCALL => {
+                    self.stats.syscalls += 1;
+                    if let Some(exit) = crate::syscall::serve(self, p)? {
+                        return Ok(exit);
+                    }
+                }
+                T_PAGEFLT => {
+                    let (addr, err) = (p.tf.tf_addr, p.tf.tf_err);
+                    match p.mm.fault(&self.ram, &mut self.frames, addr, err)? {
+                        Fault::Mapped => self.stats.page_faults += 1,
+                        Fault::Segv => return Ok(Exit::Signal(libc::SIGSEGV)),
+                        Fault::Stale => {
+                            self.stats.stale_faults += 1;
+                            let page = page_down(addr);
+                            last_fault = if last_fault.0 == page {
+                                (page, last_fault.1 + 1)
+                            } else {
+                                (page, 1)
+                            };
+                            if last_fault.1 > 3 {
+                                return Err(KernelError::Unresolved { addr, err });
+                            }
+                            p.vm.inval(page, PAGE_SIZE)?;
+                        }
+                    }
+                }
+                T_SIGNAL => self.stats.signals += 1,
+                trapno => {
+                    let Some(signal) = trap_signal(trapno) else {
+                        return Err(KernelError::UnexpectedTrap {
+                            trapno,
+                            rip: p.tf.tf_rip,
+                        });
+                    };
+                    return Ok(Exit::Signal(signal));
+                }
+            }
+        }
+    }
+}
+
+/// The signal Linux sends for user trap `trapno`, or `None` for a trap
+/// user code cannot raise.
+fn trap_signal(trapno: u64) -> Option<i32> {
+    Some(match trapno {
+        T_PRIVINFLT | T_FPOPFLT => libc::SIGILL,
+        T_BPTFLT | T_TRCTRAP => libc::SIGTRAP,
+        T_ARITHTRAP | T_DIVIDE | T_OFLOW | T_XMMFLT => libc::SIGFPE,
+        T_PROTFLT | T_SEGNPFLT | T_STKFLT | T_TSSFLT | T_BOUND | T_SYSCALL80 => libc::SIGSEGV,
+        T_ALIGNFLT => libc::SIGBUS,
+        _ => return None,
+    })
+}

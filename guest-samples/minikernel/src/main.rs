@@ -1,0 +1,95 @@
+//! `minikernel`: a small virtual kernel, itself a guest of vkrun, that runs
+//! unmodified static x86-64 Linux programs in vmspaces (ABI section 7).
+//!
+//! ```text
+//! vkrun -m 512M -- target/release/minikernel PROGRAM [ARGS...]
+//! ```
+//!
+//! It maps guest RAM as its direct map ([`ram`]), loads `PROGRAM` (a static
+//! `ET_EXEC` or static-pie `ET_DYN` ELF file, found in `$PATH` like
+//! `execvp`) into frames of RAM under a 4-level page table of its own
+//! ([`exec`], [`mm`]), creates a vmspace whose one `MAP_VPAGETABLE` window
+//! over the user range points at that table, and runs the program with
+//! `vmspace_ctl(RUN)` ([`kernel`]), serving its page faults (demand paging)
+//! and its Linux system calls ([`syscall`]), mostly by forwarding them to
+//! the host: the program's descriptors, working directory and environment
+//! are the minikernel's own.
+//!
+//! Exit status: the program's exit code; 128 + signal when it is killed
+//! (139 for a segmentation fault, with nothing printed); 127 when the
+//! program cannot be loaded, 1 when the minikernel itself fails, 2 for a
+//! bad command line. `MINIKERNEL_TRACE=1` lists unknown system calls on
+//! stderr, `MINIKERNEL_TRACE=all` every system call; `MINIKERNEL_STATS=1`
+//! prints the minikernel's counters at exit.
+
+mod exec;
+mod kernel;
+mod mm;
+mod ram;
+mod syscall;
+mod vmspace;
+
+use std::os::unix::ffi::OsStringExt;
+use std::process::ExitCode;
+
+use crate::kernel::{Exit, Kernel, KernelError};
+use crate::vmspace::strerror;
+
+const USAGE: &str = "usage: minikernel PROGRAM [ARGS...]";
+
+fn main() -> ExitCode {
+    let args: Vec<Vec<u8>> = std::env::args_os().skip(1).map(|a| a.into_vec()).collect();
+    let Some(program) = args.first() else {
+        eprintln!("{USAGE}");
+        return ExitCode::from(2);
+    };
+    let info = match vkabi::hypercall::vk_info() {
+        Ok(info) => info,
+        Err(e) => {
+            eprintln!(
+                "minikernel: vk_info: {} (run it under vkrun)",
+                strerror(e.0)
+            );
+            return ExitCode::from(1);
+        }
+    };
+    let path = exec::find_program(&String::from_utf8_lossy(program));
+    let envp: Vec<Vec<u8>> = std::env::vars_os()
+        .filter(|(k, _)| k != "MINIKERNEL_TRACE" && k != "MINIKERNEL_STATS")
+        .map(|(k, v)| {
+            let mut e = k.into_vec();
+            e.push(b'=');
+            e.extend(v.into_vec());
+            e
+        })
+        .collect();
+    let result = Kernel::boot(&info).and_then(|mut k| {
+        let mut p = k.spawn(path, &args, &envp)?;
+        let exit = k.run(&mut p);
+        if std::env::var("MINIKERNEL_STATS").is_ok_and(|v| v == "1") {
+            let s = k.stats;
+            eprintln!(
+                "minikernel: {} runs, {} syscalls, {} page faults ({} stale), {} signals, {} frames in use",
+                s.runs,
+                s.syscalls,
+                s.page_faults,
+                s.stale_faults,
+                s.signals,
+                k.frames.used()
+            );
+        }
+        exit
+    });
+    match result {
+        Ok(Exit::Code(code)) => ExitCode::from(code as u8),
+        Ok(Exit::Signal(sig)) => ExitCode::from(128u8.saturating_add(sig as u8)),
+        Err(e @ KernelError::Exec { .. }) => {
+            eprintln!("minikernel: {e}");
+            ExitCode::from(127)
+        }
+        Err(e) => {
+            eprintln!("minikernel: {e}");
+            ExitCode::from(1)
+        }
+    }
+}

@@ -1,0 +1,479 @@
+//! A process's memory: its areas ([`Vma`]: start, end, protection), its
+//! page table, its program break, and the operations Linux offers on them
+//! (`mmap`, `munmap`, `mprotect`, `brk`, `madvise(MADV_DONTNEED)`), plus
+//! demand paging ([`Mm::fault`]) and access to user memory from the
+//! minikernel ([`Mm::translate`], [`Mm::read`], [`Mm::write`], [`Mm::cstr`]).
+//!
+//! Anonymous memory (stack, heap, anonymous mmaps) is demand-zero: a page
+//! gets a zeroed frame on its first `T_PAGEFLT` or when the minikernel first
+//! touches it for a system call. Program segments and file mappings are
+//! copied into frames when they are mapped. A leaf carries the protection of
+//! its area: `RW` for `PROT_WRITE`, `NX` unless `PROT_EXEC`, no `V` for
+//! `PROT_NONE`.
+//!
+//! Every operation that removes a page or takes a right away returns the
+//! range the caller must `MADV_INVAL` in the vmspace (ABI section 5);
+//! adding pages or rights needs none.
+
+use vkabi::{PAGE_SIZE, PGEX_I, PGEX_W, VPTE_FRAME, VPTE_NX, VPTE_RW, VPTE_U, VPTE_V};
+
+use crate::ram::{Frames, OutOfMemory, PageTable, Ram};
+
+/// `PROT_READ`, `PROT_WRITE`, `PROT_EXEC`.
+pub const PROT_READ: i32 = 1;
+/// See [`PROT_READ`].
+pub const PROT_WRITE: i32 = 2;
+/// See [`PROT_READ`].
+pub const PROT_EXEC: i32 = 4;
+
+/// The lowest address a program may map (Linux's `vm.mmap_min_addr`).
+pub const MIN_ADDR: u64 = 0x1_0000;
+/// Top of the area where `mmap` without an address places mappings.
+pub const MMAP_TOP: u64 = 0x7f00_0000_0000;
+/// The stack's size.
+pub const STACK_SIZE: u64 = 8 << 20;
+/// Most bytes one system call moves through user memory in one go.
+pub const MAX_IO: u64 = 1 << 24;
+
+/// Round `x` up to a page.
+pub fn page_up(x: u64) -> u64 {
+    x.div_ceil(PAGE_SIZE) * PAGE_SIZE
+}
+
+/// Round `x` down to a page.
+pub fn page_down(x: u64) -> u64 {
+    x & !(PAGE_SIZE - 1)
+}
+
+/// A memory area: `[start, end)`, page aligned, one protection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Vma {
+    /// First address.
+    pub start: u64,
+    /// Address after the last.
+    pub end: u64,
+    /// `PROT_*` bits.
+    pub prot: i32,
+}
+
+/// What a `T_PAGEFLT` turned out to be.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fault {
+    /// A fresh zeroed page is now mapped: RUN again.
+    Mapped,
+    /// The leaf already allows the access: the host's translation was
+    /// stale; the caller invalidates the page and RUNs again.
+    Stale,
+    /// No area, or the area forbids the access: `SIGSEGV`.
+    Segv,
+}
+
+/// The leaf bits for a page of an area with protection `prot`.
+pub fn leaf_bits(prot: i32) -> u64 {
+    if prot & (PROT_READ | PROT_WRITE | PROT_EXEC) == 0 {
+        return 0;
+    }
+    let mut bits = VPTE_V | VPTE_U;
+    if prot & PROT_WRITE != 0 {
+        bits |= VPTE_RW;
+    }
+    if prot & PROT_EXEC == 0 {
+        bits |= VPTE_NX;
+    }
+    bits
+}
+
+/// A process's address space (its vmspace is the caller's).
+#[derive(Debug)]
+pub struct Mm {
+    /// The page table.
+    pub pt: PageTable,
+    /// The areas, sorted, not overlapping.
+    vmas: Vec<Vma>,
+    /// Where the heap starts (just above the program).
+    pub brk_start: u64,
+    /// The program break.
+    pub brk: u64,
+    /// The top of the stack.
+    pub stack_top: u64,
+}
+
+impl Mm {
+    /// An empty address space with its stack area below `stack_top`.
+    pub fn new(ram: &Ram, frames: &mut Frames, stack_top: u64) -> Result<Mm, OutOfMemory> {
+        let mut mm = Mm {
+            pt: PageTable::new(ram, frames)?,
+            vmas: Vec::new(),
+            brk_start: 0,
+            brk: 0,
+            stack_top,
+        };
+        mm.add(stack_top - STACK_SIZE, stack_top, PROT_READ | PROT_WRITE);
+        Ok(mm)
+    }
+
+    #[allow(dead_code)] // fork (next step)
+    /// A copy of this address space for a child (`fork`): the same areas,
+    /// every page copied into a fresh frame.
+    pub fn fork(&self, ram: &Ram, frames: &mut Frames) -> Result<Mm, OutOfMemory> {
+        let child = Mm {
+            pt: PageTable::new(ram, frames)?,
+            vmas: self.vmas.clone(),
+            brk_start: self.brk_start,
+            brk: self.brk,
+            stack_top: self.stack_top,
+        };
+        let mut pages = Vec::new();
+        self.pt.visit(ram, 0, u64::MAX, &mut |va, _, leaf| {
+            pages.push((va, leaf));
+        });
+        for (va, leaf) in pages {
+            let frame = frames.alloc(ram).ok_or(OutOfMemory)?;
+            ram.copy_page(frame, leaf & VPTE_FRAME);
+            let bits = leaf & !VPTE_FRAME & (VPTE_V | VPTE_RW | VPTE_U | VPTE_NX);
+            child.pt.set(ram, frames, va, frame | bits)?;
+        }
+        Ok(child)
+    }
+
+    /// The area holding `addr`.
+    pub fn find(&self, addr: u64) -> Option<Vma> {
+        let i = self.vmas.partition_point(|v| v.end <= addr);
+        self.vmas.get(i).copied().filter(|v| v.start <= addr)
+    }
+
+    /// Whether any area overlaps `[start, end)`.
+    pub fn overlaps(&self, start: u64, end: u64) -> bool {
+        self.vmas.iter().any(|v| v.start < end && start < v.end)
+    }
+
+    /// Split areas so that `start` and `end` are area boundaries.
+    fn carve(&mut self, start: u64, end: u64) {
+        let mut out = Vec::with_capacity(self.vmas.len() + 2);
+        for v in self.vmas.drain(..) {
+            let mut cuts = vec![v.start];
+            for c in [start, end] {
+                if v.start < c && c < v.end {
+                    cuts.push(c);
+                }
+            }
+            cuts.push(v.end);
+            for w in cuts.windows(2) {
+                out.push(Vma {
+                    start: w[0],
+                    end: w[1],
+                    prot: v.prot,
+                });
+            }
+        }
+        self.vmas = out;
+    }
+
+    /// Add an area over `[start, end)` (page aligned). Parts already
+    /// covered keep their pages and get `prot` added (program segments
+    /// sharing a page); the rest is a new area.
+    pub fn add(&mut self, start: u64, end: u64, prot: i32) {
+        self.carve(start, end);
+        let mut at = start;
+        let mut new = Vec::new();
+        for v in self
+            .vmas
+            .iter_mut()
+            .filter(|v| v.start < end && start < v.end)
+        {
+            if at < v.start {
+                new.push(Vma {
+                    start: at,
+                    end: v.start,
+                    prot,
+                });
+            }
+            v.prot |= prot;
+            at = v.end;
+        }
+        if at < end {
+            new.push(Vma {
+                start: at,
+                end,
+                prot,
+            });
+        }
+        self.vmas.extend(new);
+        self.vmas.sort_by_key(|v| v.start);
+    }
+
+    /// Remove the areas and pages in `[start, end)`; returns whether a page
+    /// was removed (then the caller invalidates the range).
+    pub fn remove(&mut self, ram: &Ram, frames: &mut Frames, start: u64, end: u64) -> bool {
+        self.carve(start, end);
+        self.vmas.retain(|v| v.end <= start || v.start >= end);
+        self.drop_pages(ram, frames, start, end)
+    }
+
+    /// Free the pages (not the areas) in `[start, end)`; whether any.
+    pub fn drop_pages(&mut self, ram: &Ram, frames: &mut Frames, start: u64, end: u64) -> bool {
+        let mut any = false;
+        self.pt.visit(ram, start, end, &mut |_, e_pa, leaf| {
+            ram.store(e_pa, 0);
+            if leaf & VPTE_FRAME != 0 {
+                frames.free(leaf & VPTE_FRAME);
+            }
+            any = true;
+        });
+        any
+    }
+
+    /// `mprotect`: every page of `[start, end)` must be in an area
+    /// (`Err(())` for ENOMEM otherwise). Returns whether a leaf changed.
+    pub fn protect(&mut self, ram: &Ram, start: u64, end: u64, prot: i32) -> Result<bool, ()> {
+        let mut at = start;
+        for v in self.vmas.iter().filter(|v| v.start < end && start < v.end) {
+            if v.start > at {
+                return Err(());
+            }
+            at = v.end;
+        }
+        if at < end {
+            return Err(());
+        }
+        self.carve(start, end);
+        for v in self
+            .vmas
+            .iter_mut()
+            .filter(|v| v.start < end && start < v.end)
+        {
+            v.prot = prot;
+        }
+        let bits = leaf_bits(prot);
+        let mut changed = false;
+        self.pt.visit(ram, start, end, &mut |_, e_pa, leaf| {
+            let new = (leaf & VPTE_FRAME) | bits;
+            if new != leaf & (VPTE_FRAME | VPTE_V | VPTE_RW | VPTE_U | VPTE_NX) {
+                ram.store(e_pa, new);
+                changed = true;
+            }
+        });
+        Ok(changed)
+    }
+
+    /// A free, page-aligned range of `len` bytes for `mmap`, as high as
+    /// possible below [`MMAP_TOP`].
+    pub fn free_range(&self, len: u64) -> Option<u64> {
+        let mut top = MMAP_TOP;
+        for v in self.vmas.iter().rev() {
+            if v.start >= top {
+                continue;
+            }
+            if v.end <= top && top - v.end >= len {
+                return Some(top - len);
+            }
+            top = top.min(v.start);
+        }
+        top.checked_sub(len)
+            .filter(|s| *s >= self.brk.max(MIN_ADDR))
+    }
+
+    /// Serve a page fault at `addr` with `PGEX_*` bits `err`.
+    pub fn fault(
+        &mut self,
+        ram: &Ram,
+        frames: &mut Frames,
+        addr: u64,
+        err: u64,
+    ) -> Result<Fault, OutOfMemory> {
+        let Some(v) = self.find(addr) else {
+            return Ok(Fault::Segv);
+        };
+        let want = if err & PGEX_W != 0 {
+            PROT_WRITE
+        } else if err & PGEX_I != 0 {
+            PROT_EXEC
+        } else {
+            PROT_READ | PROT_WRITE | PROT_EXEC
+        };
+        if v.prot & want == 0 {
+            return Ok(Fault::Segv);
+        }
+        let page = page_down(addr);
+        if self.pt.get(ram, page) & VPTE_FRAME != 0 {
+            return Ok(Fault::Stale);
+        }
+        self.populate(ram, frames, page, v.prot)?;
+        Ok(Fault::Mapped)
+    }
+
+    /// Give the (absent) page at `page` a zeroed frame with the leaf bits of
+    /// `prot`; returns the frame.
+    fn populate(
+        &mut self,
+        ram: &Ram,
+        frames: &mut Frames,
+        page: u64,
+        prot: i32,
+    ) -> Result<u64, OutOfMemory> {
+        let frame = frames.alloc(ram).ok_or(OutOfMemory)?;
+        self.pt.set(ram, frames, page, frame | leaf_bits(prot))?;
+        Ok(frame)
+    }
+
+    /// Copy `bytes` to `va` whatever the protection (loading a program or
+    /// a file mapping), populating pages of the areas there; `false` if a
+    /// byte lies outside every area.
+    pub fn load(
+        &mut self,
+        ram: &Ram,
+        frames: &mut Frames,
+        va: u64,
+        bytes: &[u8],
+    ) -> Result<bool, OutOfMemory> {
+        let mut at = 0usize;
+        while at < bytes.len() {
+            let addr = va + at as u64;
+            let Some(v) = self.find(addr) else {
+                return Ok(false);
+            };
+            let page = page_down(addr);
+            let leaf = self.pt.get(ram, page);
+            let frame = if leaf & VPTE_FRAME != 0 {
+                leaf & VPTE_FRAME
+            } else {
+                self.populate(ram, frames, page, v.prot)?
+            };
+            let n = ((page + PAGE_SIZE - addr) as usize).min(bytes.len() - at);
+            ram.write(frame + (addr - page), &bytes[at..at + n]);
+            at += n;
+        }
+        Ok(true)
+    }
+
+    /// Give every present leaf in `[start, end)` the bits of its area's
+    /// protection (after areas merged their protections).
+    pub fn refresh(&mut self, ram: &Ram, start: u64, end: u64) {
+        for v in self.vmas.iter().filter(|v| v.start < end && start < v.end) {
+            let bits = leaf_bits(v.prot);
+            self.pt.visit(ram, v.start, v.end, &mut |_, e_pa, leaf| {
+                ram.store(e_pa, (leaf & VPTE_FRAME) | bits);
+            });
+        }
+    }
+
+    /// The physical pieces of user range `[va, va + len)` as far as it is
+    /// accessible (readable, or writable when `write`), populating absent
+    /// pages of anonymous areas; the pieces may cover less than `len`.
+    pub fn translate(
+        &mut self,
+        ram: &Ram,
+        frames: &mut Frames,
+        va: u64,
+        len: u64,
+        write: bool,
+    ) -> Result<Vec<(u64, u64)>, OutOfMemory> {
+        let mut out: Vec<(u64, u64)> = Vec::new();
+        let Some(end) = va.checked_add(len) else {
+            return Ok(out);
+        };
+        let mut at = va;
+        while at < end {
+            let Some(v) = self.find(at) else { break };
+            let need = if write { PROT_WRITE } else { PROT_READ };
+            if v.prot & need == 0 {
+                break;
+            }
+            let page = page_down(at);
+            let leaf = self.pt.get(ram, page);
+            let frame = if leaf & VPTE_FRAME != 0 {
+                leaf & VPTE_FRAME
+            } else {
+                self.populate(ram, frames, page, v.prot)?
+            };
+            let n = (page + PAGE_SIZE).min(end) - at;
+            let pa = frame + (at - page);
+            match out.last_mut() {
+                Some((p, l)) if *p + *l == pa => *l += n,
+                _ => out.push((pa, n)),
+            }
+            at += n;
+        }
+        Ok(out)
+    }
+
+    /// Copy `out.len()` bytes from user address `va`; `false` if some byte
+    /// is not readable.
+    pub fn read(&mut self, ram: &Ram, frames: &mut Frames, va: u64, out: &mut [u8]) -> bool {
+        let Ok(pieces) = self.translate(ram, frames, va, out.len() as u64, false) else {
+            return false;
+        };
+        let mut at = 0usize;
+        for (pa, n) in pieces {
+            ram.read(pa, &mut out[at..at + n as usize]);
+            at += n as usize;
+        }
+        at == out.len()
+    }
+
+    /// Copy `bytes` to user address `va`; `false` if some byte is not
+    /// writable (the bytes before it are written).
+    pub fn write(&mut self, ram: &Ram, frames: &mut Frames, va: u64, bytes: &[u8]) -> bool {
+        let Ok(pieces) = self.translate(ram, frames, va, bytes.len() as u64, true) else {
+            return false;
+        };
+        let mut at = 0usize;
+        for (pa, n) in pieces {
+            ram.write(pa, &bytes[at..at + n as usize]);
+            at += n as usize;
+        }
+        at == bytes.len()
+    }
+
+    /// The NUL-terminated string at `va` (at most `max` bytes before the
+    /// NUL); `Err(errno)` for EFAULT or ENAMETOOLONG.
+    pub fn cstr(
+        &mut self,
+        ram: &Ram,
+        frames: &mut Frames,
+        va: u64,
+        max: usize,
+    ) -> Result<Vec<u8>, i32> {
+        let mut s = Vec::new();
+        let mut at = va;
+        loop {
+            let chunk = (page_up(at + 1) - at) as usize;
+            let mut buf = vec![0u8; chunk];
+            if at == 0 || !self.read(ram, frames, at, &mut buf) {
+                return Err(libc::EFAULT);
+            }
+            if let Some(nul) = buf.iter().position(|b| *b == 0) {
+                s.extend_from_slice(&buf[..nul]);
+                return Ok(s);
+            }
+            s.extend_from_slice(&buf);
+            if s.len() > max {
+                return Err(libc::ENAMETOOLONG);
+            }
+            at += chunk as u64;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn leaf_bits_follow_prot() {
+        assert_eq!(leaf_bits(0), 0);
+        assert_eq!(leaf_bits(PROT_READ), VPTE_V | VPTE_U | VPTE_NX);
+        assert_eq!(
+            leaf_bits(PROT_READ | PROT_WRITE),
+            VPTE_V | VPTE_U | VPTE_RW | VPTE_NX
+        );
+        assert_eq!(leaf_bits(PROT_READ | PROT_EXEC), VPTE_V | VPTE_U);
+    }
+
+    #[test]
+    fn page_rounding() {
+        assert_eq!(page_up(1), PAGE_SIZE);
+        assert_eq!(page_up(PAGE_SIZE), PAGE_SIZE);
+        assert_eq!(page_down(PAGE_SIZE + 1), PAGE_SIZE);
+    }
+}

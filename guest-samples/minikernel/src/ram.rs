@@ -1,0 +1,297 @@
+//! Guest RAM (ABI section 2) as the minikernel sees it: the direct map
+//! ([`Ram`]), a frame allocator ([`Frames`]) and 4-level page tables
+//! ([`PageTable`]) built in RAM in the VPTE format (ABI section 3).
+//!
+//! Table entries are `V|RW|U`, so the leaf alone decides a page's
+//! protection. A leaf's frame bits say whether the page *exists*; its `V`
+//! bit whether it is *accessible*: a `PROT_NONE` page keeps its frame in an
+//! entry without `V`, so the walk fails on it but its contents survive a
+//! later `mprotect`. Frame 0 is never handed out, so a zero entry is "no
+//! page".
+
+use std::io;
+use std::ptr;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use vkabi::{PAGE_SIZE, VPTE_FRAME, VPTE_RW, VPTE_U, VPTE_V};
+
+/// Frames below this stay unused (frame 0 above all).
+const FIRST_FRAME: u64 = 1 << 20;
+/// What every table entry (above the leaves) holds besides the frame.
+const TABLE_BITS: u64 = VPTE_V | VPTE_RW | VPTE_U;
+
+/// Guest RAM mapped `MAP_SHARED` into the minikernel: physical address `pa`
+/// is byte `pa` of the mapping.
+#[derive(Debug)]
+pub struct Ram {
+    base: *mut u8,
+    size: u64,
+}
+
+impl Ram {
+    /// Map all of guest RAM (`ram_fd`, `size` bytes). Never unmapped.
+    pub fn map(fd: i32, size: u64) -> io::Result<Ram> {
+        let len = usize::try_from(size)
+            .ok()
+            .filter(|l| *l > 0 && size.is_multiple_of(PAGE_SIZE))
+            .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "RAM size"))?;
+        // SAFETY: a new shared mapping at an address the kernel picks:
+        // nothing that exists is touched.
+        let p = unsafe {
+            libc::mmap(
+                ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                fd,
+                0,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(Ram {
+            base: p.cast(),
+            size,
+        })
+    }
+
+    /// The RAM size in bytes.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// The host address of `[pa, pa + len)`, checked to lie in RAM.
+    pub fn ptr(&self, pa: u64, len: u64) -> *mut u8 {
+        assert!(
+            pa.checked_add(len).is_some_and(|end| end <= self.size),
+            "physical range {pa:#x}+{len:#x} outside RAM"
+        );
+        // SAFETY: in bounds of the mapping (checked above).
+        unsafe { self.base.add(pa as usize) }
+    }
+
+    /// The 64-bit word at `pa` (8-aligned), as an atomic: page-table
+    /// entries are shared with the host's walker, which sets A and M.
+    fn word(&self, pa: u64) -> &AtomicU64 {
+        assert!(pa.is_multiple_of(8), "unaligned table entry {pa:#x}");
+        let p = self.ptr(pa, 8);
+        // SAFETY: in RAM (checked by ptr), 8-aligned (the mapping is page
+        // aligned), and RAM is never unmapped; the host only accesses these
+        // words atomically too.
+        unsafe { &*p.cast::<AtomicU64>() }
+    }
+
+    /// Load the entry at `pa`.
+    pub fn load(&self, pa: u64) -> u64 {
+        self.word(pa).load(Ordering::Acquire)
+    }
+
+    /// Store the entry at `pa`.
+    pub fn store(&self, pa: u64, v: u64) {
+        self.word(pa).store(v, Ordering::Release);
+    }
+
+    /// Replace the entry at `pa`, returning the old value.
+    pub fn swap(&self, pa: u64, v: u64) -> u64 {
+        self.word(pa).swap(v, Ordering::AcqRel)
+    }
+
+    /// Copy `bytes` to RAM at `pa`.
+    pub fn write(&self, pa: u64, bytes: &[u8]) {
+        let dst = self.ptr(pa, bytes.len() as u64);
+        // SAFETY: `dst` is `bytes.len()` bytes of RAM (checked); RAM never
+        // overlaps a Rust slice of the minikernel's own memory. The user
+        // context that could also write this page is stopped (it is outside
+        // RUN while the minikernel serves it).
+        unsafe { ptr::copy_nonoverlapping(bytes.as_ptr(), dst, bytes.len()) }
+    }
+
+    /// Copy RAM at `pa` into `out`.
+    pub fn read(&self, pa: u64, out: &mut [u8]) {
+        let src = self.ptr(pa, out.len() as u64);
+        // SAFETY: as in `write`, the other way round.
+        unsafe { ptr::copy_nonoverlapping(src, out.as_mut_ptr(), out.len()) }
+    }
+
+    /// Zero the page at `pa`.
+    pub fn zero_page(&self, pa: u64) {
+        let dst = self.ptr(pa, PAGE_SIZE);
+        // SAFETY: one page of RAM (checked), not in use by anyone (a frame
+        // being handed out).
+        unsafe { ptr::write_bytes(dst, 0, PAGE_SIZE as usize) }
+    }
+
+    #[allow(dead_code)] // fork (next step)
+    /// Copy the page at `src` to the page at `dst`.
+    pub fn copy_page(&self, dst: u64, src: u64) {
+        let (d, s) = (self.ptr(dst, PAGE_SIZE), self.ptr(src, PAGE_SIZE));
+        assert_ne!(dst, src, "copying a frame onto itself");
+        // SAFETY: two distinct pages of RAM (checked), the destination a
+        // fresh frame nobody else uses.
+        unsafe { ptr::copy_nonoverlapping(s, d, PAGE_SIZE as usize) }
+    }
+}
+
+/// Frames of guest RAM: a bump pointer over `[FIRST_FRAME, ram_size)` (so
+/// consecutive allocations are physically contiguous, which lets the host
+/// batch its faults) and a free list. Every frame handed out is zero.
+#[derive(Debug)]
+pub struct Frames {
+    next: u64,
+    end: u64,
+    free: Vec<u64>,
+}
+
+impl Frames {
+    /// All of RAM above [`FIRST_FRAME`].
+    pub fn new(ram_size: u64) -> Frames {
+        Frames {
+            next: FIRST_FRAME,
+            end: ram_size & !(PAGE_SIZE - 1),
+            free: Vec::new(),
+        }
+    }
+
+    /// A zeroed frame, or `None` when RAM is full. Fresh frames are zero
+    /// already (guest RAM is a new memfd); recycled ones are cleared.
+    pub fn alloc(&mut self, ram: &Ram) -> Option<u64> {
+        if self.next < self.end {
+            let pa = self.next;
+            self.next += PAGE_SIZE;
+            return Some(pa);
+        }
+        let pa = self.free.pop()?;
+        ram.zero_page(pa);
+        Some(pa)
+    }
+
+    /// Give a frame back.
+    pub fn free(&mut self, pa: u64) {
+        self.free.push(pa);
+    }
+
+    /// Frames in use.
+    pub fn used(&self) -> u64 {
+        (self.next - FIRST_FRAME) / PAGE_SIZE - self.free.len() as u64
+    }
+}
+
+/// Out of guest RAM.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("out of guest RAM (try a larger -m)")]
+pub struct OutOfMemory;
+
+/// One address space's 4-level page table, rooted at an L4 table in RAM.
+/// Page index = `va >> 12` (the window's offset equals its start).
+#[derive(Debug)]
+pub struct PageTable {
+    root: u64,
+}
+
+impl PageTable {
+    /// An empty table.
+    pub fn new(ram: &Ram, frames: &mut Frames) -> Result<PageTable, OutOfMemory> {
+        Ok(PageTable {
+            root: frames.alloc(ram).ok_or(OutOfMemory)?,
+        })
+    }
+
+    /// The master PDE for `MADV_SETMAP`.
+    pub fn master(&self) -> u64 {
+        self.root | TABLE_BITS
+    }
+
+    /// The address of the L1 entry for `va`; creates missing tables when
+    /// `frames` is given, else `None` where a table is missing.
+    fn slot(&self, ram: &Ram, mut frames: Option<&mut Frames>, va: u64) -> Option<u64> {
+        let mut table = self.root;
+        for shift in [39, 30, 21] {
+            let e_pa = table + ((va >> shift) & 511) * 8;
+            let e = ram.load(e_pa);
+            table = if e & VPTE_V != 0 {
+                e & VPTE_FRAME
+            } else {
+                let t = frames.as_deref_mut()?.alloc(ram)?;
+                ram.store(e_pa, t | TABLE_BITS);
+                t
+            };
+        }
+        Some(table + ((va >> 12) & 511) * 8)
+    }
+
+    /// The leaf for `va` (0: no page).
+    pub fn get(&self, ram: &Ram, va: u64) -> u64 {
+        self.slot(ram, None, va).map_or(0, |pa| ram.load(pa))
+    }
+
+    /// Set the leaf for `va`, creating tables; returns the old leaf.
+    pub fn set(
+        &self,
+        ram: &Ram,
+        frames: &mut Frames,
+        va: u64,
+        leaf: u64,
+    ) -> Result<u64, OutOfMemory> {
+        let pa = self.slot(ram, Some(frames), va).ok_or(OutOfMemory)?;
+        Ok(ram.swap(pa, leaf))
+    }
+
+    /// Call `f(va, entry_pa, leaf)` for every nonzero leaf in `[start, end)`,
+    /// skipping missing tables.
+    pub fn visit(&self, ram: &Ram, start: u64, end: u64, f: &mut dyn FnMut(u64, u64, u64)) {
+        visit_level(ram, self.root, 39, 0, start, end, f);
+    }
+
+    #[allow(dead_code)] // exit of a child (next step)
+    /// Free every page and table of this address space.
+    pub fn destroy(self, ram: &Ram, frames: &mut Frames) {
+        free_level(ram, frames, self.root, 39);
+    }
+}
+
+/// [`PageTable::visit`] below the table at `table` covering `base..` with
+/// entries of `1 << shift` bytes.
+fn visit_level(
+    ram: &Ram,
+    table: u64,
+    shift: u32,
+    base: u64,
+    start: u64,
+    end: u64,
+    f: &mut dyn FnMut(u64, u64, u64),
+) {
+    let span = 1u64 << shift;
+    for i in 0..512u64 {
+        let lo = base + i * span;
+        let hi = lo + span;
+        if hi <= start || lo >= end {
+            continue;
+        }
+        let e_pa = table + i * 8;
+        let e = ram.load(e_pa);
+        if shift == 12 {
+            if e != 0 {
+                f(lo, e_pa, e);
+            }
+        } else if e & VPTE_V != 0 {
+            visit_level(ram, e & VPTE_FRAME, shift - 9, lo, start, end, f);
+        }
+    }
+}
+
+#[allow(dead_code)] // exit of a child (next step)
+/// Free the pages and tables below the table at `table`, then the table.
+fn free_level(ram: &Ram, frames: &mut Frames, table: u64, shift: u32) {
+    for i in 0..512u64 {
+        let e = ram.load(table + i * 8);
+        if shift == 12 {
+            if e & VPTE_FRAME != 0 {
+                frames.free(e & VPTE_FRAME);
+            }
+        } else if e & VPTE_V != 0 {
+            free_level(ram, frames, e & VPTE_FRAME, shift - 9);
+        }
+    }
+    frames.free(table);
+}

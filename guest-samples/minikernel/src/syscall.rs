@@ -1,0 +1,735 @@
+//! Linux system calls of the user process (`T_FAST_SYSCALL`: `rax` = number,
+//! arguments in `rdi rsi rdx r10 r8 r9`, result in `rax`).
+//!
+//! Most calls are *forwarded*: the minikernel's own descriptors, working
+//! directory, clock and identity serve as the user program's, so the honest
+//! implementation is the host's own call. [`spec`] describes each forwarded
+//! call's arguments (plain values, descriptors, paths, buffers in or out of a
+//! fixed size or of a size given by another argument); [`forward`] copies
+//! the user buffers in through the process's page tables, makes the call and
+//! copies results out. `read`/`write` and their vector and positional forms
+//! go straight between the descriptor and guest RAM: the user buffer is
+//! translated into pieces of the minikernel's RAM mapping and passed to the
+//! host's `readv`/`writev`/`preadv`/`pwritev`, without a copy.
+//!
+//! Served by the minikernel itself: memory (`brk mmap munmap mprotect
+//! madvise mremap`), `arch_prctl`, signal state (`rt_sigaction
+//! rt_sigprocmask sigaltstack`, recorded only), process identity and
+//! `kill` of itself, `exit`/`exit_group`, `ioctl` (terminal queries only),
+//! `readlink("/proc/self/exe")`. Anything else answers `-ENOSYS`
+//! (listed on stderr with `MINIKERNEL_TRACE=1`).
+
+use vkabi::hypercall::syscall6;
+
+use crate::kernel::{Exit, Kernel, KernelError, Proc, Trace};
+use crate::mm::{MAX_IO, MIN_ADDR, PROT_EXEC, PROT_READ, PROT_WRITE, page_up};
+
+/// How a forwarded call's argument is passed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Arg {
+    /// A plain value.
+    Val,
+    /// A descriptor (the minikernel's own are `EBADF`).
+    Fd,
+    /// The caller's own pid: passed as 0.
+    Pid,
+    /// A NUL-terminated path (NULL passes through).
+    Path,
+    /// A buffer of this size read by the call.
+    In(usize),
+    /// A buffer of this size written by the call (copied out on success).
+    Out(usize),
+    /// A buffer of this size read and written.
+    InOut(usize),
+    /// A buffer written by the call whose size is argument `i`; the call
+    /// returns the bytes written.
+    OutN(usize),
+}
+
+use Arg::{Fd, In, InOut, Out, OutN, Path, Pid, Val};
+
+/// `struct stat`.
+const STAT: usize = 144;
+
+/// The argument kinds of a forwarded system call.
+fn spec(nr: u64) -> Option<&'static [Arg]> {
+    Some(match nr {
+        2 => &[Path, Val, Val],                         // open
+        3 => &[Fd],                                     // close
+        4 | 6 => &[Path, Out(STAT)],                    // stat, lstat
+        5 => &[Fd, Out(STAT)],                          // fstat
+        8 => &[Fd, Val, Val],                           // lseek
+        21 => &[Path, Val],                             // access
+        22 => &[Out(8)],                                // pipe
+        24 => &[],                                      // sched_yield
+        32 => &[Fd],                                    // dup
+        33 => &[Fd, Fd],                                // dup2
+        35 => &[In(16), Out(16)],                       // nanosleep
+        40 => &[Fd, Fd, InOut(8), Val],                 // sendfile
+        63 => &[Out(390)],                              // uname
+        74 | 75 | 81 => &[Fd],                          // fsync, fdatasync, fchdir
+        76 => &[Path, Val],                             // truncate
+        77 => &[Fd, Val],                               // ftruncate
+        78 | 217 => &[Fd, OutN(2), Val],                // getdents, getdents64
+        79 => &[OutN(1), Val],                          // getcwd
+        80 | 84 | 87 => &[Path],                        // chdir, rmdir, unlink
+        82 | 86 | 88 => &[Path, Path],                  // rename, link, symlink
+        83 | 90 => &[Path, Val],                        // mkdir, chmod
+        89 => &[Path, OutN(2), Val],                    // readlink
+        91 => &[Fd, Val],                               // fchmod
+        92 | 94 => &[Path, Val, Val],                   // chown, lchown
+        93 => &[Fd, Val, Val],                          // fchown
+        95 => &[Val],                                   // umask
+        96 => &[Out(16), Out(8)],                       // gettimeofday
+        97 => &[Val, Out(16)],                          // getrlimit
+        98 => &[Val, Out(144)],                         // getrusage
+        99 => &[Out(112)],                              // sysinfo
+        100 => &[Out(32)],                              // times
+        102 | 104 | 107 | 108 => &[],                   // getuid, getgid, geteuid, getegid
+        137 => &[Path, Out(120)],                       // statfs
+        138 => &[Fd, Out(120)],                         // fstatfs
+        160 => &[Val, In(16)],                          // setrlimit
+        201 => &[Out(8)],                               // time
+        204 => &[Pid, Val, OutN(1)],                    // sched_getaffinity
+        221 => &[Fd, Val, Val, Val],                    // fadvise64
+        228 | 229 => &[Val, Out(16)],                   // clock_gettime, clock_getres
+        230 => &[Val, Val, In(16), Out(16)],            // clock_nanosleep
+        257 => &[Fd, Path, Val, Val],                   // openat
+        258 | 268 => &[Fd, Path, Val],                  // mkdirat, fchmodat
+        260 => &[Fd, Path, Val, Val, Val],              // fchownat
+        262 => &[Fd, Path, Out(STAT), Val],             // newfstatat
+        263 | 269 => &[Fd, Path, Val],                  // unlinkat, faccessat
+        264 => &[Fd, Path, Fd, Path],                   // renameat
+        265 | 316 => &[Fd, Path, Fd, Path, Val],        // linkat, renameat2
+        266 => &[Path, Fd, Path],                       // symlinkat
+        267 => &[Fd, Path, OutN(3), Val],               // readlinkat
+        280 => &[Fd, Path, In(32), Val],                // utimensat
+        285 => &[Fd, Val, Val, Val],                    // fallocate
+        292 => &[Fd, Fd, Val],                          // dup3
+        293 => &[Out(8), Val],                          // pipe2
+        302 => &[Pid, Val, In(16), Out(16)],            // prlimit64
+        318 => &[OutN(1), Val],                         // getrandom
+        326 => &[Fd, InOut(8), Fd, InOut(8), Val, Val], // copy_file_range
+        332 => &[Fd, Path, Val, Val, Out(256)],         // statx
+        439 => &[Fd, Path, Val, Val],                   // faccessat2
+        _ => return None,
+    })
+}
+
+/// The result of a system call: a value, or `Err(errno)`.
+type SysResult = Result<u64, i32>;
+
+/// Serve the system call in `p.tf`; `Some(exit)` when the process ends.
+pub fn serve(k: &mut Kernel, p: &mut Proc) -> Result<Option<Exit>, KernelError> {
+    let nr = p.tf.tf_rax;
+    let a = [
+        p.tf.tf_rdi,
+        p.tf.tf_rsi,
+        p.tf.tf_rdx,
+        p.tf.tf_r10,
+        p.tf.tf_r8,
+        p.tf.tf_r9,
+    ];
+    let ret: SysResult = match nr {
+        60 | 231 => return Ok(Some(Exit::Code(a[0] as i32 & 0xff))),
+        0 | 1 | 17 | 18 => {
+            let off = (nr >= 17).then_some(a[3]);
+            rw(k, p, nr == 0 || nr == 17, a[0], &[(a[1], a[2])], off)
+        }
+        19 | 20 | 295 | 296 => vector_rw(k, p, nr, a),
+        7 => poll(k, p, a[0], a[1], a[2], None),
+        271 => poll(k, p, a[0], a[1], a[2], Some((a[2], a[3]))),
+        9 => mmap(k, p, a),
+        10 => mprotect(k, p, a[0], a[1], a[2] as i32),
+        11 => munmap(k, p, a[0], a[1]),
+        12 => Ok(brk(k, p, a[0])?),
+        25 => Err(libc::ENOMEM), // mremap
+        28 => madvise(k, p, a[0], a[1], a[2] as i32),
+        13 => sigaction(k, p, a),
+        14 => sigprocmask(k, p, a),
+        131 => sigaltstack(k, p, a[0], a[1]),
+        16 => ioctl(k, p, a),
+        72 => fcntl(k, p, a),
+        157 => match a[0] {
+            15 => forward(k, p, nr, &a, &[Val, In(16)]), // PR_SET_NAME
+            16 => forward(k, p, nr, &a, &[Val, Out(16)]), // PR_GET_NAME
+            _ => Err(libc::EINVAL),
+        },
+        39 | 186 => Ok(p.pid as u64),              // getpid, gettid
+        110 => Ok(p.ppid as u64),                  // getppid
+        111 | 112 | 121 | 124 => Ok(p.pid as u64), // getpgrp, setsid, getpgid, getsid
+        109 => Ok(0),                              // setpgid
+        61 => Err(libc::ECHILD),                   // wait4
+        62 => kill(p, a[0] as i32, a[1] as i32),
+        200 => kill(p, a[0] as i32, a[1] as i32), // tkill
+        234 => kill(p, a[1] as i32, a[2] as i32), // tgkill
+        158 => arch_prctl(k, p, a[0], a[1]),
+        218 => Ok(p.pid as u64),  // set_tid_address
+        273 => Ok(0),             // set_robust_list
+        334 => Err(libc::ENOSYS), // rseq
+        89 | 267 if is_proc_self_exe(k, p, if nr == 89 { a[0] } else { a[1] }) => {
+            let (buf, n) = if nr == 89 { (a[1], a[2]) } else { (a[2], a[3]) };
+            let exe = p.exe.as_os_str().as_encoded_bytes().to_vec();
+            let n = exe.len().min(n as usize);
+            if p.mm.write(&k.ram, &mut k.frames, buf, &exe[..n]) {
+                Ok(n as u64)
+            } else {
+                Err(libc::EFAULT)
+            }
+        }
+        _ => match spec(nr) {
+            Some(kinds) => forward(k, p, nr, &a, kinds),
+            None => {
+                if k.trace != Trace::Off {
+                    eprintln!(
+                        "minikernel: unknown syscall {nr} ({:#x}, {:#x}, {:#x}, {:#x}, {:#x}, {:#x}) -> ENOSYS",
+                        a[0], a[1], a[2], a[3], a[4], a[5]
+                    );
+                }
+                Err(libc::ENOSYS)
+            }
+        },
+    };
+    if let Some(exit) = p_killed(&ret) {
+        return Ok(Some(exit));
+    }
+    let raw = match ret {
+        Ok(v) => v,
+        Err(e) => (-i64::from(e)) as u64,
+    };
+    if k.trace == Trace::All {
+        eprintln!(
+            "minikernel: [{}] syscall {nr}({:#x}, {:#x}, {:#x}, {:#x}) = {}",
+            p.pid, a[0], a[1], a[2], a[3], raw as i64
+        );
+    }
+    p.tf.tf_rax = raw;
+    Ok(None)
+}
+
+/// `kill` answers this errno when the process killed itself with `sig`
+/// (the minikernel then ends with 128 + `sig`).
+const KILLED_BASE: i32 = 0x1000;
+
+/// The exit a `kill` of itself asks for.
+fn p_killed(ret: &SysResult) -> Option<Exit> {
+    match ret {
+        Err(e) if *e > KILLED_BASE => Some(Exit::Signal(e - KILLED_BASE)),
+        _ => None,
+    }
+}
+
+/// Whether the path at `va` is `/proc/self/exe`.
+fn is_proc_self_exe(k: &mut Kernel, p: &mut Proc, va: u64) -> bool {
+    p.mm.cstr(&k.ram, &mut k.frames, va, 4096)
+        .is_ok_and(|s| s == b"/proc/self/exe")
+}
+
+/// The host result of a raw system call.
+fn host(nr: u64, a: [u64; 6]) -> SysResult {
+    // SAFETY: every pointer argument points into a buffer of the
+    // minikernel's own (or into guest RAM) of at least the size the call
+    // uses: `forward` and the callers below build them that way.
+    let r = unsafe { syscall6(nr, a[0], a[1], a[2], a[3], a[4], a[5]) };
+    if (-4095..0).contains(&r) {
+        Err(-r as i32)
+    } else {
+        Ok(r as u64)
+    }
+}
+
+/// Forward `nr` with arguments `a` of kinds `kinds`.
+fn forward(k: &mut Kernel, p: &mut Proc, nr: u64, a: &[u64; 6], kinds: &[Arg]) -> SysResult {
+    let mut bufs: Vec<Option<Vec<u8>>> = vec![None; 6];
+    let mut host_args = *a;
+    for (i, kind) in kinds.iter().enumerate() {
+        let va = a[i];
+        match *kind {
+            Val => {}
+            Fd => {
+                if k.reserved_fd(va) {
+                    return Err(libc::EBADF);
+                }
+            }
+            Pid => host_args[i] = 0,
+            Path if va == 0 => {}
+            Path => {
+                let mut s = p.mm.cstr(&k.ram, &mut k.frames, va, 4096)?;
+                if s == b"/proc/self/exe" {
+                    s = p.exe.as_os_str().as_encoded_bytes().to_vec();
+                }
+                s.push(0);
+                bufs[i] = Some(s);
+            }
+            In(_) | InOut(_) | Out(_) if va == 0 => {}
+            In(n) | InOut(n) => {
+                let mut b = vec![0u8; n];
+                if !p.mm.read(&k.ram, &mut k.frames, va, &mut b) {
+                    return Err(libc::EFAULT);
+                }
+                bufs[i] = Some(b);
+            }
+            Out(n) => bufs[i] = Some(vec![0u8; n]),
+            OutN(len) => bufs[i] = Some(vec![0u8; a[len].min(MAX_IO) as usize]),
+        }
+    }
+    for (i, b) in bufs.iter_mut().enumerate() {
+        if let Some(b) = b {
+            host_args[i] = b.as_mut_ptr() as u64;
+        }
+    }
+    let ret = host(nr, host_args)?;
+    for (i, kind) in kinds.iter().enumerate() {
+        let Some(b) = &bufs[i] else { continue };
+        let bytes = match *kind {
+            Out(_) | InOut(_) => &b[..],
+            OutN(_) => &b[..(ret as usize).min(b.len())],
+            _ => continue,
+        };
+        if !p.mm.write(&k.ram, &mut k.frames, a[i], bytes) {
+            return Err(libc::EFAULT);
+        }
+    }
+    Ok(ret)
+}
+
+/// `read`/`write` (`pread64`/`pwrite64` with `off`) of the user buffers
+/// `segs` (address, length): host `readv`/`writev`/`preadv`/`pwritev`
+/// straight into guest RAM.
+fn rw(
+    k: &mut Kernel,
+    p: &mut Proc,
+    reading: bool,
+    fd: u64,
+    segs: &[(u64, u64)],
+    off: Option<u64>,
+) -> SysResult {
+    if k.reserved_fd(fd) {
+        return Err(libc::EBADF);
+    }
+    let mut iov: Vec<libc::iovec> = Vec::new();
+    let mut total = 0u64;
+    let mut asked = 0u64;
+    'segs: for &(va, len) in segs {
+        let len = len.min(MAX_IO - total);
+        asked += len;
+        let pieces =
+            p.mm.translate(&k.ram, &mut k.frames, va, len, reading)
+                .map_err(|_| libc::ENOMEM)?;
+        let mut got = 0;
+        for (pa, n) in pieces {
+            if iov.len() == 1024 {
+                break 'segs;
+            }
+            iov.push(libc::iovec {
+                iov_base: k.ram.ptr(pa, n).cast(),
+                iov_len: n as usize,
+            });
+            got += n;
+        }
+        total += got;
+        if got < len || total >= MAX_IO {
+            break;
+        }
+    }
+    if total == 0 && asked > 0 {
+        return Err(libc::EFAULT);
+    }
+    let iovp = iov.as_ptr() as u64;
+    let cnt = iov.len() as u64;
+    let (nr, args) = match (reading, off) {
+        (true, None) => (libc::SYS_readv, [fd, iovp, cnt, 0, 0, 0]),
+        (false, None) => (libc::SYS_writev, [fd, iovp, cnt, 0, 0, 0]),
+        (true, Some(o)) => (libc::SYS_preadv, [fd, iovp, cnt, o, 0, 0]),
+        (false, Some(o)) => (libc::SYS_pwritev, [fd, iovp, cnt, o, 0, 0]),
+    };
+    host(nr as u64, args)
+}
+
+/// `readv`/`writev`/`preadv`/`pwritev`: the user's iovec array, then [`rw`].
+fn vector_rw(k: &mut Kernel, p: &mut Proc, nr: u64, a: [u64; 6]) -> SysResult {
+    let cnt = a[2];
+    if cnt > 1024 {
+        return Err(libc::EINVAL);
+    }
+    let mut raw = vec![0u8; cnt as usize * 16];
+    if !p.mm.read(&k.ram, &mut k.frames, a[1], &mut raw) {
+        return Err(libc::EFAULT);
+    }
+    let segs: Vec<(u64, u64)> = raw
+        .chunks_exact(16)
+        .map(|c| (word(c, 0), word(c, 8)))
+        .collect();
+    let reading = nr == 19 || nr == 295;
+    let off = (nr >= 295).then_some(a[3]);
+    rw(k, p, reading, a[0], &segs, off)
+}
+
+/// The little-endian word at byte `at` of `b`.
+fn word(b: &[u8], at: usize) -> u64 {
+    let mut w = [0u8; 8];
+    w.copy_from_slice(&b[at..at + 8]);
+    u64::from_le_bytes(w)
+}
+
+/// `poll(fds, nfds, timeout)` and `ppoll(fds, nfds, tsp, sigmask)`.
+fn poll(
+    k: &mut Kernel,
+    p: &mut Proc,
+    fds: u64,
+    nfds: u64,
+    timeout: u64,
+    ppoll: Option<(u64, u64)>,
+) -> SysResult {
+    if nfds > 1024 {
+        return Err(libc::EINVAL);
+    }
+    let mut b = vec![0u8; nfds as usize * 8];
+    if !p.mm.read(&k.ram, &mut k.frames, fds, &mut b) {
+        return Err(libc::EFAULT);
+    }
+    let ret = match ppoll {
+        None => host(
+            libc::SYS_poll as u64,
+            [b.as_mut_ptr() as u64, nfds, timeout, 0, 0, 0],
+        )?,
+        Some((tsp, mask)) => {
+            let mut ts = [0u8; 16];
+            let mut m = [0u8; 8];
+            let mut args = [b.as_mut_ptr() as u64, nfds, 0, 0, 8, 0];
+            if tsp != 0 {
+                if !p.mm.read(&k.ram, &mut k.frames, tsp, &mut ts) {
+                    return Err(libc::EFAULT);
+                }
+                args[2] = ts.as_ptr() as u64;
+            }
+            if mask != 0 {
+                if !p.mm.read(&k.ram, &mut k.frames, mask, &mut m) {
+                    return Err(libc::EFAULT);
+                }
+                args[3] = m.as_ptr() as u64;
+            }
+            host(libc::SYS_ppoll as u64, args)?
+        }
+    };
+    if !p.mm.write(&k.ram, &mut k.frames, fds, &b) {
+        return Err(libc::EFAULT);
+    }
+    Ok(ret)
+}
+
+/// `MADV_INVAL` after a change that removed pages or rights.
+fn inval(p: &Proc, start: u64, end: u64) -> Result<(), i32> {
+    p.vm.inval(start, end - start).map_err(|e| e.errno.0)
+}
+
+/// `mmap(addr, len, prot, flags, fd, off)`: anonymous memory (demand-zero),
+/// or a private copy of a file's bytes.
+fn mmap(k: &mut Kernel, p: &mut Proc, a: [u64; 6]) -> SysResult {
+    const MAP_SHARED: u64 = 0x01;
+    const MAP_FIXED: u64 = 0x10;
+    const MAP_ANONYMOUS: u64 = 0x20;
+    const MAP_FIXED_NOREPLACE: u64 = 0x10_0000;
+    let (addr, len, prot, flags, fd, off) = (a[0], a[1], a[2] as i32, a[3], a[4], a[5]);
+    if len == 0 || !off.is_multiple_of(vkabi::PAGE_SIZE) {
+        return Err(libc::EINVAL);
+    }
+    let len = page_up(len);
+    if len > k.user_max {
+        return Err(libc::ENOMEM);
+    }
+    let anon = flags & MAP_ANONYMOUS != 0;
+    if !anon {
+        if k.reserved_fd(fd) {
+            return Err(libc::EBADF);
+        }
+        if flags & MAP_SHARED != 0 && prot & PROT_WRITE != 0 {
+            return Err(libc::ENODEV);
+        }
+    }
+    let fixed = flags & (MAP_FIXED | MAP_FIXED_NOREPLACE) != 0;
+    let in_range = |s: u64| s >= MIN_ADDR && s.checked_add(len).is_some_and(|e| e <= k.user_max);
+    let start = if fixed {
+        if !addr.is_multiple_of(vkabi::PAGE_SIZE) {
+            return Err(libc::EINVAL);
+        }
+        if !in_range(addr) {
+            return Err(libc::ENOMEM);
+        }
+        if flags & MAP_FIXED_NOREPLACE != 0 && p.mm.overlaps(addr, addr + len) {
+            return Err(libc::EEXIST);
+        }
+        if p.mm.remove(&k.ram, &mut k.frames, addr, addr + len) {
+            inval(p, addr, addr + len)?;
+        }
+        addr
+    } else if addr != 0
+        && addr % vkabi::PAGE_SIZE == 0
+        && in_range(addr)
+        && !p.mm.overlaps(addr, addr + len)
+    {
+        addr
+    } else {
+        p.mm.free_range(len).ok_or(libc::ENOMEM)?
+    };
+    let prot = prot & (PROT_READ | PROT_WRITE | PROT_EXEC);
+    p.mm.add(start, start + len, prot);
+    if !anon {
+        let mut data = vec![0u8; len as usize];
+        let mut got = 0usize;
+        while got < data.len() {
+            let chunk = &mut data[got..];
+            // SAFETY: pread writes at most chunk.len() bytes into chunk.
+            let n = unsafe {
+                libc::pread(
+                    fd as i32,
+                    chunk.as_mut_ptr().cast(),
+                    chunk.len(),
+                    (off + got as u64) as i64,
+                )
+            };
+            if n < 0 {
+                let e = std::io::Error::last_os_error()
+                    .raw_os_error()
+                    .unwrap_or(libc::EIO);
+                p.mm.remove(&k.ram, &mut k.frames, start, start + len);
+                return Err(if e == libc::EISDIR { libc::ENODEV } else { e });
+            }
+            if n == 0 {
+                break;
+            }
+            got += n as usize;
+        }
+        let loaded =
+            p.mm.load(&k.ram, &mut k.frames, start, &data[..got])
+                .map_err(|_| libc::ENOMEM)?;
+        debug_assert!(loaded, "the area was just added");
+    }
+    Ok(start)
+}
+
+/// `munmap(addr, len)`.
+fn munmap(k: &mut Kernel, p: &mut Proc, addr: u64, len: u64) -> SysResult {
+    if !addr.is_multiple_of(vkabi::PAGE_SIZE) || len == 0 {
+        return Err(libc::EINVAL);
+    }
+    let end = addr.checked_add(page_up(len)).ok_or(libc::EINVAL)?;
+    if end > k.user_max {
+        return Err(libc::EINVAL);
+    }
+    if p.mm.remove(&k.ram, &mut k.frames, addr, end) {
+        inval(p, addr, end)?;
+    }
+    Ok(0)
+}
+
+/// `mprotect(addr, len, prot)`.
+fn mprotect(k: &mut Kernel, p: &mut Proc, addr: u64, len: u64, prot: i32) -> SysResult {
+    if !addr.is_multiple_of(vkabi::PAGE_SIZE) {
+        return Err(libc::EINVAL);
+    }
+    if len == 0 {
+        return Ok(0);
+    }
+    let end = addr.checked_add(page_up(len)).ok_or(libc::ENOMEM)?;
+    let prot = prot & (PROT_READ | PROT_WRITE | PROT_EXEC);
+    match p.mm.protect(&k.ram, addr, end, prot) {
+        Err(()) => Err(libc::ENOMEM),
+        Ok(true) => inval(p, addr, end).map(|()| 0),
+        Ok(false) => Ok(0),
+    }
+}
+
+/// `madvise`: `MADV_DONTNEED` and `MADV_FREE` drop the pages (they read
+/// back as zero); other advice is accepted and ignored.
+fn madvise(k: &mut Kernel, p: &mut Proc, addr: u64, len: u64, advice: i32) -> SysResult {
+    if !addr.is_multiple_of(vkabi::PAGE_SIZE) {
+        return Err(libc::EINVAL);
+    }
+    let end = addr.checked_add(page_up(len)).ok_or(libc::EINVAL)?;
+    if (advice == libc::MADV_DONTNEED || advice == libc::MADV_FREE)
+        && p.mm.drop_pages(&k.ram, &mut k.frames, addr, end)
+    {
+        inval(p, addr, end)?;
+    }
+    Ok(0)
+}
+
+/// `brk(addr)`: move the break (within the room above the program); the
+/// answer is the break.
+fn brk(k: &mut Kernel, p: &mut Proc, addr: u64) -> Result<u64, KernelError> {
+    let mm = &mut p.mm;
+    if addr < mm.brk_start {
+        return Ok(mm.brk);
+    }
+    let (old, new) = (page_up(mm.brk), page_up(addr));
+    if new > old {
+        if new > k.user_max || mm.overlaps(old, new) {
+            return Ok(mm.brk);
+        }
+        mm.add(old, new, PROT_READ | PROT_WRITE);
+    } else if new < old && mm.remove(&k.ram, &mut k.frames, new, old) {
+        p.vm.inval(new, old - new)?;
+    }
+    p.mm.brk = addr;
+    Ok(addr)
+}
+
+/// `rt_sigaction(sig, act, oact, sigsetsize)`: recorded.
+fn sigaction(k: &mut Kernel, p: &mut Proc, a: [u64; 6]) -> SysResult {
+    let (sig, act, oact) = (a[0], a[1], a[2]);
+    if a[3] != 8 || !(1..=64).contains(&sig) {
+        return Err(libc::EINVAL);
+    }
+    let slot = sig as usize - 1;
+    let mut new = None;
+    if act != 0 {
+        if sig == 9 || sig == 19 {
+            return Err(libc::EINVAL);
+        }
+        let mut b = [0u8; 32];
+        if !p.mm.read(&k.ram, &mut k.frames, act, &mut b) {
+            return Err(libc::EFAULT);
+        }
+        new = Some([word(&b, 0), word(&b, 8), word(&b, 16), word(&b, 24)]);
+    }
+    if oact != 0 {
+        let old: Vec<u8> = p.sig.actions[slot]
+            .iter()
+            .flat_map(|w| w.to_le_bytes())
+            .collect();
+        if !p.mm.write(&k.ram, &mut k.frames, oact, &old) {
+            return Err(libc::EFAULT);
+        }
+    }
+    if let Some(new) = new {
+        p.sig.actions[slot] = new;
+    }
+    Ok(0)
+}
+
+/// `rt_sigprocmask(how, set, oset, sigsetsize)`: recorded.
+fn sigprocmask(k: &mut Kernel, p: &mut Proc, a: [u64; 6]) -> SysResult {
+    let (how, set, oset) = (a[0], a[1], a[2]);
+    if a[3] != 8 {
+        return Err(libc::EINVAL);
+    }
+    let old = p.sig.mask;
+    if set != 0 {
+        let mut b = [0u8; 8];
+        if !p.mm.read(&k.ram, &mut k.frames, set, &mut b) {
+            return Err(libc::EFAULT);
+        }
+        let s = u64::from_le_bytes(b);
+        p.sig.mask = match how {
+            0 => old | s,
+            1 => old & !s,
+            2 => s,
+            _ => return Err(libc::EINVAL),
+        } & !((1 << 8) | (1 << 18)); // never SIGKILL, SIGSTOP
+    }
+    if oset != 0 && !p.mm.write(&k.ram, &mut k.frames, oset, &old.to_le_bytes()) {
+        return Err(libc::EFAULT);
+    }
+    Ok(0)
+}
+
+/// `sigaltstack(ss, oss)`: recorded.
+fn sigaltstack(k: &mut Kernel, p: &mut Proc, ss: u64, oss: u64) -> SysResult {
+    let old: Vec<u8> = p
+        .sig
+        .altstack
+        .iter()
+        .flat_map(|w| w.to_le_bytes())
+        .collect();
+    if ss != 0 {
+        let mut b = [0u8; 24];
+        if !p.mm.read(&k.ram, &mut k.frames, ss, &mut b) {
+            return Err(libc::EFAULT);
+        }
+        p.sig.altstack = [word(&b, 0), word(&b, 8) & 0xffff_ffff, word(&b, 16)];
+    }
+    if oss != 0 && !p.mm.write(&k.ram, &mut k.frames, oss, &old) {
+        return Err(libc::EFAULT);
+    }
+    Ok(0)
+}
+
+/// `ioctl`: terminal queries and a few descriptor controls are forwarded;
+/// anything else is `ENOTTY`.
+fn ioctl(k: &mut Kernel, p: &mut Proc, a: [u64; 6]) -> SysResult {
+    let kinds: &[Arg] = match a[1] {
+        0x5401 => &[Fd, Val, Out(36)],         // TCGETS
+        0x5402..=0x5404 => &[Fd, Val, In(36)], // TCSETS, TCSETSW, TCSETSF
+        0x5413 => &[Fd, Val, Out(8)],          // TIOCGWINSZ
+        0x540F | 0x541B => &[Fd, Val, Out(4)], // TIOCGPGRP, FIONREAD
+        0x5421 => &[Fd, Val, In(4)],           // FIONBIO
+        0x5451 | 0x5450 => &[Fd, Val],         // FIOCLEX, FIONCLEX
+        _ => {
+            if k.reserved_fd(a[0]) {
+                return Err(libc::EBADF);
+            }
+            return Err(libc::ENOTTY);
+        }
+    };
+    forward(k, p, 16, &a, kinds)
+}
+
+/// `fcntl`: integer commands forwarded, record locks with their struct.
+fn fcntl(k: &mut Kernel, p: &mut Proc, a: [u64; 6]) -> SysResult {
+    let kinds: &[Arg] = match a[1] as i32 {
+        libc::F_GETLK | libc::F_SETLK | libc::F_SETLKW | 36..=38 => &[Fd, Val, InOut(32)],
+        _ => &[Fd, Val, Val],
+    };
+    forward(k, p, 72, &a, kinds)
+}
+
+/// `kill`/`tkill`/`tgkill` of the process itself: signals whose default
+/// action is to ignore (or that are ignored) do nothing, any other ends the
+/// process with that signal (no handlers run yet). Other pids: `ESRCH`.
+fn kill(p: &mut Proc, pid: i32, sig: i32) -> SysResult {
+    if !(0..=64).contains(&sig) {
+        return Err(libc::EINVAL);
+    }
+    if pid != p.pid && pid != 0 && pid != -1 {
+        return Err(libc::ESRCH);
+    }
+    if sig == 0 {
+        return Ok(0);
+    }
+    let handler = p.sig.actions[sig as usize - 1][0];
+    let ignored_by_default = matches!(
+        sig,
+        libc::SIGCHLD | libc::SIGURG | libc::SIGWINCH | libc::SIGCONT
+    );
+    if handler == 1 || (handler == 0 && ignored_by_default) {
+        return Ok(0);
+    }
+    Err(KILLED_BASE + sig)
+}
+
+/// `arch_prctl`: the FS and GS bases live in the vextframe.
+fn arch_prctl(k: &mut Kernel, p: &mut Proc, code: u64, addr: u64) -> SysResult {
+    const ARCH_SET_GS: u64 = 0x1001;
+    const ARCH_SET_FS: u64 = 0x1002;
+    const ARCH_GET_FS: u64 = 0x1003;
+    const ARCH_GET_GS: u64 = 0x1004;
+    match code {
+        ARCH_SET_FS | ARCH_SET_GS => {
+            if addr >= k.user_max {
+                return Err(libc::EPERM);
+            }
+            p.vf.vx_tls[usize::from(code == ARCH_SET_GS)].base = addr;
+            Ok(0)
+        }
+        ARCH_GET_FS | ARCH_GET_GS => {
+            let v = p.vf.vx_tls[usize::from(code == ARCH_GET_GS)].base;
+            if p.mm.write(&k.ram, &mut k.frames, addr, &v.to_le_bytes()) {
+                Ok(0)
+            } else {
+                Err(libc::EFAULT)
+            }
+        }
+        _ => Err(libc::EINVAL),
+    }
+}

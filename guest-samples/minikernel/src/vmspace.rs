@@ -1,0 +1,126 @@
+//! A vmspace (ABI section 7) owned by the minikernel (from `vmspace-demo`): `vmspace_create` on
+//! [`Vmspace::create`], `vmspace_destroy` on drop, and the calls the vkernel
+//! makes on it, each failing with the hypercall's name and errno.
+
+use std::fmt;
+
+use vkabi::hypercall::{self, Errno};
+use vkabi::{
+    MADV_INVAL, MADV_SETMAP, MAP_FIXED, MAP_SHARED, MAP_VPAGETABLE, PROT_EXEC, PROT_READ,
+    PROT_WRITE, TrapFrame, VMSPACE_CTL_RUN, VextFrame,
+};
+
+/// A failed hypercall: its name and the errno it returned.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{call}: {}", strerror(.errno.0))]
+pub struct HypercallError {
+    /// The hypercall, as DragonFly names it.
+    pub call: &'static str,
+    /// What it returned.
+    pub errno: Errno,
+}
+
+/// `strerror` without Rust's " (os error N)" suffix.
+pub fn strerror(e: i32) -> String {
+    let msg = std::io::Error::from_raw_os_error(e).to_string();
+    match msg.split_once(" (os error") {
+        Some((text, _)) => text.to_owned(),
+        None => msg,
+    }
+}
+
+/// Attach the hypercall's name to its errno.
+fn named<T>(call: &'static str, r: Result<T, Errno>) -> Result<T, HypercallError> {
+    r.map_err(|errno| HypercallError { call, errno })
+}
+
+/// A vmspace created by this guest and destroyed when dropped.
+///
+/// Its id is the address of a heap byte the value owns: not NULL and unique
+/// among the live vmspaces of this process, as DragonFly's vkernel uses the
+/// address of its `struct pmap`.
+pub struct Vmspace {
+    token: Box<u8>,
+}
+
+impl fmt::Debug for Vmspace {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Vmspace({:#x})", self.id())
+    }
+}
+
+impl Vmspace {
+    /// `vmspace_create(id, 0, NULL)`: a new, empty user address space.
+    pub fn create() -> Result<Vmspace, HypercallError> {
+        let vm = Vmspace { token: Box::new(0) };
+        named("vmspace_create", hypercall::vmspace_create(vm.id(), 0, 0))?;
+        Ok(vm)
+    }
+
+    /// The opaque id the hypercalls take.
+    pub fn id(&self) -> u64 {
+        std::ptr::from_ref::<u8>(&self.token) as u64
+    }
+
+    /// `vmspace_mmap(MAP_SHARED|MAP_VPAGETABLE|MAP_FIXED)` of guest RAM
+    /// (`ram_fd`) over `[addr, addr + len)` with file offset `off`, read,
+    /// write and execute: a window whose pages the host translates through
+    /// the tables [`Vmspace::setmap`] names. The leaves decide each page's
+    /// protection (ABI section 3), as in DragonFly's `cpu_vmspace_alloc()`.
+    /// Returns the address the window got.
+    pub fn map_vpagetable(
+        &self,
+        addr: u64,
+        len: u64,
+        off: u64,
+        ram_fd: i32,
+    ) -> Result<u64, HypercallError> {
+        named(
+            "vmspace_mmap",
+            hypercall::vmspace_mmap(
+                self.id(),
+                addr,
+                len,
+                PROT_READ | PROT_WRITE | PROT_EXEC,
+                MAP_SHARED | MAP_VPAGETABLE | MAP_FIXED,
+                ram_fd,
+                off,
+            ),
+        )
+    }
+
+    /// `vmspace_mcontrol(MADV_SETMAP, master)` on `[addr, addr + len)`.
+    pub fn setmap(&self, addr: u64, len: u64, master: u64) -> Result<(), HypercallError> {
+        named(
+            "vmspace_mcontrol(MADV_SETMAP)",
+            hypercall::vmspace_mcontrol(self.id(), addr, len, MADV_SETMAP, master),
+        )
+    }
+
+    /// `vmspace_mcontrol(MADV_INVAL)` on `[addr, addr + len)`: the host
+    /// forgets its translations there, so changed or removed leaves take
+    /// effect (ABI section 5).
+    pub fn inval(&self, addr: u64, len: u64) -> Result<(), HypercallError> {
+        named(
+            "vmspace_mcontrol(MADV_INVAL)",
+            hypercall::vmspace_mcontrol(self.id(), addr, len, MADV_INVAL, 0),
+        )
+    }
+
+    /// `vmspace_ctl(VMSPACE_CTL_RUN)`: run the user context with `tf` and
+    /// `vf` until it traps; `tf` then holds its registers and the trap.
+    pub fn run(&self, tf: &mut TrapFrame, vf: &mut VextFrame) -> Result<(), HypercallError> {
+        named(
+            "vmspace_ctl(VMSPACE_CTL_RUN)",
+            hypercall::vmspace_ctl(self.id(), VMSPACE_CTL_RUN, tf, vf),
+        )
+    }
+}
+
+impl Drop for Vmspace {
+    fn drop(&mut self) {
+        // Nothing runs in it any more (RUN returned), so destroy cannot be
+        // EBUSY; if it fails anyway the vmspace goes when the guest exits.
+        let _ = hypercall::vmspace_destroy(self.id());
+    }
+}
