@@ -1,0 +1,190 @@
+//! The minikernel sample vkernel end to end: unmodified static x86-64 Linux
+//! programs run under `vkrun -- minikernel PROGRAM ARGS...` must print the
+//! same stdout and end with the same exit status as when run natively.
+//! Programs: `busybox-static` applets (skipped, loudly, when busybox is not
+//! installed or not static) and small C programs built here with
+//! `gcc -static` and `gcc -static-pie`.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use vkrun_tests::{bin, compile_c, require, run, shell_code, skip, text, vkrun};
+
+/// Run `program args` under vkrun and the minikernel.
+fn inside(program: &Path, args: &[&str]) -> Output {
+    run(vkrun()
+        .args(["-q", "-m", "512M", "--"])
+        .arg(bin("minikernel"))
+        .arg(program)
+        .args(args))
+}
+
+/// Run `program args` natively and inside the minikernel; assert equal
+/// stdout and exit status; return the inside run's output.
+fn same(program: &Path, args: &[&str]) -> Output {
+    let native = run(Command::new(program).args(args));
+    let under = inside(program, args);
+    assert_eq!(
+        text(&under.stdout),
+        text(&native.stdout),
+        "stdout differs for {} {args:?}; stderr inside: {}",
+        program.display(),
+        text(&under.stderr)
+    );
+    assert_eq!(
+        shell_code(under.status),
+        shell_code(native.status),
+        "exit status differs for {} {args:?}; stderr inside: {}",
+        program.display(),
+        text(&under.stderr)
+    );
+    under
+}
+
+/// Whether the ELF file at `path` has no `PT_INTERP` (is static).
+fn is_static(path: &Path) -> bool {
+    let Ok(b) = std::fs::read(path) else {
+        return false;
+    };
+    let u16_at = |at: usize| b.get(at..at + 2).map(|s| u16::from_le_bytes([s[0], s[1]]));
+    let u64_at = |at: usize| {
+        b.get(at..at + 8)
+            .map(|s| u64::from_le_bytes(s.try_into().expect("8 bytes")))
+    };
+    let (Some(phoff), Some(phentsize), Some(phnum)) = (u64_at(32), u16_at(54), u16_at(56)) else {
+        return false;
+    };
+    b.starts_with(b"\x7fELF")
+        && (0..usize::from(phnum)).all(|i| {
+            let at = phoff as usize + i * usize::from(phentsize);
+            b.get(at..at + 4) != Some(&3u32.to_le_bytes()[..])
+        })
+}
+
+/// A static busybox, or `None` after skipping.
+fn busybox() -> Option<PathBuf> {
+    let path = require("busybox")?;
+    if !is_static(&path) {
+        skip("busybox is not statically linked (install busybox-static)");
+        return None;
+    }
+    Some(path)
+}
+
+#[test]
+fn busybox_applets_behave_as_natively() {
+    let Some(bb) = busybox() else { return };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let numbers = dir.path().join("numbers");
+    let body: String = (0..500)
+        .map(|i| format!("{}\n", (i * 7919) % 1000))
+        .collect();
+    std::fs::write(&numbers, body).expect("write numbers");
+    std::fs::create_dir_all(dir.path().join("a/b")).expect("mkdir");
+    std::fs::write(dir.path().join("a/b/c"), "c\n").expect("write c");
+    let n = numbers.to_str().expect("utf-8 path");
+    let d = dir.path().to_str().expect("utf-8 path");
+    for args in [
+        &["echo", "hello", "world"][..],
+        &["cat", n],
+        &["wc", "-l", n],
+        &["sha256sum", n],
+        &["sort", "-n", n],
+        &["expr", "2", "+", "3"],
+        &["expr", "2", "+", "x"],
+        &["false"],
+        &["true"],
+        &["ls", "-R", d],
+        &["head", "-3", n],
+        &["cat", "/nonexistent"],
+    ] {
+        same(&bb, args);
+    }
+}
+
+/// The C program: malloc 16 MiB, write a file, read it back, printf, exit 3.
+const PROGRAM: &str = r#"
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+int main(int argc, char **argv) {
+    size_t n = 16 << 20;
+    unsigned char *p = malloc(n);
+    if (!p || argc < 2) return 2;
+    memset(p, 0xab, n);
+    unsigned long sum = 0;
+    for (size_t i = 0; i < n; i += 4096) sum += p[i];
+    FILE *f = fopen(argv[1], "w");
+    if (!f) { perror("fopen"); return 2; }
+    fprintf(f, "sum %lu\n", sum);
+    fclose(f);
+    char line[64] = {0};
+    f = fopen(argv[1], "r");
+    if (!f || !fgets(line, sizeof line, f)) return 2;
+    fclose(f);
+    printf("%d args, read back: %s", argc, line);
+    free(p);
+    return 3;
+}
+"#;
+
+/// A program that dies of a segmentation fault after printing a line.
+const SEGV: &str = r#"
+#include <stdio.h>
+int main(int argc, char **argv) {
+    printf("before\n");
+    fflush(stdout);
+    if (argc > 1) { char *s = (char *)"read-only"; s[0] = 'x'; return s[0]; }
+    return *(volatile int *)8;
+}
+"#;
+
+/// Build `source` as `name` with `flags` in `dir`, or `None` (skipped).
+fn build(dir: &Path, name: &str, source: &str, flags: &[&str]) -> Option<PathBuf> {
+    let src = dir.join(format!("{name}.c"));
+    std::fs::write(&src, source).expect("write source");
+    compile_c(&src, dir, flags)
+}
+
+#[test]
+fn static_c_programs_behave_as_natively() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    for (name, flags) in [("prog", "-static"), ("prog_pie", "-static-pie")] {
+        let Some(prog) = build(dir.path(), name, PROGRAM, &[flags]) else {
+            return;
+        };
+        let out = dir.path().join(format!("{name}.out"));
+        let out = out.to_str().expect("utf-8 path");
+        let under = same(&prog, &[out]);
+        assert_eq!(text(&under.stdout), "2 args, read back: sum 700416\n");
+        assert_eq!(shell_code(under.status), 3);
+        assert_eq!(
+            std::fs::read_to_string(out).expect("the file it wrote"),
+            "sum 700416\n"
+        );
+    }
+}
+
+#[test]
+fn a_segfault_ends_with_status_139_and_no_message() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let Some(prog) = build(dir.path(), "segv", SEGV, &["-static"]) else {
+        return;
+    };
+    for args in [&[][..], &["write-read-only"]] {
+        let under = same(&prog, args);
+        assert_eq!(shell_code(under.status), 139);
+        assert_eq!(text(&under.stderr), "", "nothing extra on stderr");
+    }
+}
+
+#[test]
+fn a_program_that_cannot_be_loaded_is_status_127() {
+    let under = inside(Path::new("/nonexistent/program"), &[]);
+    assert_eq!(shell_code(under.status), 127);
+    assert!(
+        text(&under.stderr).contains("/nonexistent/program"),
+        "{}",
+        text(&under.stderr)
+    );
+}
