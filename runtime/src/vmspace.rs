@@ -326,6 +326,10 @@ impl Vmspaces {
         if lock(&self.by_id).contains_key(&id) {
             return Err(Errno::EEXIST);
         }
+        if !stub::fsgsbase_available() {
+            tracing::warn!("vmspaces need FSGSBASE (Linux 5.9+ on a CPU that has it)");
+            return Err(Errno::EOPNOTSUPP);
+        }
         let (stub, region) = spawn()?;
         let vm = Arc::new(Vmspace {
             id,

@@ -482,6 +482,15 @@ pub fn context_filter() -> Vec<libc::sock_filter> {
     ]
 }
 
+/// Whether user code may use `rdfsbase`/`wrfsbase` (the kernel sets
+/// `HWCAP2_FSGSBASE` when it enabled them): execution contexts need them.
+pub fn fsgsbase_available() -> bool {
+    const HWCAP2_FSGSBASE: u64 = 1 << 1;
+    // SAFETY: getauxval only reads the process's auxiliary vector.
+    let hwcap2 = unsafe { libc::getauxval(libc::AT_HWCAP2) };
+    hwcap2 & HWCAP2_FSGSBASE != 0
+}
+
 /// Fork a stub whose region is the memfd `region` (code at offset 0).
 /// The child waits on `go` (the read end of a pipe) until the caller has
 /// seized it and written one byte.
