@@ -3,7 +3,8 @@
 //! same stdout and end with the same exit status as when run natively.
 //! Programs: `busybox-static` applets (skipped, loudly, when busybox is not
 //! installed or not static) and small C programs built here with
-//! `gcc -static` and `gcc -static-pie`.
+//! `gcc -static` and `gcc -static-pie`; `busybox sh` scripts with pipes,
+//! subshells and exit codes (each command a forked minikernel process).
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -102,6 +103,21 @@ fn busybox_applets_behave_as_natively() {
     }
 }
 
+#[test]
+fn busybox_sh_forks_execs_waits_and_pipes_as_natively() {
+    let Some(bb) = busybox() else { return };
+    for script in [
+        "seq 1 200 | sort -rn | head -3",
+        "for i in 1 2 3; do echo line $i; done | wc -l",
+        "false; echo $?; (exit 5); echo $?; x=$(echo sub); echo $x",
+        "i=0; while [ $i -lt 5 ]; do i=$((i+1)); busybox echo $i; done",
+        "busybox sh -c 'exit 4'; echo inner $?; exit 6",
+        "yes | head -2",
+    ] {
+        same(&bb, &["sh", "-c", script]);
+    }
+}
+
 /// The C program: malloc 16 MiB, write a file, read it back, printf, exit 3.
 const PROGRAM: &str = r#"
 #include <stdio.h>
@@ -175,6 +191,12 @@ fn a_segfault_ends_with_status_139_and_no_message() {
         let under = same(&prog, args);
         assert_eq!(shell_code(under.status), 139);
         assert_eq!(text(&under.stderr), "", "nothing extra on stderr");
+    }
+    // A child process killed by SIGSEGV: its parent (a shell) sees the signal.
+    if let Some(bb) = busybox() {
+        let script = format!("{} ; echo status $?", prog.display());
+        let under = same(&bb, &["sh", "-c", &script]);
+        assert_eq!(text(&under.stdout), "before\nstatus 139\n");
     }
 }
 

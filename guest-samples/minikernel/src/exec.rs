@@ -49,7 +49,6 @@ pub enum ExecError {
 
 impl ExecError {
     /// The errno `execve` would return.
-    #[allow(dead_code)] // execve (next step)
     pub fn errno(&self) -> i32 {
         match self {
             ExecError::Io(e) => e.raw_os_error().unwrap_or(libc::EIO),

@@ -167,6 +167,8 @@ pub struct Kernel {
     pub stats: Stats,
     /// Tracing.
     pub trace: Trace,
+    /// Whether this is the first process (not a forked child).
+    pub top: bool,
 }
 
 /// Where `ram_fd` is moved (out of the way of the user program's fds).
@@ -192,7 +194,7 @@ impl Kernel {
         }
         let ram = Ram::map(fd, info.ram_size)
             .map_err(|e| KernelError::Ram(format!("mmap of ram_fd: {e}")))?;
-        let frames = Frames::new(ram.size());
+        let frames = Frames::new(&ram);
         let trace = match std::env::var("MINIKERNEL_TRACE").as_deref() {
             Ok("all") => Trace::All,
             Ok("") | Ok("0") | Err(_) => Trace::Off,
@@ -205,6 +207,7 @@ impl Kernel {
             user_max: info.user_max,
             stats: Stats::default(),
             trace,
+            top: true,
         })
     }
 
@@ -261,7 +264,16 @@ impl Kernel {
     pub fn run(&mut self, p: &mut Proc) -> Result<Exit, KernelError> {
         let mut last_fault = (u64::MAX, 0u32);
         loop {
-            p.vm.run(&mut p.tf, &mut p.vf)?;
+            match p.vm.run(&mut p.tf, &mut p.vf) {
+                Ok(()) => {}
+                // A signal arrived before the user code started (e.g. a
+                // child's SIGCHLD): the frame is intact, RUN again.
+                Err(e) if e.errno == vkabi::hypercall::Errno::EINTR => {
+                    self.stats.signals += 1;
+                    continue;
+                }
+                Err(e) => return Err(e.into()),
+            }
             self.stats.runs += 1;
             match p.tf.tf_trapno {
                 T_FAST_SYSCALL => {

@@ -25,6 +25,7 @@
 mod exec;
 mod kernel;
 mod mm;
+mod process;
 mod ram;
 mod syscall;
 mod vmspace;
@@ -32,7 +33,7 @@ mod vmspace;
 use std::os::unix::ffi::OsStringExt;
 use std::process::ExitCode;
 
-use crate::kernel::{Exit, Kernel, KernelError};
+use crate::kernel::{Kernel, KernelError};
 use crate::vmspace::strerror;
 
 const USAGE: &str = "usage: minikernel PROGRAM [ARGS...]";
@@ -63,26 +64,26 @@ fn main() -> ExitCode {
             e
         })
         .collect();
-    let result = Kernel::boot(&info).and_then(|mut k| {
-        let mut p = k.spawn(path, &args, &envp)?;
-        let exit = k.run(&mut p);
-        if std::env::var("MINIKERNEL_STATS").is_ok_and(|v| v == "1") {
-            let s = k.stats;
-            eprintln!(
-                "minikernel: {} runs, {} syscalls, {} page faults ({} stale), {} signals, {} frames in use",
-                s.runs,
-                s.syscalls,
-                s.page_faults,
-                s.stale_faults,
-                s.signals,
-                k.frames.used()
-            );
-        }
-        exit
-    });
+    // Rust ignores SIGPIPE in its programs; the user program expects the
+    // default it would inherit from a shell.
+    // SAFETY: installs SIG_DFL, no handler code.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
+    let result: Result<std::convert::Infallible, KernelError> =
+        Kernel::boot(&info).and_then(|mut k| {
+            let mut p = k.spawn(path, &args, &envp)?;
+            let exit = k.run(&mut p);
+            if std::env::var("MINIKERNEL_STATS").is_ok_and(|v| v == "1") {
+                let s = k.stats;
+                eprintln!(
+                    "minikernel: {} runs, {} syscalls, {} page faults ({} stale), {} signals",
+                    s.runs, s.syscalls, s.page_faults, s.stale_faults, s.signals,
+                );
+            }
+            process::finish(&mut k, p, exit?)
+        });
     match result {
-        Ok(Exit::Code(code)) => ExitCode::from(code as u8),
-        Ok(Exit::Signal(sig)) => ExitCode::from(128u8.saturating_add(sig as u8)),
         Err(e @ KernelError::Exec { .. }) => {
             eprintln!("minikernel: {e}");
             ExitCode::from(127)

@@ -112,7 +112,6 @@ impl Mm {
         Ok(mm)
     }
 
-    #[allow(dead_code)] // fork (next step)
     /// A copy of this address space for a child (`fork`): the same areas,
     /// every page copied into a fresh frame.
     pub fn fork(&self, ram: &Ram, frames: &mut Frames) -> Result<Mm, OutOfMemory> {

@@ -122,7 +122,6 @@ impl Ram {
         unsafe { ptr::write_bytes(dst, 0, PAGE_SIZE as usize) }
     }
 
-    #[allow(dead_code)] // fork (next step)
     /// Copy the page at `src` to the page at `dst`.
     pub fn copy_page(&self, dst: u64, src: u64) {
         let (d, s) = (self.ptr(dst, PAGE_SIZE), self.ptr(src, PAGE_SIZE));
@@ -133,48 +132,131 @@ impl Ram {
     }
 }
 
-/// Frames of guest RAM: a bump pointer over `[FIRST_FRAME, ram_size)` (so
-/// consecutive allocations are physically contiguous, which lets the host
-/// batch its faults) and a free list. Every frame handed out is zero.
+/// The frame pool's words in RAM page 0 (shared by every minikernel
+/// process of the guest, as RAM is): a spinlock, the bump pointer, the head
+/// of the free list (linked through each free frame's first word).
+const POOL_LOCK: u64 = 0;
+const POOL_NEXT: u64 = 8;
+const POOL_HEAD: u64 = 16;
+/// Frames a process takes from the pool at a time.
+const CHUNK: u64 = 256;
+
+/// Frames of guest RAM for one minikernel process.
+///
+/// All processes of the guest (the minikernel forks a host process for each
+/// user process) share one pool kept in RAM page 0: a bump pointer over
+/// `[FIRST_FRAME, ram_size)` and a free list, under a spinlock. A process
+/// takes [`CHUNK`] frames at a time (consecutive ones while the bump pointer
+/// lasts, which lets the host batch its faults) and gives its frames back
+/// when it ends ([`Frames::release`]). Every frame handed out is zero.
 #[derive(Debug)]
 pub struct Frames {
+    /// Never-used (zero) frames `[next, end)` taken from the bump pointer.
     next: u64,
     end: u64,
-    free: Vec<u64>,
+    /// Recycled frames (cleared when handed out).
+    dirty: Vec<u64>,
+    /// RAM size.
+    limit: u64,
 }
 
 impl Frames {
-    /// All of RAM above [`FIRST_FRAME`].
-    pub fn new(ram_size: u64) -> Frames {
+    /// This process's (empty) share of the pool in `ram`.
+    pub fn new(ram: &Ram) -> Frames {
         Frames {
-            next: FIRST_FRAME,
-            end: ram_size & !(PAGE_SIZE - 1),
-            free: Vec::new(),
+            next: 0,
+            end: 0,
+            dirty: Vec::new(),
+            limit: ram.size() & !(PAGE_SIZE - 1),
         }
     }
 
-    /// A zeroed frame, or `None` when RAM is full. Fresh frames are zero
-    /// already (guest RAM is a new memfd); recycled ones are cleared.
+    /// Forget the frames this process holds without giving them back: the
+    /// child of a host fork, whose copy of them belongs to its parent.
+    pub fn forget_local(&mut self) {
+        self.next = 0;
+        self.end = 0;
+        self.dirty.clear();
+    }
+
+    /// A zeroed frame, or `None` when RAM is full.
     pub fn alloc(&mut self, ram: &Ram) -> Option<u64> {
+        if self.next == self.end && self.dirty.is_empty() {
+            self.refill(ram);
+        }
         if self.next < self.end {
             let pa = self.next;
             self.next += PAGE_SIZE;
             return Some(pa);
         }
-        let pa = self.free.pop()?;
+        let pa = self.dirty.pop()?;
         ram.zero_page(pa);
         Some(pa)
     }
 
-    /// Give a frame back.
-    pub fn free(&mut self, pa: u64) {
-        self.free.push(pa);
+    /// Take frames from the pool: a run from the bump pointer, else up to
+    /// [`CHUNK`] from the free list.
+    fn refill(&mut self, ram: &Ram) {
+        lock(ram);
+        let next = ram.load(POOL_NEXT).max(FIRST_FRAME);
+        if next < self.limit {
+            let end = (next + CHUNK * PAGE_SIZE).min(self.limit);
+            ram.store(POOL_NEXT, end);
+            (self.next, self.end) = (next, end);
+        } else {
+            let mut head = ram.load(POOL_HEAD);
+            while head != 0 && (self.dirty.len() as u64) < CHUNK {
+                self.dirty.push(head);
+                head = ram.load(head);
+            }
+            ram.store(POOL_HEAD, head);
+        }
+        unlock(ram);
     }
 
-    /// Frames in use.
-    pub fn used(&self) -> u64 {
-        (self.next - FIRST_FRAME) / PAGE_SIZE - self.free.len() as u64
+    /// Give a frame back (to this process's share).
+    pub fn free(&mut self, pa: u64) {
+        self.dirty.push(pa);
     }
+
+    /// Give every frame this process holds back to the pool.
+    pub fn release(&mut self, ram: &Ram) {
+        let mut back = std::mem::take(&mut self.dirty);
+        back.extend((self.next..self.end).step_by(PAGE_SIZE as usize));
+        self.next = self.end;
+        give_back(ram, &back);
+    }
+}
+
+/// Push `frames` on the pool's free list (linked in private first, spliced
+/// under the lock).
+fn give_back(ram: &Ram, frames: &[u64]) {
+    let (Some(&first), Some(&last)) = (frames.first(), frames.last()) else {
+        return;
+    };
+    for w in frames.windows(2) {
+        ram.store(w[0], w[1]);
+    }
+    lock(ram);
+    ram.store(last, ram.load(POOL_HEAD));
+    ram.store(POOL_HEAD, first);
+    unlock(ram);
+}
+
+/// Take the pool's spinlock (held for a few loads and stores).
+fn lock(ram: &Ram) {
+    let word = ram.word(POOL_LOCK);
+    while word
+        .compare_exchange_weak(0, 1, Ordering::Acquire, Ordering::Relaxed)
+        .is_err()
+    {
+        std::thread::yield_now();
+    }
+}
+
+/// Release the pool's spinlock.
+fn unlock(ram: &Ram) {
+    ram.word(POOL_LOCK).store(0, Ordering::Release);
 }
 
 /// Out of guest RAM.
@@ -243,7 +325,6 @@ impl PageTable {
         visit_level(ram, self.root, 39, 0, start, end, f);
     }
 
-    #[allow(dead_code)] // exit of a child (next step)
     /// Free every page and table of this address space.
     pub fn destroy(self, ram: &Ram, frames: &mut Frames) {
         free_level(ram, frames, self.root, 39);
@@ -280,7 +361,6 @@ fn visit_level(
     }
 }
 
-#[allow(dead_code)] // exit of a child (next step)
 /// Free the pages and tables below the table at `table`, then the table.
 fn free_level(ram: &Ram, frames: &mut Frames, table: u64, shift: u32) {
     for i in 0..512u64 {

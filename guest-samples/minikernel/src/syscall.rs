@@ -23,6 +23,7 @@ use vkabi::hypercall::syscall6;
 
 use crate::kernel::{Exit, Kernel, KernelError, Proc, Trace};
 use crate::mm::{MAX_IO, MIN_ADDR, PROT_EXEC, PROT_READ, PROT_WRITE, page_up};
+use crate::process;
 
 /// How a forwarded call's argument is passed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -86,6 +87,12 @@ fn spec(nr: u64) -> Option<&'static [Arg]> {
         99 => &[Out(112)],                              // sysinfo
         100 => &[Out(32)],                              // times
         102 | 104 | 107 | 108 => &[],                   // getuid, getgid, geteuid, getegid
+        61 => &[Val, Out(4), Val, Out(144)],            // wait4
+        62 => &[Val, Val],                              // kill (of another process)
+        109 => &[Val, Val],                             // setpgid
+        111 | 112 => &[],                               // getpgrp, setsid
+        121 | 124 => &[Val],                            // getpgid, getsid
+        247 => &[Val, Val, Out(128), Val, Out(144)],    // waitid
         137 => &[Path, Out(120)],                       // statfs
         138 => &[Fd, Out(120)],                         // fstatfs
         160 => &[Val, In(16)],                          // setrlimit
@@ -155,12 +162,12 @@ pub fn serve(k: &mut Kernel, p: &mut Proc) -> Result<Option<Exit>, KernelError> 
             16 => forward(k, p, nr, &a, &[Val, Out(16)]), // PR_GET_NAME
             _ => Err(libc::EINVAL),
         },
-        39 | 186 => Ok(p.pid as u64),              // getpid, gettid
-        110 => Ok(p.ppid as u64),                  // getppid
-        111 | 112 | 121 | 124 => Ok(p.pid as u64), // getpgrp, setsid, getpgid, getsid
-        109 => Ok(0),                              // setpgid
-        61 => Err(libc::ECHILD),                   // wait4
-        62 => kill(p, a[0] as i32, a[1] as i32),
+        39 | 186 => Ok(p.pid as u64), // getpid, gettid
+        110 => Ok(p.ppid as u64),     // getppid
+        57 | 58 => process::fork(k, p, [libc::SIGCHLD as u64, 0, 0, 0, 0, 0]),
+        56 => process::fork(k, p, a),
+        59 => process::execve(k, p, a),
+        62 if a[0] as i32 == p.pid => kill(p, a[0] as i32, a[1] as i32),
         200 => kill(p, a[0] as i32, a[1] as i32), // tkill
         234 => kill(p, a[1] as i32, a[2] as i32), // tgkill
         158 => arch_prctl(k, p, a[0], a[1]),
@@ -604,6 +611,7 @@ fn sigaction(k: &mut Kernel, p: &mut Proc, a: [u64; 6]) -> SysResult {
     }
     if let Some(new) = new {
         p.sig.actions[slot] = new;
+        process::mirror_disposition(sig as i32, new[0]);
     }
     Ok(0)
 }

@@ -36,12 +36,15 @@ fn named<T>(call: &'static str, r: Result<T, Errno>) -> Result<T, HypercallError
 
 /// A vmspace created by this guest and destroyed when dropped.
 ///
-/// Its id is the address of a heap byte the value owns: not NULL and unique
-/// among the live vmspaces of this process, as DragonFly's vkernel uses the
-/// address of its `struct pmap`.
+/// Its id is `pid << 32 | n` for the `n`th vmspace this host process
+/// creates: not NULL and unique among all the minikernel's processes, which
+/// share one registry (ABI section 7: a forked guest shares its parent's).
 pub struct Vmspace {
-    token: Box<u8>,
+    id: u64,
 }
+
+/// Vmspaces created by this host process so far.
+static CREATED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
 impl fmt::Debug for Vmspace {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -52,14 +55,17 @@ impl fmt::Debug for Vmspace {
 impl Vmspace {
     /// `vmspace_create(id, 0, NULL)`: a new, empty user address space.
     pub fn create() -> Result<Vmspace, HypercallError> {
-        let vm = Vmspace { token: Box::new(0) };
+        // SAFETY: getpid cannot fail.
+        let pid = u64::from(unsafe { libc::getpid() }.unsigned_abs());
+        let n = CREATED.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+        let vm = Vmspace { id: pid << 32 | n };
         named("vmspace_create", hypercall::vmspace_create(vm.id(), 0, 0))?;
         Ok(vm)
     }
 
     /// The opaque id the hypercalls take.
     pub fn id(&self) -> u64 {
-        std::ptr::from_ref::<u8>(&self.token) as u64
+        self.id
     }
 
     /// `vmspace_mmap(MAP_SHARED|MAP_VPAGETABLE|MAP_FIXED)` of guest RAM

@@ -1,0 +1,205 @@
+//! Processes: each user process is one host process of the minikernel, so
+//! pids, process groups, `wait4`, `kill` between processes, descriptors and
+//! pipes are the host's own (forwarded), and only memory is the
+//! minikernel's business.
+//!
+//! - [`fork`] (`fork`, `vfork`, `clone` without `CLONE_VM`, or with
+//!   `CLONE_VM|CLONE_VFORK` as `posix_spawn` uses it): the parent copies its
+//!   address space into fresh frames (a new page table), then the minikernel
+//!   forks on the host; the child forgets the parent's vmspace and frame
+//!   share, creates its own vmspace pointing at the copy, and returns 0 to
+//!   the user program. Guest RAM and the vmspace registry are shared by the
+//!   host processes of a guest (ABI sections 2 and 7), and so is the frame
+//!   pool ([`crate::ram::Frames`]).
+//! - [`execve`]: the new program is loaded into a new address space; on
+//!   success the old one is freed and the vmspace's window is pointed at the
+//!   new tables (`MADV_SETMAP` drops every host translation).
+//! - [`finish`]: at exit the vmspace is destroyed and every frame goes back
+//!   to the pool; a process killed by a signal dies of that signal on the
+//!   host, so its parent's `wait4` sees it (the first process exits with
+//!   128 + signal instead, as a shell reports it).
+
+use std::path::PathBuf;
+
+use vkabi::{TrapFrame, VextFrame};
+
+use crate::exec;
+use crate::kernel::{Exit, Kernel, Proc, WINDOW_BASE};
+use crate::mm::Mm;
+
+const CLONE_VM: u64 = 0x100;
+const CLONE_VFORK: u64 = 0x4000;
+const CLONE_THREAD: u64 = 0x1_0000;
+const CLONE_SETTLS: u64 = 0x8_0000;
+const CLONE_PARENT_SETTID: u64 = 0x10_0000;
+const CLONE_CHILD_SETTID: u64 = 0x100_0000;
+
+/// `clone(flags, newsp, ptid, ctid, tls)` (and `fork`/`vfork` with
+/// `flags = SIGCHLD`): a child process with a copy of the address space.
+/// Threads (`CLONE_VM` without `CLONE_VFORK`, `CLONE_THREAD`) are `ENOSYS`.
+pub fn fork(k: &mut Kernel, p: &mut Proc, a: [u64; 6]) -> Result<u64, i32> {
+    let (flags, newsp, ptid, ctid, tls) = (a[0], a[1], a[2], a[3], a[4]);
+    if flags & CLONE_THREAD != 0 || (flags & CLONE_VM != 0 && flags & CLONE_VFORK == 0) {
+        return Err(libc::ENOSYS);
+    }
+    let child_mm = p.mm.fork(&k.ram, &mut k.frames).map_err(|_| libc::ENOMEM)?;
+    // SAFETY: the minikernel is single-threaded, so the child is a complete
+    // copy; it touches no lock another thread could hold.
+    let pid = unsafe { libc::fork() };
+    if pid < 0 {
+        let e = std::io::Error::last_os_error()
+            .raw_os_error()
+            .unwrap_or(libc::EAGAIN);
+        child_mm.pt.destroy(&k.ram, &mut k.frames);
+        return Err(e);
+    }
+    if pid > 0 {
+        // The copy's frames belong to the child now.
+        if flags & CLONE_PARENT_SETTID != 0 {
+            p.mm.write(&k.ram, &mut k.frames, ptid, &pid.to_le_bytes());
+        }
+        return Ok(pid as u64);
+    }
+    // The child: the frames this process held are its parent's.
+    k.frames.forget_local();
+    k.top = false;
+    let vm = match k.vmspace(&child_mm) {
+        Ok(vm) => vm,
+        Err(e) => {
+            eprintln!("minikernel: fork: {e}");
+            // SAFETY: _exit ends this process at once.
+            unsafe { libc::_exit(1) }
+        }
+    };
+    std::mem::forget(std::mem::replace(&mut p.vm, vm));
+    p.mm = child_mm;
+    // SAFETY: getpid and getppid cannot fail.
+    (p.pid, p.ppid) = unsafe { (libc::getpid(), libc::getppid()) };
+    if newsp != 0 {
+        p.tf.tf_rsp = newsp;
+    }
+    if flags & CLONE_SETTLS != 0 {
+        p.vf.vx_tls[0].base = tls;
+    }
+    if flags & CLONE_CHILD_SETTID != 0 {
+        p.mm.write(&k.ram, &mut k.frames, ctid, &p.pid.to_le_bytes());
+    }
+    Ok(0)
+}
+
+/// The NULL-terminated array of strings at `va` (argv, envp).
+fn strings(k: &mut Kernel, p: &mut Proc, va: u64) -> Result<Vec<Vec<u8>>, i32> {
+    let mut out = Vec::new();
+    if va == 0 {
+        return Ok(out);
+    }
+    for i in 0.. {
+        let mut w = [0u8; 8];
+        if !p.mm.read(&k.ram, &mut k.frames, va + i * 8, &mut w) {
+            return Err(libc::EFAULT);
+        }
+        let s = u64::from_le_bytes(w);
+        if s == 0 {
+            break;
+        }
+        if i > 65536 {
+            return Err(libc::E2BIG);
+        }
+        out.push(p.mm.cstr(&k.ram, &mut k.frames, s, 128 << 10)?);
+    }
+    Ok(out)
+}
+
+/// `execve(path, argv, envp)`: on success the process runs the new program
+/// (its registers are the new program's start); on failure nothing changed.
+pub fn execve(k: &mut Kernel, p: &mut Proc, a: [u64; 6]) -> Result<u64, i32> {
+    let path = p.mm.cstr(&k.ram, &mut k.frames, a[0], 4096)?;
+    let argv = strings(k, p, a[1])?;
+    let envp = strings(k, p, a[2])?;
+    let path = if path == b"/proc/self/exe" {
+        p.exe.clone()
+    } else {
+        PathBuf::from(String::from_utf8_lossy(&path).into_owned())
+    };
+    let mut mm = Mm::new(&k.ram, &mut k.frames, k.user_max).map_err(|_| libc::ENOMEM)?;
+    let start = match exec::load(&k.ram, &mut k.frames, &mut mm, &path, &argv, &envp) {
+        Ok(start) => start,
+        Err(e) => {
+            mm.pt.destroy(&k.ram, &mut k.frames);
+            return Err(e.errno());
+        }
+    };
+    let old = std::mem::replace(&mut p.mm, mm);
+    if let Err(e) =
+        p.vm.setmap(WINDOW_BASE, k.user_max - WINDOW_BASE, p.mm.pt.master())
+    {
+        eprintln!("minikernel: execve: {e}");
+        // SAFETY: _exit ends this process at once.
+        unsafe { libc::_exit(1) }
+    }
+    old.pt.destroy(&k.ram, &mut k.frames);
+    p.tf = TrapFrame {
+        tf_rip: start.entry,
+        tf_rsp: start.rsp,
+        tf_rflags: vkabi::RFLAGS_USER_SET,
+        ..TrapFrame::default()
+    };
+    p.vf = VextFrame::default();
+    let old_sig = std::mem::take(&mut p.sig);
+    for (new, old) in p.sig.actions.iter_mut().zip(old_sig.actions) {
+        if old[0] == 1 {
+            *new = old; // SIG_IGN survives exec
+        }
+    }
+    p.sig.mask = old_sig.mask;
+    p.exe = std::fs::canonicalize(&path).unwrap_or(path);
+    Ok(0)
+}
+
+/// Mirror the disposition the user program gave `sig` on the minikernel
+/// itself when it is `SIG_IGN` or `SIG_DFL`, so that signals the host
+/// delivers (SIGPIPE on a closed pipe, SIGINT, a `kill` from another
+/// process) act on the minikernel as they would on the program. A handler
+/// leaves the host's default (no delivery yet).
+pub fn mirror_disposition(sig: i32, handler: u64) {
+    let host = if handler == 1 {
+        libc::SIG_IGN
+    } else {
+        libc::SIG_DFL
+    };
+    // SAFETY: installs SIG_IGN or SIG_DFL, no handler code.
+    unsafe {
+        libc::signal(sig, host);
+    }
+}
+
+/// End this process: destroy its vmspace, give its frames back, and exit
+/// with `exit` (dying of the signal for a killed child process).
+pub fn finish(k: &mut Kernel, p: Proc, exit: Exit) -> ! {
+    let Proc { vm, mm, .. } = p;
+    drop(vm);
+    mm.pt.destroy(&k.ram, &mut k.frames);
+    k.frames.release(&k.ram);
+    match exit {
+        Exit::Code(code) => std::process::exit(code & 0xff),
+        Exit::Signal(sig) if k.top => std::process::exit(128 + sig),
+        Exit::Signal(sig) => {
+            // SAFETY: resetting a disposition, unblocking and raising the
+            // signal on this process, which should die of it; no core file.
+            unsafe {
+                let none = libc::rlimit {
+                    rlim_cur: 0,
+                    rlim_max: 0,
+                };
+                libc::setrlimit(libc::RLIMIT_CORE, &none);
+                libc::signal(sig, libc::SIG_DFL);
+                let mut set: libc::sigset_t = std::mem::zeroed();
+                libc::sigemptyset(&mut set);
+                libc::sigaddset(&mut set, sig);
+                libc::sigprocmask(libc::SIG_UNBLOCK, &set, std::ptr::null_mut());
+                libc::raise(sig);
+            }
+            std::process::exit(128 + sig)
+        }
+    }
+}
