@@ -444,8 +444,10 @@ impl Waiter {
                 {
                     // The context's thread is gone (user code jumped into
                     // vkrun's code and ended it): this context is broken.
-                    self.fail_pending(Errno::EIO, "the execution context's thread ended");
+                    // Closed first: the answer lets the guest RUN again at
+                    // once, and that RUN must find a fresh context.
                     ctx.closed.store(true, Ordering::Release);
+                    self.fail_pending(Errno::EIO, "the execution context's thread ended");
                     return;
                 }
                 continue;
