@@ -15,7 +15,9 @@
 //! range the caller must `MADV_INVAL` in the vmspace (ABI section 5);
 //! adding pages or rights needs none.
 
-use vkabi::{PAGE_SIZE, PGEX_I, PGEX_W, VPTE_FRAME, VPTE_NX, VPTE_RW, VPTE_U, VPTE_V};
+use vkabi::{
+    PAGE_SIZE, PGEX_I, PGEX_W, VPTE_A, VPTE_FRAME, VPTE_M, VPTE_NX, VPTE_RW, VPTE_U, VPTE_V,
+};
 
 use crate::ram::{Frames, OutOfMemory, PageTable, Ram};
 
@@ -32,6 +34,9 @@ pub const MIN_ADDR: u64 = 0x1_0000;
 pub const MMAP_TOP: u64 = 0x7f00_0000_0000;
 /// The stack's size.
 pub const STACK_SIZE: u64 = 8 << 20;
+/// Pages a demand fault maps at once (the faulting one and its next
+/// neighbours in the area).
+pub const FAULT_AROUND: u64 = 16;
 /// Most bytes one system call moves through user memory in one go.
 pub const MAX_IO: u64 = 1 << 24;
 
@@ -73,9 +78,12 @@ pub fn leaf_bits(prot: i32) -> u64 {
     if prot & (PROT_READ | PROT_WRITE | PROT_EXEC) == 0 {
         return 0;
     }
-    let mut bits = VPTE_V | VPTE_U;
+    // A and M set up front: the minikernel does not page out, and entries
+    // with A (and M) let the host install neighbours ahead of access
+    // (ABI section 3, Prefault).
+    let mut bits = VPTE_V | VPTE_U | VPTE_A;
     if prot & PROT_WRITE != 0 {
-        bits |= VPTE_RW;
+        bits |= VPTE_RW | VPTE_M;
     }
     if prot & PROT_EXEC == 0 {
         bits |= VPTE_NX;
@@ -129,7 +137,7 @@ impl Mm {
         for (va, leaf) in pages {
             let frame = frames.alloc(ram).ok_or(OutOfMemory)?;
             ram.copy_page(frame, leaf & VPTE_FRAME);
-            let bits = leaf & !VPTE_FRAME & (VPTE_V | VPTE_RW | VPTE_U | VPTE_NX);
+            let bits = leaf & !VPTE_FRAME & (VPTE_V | VPTE_RW | VPTE_U | VPTE_NX | VPTE_A | VPTE_M);
             child.pt.set(ram, frames, va, frame | bits)?;
         }
         Ok(child)
@@ -247,7 +255,7 @@ impl Mm {
         let mut changed = false;
         self.pt.visit(ram, start, end, &mut |_, e_pa, leaf| {
             let new = (leaf & VPTE_FRAME) | bits;
-            if new != leaf & (VPTE_FRAME | VPTE_V | VPTE_RW | VPTE_U | VPTE_NX) {
+            if new != leaf & (VPTE_FRAME | VPTE_V | VPTE_RW | VPTE_U | VPTE_NX | VPTE_A | VPTE_M) {
                 ram.store(e_pa, new);
                 changed = true;
             }
@@ -298,6 +306,25 @@ impl Mm {
             return Ok(Fault::Stale);
         }
         self.populate(ram, frames, page, v.prot)?;
+        // Fault-around: the next pages of the area (the previous ones in
+        // the stack, which grows down) are likely to be touched soon; give
+        // them frames too, while RAM lasts.
+        let stack = self.stack_top - STACK_SIZE..self.stack_top;
+        for i in 1..FAULT_AROUND {
+            let Some(near) = (if stack.contains(&page) {
+                page.checked_sub(i * PAGE_SIZE)
+            } else {
+                page.checked_add(i * PAGE_SIZE)
+            }) else {
+                break;
+            };
+            if !(v.start..v.end).contains(&near)
+                || self.pt.get(ram, near) & VPTE_FRAME != 0
+                || self.populate(ram, frames, near, v.prot).is_err()
+            {
+                break;
+            }
+        }
         Ok(Fault::Mapped)
     }
 
@@ -461,12 +488,12 @@ mod tests {
     #[test]
     fn leaf_bits_follow_prot() {
         assert_eq!(leaf_bits(0), 0);
-        assert_eq!(leaf_bits(PROT_READ), VPTE_V | VPTE_U | VPTE_NX);
+        assert_eq!(leaf_bits(PROT_READ), VPTE_V | VPTE_U | VPTE_A | VPTE_NX);
         assert_eq!(
             leaf_bits(PROT_READ | PROT_WRITE),
-            VPTE_V | VPTE_U | VPTE_RW | VPTE_NX
+            VPTE_V | VPTE_U | VPTE_A | VPTE_RW | VPTE_M | VPTE_NX
         );
-        assert_eq!(leaf_bits(PROT_READ | PROT_EXEC), VPTE_V | VPTE_U);
+        assert_eq!(leaf_bits(PROT_READ | PROT_EXEC), VPTE_V | VPTE_U | VPTE_A);
     }
 
     #[test]
