@@ -371,7 +371,7 @@ impl Supervisor {
             WaitStatus::Stopped(pid, sig) => {
                 // Signal-delivery-stop: deliver the signal as the kernel would.
                 self.tracees.insert(pid);
-                self.end_interrupted_run(pid);
+                self.end_interrupted_run(pid, sig);
                 self.trace_signal(pid);
                 resume(pid, Some(sig));
             }
@@ -448,17 +448,20 @@ impl Supervisor {
         Ok(())
     }
 
-    /// A signal-delivery-stop of guest thread `pid`: if the signal
-    /// interrupted its RUN, make the call return what RUN says (0 with
-    /// `tf_trapno = 0`, or `EINTR`) instead of restarting.
-    fn end_interrupted_run(&self, pid: Pid) {
+    /// A signal-delivery-stop of guest thread `pid` for `sig`: if a signal
+    /// the guest handles interrupted its RUN, make the call return what RUN
+    /// says (0 with `tf_trapno = 0`, or `EINTR`) so that the handler runs.
+    /// A signal without a handler (ignored, stopping, fatal) leaves the call
+    /// to restart, as it would natively: the restarted RUN takes over the
+    /// run in flight.
+    fn end_interrupted_run(&self, pid: Pid, sig: Signal) {
         if self.vmspaces().is_empty() {
             return;
         }
         let Ok(mut regs) = ptrace::getregs(pid) else {
             return;
         };
-        if regs.orig_rax != Hypercall::VmspaceCtl.nr() {
+        if regs.orig_rax != Hypercall::VmspaceCtl.nr() || !crate::vpt::catches(pid, sig as i32) {
             return;
         }
         if let Some(ret) = self.vmspaces().on_guest_signal(pid, regs.rax as i64) {

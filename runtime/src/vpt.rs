@@ -1717,6 +1717,11 @@ fn deliver_page_fault(tid: Pid, addr: u64, poison: Poison) -> Option<WaitStatus>
 
 /// Whether the process of `tid` has a handler for `SIGSEGV` (`SigCgt`).
 fn catches_sigsegv(tid: Pid) -> bool {
+    catches(tid, libc::SIGSEGV)
+}
+
+/// Whether the process of `tid` has a handler for signal `sig` (`SigCgt`).
+pub(crate) fn catches(tid: Pid, sig: i32) -> bool {
     let Ok(status) = std::fs::read_to_string(format!("/proc/{tid}/status")) else {
         return false;
     };
@@ -1724,7 +1729,7 @@ fn catches_sigsegv(tid: Pid) -> bool {
         .lines()
         .find_map(|l| l.strip_prefix("SigCgt:"))
         .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
-        .is_some_and(|mask| mask & (1 << (libc::SIGSEGV - 1)) != 0)
+        .is_some_and(|mask| mask & (1 << (sig - 1)) != 0)
 }
 
 /// Whether `[start, end)` of `tgid` holds mappings other than the given

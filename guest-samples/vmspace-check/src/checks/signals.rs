@@ -19,6 +19,10 @@
 //!                                  rax grew)
 //! ok signals.KIND.handler-once-again  and the handler ran once more
 //! ok signals.KIND.no-extra-handler no handler runs later
+//! ok signals.ignored.keeps-running  a signal the guest does not handle
+//!                                  (SIGCHLD, SIGWINCH at their default) does not
+//!                                  end the RUN: the user code counts on, and a
+//!                                  handled signal then ends it with trapno 0
 //! ```
 
 use std::time::Duration;
@@ -45,6 +49,49 @@ pub fn run(env: &mut Env, rep: &mut Report) -> Outcome {
     ] {
         round(env, &user, vs.id(), rep, kind, sig)?;
     }
+    ignored(env, &user, vs.id(), rep)
+}
+
+/// Signals without a handler leave RUN running (as they leave any system
+/// call natively); a handled one ends it.
+fn ignored(env: &Env, user: &User, id: u64, rep: &mut Report) -> Outcome {
+    let progress = user.data.pa(0, 0);
+    env.store(progress, 0);
+    let mut runner = Runner::new(id);
+    let mut tf = user.frame(Snippet::Spin);
+    tf.tf_rbx = user.data.va(0, 0);
+    tf.tf_rax = 0;
+    runner.start(tf, VextFrame::default())?;
+    let mut seen = runner.wait_progress(env.ram, progress, 0)?;
+    let mut detail = None;
+    for sig in [libc::SIGCHLD, libc::SIGWINCH, libc::SIGCHLD] {
+        runner.signal(sig)?;
+        if let Some(end) = runner.wait_end_for(Duration::from_millis(100))? {
+            detail = Some(format!(
+                "signal {sig} (no handler) ended RUN: {:?}, {}",
+                end.result,
+                describe(&end.tf)
+            ));
+            break;
+        }
+        match runner.wait_progress(env.ram, progress, seen) {
+            Ok(now) => seen = now,
+            Err(e) => {
+                detail = Some(format!("after signal {sig} (no handler): {e}"));
+                break;
+            }
+        }
+    }
+    if detail.is_none() {
+        runner.signal(libc::SIGUSR1)?;
+        let end = runner.wait_end()?;
+        if let Err(e) = end.ok().and_then(|()| trap(&end.tf, T_SIGNAL, None)) {
+            detail = Some(format!("the handled signal after them: {e}"));
+        }
+    }
+    rep.check("ignored.keeps-running", detail.is_none(), || {
+        detail.unwrap_or_default()
+    });
     Ok(())
 }
 
