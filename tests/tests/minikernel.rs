@@ -210,3 +210,78 @@ fn a_program_that_cannot_be_loaded_is_status_127() {
         text(&under.stderr)
     );
 }
+
+/// The bundled demo program (README's first command): a freestanding static
+/// executable cargo builds, no compiler needed. Inside the minikernel it
+/// prints what it prints natively, apart from its pid and who loaded it (no
+/// vDSO: the minikernel), and exits 0; its benchmark modes work too.
+#[test]
+fn the_bundled_hello_vmspace_runs_inside_as_natively() {
+    let hello = bin("hello-vmspace");
+    let args = ["one", "two words"];
+    let native = run(Command::new(&hello).args(args));
+    let under = run(vkrun()
+        .args(["-q", "-m", "256M", "--"])
+        .arg(bin("minikernel"))
+        .arg(&hello)
+        .args(args));
+    let (native_out, under_out) = (text(&native.stdout), text(&under.stdout));
+    assert_eq!(shell_code(native.status), 0, "natively: {native_out}");
+    assert_eq!(
+        shell_code(under.status),
+        0,
+        "inside: {under_out}{}",
+        text(&under.stderr)
+    );
+    let same_lines = |out: &str| -> Vec<String> {
+        out.lines()
+            .filter(|l| !l.starts_with("pid: ") && !l.starts_with("loaded by: "))
+            .map(str::to_owned)
+            .collect()
+    };
+    assert_eq!(same_lines(&under_out), same_lines(&native_out));
+    for want in [
+        "hello from hello-vmspace",
+        "\nuname: Linux ",
+        "\nargv[1]: one\nargv[2]: two words\n",
+        "\nbrk: heap grown by 1 MiB",
+        "\nmmap: 8 MiB of fresh memory, 2048 pages",
+        "\nbye (exit 0)\n",
+    ] {
+        assert!(
+            under_out.contains(want),
+            "{want:?} missing from {under_out}"
+        );
+    }
+    assert!(
+        native_out.contains("\nloaded by: Linux itself"),
+        "{native_out}"
+    );
+    assert!(
+        under_out.contains("\nloaded by: a kernel that maps no vDSO, e.g. the minikernel"),
+        "{under_out}"
+    );
+    let pid_line = |out: &str| {
+        out.lines()
+            .find(|l| l.starts_with("pid: "))
+            .map(str::to_owned)
+    };
+    assert!(pid_line(&under_out).is_some(), "{under_out}");
+
+    for (mode, arg, key) in [
+        ("bench-getpid", "1000", "getpid_ns_per_call "),
+        ("bench-touch", "4", "touch_ns_per_page "),
+    ] {
+        let out = inside(&hello, &[mode, arg]);
+        let stdout = text(&out.stdout);
+        let value = stdout
+            .trim()
+            .strip_prefix(key)
+            .and_then(|v| v.parse::<f64>().ok());
+        assert!(
+            out.status.success() && value.is_some(),
+            "{mode}: {stdout}{}",
+            text(&out.stderr)
+        );
+    }
+}
