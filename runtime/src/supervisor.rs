@@ -124,6 +124,8 @@ pub fn run(config: Config) -> Result<Outcome, Error> {
             server: None,
             sigfd,
             tracees: HashSet::new(),
+            announced: HashSet::new(),
+            early_exits: HashSet::new(),
             outcome: None,
             failure: None,
             out: Arc::new(Mutex::new(TraceWriter::new(output, trace_options))),
@@ -221,6 +223,13 @@ struct Supervisor {
     sigfd: SignalFd,
     /// Every task (thread id) being traced.
     tracees: HashSet<Pid>,
+    /// Tasks whose creation event (fork, vfork, clone) has been seen and
+    /// that have not exited yet.
+    announced: HashSet<Pid>,
+    /// Tasks that exited before their creation event was seen (an
+    /// auto-attached child can run and exit first): their late event must
+    /// not count them again.
+    early_exits: HashSet<Pid>,
     outcome: Option<Outcome>,
     failure: Option<Error>,
     out: Arc<Mutex<TraceWriter>>,
@@ -434,9 +443,15 @@ impl Supervisor {
                 || e == Event::PTRACE_EVENT_VFORK as i32
                 || e == Event::PTRACE_EVENT_CLONE as i32 =>
             {
-                if let Ok(new) = ptrace::getevent(pid) {
+                // The child may already have run and exited: its own stops
+                // can come before its parent's event. Then it must not be
+                // counted again (vkrun would wait for it forever).
+                if let Ok(new) = ptrace::getevent(pid)
+                    && !self.early_exits.remove(&Pid::from_raw(new as i32))
+                {
                     let child = Pid::from_raw(new as i32);
                     self.tracees.insert(child);
+                    self.announced.insert(child);
                     if e != Event::PTRACE_EVENT_VFORK as i32 {
                         self.strip_windows(pid, child)?;
                     }
@@ -567,6 +582,9 @@ impl Supervisor {
         self.vmspaces().forget_thread(pid);
         if self.vpt().take_agent(pid) {
             return; // vkrun's own thread in the guest
+        }
+        if !self.announced.remove(&pid) && pid != self.main {
+            self.early_exits.insert(pid);
         }
         self.vpt().forget(pid);
         let mut out = self.out.lock().unwrap_or_else(PoisonError::into_inner);
