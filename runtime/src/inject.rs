@@ -32,6 +32,16 @@ pub enum InjectError {
     Ptrace { tid: Pid, errno: Errno },
 }
 
+/// A raw system call result (`-errno` on failure, as the kernel returns it
+/// in `rax`) as a `Result`.
+pub fn errno_or(ret: i64) -> Result<i64, Errno> {
+    if (-4095..0).contains(&ret) {
+        Err(Errno::from_raw(-ret as i32))
+    } else {
+        Ok(ret)
+    }
+}
+
 /// The x86-64 `syscall` instruction is two bytes long.
 const SYSCALL_LEN: u64 = 2;
 

@@ -244,7 +244,7 @@ pub fn start(ctx: &Context, n: &Notification, stats: &Stats) -> Option<Result<i6
     let mut st = lock(&ctx.state);
     if let Some(v) = st.completed.take() {
         // The answer to a withdrawn notification, for its restart.
-        return Some(result_of(v));
+        return Some(crate::inject::errno_or(v));
     }
     if let Some(run) = st.run.as_mut() {
         // The same call, restarted after its notification was withdrawn.
@@ -271,14 +271,6 @@ pub fn start(ctx: &Context, n: &Notification, stats: &Stats) -> Option<Result<i6
     drop(st);
     ctx.post(&gregs_of(&tf), vf.vx_tls[0].base, vf.vx_tls[1].base);
     None
-}
-
-fn result_of(v: i64) -> Result<i64, Errno> {
-    if v < 0 {
-        Err(Errno::from_raw(-v as i32))
-    } else {
-        Ok(v)
-    }
 }
 
 /// What the context reported.

@@ -37,7 +37,7 @@ use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
 use nix::unistd::Pid;
 use vkabi::{MAP_VPAGETABLE, PAGE_SIZE, USER_MAX};
 
-use crate::inject::{InjectError, Injector};
+use crate::inject::{InjectError, Injector, errno_or};
 use crate::ram::GuestRam;
 use crate::remote::{self, RemoteAddr};
 use crate::run::{self, Context, RunEnv, Waiter};
@@ -660,48 +660,25 @@ impl Vmspaces {
             lock(&self.stub_tids).extend(inj.new_threads.drain(..).map(|t| (t, vm.stub)));
             let start = r.map_err(|e| self.inject_failed(&vm, &e))??;
             (start, Kind::Window)
-        } else if kind == libc::MAP_PRIVATE && flags & libc::MAP_ANONYMOUS != 0 {
-            let allowed = libc::MAP_PRIVATE
-                | libc::MAP_ANONYMOUS
-                | libc::MAP_FIXED
-                | libc::MAP_NORESERVE
-                | libc::MAP_POPULATE
-                | libc::MAP_FIXED_NOREPLACE;
-            let start = self.map_in_stub(
-                &vm,
-                &mut inj,
-                [
-                    addr,
-                    len,
-                    prot as u64,
-                    (flags & allowed) as u64,
-                    u64::MAX,
-                    0,
-                ],
-            )?;
-            (start, Kind::Anon)
-        } else if kind == libc::MAP_SHARED && fd >= 0 && is_ram() {
-            if off % PAGE != 0 {
-                return Err(Errno::EINVAL);
-            }
-            let ram_fd = self.stub_ram_fd(&vm, &mut inj)?;
-            let allowed =
-                libc::MAP_SHARED | libc::MAP_FIXED | libc::MAP_POPULATE | libc::MAP_FIXED_NOREPLACE;
-            let start = self.map_in_stub(
-                &vm,
-                &mut inj,
-                [
-                    addr,
-                    len,
-                    prot as u64,
-                    (flags & allowed) as u64,
-                    ram_fd,
-                    off,
-                ],
-            )?;
-            (start, Kind::Linear { off })
         } else {
-            return Err(Errno::EINVAL);
+            // A plain mapping: private anonymous memory, or RAM, linearly.
+            let (what, own, stub_fd, stub_off) =
+                if kind == libc::MAP_PRIVATE && flags & libc::MAP_ANONYMOUS != 0 {
+                    let own = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE;
+                    (Kind::Anon, own, u64::MAX, 0)
+                } else if kind == libc::MAP_SHARED && fd >= 0 && is_ram() {
+                    if !off.is_multiple_of(PAGE) {
+                        return Err(Errno::EINVAL);
+                    }
+                    let ram_fd = self.stub_ram_fd(&vm, &mut inj)?;
+                    (Kind::Linear { off }, libc::MAP_SHARED, ram_fd, off)
+                } else {
+                    return Err(Errno::EINVAL);
+                };
+            let allowed = own | libc::MAP_FIXED | libc::MAP_POPULATE | libc::MAP_FIXED_NOREPLACE;
+            let flags = (flags & allowed) as u64;
+            let args = [addr, len, prot as u64, flags, stub_fd, stub_off];
+            (self.map_in_stub(&vm, &mut inj, args)?, what)
         };
         let _ = inj.finish(0);
         vm.cut(start, start + len);
@@ -872,14 +849,6 @@ impl Vmspaces {
                     && remote::write_bytes(vm.stub, RemoteAddr(va), data).is_ok()
             }
         }
-    }
-}
-
-fn errno_or(ret: i64) -> Result<i64, Errno> {
-    if ret < 0 {
-        Err(Errno::from_raw(-ret as i32))
-    } else {
-        Ok(ret)
     }
 }
 

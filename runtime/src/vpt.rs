@@ -51,7 +51,7 @@ use vkabi::{
 };
 use vpte::{Access, GuestVirtAddr, PageIndex, Vpte, WalkError};
 
-use crate::inject::{InjectError, Injector};
+use crate::inject::{InjectError, Injector, errno_or};
 use crate::ram::GuestRam;
 use crate::remote::{self, RemoteAddr};
 use crate::stats::Stats;
@@ -1751,14 +1751,6 @@ fn maps_other_memory(tgid: Pid, start: u64, end: u64, windows: &[(u64, u64)]) ->
         let (a, b) = (a.max(start), b.min(end));
         a < b && !windows.iter().any(|&(s, e)| s <= a && b <= e)
     })
-}
-
-fn errno_or(ret: i64) -> Result<i64, Errno> {
-    if (-4095..0).contains(&ret) {
-        Err(Errno::from_raw(-ret as i32))
-    } else {
-        Ok(ret)
-    }
 }
 
 fn outcome_of_error(e: InjectError, new_threads: Vec<Pid>) -> StopOutcome {
