@@ -32,9 +32,9 @@ use std::time::{Duration, Instant, SystemTime};
 use nix::errno::Errno;
 use nix::unistd::Pid;
 use vkabi::{
-    Hypercall, PGEX_I, PGEX_P, PGEX_U, PGEX_W, T_ALIGNFLT, T_ARITHTRAP, T_BPTFLT, T_DIVIDE,
-    T_FAST_SYSCALL, T_PAGEFLT, T_PRIVINFLT, T_PROTFLT, T_SEGNPFLT, T_SIGNAL, T_STKFLT, T_SYSCALL80,
-    T_TRCTRAP, T_XMMFLT, TrapFrame, VextFrame,
+    Hypercall, PGEX_I, PGEX_P, PGEX_U, PGEX_W, RFLAGS_USER_MASK, RFLAGS_USER_SET, T_ALIGNFLT,
+    T_ARITHTRAP, T_BPTFLT, T_DIVIDE, T_FAST_SYSCALL, T_PAGEFLT, T_PRIVINFLT, T_PROTFLT, T_SEGNPFLT,
+    T_SIGNAL, T_STKFLT, T_SYSCALL80, T_TRCTRAP, T_XMMFLT, TrapFrame, VextFrame,
 };
 
 use crate::remote::{self, RemoteAddr};
@@ -55,9 +55,6 @@ use crate::vpt::{StubFault, Vpt};
 /// Host user selectors of x86-64 Linux (`__USER_CS`, `__USER_DS`).
 const USER_CS: u64 = 0x33;
 const USER_SS: u64 = 0x2b;
-/// `tf_rflags` bits the guest may set (ABI section 7), and those always set.
-const RFLAGS_USER: u64 = 0x27_4DD5;
-const RFLAGS_SET: u64 = 0x202;
 /// `si_code` of a `SIGSEGV` for an access the mapping denies.
 const SEGV_ACCERR: i32 = 2;
 /// `si_arch` of `SIGSYS` for a 32-bit system call (`int 0x80`).
@@ -233,7 +230,7 @@ fn gregs_of(tf: &TrapFrame) -> [u64; GREGS_IN] {
     g[REG_RCX] = tf.tf_rcx;
     g[REG_RSP] = tf.tf_rsp;
     g[REG_RIP] = tf.tf_rip;
-    g[REG_EFL] = tf.tf_rflags & RFLAGS_USER | RFLAGS_SET;
+    g[REG_EFL] = tf.tf_rflags & RFLAGS_USER_MASK | RFLAGS_USER_SET;
     g
 }
 
@@ -736,7 +733,8 @@ mod tests {
             tf_cs: 0x8,
             ..TrapFrame::default()
         };
-        assert_eq!(gregs_of(&tf)[REG_EFL], RFLAGS_USER | RFLAGS_SET);
+        // ABI section 7: `rflags &= 0x274DD5` then `|= 0x202`.
+        assert_eq!(gregs_of(&tf)[REG_EFL], 0x27_4DD5 | 0x202);
         let tf = TrapFrame::default();
         assert_eq!(gregs_of(&tf)[REG_EFL], 0x202);
     }
