@@ -691,7 +691,7 @@ mod tests {
             sig: sig as u32,
             code: 0,
             addr: 0,
-            syscall: u64::from(0xC000_003Eu32) << 32,
+            syscall: u64::from(crate::sys::seccomp::AUDIT_ARCH_X86_64) << 32,
             gregs,
             fs: 0,
             gs: 0,

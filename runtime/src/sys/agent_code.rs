@@ -542,7 +542,7 @@ mod tests {
 /// filter (on the agent threads) keeps forged requests from reaching
 /// anything else on the host (`EPERM`).
 pub fn vmspace_agent_filter() -> Vec<libc::sock_filter> {
-    use crate::sys::seccomp::{JEQ_K, LD_W_ABS, RET_K, jump, stmt};
+    use crate::sys::seccomp::{AUDIT_ARCH_X86_64, JEQ_K, LD_W_ABS, RET_K, jump, stmt};
     let allowed = [
         libc::SYS_mmap,
         libc::SYS_munmap,
@@ -559,7 +559,7 @@ pub fn vmspace_agent_filter() -> Vec<libc::sock_filter> {
     let mut f = vec![
         stmt(LD_W_ABS, 4),
         // not x86-64: deny (jump over the list to the EPERM return)
-        jump(JEQ_K, 0xC000_003E, 0, (n + 1) as u8),
+        jump(JEQ_K, AUDIT_ARCH_X86_64, 0, (n + 1) as u8),
         stmt(LD_W_ABS, 0),
     ];
     for (i, nr) in allowed.iter().enumerate() {

@@ -10,7 +10,8 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use nix::errno::Errno;
 use vkabi::{Hypercall, VK_SYS_BASE, VK_SYS_COUNT};
 
-const AUDIT_ARCH_X86_64: u32 = 0xC000_003E;
+/// `AUDIT_ARCH_X86_64` (`<linux/audit.h>`): `seccomp_data.arch` of a 64-bit call.
+pub(crate) const AUDIT_ARCH_X86_64: u32 = 0xC000_003E;
 /// `SECCOMP_USER_NOTIF_FD_SYNC_WAKE_UP` (Linux 6.6): wake the supervisor
 /// synchronously on the notifying task's CPU.
 const SECCOMP_USER_NOTIF_FD_SYNC_WAKE_UP: u64 = 1;

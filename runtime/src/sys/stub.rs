@@ -458,13 +458,13 @@ pub fn data_page() -> Vec<u8> {
 /// all it can reach that way is its own context's sleep, a spurious futex
 /// wake-up, a forged signal return (its own registers) or its own end.
 pub fn context_filter() -> Vec<libc::sock_filter> {
-    use crate::sys::seccomp::{JEQ_K, LD_W_ABS, RET_K, jump, stmt};
+    use crate::sys::seccomp::{AUDIT_ARCH_X86_64, JEQ_K, LD_W_ABS, RET_K, jump, stmt};
     const TRAP: u32 = libc::SECCOMP_RET_TRAP;
     const ALLOW: u32 = libc::SECCOMP_RET_ALLOW;
     let ip = at(&raw const vkrun_stub_handler_syscall) + 2;
     vec![
         /* 0 */ stmt(LD_W_ABS, 4),
-        /* 1 */ jump(JEQ_K, 0xC000_003E, 0, 8),
+        /* 1 */ jump(JEQ_K, AUDIT_ARCH_X86_64, 0, 8),
         /* 2 */ stmt(LD_W_ABS, 8),
         /* 3 */ jump(JEQ_K, ip as u32, 0, 6),
         /* 4 */ stmt(LD_W_ABS, 12),
@@ -608,6 +608,33 @@ unsafe fn unregister_rseq() {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_context_filter_traps_all_but_the_handlers_calls() {
+        let f = context_filter();
+        let n = f.len();
+        for (i, insn) in f.iter().enumerate() {
+            if insn.code == crate::sys::seccomp::JEQ_K {
+                assert!(
+                    i + 1 + (insn.jt.max(insn.jf) as usize) < n,
+                    "jump {i} in range"
+                );
+            }
+        }
+        // Every path ends on a return: TRAP unless the handler's own
+        // instruction makes one of the three calls.
+        let rets: Vec<u32> = f
+            .iter()
+            .filter(|i| i.code == crate::sys::seccomp::RET_K)
+            .map(|i| i.k)
+            .collect();
+        assert!(rets.contains(&libc::SECCOMP_RET_TRAP));
+        assert!(
+            rets.iter()
+                .all(|&k| k == libc::SECCOMP_RET_TRAP || k == libc::SECCOMP_RET_ALLOW)
+        );
+        assert_eq!(f[n - 1].k, libc::SECCOMP_RET_TRAP);
+    }
 
     #[test]
     fn the_stub_unmaps_then_traps() {
