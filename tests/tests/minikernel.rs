@@ -285,3 +285,42 @@ fn the_bundled_hello_vmspace_runs_inside_as_natively() {
         );
     }
 }
+
+/// A system call the minikernel does not know.
+const UNKNOWN_CALL: &str = r#"
+#include <errno.h>
+#include <stdio.h>
+#include <unistd.h>
+int main(void) {
+    long r = syscall(425, 0, 0); /* io_uring_setup */
+    printf("%ld %s\n", r, r < 0 && errno == ENOSYS ? "ENOSYS" : "other");
+    return 0;
+}
+"#;
+
+#[test]
+fn unknown_system_calls_answer_enosys_and_trace_lists_them() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let Some(prog) = build(dir.path(), "unknown", UNKNOWN_CALL, &["-static"]) else {
+        return;
+    };
+    let out = run(vkrun()
+        .args(["-q", "-m", "256M", "--"])
+        .arg(bin("minikernel"))
+        .arg("--trace")
+        .arg(&prog));
+    assert_eq!(text(&out.stdout), "-1 ENOSYS\n");
+    assert_eq!(shell_code(out.status), 0);
+    let err = text(&out.stderr);
+    assert!(err.contains("unknown syscall 425 "), "{err}");
+    // Without --trace nothing is listed.
+    let quiet = inside(&prog, &[]);
+    assert_eq!(text(&quiet.stdout), "-1 ENOSYS\n");
+    assert!(!text(&quiet.stderr).contains("unknown syscall"));
+    // A bad option is a usage error.
+    let bad = run(vkrun()
+        .args(["-q", "--"])
+        .arg(bin("minikernel"))
+        .arg("--bogus"));
+    assert_eq!(shell_code(bad.status), 2);
+}

@@ -18,9 +18,10 @@
 //! Exit status: the program's exit code; 128 + signal when it is killed
 //! (139 for a segmentation fault, with nothing printed); 127 when the
 //! program cannot be loaded, 1 when the minikernel itself fails, 2 for a
-//! bad command line. `MINIKERNEL_TRACE=1` lists unknown system calls on
-//! stderr, `MINIKERNEL_TRACE=all` every system call; `MINIKERNEL_STATS=1`
-//! prints the minikernel's counters at exit.
+//! bad command line. `--trace` (or `MINIKERNEL_TRACE=1`) lists unknown
+//! system calls on stderr, `--trace=all` (`MINIKERNEL_TRACE=all`) every
+//! system call; `--stats` (`MINIKERNEL_STATS=1`) prints the minikernel's
+//! counters at exit. Options come before `PROGRAM`.
 
 mod exec;
 mod kernel;
@@ -36,10 +37,38 @@ use std::process::ExitCode;
 use crate::kernel::{Kernel, KernelError};
 use crate::vmspace::strerror;
 
-const USAGE: &str = "usage: minikernel PROGRAM [ARGS...]";
+const USAGE: &str = "usage: minikernel [--trace[=all]] [--stats] [--] PROGRAM [ARGS...]";
 
 fn main() -> ExitCode {
-    let args: Vec<Vec<u8>> = std::env::args_os().skip(1).map(|a| a.into_vec()).collect();
+    let mut args: Vec<Vec<u8>> = std::env::args_os().skip(1).map(|a| a.into_vec()).collect();
+    // Leading options: the same switches as the environment variables
+    // (which forked minikernels inherit).
+    let mut settings = Vec::new();
+    while let Some(first) = args.first() {
+        match first.as_slice() {
+            b"--trace" => settings.push(("MINIKERNEL_TRACE", "1")),
+            b"--trace=all" => settings.push(("MINIKERNEL_TRACE", "all")),
+            b"--stats" => settings.push(("MINIKERNEL_STATS", "1")),
+            b"--" => {
+                args.remove(0);
+                break;
+            }
+            o if o.starts_with(b"-") => {
+                eprintln!(
+                    "minikernel: unknown option {}\n{USAGE}",
+                    String::from_utf8_lossy(o)
+                );
+                return ExitCode::from(2);
+            }
+            _ => break,
+        }
+        args.remove(0);
+    }
+    for (k, v) in settings {
+        // SAFETY: the minikernel is single-threaded here, before anything
+        // reads the environment concurrently.
+        unsafe { std::env::set_var(k, v) };
+    }
     let Some(program) = args.first() else {
         eprintln!("{USAGE}");
         return ExitCode::from(2);
