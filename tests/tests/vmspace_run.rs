@@ -563,6 +563,51 @@ echo "busy $busy""#,
     );
 }
 
+#[test]
+fn sigkill_of_the_guest_while_faults_are_in_flight_leaves_no_stub() {
+    // vmspace-demo bench-vpt touches pages whose VPTEs it prefilled: every
+    // touch is a fault the host resolves (walk, install through the stub's
+    // agent) while the RUN is in flight.
+    let mut child = vkrun()
+        .args(["-q", "-m", "2G", "--"])
+        .arg(bin("vmspace-demo"))
+        .args(["bench-vpt", "400000"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn vkrun");
+    let vkrun_pid = child.id();
+    assert!(
+        eventually(Duration::from_secs(20), || stubs(vkrun_pid).len() == 1),
+        "the vmspace's stub appears"
+    );
+    let stubs_now = stubs(vkrun_pid);
+    // Faults are flowing once the stub maps RAM pages (its RSS grows).
+    let rss = |pid: i32| -> u64 {
+        std::fs::read_to_string(format!("/proc/{pid}/status"))
+            .unwrap_or_default()
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse().ok())
+            .unwrap_or(0)
+    };
+    let start = rss(stubs_now[0]);
+    assert!(
+        eventually(Duration::from_secs(30), || rss(stubs_now[0]) > start + 1024),
+        "the stub's RSS grows as faults install pages"
+    );
+    let guest = std::fs::read_to_string(format!("/proc/{vkrun_pid}/task/{vkrun_pid}/children"))
+        .unwrap_or_default()
+        .split_whitespace()
+        .filter_map(|p| p.parse::<i32>().ok())
+        .find(|p| comm(*p).as_deref() == Some("vmspace-demo"))
+        .expect("the guest is running");
+    kill(Pid::from_raw(guest), Signal::SIGKILL).expect("kill the guest");
+    let status = wait_deadline(&mut child, DEADLINE);
+    assert_eq!(status.code(), Some(128 + 9), "vkrun reports the SIGKILL");
+    assert_stubs_gone(&stubs_now, "the guest killed while faults were in flight");
+}
+
 // The trace and the counters.
 
 #[test]
