@@ -4,13 +4,14 @@
 use std::fmt::Write as _;
 use std::os::fd::AsFd;
 use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex};
 use std::time::{Instant, SystemTime};
 
 use nix::errno::Errno;
 use nix::unistd::Pid;
 use vkabi::{Hypercall, VkInfo};
 
+use crate::lock;
 use crate::ram::GuestRam;
 use crate::remote::{self, RemoteAddr};
 use crate::stats::Stats;
@@ -42,7 +43,7 @@ impl Server {
     /// the listener fails.
     pub fn serve_until(&self, stop: &AtomicBool) {
         let (set, durations) = {
-            let trace = self.trace.lock().unwrap_or_else(PoisonError::into_inner);
+            let trace = lock(&self.trace);
             (*trace.set(), trace.wants_durations())
         };
         while !stop.load(Ordering::Acquire) {
@@ -85,7 +86,7 @@ impl Server {
                     trace::format_result(result, returns_address(h))
                 );
                 let took = started.map(|s| s.elapsed());
-                let mut trace = self.trace.lock().unwrap_or_else(PoisonError::into_inner);
+                let mut trace = lock(&self.trace);
                 trace.line(n.tid, when, &text, took);
             }
             match self.notify.respond(n.id, result) {
@@ -301,7 +302,7 @@ pub fn account_stop_call(
 ) {
     let h = Hypercall::from_nr(nr);
     stats.count_hypercall(h, result.is_err());
-    let mut trace = trace.lock().unwrap_or_else(PoisonError::into_inner);
+    let mut trace = lock(trace);
     if trace.set().hypercall(h) {
         let n = Notification {
             id: 0,

@@ -27,6 +27,12 @@ use nix::sys::signal::Signal;
 
 pub use supervisor::run;
 
+/// Lock `m`. A thread that panicked while holding it cannot have left the
+/// data half-updated in a way that matters more than going on.
+fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 /// What to run and how.
 pub struct Config {
     /// The guest program as given (a path, or a name to look up in `PATH`).

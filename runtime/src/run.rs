@@ -26,7 +26,7 @@
 //! takes it over.
 
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::time::{Duration, Instant, SystemTime};
 
 use nix::errno::Errno;
@@ -37,6 +37,7 @@ use vkabi::{
     T_SIGNAL, T_STKFLT, T_SYSCALL80, T_TRCTRAP, T_XMMFLT, TrapFrame, VextFrame,
 };
 
+use crate::lock;
 use crate::remote::{self, RemoteAddr};
 use crate::stats::Stats;
 use crate::sys::futex;
@@ -120,10 +121,6 @@ pub struct Context {
     closed: AtomicBool,
     /// A fault whose walk failed, for the kick it sent: (address, `PGEX`).
     fault: Mutex<Option<(u64, u64)>>,
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 impl Context {

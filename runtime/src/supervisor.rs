@@ -11,7 +11,7 @@
 use std::collections::HashSet;
 use std::os::fd::AsFd;
 use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, SystemTime};
 
@@ -23,6 +23,7 @@ use nix::sys::pthread::{Pthread, pthread_kill};
 use vkabi::Hypercall;
 
 use crate::inject::{InjectError, Injector};
+use crate::lock;
 use nix::sys::ptrace::{self, Event, Options};
 use nix::sys::signal::{self, SigSet, SigmaskHow, Signal};
 use nix::sys::signalfd::{SfdFlags, SignalFd};
@@ -157,7 +158,7 @@ pub fn run(config: Config) -> Result<Outcome, Error> {
         if let Some(server) = sup.server.take() {
             server.stop();
         }
-        let mut out = sup.out.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut out = lock(&sup.out);
         if want_stats {
             out.write(sup.stats.render().as_bytes());
         }
@@ -272,7 +273,7 @@ impl Supervisor {
 
     /// Trace the signal `pid` is about to receive, when tracing.
     fn trace_signal(&self, pid: Pid) {
-        let mut out = self.out.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut out = lock(&self.out);
         if out.set().is_empty() {
             return;
         }
@@ -587,7 +588,7 @@ impl Supervisor {
             self.early_exits.insert(pid);
         }
         self.vpt().forget(pid);
-        let mut out = self.out.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut out = lock(&self.out);
         if !out.set().is_empty() {
             let text = match outcome {
                 Outcome::Exited(code) => format!("+++ exited with {code} +++"),

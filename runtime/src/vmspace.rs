@@ -24,7 +24,7 @@ use std::fs::File;
 use std::os::fd::{AsFd, BorrowedFd};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::mpsc;
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use memmap2::{MmapOptions, MmapRaw};
@@ -38,6 +38,7 @@ use nix::unistd::Pid;
 use vkabi::{MAP_VPAGETABLE, PAGE_SIZE, USER_MAX};
 
 use crate::inject::{InjectError, Injector, errno_or};
+use crate::lock;
 use crate::ram::GuestRam;
 use crate::remote::{self, RemoteAddr};
 use crate::run::{self, Context, RunEnv, Waiter};
@@ -102,10 +103,6 @@ pub struct Vmspace {
     dead: AtomicBool,
     /// The stub's descriptor of RAM, once opened.
     ram_fd: Mutex<Option<u64>>,
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 fn page_down(v: u64) -> u64 {

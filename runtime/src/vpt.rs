@@ -36,7 +36,7 @@
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::os::fd::{AsFd, AsRawFd};
 use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, SystemTime};
 
 use memmap2::{MmapOptions, MmapRaw};
@@ -52,6 +52,7 @@ use vkabi::{
 use vpte::{Access, GuestVirtAddr, PageIndex, Vpte, WalkError};
 
 use crate::inject::{InjectError, Injector, errno_or};
+use crate::lock;
 use crate::ram::GuestRam;
 use crate::remote::{self, RemoteAddr};
 use crate::stats::Stats;
@@ -299,10 +300,6 @@ pub struct StopOutcome {
     pub new_threads: Vec<Pid>,
     /// The thread's exit, if it died during the call.
     pub gone: Option<WaitStatus>,
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 fn page_down(v: u64) -> u64 {
