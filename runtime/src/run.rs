@@ -234,7 +234,7 @@ fn gregs_of(tf: &TrapFrame) -> [u64; GREGS_IN] {
 /// Start `vmspace_ctl(id, RUN, tf, vf)` for notification `n` in context
 /// `ctx` (on the hypercall thread). `Some` is the answer now; `None` means
 /// the context's waiter answers when the user code traps.
-pub fn start(ctx: &Context, n: &Notification, stats: &Stats) -> Option<Result<i64, Errno>> {
+pub fn start(ctx: &Context, n: &Notification, env: &RunEnv) -> Option<Result<i64, Errno>> {
     let mut st = lock(&ctx.state);
     if let Some(v) = st.completed.take() {
         // The answer to a withdrawn notification, for its restart.
@@ -252,7 +252,16 @@ pub fn start(ctx: &Context, n: &Notification, stats: &Stats) -> Option<Result<i6
         Ok(f) => f,
         Err(e) => return Some(Err(e)),
     };
-    stats.runs.fetch_add(1, Ordering::Relaxed);
+    // A signal may have withdrawn the call since it was received; then the
+    // tracer, which takes this lock to end the guest thread's run, found
+    // none, and the call has already returned EINTR or restarted. Running
+    // its frame now would write a frame the guest no longer expects and
+    // hand its result to the next RUN. Once the run is recorded below, a
+    // signal finds it and ends it.
+    if !env.notify.id_valid(n.id) {
+        return Some(Err(Errno::EINTR));
+    }
+    env.stats.runs.fetch_add(1, Ordering::Relaxed);
     st.run = Some(Pending {
         notif: n.id,
         args: n.args,
@@ -369,6 +378,34 @@ fn trap_of(r: &Report) -> Trap {
     }
 }
 
+/// `uretprobe(2)`, Linux's system call 335 on x86-64 (6.11), which every
+/// seccomp filter lets through.
+const NR_URETPROBE: u64 = 335;
+/// `si_code` of a signal the kernel raised itself.
+const SI_KERNEL: i32 = 0x80;
+
+impl Report {
+    /// Since Linux 6.11, system call 335 (`uretprobe`) runs past every
+    /// seccomp filter; made from anywhere but a uprobe trampoline it sets
+    /// rax to -1 and raises `SIGILL` (`SI_KERNEL`) just after the
+    /// `syscall`. It is the user code's system call all the same: report it
+    /// as one, with its number back in rax (the upper half of rax, ignored
+    /// by the kernel, is lost). Nothing else raises that `SIGILL` with rcx
+    /// equal to rip, as only `syscall` leaves them.
+    fn undo_uretprobe(&mut self) {
+        let g = &mut self.gregs;
+        if self.sig == libc::SIGILL as u32
+            && self.code == SI_KERNEL
+            && g[REG_RCX] == g[REG_RIP]
+            && g[REG_RAX] == u64::MAX
+        {
+            self.sig = libc::SIGSYS as u32;
+            self.syscall = NR_URETPROBE | u64::from(crate::sys::seccomp::AUDIT_ARCH_X86_64) << 32;
+            g[REG_RAX] = NR_URETPROBE;
+        }
+    }
+}
+
 /// The frame to copy out: the report's registers into the frame copied in.
 fn frame_of(p: &Pending, r: &Report, trap: Trap) -> (TrapFrame, VextFrame) {
     let g = &r.gregs;
@@ -454,7 +491,8 @@ impl Waiter {
         self.answer(&mut st, &p, Err(errno));
     }
 
-    fn on_report(&self, r: Report) {
+    fn on_report(&self, mut r: Report) {
+        r.undo_uretprobe();
         let ctx = &*self.ctx;
         let mut st = lock(&ctx.state);
         let Some(p) = st.run.clone() else {
@@ -721,6 +759,23 @@ mod tests {
         let mut ro = report(libc::SIGSEGV, 14, PGEX_W | PGEX_U);
         ro.code = SEGV_ACCERR;
         assert_eq!(trap_of(&ro).err, PGEX_P | PGEX_W | PGEX_U);
+    }
+
+    #[test]
+    fn uretprobe_is_a_system_call() {
+        let mut r = report(libc::SIGILL, 3, 0);
+        r.code = SI_KERNEL;
+        r.gregs[REG_RIP] = 0x40_0002;
+        r.gregs[REG_RCX] = 0x40_0002;
+        r.gregs[REG_RAX] = u64::MAX;
+        let mut ud2 = r;
+        r.undo_uretprobe();
+        assert_eq!(trap_of(&r).trapno, T_FAST_SYSCALL);
+        assert_eq!(r.gregs[REG_RAX], NR_URETPROBE);
+        // A real invalid opcode stays one.
+        ud2.code = 2; // ILL_ILLOPN
+        ud2.undo_uretprobe();
+        assert_eq!(trap_of(&ud2).trapno, T_PRIVINFLT);
     }
 
     #[test]

@@ -515,7 +515,10 @@ impl Vmspaces {
                 }
             }
         };
-        run::start(&ctx, n, &self.stats)
+        match self.env.get() {
+            Some(env) => run::start(&ctx, n, env),
+            None => Some(Err(Errno::EAGAIN)),
+        }
     }
 
     /// Make the context of guest thread `guest` in `vm`: a thread cloned in

@@ -265,6 +265,10 @@ fn a_signal_ends_run_and_run_continues() {
     }
     // A signal without a handler (SIGCHLD, SIGWINCH) leaves RUN running.
     names.push("ignored.keeps-running".to_owned());
+    // A signal storm against back-to-back RUNs: each RUN returns its own
+    // frame or EINTR, never an earlier call's.
+    names.push("storm.consistent".to_owned());
+    names.push("storm.interrupted".to_owned());
     let names: Vec<&str> = names.iter().map(String::as_str).collect();
     check("signals", &names);
 }

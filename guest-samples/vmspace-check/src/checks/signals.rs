@@ -23,14 +23,27 @@
 //!                                  (SIGCHLD, SIGWINCH at their default) does not
 //!                                  end the RUN: the user code counts on, and a
 //!                                  handled signal then ends it with trapno 0
+//! ok signals.storm.consistent      a thread RUNs short runs (`syscall` at once)
+//!                                  back to back while this thread sends it
+//!                                  SIGUSR2 (no SA_RESTART) every few
+//!                                  microseconds: every RUN that returns 0 returns
+//!                                  its own frame (T_FAST_SYSCALL or T_SIGNAL with
+//!                                  the rax it was given), never an earlier
+//!                                  call's, and every other RUN fails with EINTR
+//! ok signals.storm.interrupted     the signals did land inside RUNs: some RUNs
+//!                                  failed with EINTR or ended with trapno 0
 //! ```
 
-use std::time::Duration;
+use std::os::unix::thread::JoinHandleExt;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
 
-use vkabi::{T_SIGNAL, TrapFrame, VextFrame};
+use vkabi::hypercall::Errno;
+use vkabi::{T_FAST_SYSCALL, T_SIGNAL, TrapFrame, VMSPACE_CTL_RUN, VextFrame};
 
 use crate::env::{Env, User, describe};
-use crate::report::{Outcome, Report, trap};
+use crate::report::{Outcome, Report, errno_text, trap};
 use crate::runner::{RunEnd, Runner};
 use crate::sys;
 use crate::user::Snippet;
@@ -49,7 +62,90 @@ pub fn run(env: &mut Env, rep: &mut Report) -> Outcome {
     ] {
         round(env, &user, vs.id(), rep, kind, sig)?;
     }
-    ignored(env, &user, vs.id(), rep)
+    ignored(env, &user, vs.id(), rep)?;
+    storm(&user, vs.id(), rep)
+}
+
+/// How long the storm lasts.
+const STORM: Duration = Duration::from_secs(2);
+/// rax of the storm's RUNs: `getpid` (39) in the half the kernel reads as
+/// the system call number, the RUN's sequence number above it. (Numbers
+/// 335 and 336 would not trap: Linux lets them past every seccomp filter.)
+const STORM_NR: u64 = 39;
+/// `tf_trapno` as the storm passes it: RUN must overwrite it.
+const UNSET: u64 = 0xFFFF;
+
+/// What the storm's runner saw.
+#[derive(Debug, Default)]
+struct Storm {
+    runs: u64,
+    eintr: u64,
+    signalled: u64,
+    /// The first inconsistent RUN.
+    bad: Option<String>,
+}
+
+/// RUN `syscall` back to back until `stop`, each RUN with its own rax.
+fn storm_runner(id: u64, start: TrapFrame, stop: &AtomicBool) -> Storm {
+    let mut seen = Storm::default();
+    while !stop.load(Ordering::Relaxed) && seen.bad.is_none() {
+        let rax = seen.runs << 32 | STORM_NR;
+        seen.runs += 1;
+        let mut tf = TrapFrame {
+            tf_rax: rax,
+            tf_trapno: UNSET,
+            ..start
+        };
+        let mut vf = VextFrame::default();
+        let result =
+            sys::vmspace_ctl_raw(id, VMSPACE_CTL_RUN, &raw mut tf as u64, &raw mut vf as u64);
+        match result {
+            Err(Errno(libc::EINTR)) => seen.eintr += 1,
+            Err(e) => seen.bad = Some(format!("RUN {rax:#x} failed: {}", errno_text(e))),
+            Ok(()) if tf.tf_rax != rax || ![T_FAST_SYSCALL, T_SIGNAL].contains(&tf.tf_trapno) => {
+                seen.bad = Some(format!(
+                    "RUN with rax {rax:#x} returned 0 with another frame: {}",
+                    describe(&tf)
+                ));
+            }
+            Ok(()) => seen.signalled += u64::from(tf.tf_trapno == T_SIGNAL),
+        }
+    }
+    seen
+}
+
+/// A signal storm against a thread doing short RUNs: a signal may land
+/// while the supervisor is receiving a RUN, posting it, or answering it.
+fn storm(user: &User, id: u64, rep: &mut Report) -> Outcome {
+    let start = user.frame(Snippet::Syscall);
+    let stop = Arc::new(AtomicBool::new(false));
+    let flag = Arc::clone(&stop);
+    let runner = std::thread::spawn(move || storm_runner(id, start, &flag));
+    let until = Instant::now() + STORM;
+    let mut pause = 1u64;
+    let mut sent = 0u64;
+    while Instant::now() < until && !runner.is_finished() {
+        sys::pthread_kill(runner.as_pthread_t(), libc::SIGUSR2)
+            .map_err(|e| format!("pthread_kill: {e}"))?;
+        sent += 1;
+        // 1-64 microseconds apart, so signals fall on every phase of a RUN.
+        pause = pause * 37 % 64 + 1;
+        std::thread::sleep(Duration::from_micros(pause));
+    }
+    stop.store(true, Ordering::Relaxed);
+    let seen = runner.join().map_err(|_| "the storm's runner panicked")?;
+    let counts = format!(
+        "{} RUNs, {} signals sent, {} EINTR, {} ended with trapno 0",
+        seen.runs, sent, seen.eintr, seen.signalled
+    );
+    let bad = seen.bad.clone();
+    rep.check("storm.consistent", bad.is_none(), || {
+        format!("{} ({counts})", bad.unwrap_or_default())
+    });
+    rep.check("storm.interrupted", seen.eintr + seen.signalled > 0, || {
+        format!("no RUN was interrupted: {counts}")
+    });
+    Ok(())
 }
 
 /// Signals without a handler leave RUN running (as they leave any system
