@@ -175,6 +175,7 @@ fn every_trap_kind_comes_back_to_the_vkernel() {
         "traps",
         &[
             "syscall",
+            "syscall-335",
             "int3",
             "int3.resume",
             "ud2",

@@ -6,6 +6,9 @@
 //!
 //! ```text
 //! ok traps.syscall                  T_FAST_SYSCALL (0x81), rip after it, tf_err 2
+//! ok traps.syscall-335              `syscall` with rax 335 (Linux's uretprobe,
+//!                                   which passes every seccomp filter):
+//!                                   T_FAST_SYSCALL too, rax 335
 //! ok traps.int3                     T_BPTFLT (3), rip after the int3
 //! ok traps.int3.resume              RUN again goes on after the int3
 //! ok traps.ud2                      T_PRIVINFLT (1), rip at the ud2
@@ -79,6 +82,20 @@ pub fn run(env: &mut Env, rep: &mut Report) -> Outcome {
                 Ok(())
             } else {
                 Err(format!("expected tf_err 0x2, got {}", describe(&tf)))
+            }
+        }),
+    );
+
+    let mut tf = user.frame(Snippet::Syscall);
+    tf.tf_rax = 335;
+    vs.run_plain(&mut tf)?;
+    rep.result(
+        "syscall-335",
+        trap(&tf, T_FAST_SYSCALL, Some(at(Snippet::Syscall, 2))).and_then(|()| {
+            if tf.tf_rax == 335 {
+                Ok(())
+            } else {
+                Err(format!("expected rax 335, got {}", describe(&tf)))
             }
         }),
     );
