@@ -233,7 +233,8 @@ fn gregs_of(tf: &TrapFrame) -> [u64; GREGS_IN] {
 
 /// Start `vmspace_ctl(id, RUN, tf, vf)` for notification `n` in context
 /// `ctx` (on the hypercall thread). `Some` is the answer now; `None` means
-/// the context's waiter answers when the user code traps.
+/// the context's waiter answers when the user code traps, or that no answer
+/// is due (the call was withdrawn).
 pub fn start(ctx: &Context, n: &Notification, env: &RunEnv) -> Option<Result<i64, Errno>> {
     let mut st = lock(&ctx.state);
     if let Some(v) = st.completed.take() {
@@ -252,24 +253,29 @@ pub fn start(ctx: &Context, n: &Notification, env: &RunEnv) -> Option<Result<i64
         Ok(f) => f,
         Err(e) => return Some(Err(e)),
     };
-    // A signal may have withdrawn the call since it was received; then the
-    // tracer, which takes this lock to end the guest thread's run, found
-    // none, and the call has already returned EINTR or restarted. Running
-    // its frame now would write a frame the guest no longer expects and
-    // hand its result to the next RUN. Once the run is recorded below, a
-    // signal finds it and ends it.
-    if !env.notify.id_valid(n.id) {
-        return Some(Err(Errno::EINTR));
-    }
-    env.stats.runs.fetch_add(1, Ordering::Relaxed);
-    st.run = Some(Pending {
+    let run = Pending {
         notif: n.id,
         args: n.args,
         tf,
         vf,
         when: SystemTime::now(),
         started: Instant::now(),
-    });
+    };
+    // A signal may have withdrawn the call since it was received; then the
+    // tracer, which takes this lock to end the guest thread's run, found
+    // none, and the call has already returned EINTR or restarted. Running
+    // its frame now would write a frame the guest no longer expects and
+    // hand its result to the next RUN. Once the run is recorded below, a
+    // signal finds it and ends it. (strace's words for a call a signal
+    // interrupted before it did anything.)
+    if !env.notify.id_valid(n.id) {
+        env.stats.count_hypercall(Some(Hypercall::VmspaceCtl), true);
+        let text = "= ? ERESTARTSYS (To be restarted if SA_RESTART is set)";
+        trace_run(&env.trace, ctx.guest, &run, text, None);
+        return None;
+    }
+    env.stats.runs.fetch_add(1, Ordering::Relaxed);
+    st.run = Some(run);
     // Post without the lock: the context may run (and report) at once.
     drop(st);
     ctx.post(&gregs_of(&tf), vf.vx_tls[0].base, vf.vx_tls[1].base);
@@ -584,28 +590,40 @@ impl Waiter {
     }
 
     fn trace(&self, p: &Pending, result: Result<i64, Errno>, trap: Option<(Trap, u64)>) {
-        let mut trace = lock(&self.env.trace);
-        let set = *trace.set();
-        if !(set.runs || set.hypercall(Some(Hypercall::VmspaceCtl))) {
-            return;
-        }
-        let n = Notification {
-            id: p.notif,
-            tid: self.ctx.guest.as_raw(),
-            nr: Hypercall::VmspaceCtl.nr(),
-            args: p.args,
-        };
-        let mut text = format!(
-            "{} {}",
-            crate::hypercall::format_call(Some(Hypercall::VmspaceCtl), &n),
-            crate::trace::format_result(result, false)
-        );
-        if let Some((trap, rip)) = trap {
-            text.push_str(&format!(" ({})", format_trap(trap, rip)));
-        }
-        let took = trace.wants_durations().then(|| p.started.elapsed());
-        trace.line(self.ctx.guest.as_raw(), p.when, &text, took);
+        let text = crate::trace::format_result(result, false);
+        trace_run(&self.env.trace, self.ctx.guest, p, &text, trap);
     }
+}
+
+/// The trace line of a finished RUN, if the trace wants it:
+/// `vmspace_ctl(...) = 0 (T_FAST_SYSCALL rip=...)`.
+fn trace_run(
+    trace: &Mutex<TraceWriter>,
+    guest: Pid,
+    p: &Pending,
+    result: &str,
+    trap: Option<(Trap, u64)>,
+) {
+    let mut trace = lock(trace);
+    let set = *trace.set();
+    if !(set.runs || set.hypercall(Some(Hypercall::VmspaceCtl))) {
+        return;
+    }
+    let n = Notification {
+        id: p.notif,
+        tid: guest.as_raw(),
+        nr: Hypercall::VmspaceCtl.nr(),
+        args: p.args,
+    };
+    let mut text = format!(
+        "{} {result}",
+        crate::hypercall::format_call(Some(Hypercall::VmspaceCtl), &n),
+    );
+    if let Some((trap, rip)) = trap {
+        text.push_str(&format!(" ({})", format_trap(trap, rip)));
+    }
+    let took = trace.wants_durations().then(|| p.started.elapsed());
+    trace.line(guest.as_raw(), p.when, &text, took);
 }
 
 /// The report's registers as the next run's input (a retried instruction).
@@ -657,7 +675,7 @@ pub fn format_trap(trap: Trap, rip: u64) -> String {
 /// `rax` = `ret` while its RUN in `ctx` was in flight or unanswered: the
 /// value its RUN must return (the tracer sets `rax` to it), or `None` if its
 /// RUN is not concerned.
-pub fn interrupt(ctx: &Context, ret: i64) -> Option<i64> {
+pub fn interrupt(ctx: &Context, ret: i64, trace: &Mutex<TraceWriter>) -> Option<i64> {
     if ![
         -ERESTARTSYS,
         -ERESTARTNOINTR,
@@ -679,7 +697,10 @@ pub fn interrupt(ctx: &Context, ret: i64) -> Option<i64> {
         .compare_exchange(STATE_GO, STATE_WAIT, Ordering::AcqRel, Ordering::Acquire)
         .is_ok()
     {
-        st.run = None;
+        if let Some(p) = st.run.take() {
+            let text = crate::trace::format_result(Err(Errno::EINTR), false);
+            trace_run(trace, ctx.guest, &p, &text, None);
+        }
         ctx.vm
             .stats()
             .count_hypercall(Some(Hypercall::VmspaceCtl), true);

@@ -474,7 +474,8 @@ impl Vmspaces {
             if let Some(ctx) = ctx
                 && ctx.busy()
             {
-                return run::interrupt(&ctx, ret);
+                let env = self.env.get()?;
+                return run::interrupt(&ctx, ret, &env.trace);
             }
         }
         None

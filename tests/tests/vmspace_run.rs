@@ -691,3 +691,36 @@ fn stats_count_runs_and_their_exits() {
     let stats = text(&out.stderr);
     assert!(counter(&stats, "vkrun.run_exits.signal") >= 4, "{stats}");
 }
+
+/// Under a signal storm every RUN's trace line says how the call ended, in
+/// strace's words: a trap, `-1 EINTR` (taken back before the user code
+/// started), or `? ERESTARTSYS` (withdrawn before vkrun posted it).
+#[test]
+fn interrupted_runs_are_traced_as_strace_would() {
+    let out = run(vkrun()
+        .args(["-q", "-e", "trace=runs", "--"])
+        .arg(bin("vmspace-check"))
+        .arg("signals"));
+    let stdout = text(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{stdout}");
+    let trace = text(&out.stderr);
+    let runs: Vec<&str> = trace
+        .lines()
+        .filter(|l| l.contains("vmspace_ctl("))
+        .collect();
+    let odd: Vec<&&str> = runs
+        .iter()
+        .filter(|l| {
+            !(l.contains(") = 0 (T_")
+                || l.ends_with(") = -1 EINTR (Interrupted system call)")
+                || l.ends_with(") = ? ERESTARTSYS (To be restarted if SA_RESTART is set)"))
+        })
+        .collect();
+    assert!(odd.is_empty(), "unexpected RUN lines: {odd:#?}");
+    let interrupted = runs.iter().filter(|l| !l.contains(") = 0 (T_")).count();
+    assert!(
+        interrupted > 0,
+        "no interrupted RUN among {} traced",
+        runs.len()
+    );
+}
