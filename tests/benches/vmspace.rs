@@ -11,6 +11,11 @@
 //!   both against a native first-touch write fault on fresh anonymous memory
 //!   (transparent huge pages off, so each 4 KiB page faults).
 //!
+//! Beside vkrun's RUN it runs `run_floor.c` (built here with `gcc`): the
+//! same four hand-offs, signal and two copies with none of vkrun's
+//! bookkeeping, and once more without the copies. That is the floor any
+//! RUN of this design can reach on the machine.
+//!
 //! Everything is measured once pinned (the bench pins itself to CPU 0; the
 //! futex partner, vkrun with all its threads, the guest and the vmspace's
 //! stub inherit it) and once unpinned; each figure is the median of several
@@ -20,13 +25,14 @@
 //!
 //! Run with `cargo build --release --workspace && cargo bench -p vkrun-tests --bench vmspace`.
 
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use nix::sched::{CpuSet, sched_setaffinity};
 use nix::unistd::Pid;
-use vkrun_tests::{bin, skip, text, wait_output};
+use vkrun_tests::{bin, require, skip, text, wait_output};
 
 const REPEATS: usize = 5;
 /// Round trips per futex sample.
@@ -204,6 +210,57 @@ fn demo_ns(args: &[&str], name: &str) -> Option<f64> {
     Some(median(samples))
 }
 
+/// Build `run_floor.c` next to the bench's other outputs, or `None` (after a
+/// loud skip) without gcc.
+fn build_floor() -> Option<PathBuf> {
+    let gcc = require("gcc")?;
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("benches/run_floor.c");
+    let exe = Path::new(env!("CARGO_TARGET_TMPDIR")).join("run_floor");
+    let out = Command::new(gcc)
+        .args(["-O2", "-o"])
+        .arg(&exe)
+        .arg(&src)
+        .output()
+        .expect("run gcc");
+    if !out.status.success() {
+        skip(&format!("building run_floor.c: {}", text(&out.stderr)));
+        return None;
+    }
+    Some(exe)
+}
+
+/// The median of `run_floor [ARG]`'s nanoseconds per round trip.
+fn floor_ns(exe: &Path, arg: Option<&str>) -> Option<f64> {
+    let mut samples = Vec::new();
+    for _ in 0..REPEATS {
+        let child = Command::new(exe)
+            .args(arg)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn run_floor");
+        let out = wait_output(child, GUEST_DEADLINE);
+        let stdout = text(&out.stdout);
+        match stdout
+            .trim()
+            .strip_prefix("run_floor_ns")
+            .and_then(|v| v.trim().parse::<f64>().ok())
+        {
+            Some(v) if out.status.success() => samples.push(v),
+            _ => {
+                skip(&format!(
+                    "run_floor: {}\n{stdout}{}",
+                    out.status,
+                    text(&out.stderr)
+                ));
+                return None;
+            }
+        }
+    }
+    Some(median(samples))
+}
+
 /// Microseconds from nanoseconds, or `n/a`.
 fn us(ns: Option<f64>) -> String {
     ns.map_or_else(|| "n/a".to_owned(), |ns| format!("{:.2}", ns / 1e3))
@@ -214,8 +271,10 @@ fn ratio(a: Option<f64>, b: f64) -> String {
     a.map_or_else(|| "n/a".to_owned(), |a| format!("{:.2}x", a / b))
 }
 
-fn measure(label: &str) {
+fn measure(label: &str, floor: Option<&Path>) {
     let futex = median((0..REPEATS).map(|_| futex_round_trip_ns()).collect());
+    let floor_copies = floor.and_then(|exe| floor_ns(exe, None));
+    let floor_bare = floor.and_then(|exe| floor_ns(exe, Some("nocopy")));
     let native = median((0..REPEATS).map(|_| native_fault_ns()).collect());
     let run = demo_ns(&["bench", &RUN_CALLS.to_string()], "run_ns_per_call");
     let pages = FAULT_PAGES.to_string();
@@ -231,6 +290,16 @@ fn measure(label: &str) {
         "RUN round trip (syscall, answered)     {:>8} us   {} the futex round trip (target <= 3x)",
         us(run),
         ratio(run, futex)
+    );
+    println!(
+        "  floor: the same path in plain C      {:>8} us   {}",
+        us(floor_copies),
+        ratio(floor_copies, futex)
+    );
+    println!(
+        "  floor without the two copies         {:>8} us   {}",
+        us(floor_bare),
+        ratio(floor_bare, futex)
     );
     println!(
         "native first-touch write fault (anon)  {:>8} us",
@@ -251,8 +320,15 @@ fn measure(label: &str) {
 
 fn main() {
     let ncpu = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let floor = build_floor();
     pin(&[0]);
-    measure("pinned: bench, futex partner, vkrun (all threads), guest and stub on CPU 0");
+    measure(
+        "pinned: bench, futex partner, vkrun (all threads), guest and stub on CPU 0",
+        floor.as_deref(),
+    );
     pin(&(0..ncpu).collect::<Vec<_>>());
-    measure(&format!("unpinned: {ncpu} CPUs, scheduler's choice"));
+    measure(
+        &format!("unpinned: {ncpu} CPUs, scheduler's choice"),
+        floor.as_deref(),
+    );
 }
