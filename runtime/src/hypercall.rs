@@ -3,9 +3,10 @@
 
 use std::fmt::Write as _;
 use std::os::fd::AsFd;
-use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::{Instant, SystemTime};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant, SystemTime};
 
 use nix::errno::Errno;
 use nix::unistd::Pid;
@@ -14,15 +15,29 @@ use vkabi::{Hypercall, VkInfo};
 use crate::lock;
 use crate::ram::GuestRam;
 use crate::remote::{self, RemoteAddr};
+use crate::run::Started;
 use crate::stats::Stats;
 use crate::sys::kcmp;
 use crate::sys::seccomp::{Notification, NotifyFd};
+use crate::sys::signal::WAKE_SIGNAL;
 use crate::trace::{self, TraceWriter, format_flags};
 
-/// The hypercall server: a thread that blocks in
-/// `SECCOMP_IOCTL_NOTIF_RECV`, serves each call and answers it. It needs no
-/// ptrace access (the tracer is the supervisor's main thread), so it runs
-/// beside the tracer and a hypercall costs one hand-off each way.
+/// The hypercall server: threads that block in `SECCOMP_IOCTL_NOTIF_RECV`,
+/// serve each call and answer it. They need no ptrace access (the tracer is
+/// the supervisor's main thread), so a hypercall costs one hand-off each
+/// way.
+///
+/// A thread that receives a RUN stays with it until the user code traps
+/// (see [`crate::run`]). Meanwhile another thread must receive if some
+/// other guest task may call, and only then: every thread blocked in RECV
+/// wakes on every notification (the kernel's wait there is not exclusive),
+/// so a second one idle there would cost each call two context switches.
+/// So the pool counts the threads receiving, the RUNs waited for and the
+/// guest tasks (the tracer keeps that count), wakes a parked thread or
+/// starts one when a RUN leaves no receiver and another task may call, and
+/// parks a thread that finishes a RUN while another receives. A RUN's
+/// waiter also checks, each time its wait times out, that no notification
+/// is left without a receiver.
 #[derive(Debug)]
 pub struct Server {
     pub ram: Arc<GuestRam>,
@@ -35,19 +50,163 @@ pub struct Server {
     pub vmspaces: Arc<crate::vmspace::Vmspaces>,
     /// Last descriptor number at which the RAM memfd was found in a guest.
     pub ram_fd_guess: AtomicI32,
+    pub pool: Pool,
+}
+
+/// The server's threads (see [`Server`]).
+#[derive(Debug, Default)]
+pub struct Pool {
+    /// Set when the supervision ends.
+    stop: AtomicBool,
+    /// Threads in `SECCOMP_IOCTL_NOTIF_RECV` or on their way there.
+    receiving: AtomicUsize,
+    /// Threads waiting for a RUN's user code.
+    running: AtomicUsize,
+    /// Guest tasks, as the tracer counts them.
+    guest_tasks: AtomicUsize,
+    /// Parked threads, and how many of them are wanted back.
+    parked: Mutex<(usize, usize)>,
+    unpark: Condvar,
+    threads: Mutex<Vec<JoinHandle<()>>>,
 }
 
 impl Server {
-    /// Serve hypercalls until `stop` is set and the thread is interrupted
-    /// (by [`crate::sys::signal::WAKE_SIGNAL`]), no guest task is left, or
-    /// the listener fails.
-    pub fn serve_until(&self, stop: &AtomicBool) {
+    /// Start the first thread.
+    pub fn start(self: &Arc<Self>) -> std::io::Result<()> {
+        self.pool.receiving.fetch_add(1, Ordering::AcqRel);
+        self.spawn_receiver()
+    }
+
+    /// A new thread that starts by receiving (already counted as such).
+    fn spawn_receiver(self: &Arc<Self>) -> std::io::Result<()> {
+        let me = Arc::clone(self);
+        let thread = std::thread::Builder::new()
+            .name("vkrun-hypercall".into())
+            .spawn(move || me.serve())?;
+        lock(&self.pool.threads).push(thread);
+        Ok(())
+    }
+
+    /// The tracer's count of guest tasks changed, or a guest task may be
+    /// about to call while the threads are busy (a signal stop): make sure
+    /// a thread receives if one may be needed.
+    pub fn on_guest_tasks(self: &Arc<Self>, tasks: usize, signal_stop: bool) {
+        let pool = &self.pool;
+        pool.guest_tasks.store(tasks, Ordering::Release);
+        if signal_stop {
+            // The stopped task may restart a RUN whose run is in flight.
+            if pool.receiving.load(Ordering::Acquire) == 0 {
+                self.add_receiver();
+            }
+        } else {
+            self.receiver_if_needed();
+        }
+    }
+
+    /// Add a receiver if none receives and a guest task that is not inside
+    /// a RUN may call.
+    fn receiver_if_needed(self: &Arc<Self>) {
+        let pool = &self.pool;
+        if pool.receiving.load(Ordering::Acquire) == 0
+            && pool.guest_tasks.load(Ordering::Acquire) > pool.running.load(Ordering::Acquire)
+        {
+            self.add_receiver();
+        }
+    }
+
+    /// One more thread receiving: a parked one if any, else a new one.
+    fn add_receiver(self: &Arc<Self>) {
+        let pool = &self.pool;
+        pool.receiving.fetch_add(1, Ordering::AcqRel);
+        let mut parked = lock(&pool.parked);
+        if parked.0 > parked.1 {
+            parked.1 += 1;
+            pool.unpark.notify_one();
+            return;
+        }
+        drop(parked);
+        if let Err(e) = self.spawn_receiver() {
+            pool.receiving.fetch_sub(1, Ordering::AcqRel);
+            tracing::warn!("no thread for more hypercalls: {e}");
+        }
+    }
+
+    /// Park until wanted as a receiver (true) or the pool stops (false).
+    fn park(&self) -> bool {
+        let pool = &self.pool;
+        let mut parked = lock(&pool.parked);
+        parked.0 += 1;
+        while parked.1 == 0 && !pool.stop.load(Ordering::Acquire) {
+            parked = pool
+                .unpark
+                .wait(parked)
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+        }
+        parked.0 -= 1;
+        if parked.1 > 0 {
+            parked.1 -= 1;
+            return true;
+        }
+        false
+    }
+
+    /// After a call: receive again (true), unless another thread does: then
+    /// park until wanted (true) or the pool stops (false).
+    fn receive_again(&self) -> bool {
+        let pool = &self.pool;
+        if pool
+            .receiving
+            .compare_exchange(0, 1, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+        {
+            return true;
+        }
+        self.park()
+    }
+
+    /// Stop every thread: set the flag, unpark the parked ones and interrupt
+    /// the others' blocking calls (with [`WAKE_SIGNAL`]) until they notice,
+    /// which they do within one receive or one poll of a RUN's wait.
+    pub fn stop(&self) {
+        let pool = &self.pool;
+        pool.stop.store(true, Ordering::Release);
+        {
+            let _parked = lock(&pool.parked);
+            pool.unpark.notify_all();
+        }
+        loop {
+            let threads = std::mem::take(&mut *lock(&pool.threads));
+            if threads.is_empty() {
+                return;
+            }
+            for t in threads {
+                while !t.is_finished() {
+                    let _ = nix::sys::pthread::pthread_kill(
+                        std::os::unix::thread::JoinHandleExt::as_pthread_t(&t),
+                        WAKE_SIGNAL,
+                    );
+                    std::thread::sleep(Duration::from_micros(200));
+                }
+                let _ = t.join();
+            }
+        }
+    }
+
+    /// One thread of the pool, counted as receiving when it starts: serve
+    /// hypercalls until the pool stops, no guest task is left, or the
+    /// listener fails.
+    fn serve(self: &Arc<Self>) {
+        let stop = &self.pool.stop;
         let (set, durations) = {
             let trace = lock(&self.trace);
             (*trace.set(), trace.wants_durations())
         };
         while !stop.load(Ordering::Acquire) {
-            let n = match self.notify.recv() {
+            let received = self.notify.recv();
+            if received.is_ok() {
+                self.pool.receiving.fetch_sub(1, Ordering::AcqRel);
+            }
+            let n = match received {
                 Ok(n) => n,
                 Err(Errno::EINTR) => continue,
                 // The caller died before we received it, or no task uses
@@ -69,12 +228,31 @@ impl Server {
             let started = (traced && durations).then(Instant::now);
             let result = match h {
                 Some(Hypercall::VmspaceCtl) => match self.vmspaces.ctl(&n) {
-                    Some(r) => r,
-                    // In flight: the context's waiter answers, counts and
-                    // traces it.
-                    None => continue,
+                    Started::Done(r) => r,
+                    Started::Nothing => {
+                        if !self.receive_again() {
+                            return;
+                        }
+                        continue;
+                    }
+                    Started::Wait(waiter) => {
+                        self.pool.running.fetch_add(1, Ordering::AcqRel);
+                        self.receiver_if_needed();
+                        waiter.finish(stop, || {
+                            if self.pool.receiving.load(Ordering::Acquire) == 0
+                                && self.notify.pending()
+                            {
+                                self.add_receiver();
+                            }
+                        });
+                        self.pool.running.fetch_sub(1, Ordering::AcqRel);
+                        if !self.receive_again() {
+                            return;
+                        }
+                        continue;
+                    }
                 },
-                _ => self.serve(h, &n),
+                _ => self.call(h, &n),
             };
             self.stats.count_hypercall(h, result.is_err());
             // Trace before answering, so the line precedes anything the
@@ -95,13 +273,16 @@ impl Server {
                     tracing::warn!(%errno, tid = n.tid, "SECCOMP_IOCTL_NOTIF_SEND failed");
                 }
             }
+            if !self.receive_again() {
+                return;
+            }
         }
     }
 
     /// Serve notification `n` (a number in the hypercall range) and return
     /// the guest-visible result. Hypercalls of later milestones answer
     /// `ENOSYS`, as do unknown numbers.
-    fn serve(&self, h: Option<Hypercall>, n: &Notification) -> Result<i64, Errno> {
+    fn call(&self, h: Option<Hypercall>, n: &Notification) -> Result<i64, Errno> {
         match h {
             Some(Hypercall::VkInfo) => self.vk_info(n),
             Some(Hypercall::Mcontrol) => self.vpt.mcontrol(Pid::from_raw(n.tid), n.args),

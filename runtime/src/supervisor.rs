@@ -10,16 +10,13 @@
 
 use std::collections::HashSet;
 use std::os::fd::AsFd;
-use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
+use std::sync::atomic::AtomicI32;
 use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
-use std::time::{Duration, SystemTime};
+use std::time::SystemTime;
 
 use nix::errno::Errno;
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
-use std::os::unix::thread::JoinHandleExt;
 
-use nix::sys::pthread::{Pthread, pthread_kill};
 use vkabi::Hypercall;
 
 use crate::inject::{InjectError, Injector};
@@ -30,11 +27,11 @@ use nix::sys::signalfd::{SfdFlags, SignalFd};
 use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
 use nix::unistd::Pid;
 
-use crate::hypercall::Server;
+use crate::hypercall::{Pool, Server};
 use crate::ram::GuestRam;
 use crate::stats::Stats;
 use crate::sys::seccomp::NotifyFd;
-use crate::sys::signal::{WAKE_SIGNAL, install_wake_handler};
+use crate::sys::signal::install_wake_handler;
 use crate::sys::spawn::{self, Child, ChildPlan, ChildStep};
 use crate::trace::TraceWriter;
 use crate::vmspace::Vmspaces;
@@ -169,45 +166,6 @@ pub fn run(config: Config) -> Result<Outcome, Error> {
     result
 }
 
-/// The running hypercall server thread.
-struct ServerThread {
-    stop: Arc<AtomicBool>,
-    thread: Pthread,
-    handle: JoinHandle<()>,
-}
-
-impl ServerThread {
-    /// Start serving hypercalls from `server` on a new thread.
-    fn spawn(server: Server) -> Result<Self, Error> {
-        let stop = Arc::new(AtomicBool::new(false));
-        let flag = Arc::clone(&stop);
-        let handle = std::thread::Builder::new()
-            .name("vkrun-hypercalls".into())
-            .spawn(move || server.serve_until(&flag))
-            .map_err(|e| Error::Sys {
-                what: "starting the hypercall thread",
-                errno: Errno::from_raw(e.raw_os_error().unwrap_or(libc::EAGAIN)),
-            })?;
-        let thread = handle.as_pthread_t();
-        Ok(Self {
-            stop,
-            thread,
-            handle,
-        })
-    }
-
-    /// Stop the thread: set the flag, then interrupt its blocking receive
-    /// until it notices (the signal may land just before it blocks).
-    fn stop(self) {
-        self.stop.store(true, Ordering::Release);
-        while !self.handle.is_finished() {
-            let _ = pthread_kill(self.thread, WAKE_SIGNAL);
-            std::thread::sleep(Duration::from_micros(200));
-        }
-        let _ = self.handle.join();
-    }
-}
-
 /// The state of one supervision.
 struct Supervisor {
     ram: Arc<GuestRam>,
@@ -220,7 +178,7 @@ struct Supervisor {
     /// is a start-up failure).
     exec_seen: bool,
     /// The hypercall server, once the guest has started.
-    server: Option<ServerThread>,
+    server: Option<Arc<Server>>,
     sigfd: SignalFd,
     /// Every task (thread id) being traced.
     tracees: HashSet<Pid>,
@@ -260,6 +218,9 @@ impl Supervisor {
             }
             if self.on_signals()? {
                 break;
+            }
+            if let Some(server) = &self.server {
+                server.on_guest_tasks(self.tracees.len(), false);
             }
         }
         if let Some(err) = self.failure.take() {
@@ -381,6 +342,9 @@ impl Supervisor {
             WaitStatus::Stopped(pid, sig) => {
                 // Signal-delivery-stop: deliver the signal as the kernel would.
                 self.tracees.insert(pid);
+                if let Some(server) = &self.server {
+                    server.on_guest_tasks(self.tracees.len(), true);
+                }
                 self.end_interrupted_run(pid, sig);
                 self.trace_signal(pid);
                 resume(pid, Some(sig));
@@ -558,7 +522,7 @@ impl Supervisor {
         if let Err(errno) = notify.set_sync_wake_up() {
             tracing::info!(%errno, "SECCOMP_USER_NOTIF_FD_SYNC_WAKE_UP unavailable");
         }
-        let server = Server {
+        let server = Arc::new(Server {
             ram: Arc::clone(&self.ram),
             notify: Arc::new(notify),
             stats: Arc::clone(&self.stats),
@@ -566,14 +530,22 @@ impl Supervisor {
             vpt: Arc::clone(self.vpt()),
             vmspaces: Arc::clone(self.vmspaces()),
             ram_fd_guess: AtomicI32::new(self.ram_fd_guess),
-        };
+            pool: Pool::default(),
+        });
         self.vmspaces().set_env(Arc::new(crate::run::RunEnv {
             notify: Arc::clone(&server.notify),
             stats: Arc::clone(&self.stats),
             trace: Arc::clone(&self.out),
             vpt: Arc::clone(self.vpt()),
         }));
-        self.server = Some(ServerThread::spawn(server).map_err(|e| self.abort(e))?);
+        server.on_guest_tasks(self.tracees.len(), false);
+        server.start().map_err(|e| {
+            self.abort(Error::Sys {
+                what: "starting the hypercall thread",
+                errno: Errno::from_raw(e.raw_os_error().unwrap_or(libc::EAGAIN)),
+            })
+        })?;
+        self.server = Some(server);
         Ok(())
     }
 

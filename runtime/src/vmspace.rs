@@ -41,7 +41,7 @@ use crate::inject::{InjectError, Injector, errno_or};
 use crate::lock;
 use crate::ram::GuestRam;
 use crate::remote::{self, RemoteAddr};
-use crate::run::{self, Context, RunEnv, Waiter};
+use crate::run::{self, Context, RunEnv, Started};
 use crate::stats::Stats;
 use crate::sys::seccomp::Notification;
 use crate::sys::stub::{
@@ -483,16 +483,18 @@ impl Vmspaces {
 
     // ----- RUN (hypercall thread) -----
 
-    /// `vmspace_ctl(id, cmd, tf, vf)`: `None` when the context's waiter
-    /// answers later.
-    pub fn ctl(self: &Arc<Self>, n: &Notification) -> Option<Result<i64, Errno>> {
+    /// `vmspace_ctl(id, cmd, tf, vf)`: the answer, or the run to wait for.
+    pub fn ctl(self: &Arc<Self>, n: &Notification) -> Started {
         let vm = match self.get(n.args[0]) {
             Ok(v) => v,
-            Err(e) => return Some(Err(e)),
+            Err(e) => return Started::Done(Err(e)),
         };
         if n.args[1] as i32 != vkabi::VMSPACE_CTL_RUN {
-            return Some(Err(Errno::EOPNOTSUPP));
+            return Started::Done(Err(Errno::EOPNOTSUPP));
         }
+        let Some(env) = self.env.get() else {
+            return Started::Done(Err(Errno::EAGAIN));
+        };
         let guest = Pid::from_raw(n.tid);
         let existing = {
             let mut contexts = lock(&vm.contexts);
@@ -512,14 +514,11 @@ impl Vmspaces {
                     .and_then(|r| r)
                 {
                     Ok(c) => c,
-                    Err(e) => return Some(Err(e)),
+                    Err(e) => return Started::Done(Err(e)),
                 }
             }
         };
-        match self.env.get() {
-            Some(env) => run::start(&ctx, n, env),
-            None => Some(Err(Errno::EAGAIN)),
-        }
+        run::start(&ctx, n, env)
     }
 
     /// Make the context of guest thread `guest` in `vm`: a thread cloned in
@@ -531,7 +530,6 @@ impl Vmspaces {
         if vm.is_dead() {
             return Err(Errno::EIO);
         }
-        let env = self.env.get().cloned().ok_or(Errno::EAGAIN)?;
         let slot = {
             let mut slots = lock(&vm.slots);
             let free = slots.iter().position(|s| match s {
@@ -596,14 +594,6 @@ impl Vmspaces {
             guest,
             seq.load(Ordering::Acquire),
         ));
-        let waiter = Waiter {
-            ctx: Arc::clone(&ctx),
-            env,
-        };
-        std::thread::Builder::new()
-            .name(format!("vkrun-run-{guest}"))
-            .spawn(move || waiter.serve())
-            .map_err(|_| Errno::EAGAIN)?;
         lock(&vm.contexts).insert(guest, Arc::clone(&ctx));
         tracing::debug!(vmspace = format_args!("{:#x}", vm.id), %guest, context = %tid, slot, "execution context ready");
         Ok(ctx)

@@ -287,6 +287,7 @@ fn threads_have_their_own_contexts_and_vmspaces_are_isolated() {
             "vmspaces.anon",
             "vmspaces.pread",
             "vmspaces.mapping-absent",
+            "calls-beside-run",
         ],
     );
 }

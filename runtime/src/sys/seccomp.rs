@@ -199,6 +199,15 @@ impl NotifyFd {
         }
     }
 
+    /// Whether a notification waits to be received.
+    pub fn pending(&self) -> bool {
+        let mut fds = [nix::poll::PollFd::new(
+            self.fd.as_fd(),
+            nix::poll::PollFlags::POLLIN,
+        )];
+        matches!(nix::poll::poll(&mut fds, nix::poll::PollTimeout::ZERO), Ok(n) if n > 0)
+    }
+
     /// Whether notification `id` is still pending (its caller alive and
     /// waiting). Check before acting on the caller's memory: a dead caller's
     /// thread id may already name another task.

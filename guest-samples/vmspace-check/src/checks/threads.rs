@@ -12,8 +12,14 @@
 //! ok threads.vmspaces.anon            an anonymous page written in one reads 0 in the other
 //! ok threads.vmspaces.pread           vmspace_pread of the two differs accordingly
 //! ok threads.vmspaces.mapping-absent  a page mapped in one faults in the other
+//! ok threads.calls-beside-run         while one thread's RUN spins, another thread's
+//!                                     hypercalls (vk_info, vmspace_pread) are answered
+//!                                     at once, 100 times each
 //! ```
 
+use std::time::{Duration, Instant};
+
+use vkabi::hypercall;
 use vkabi::{
     MAP_ANONYMOUS, MAP_FIXED, MAP_PRIVATE, PGEX_U, PROT_READ, PROT_WRITE, T_FAST_SYSCALL,
     TrapFrame, VextFrame,
@@ -21,8 +27,9 @@ use vkabi::{
 
 use crate::checks::traps::pagefault;
 use crate::env::{Env, Vmspace, describe, stamp, stamp_frame};
-use crate::report::{Outcome, Report, must, trap};
+use crate::report::{Outcome, Report, errno_text, must, trap};
 use crate::runner::{RunEnd, Runner};
+use crate::sys;
 use crate::user::Snippet;
 
 /// Increments each thread makes.
@@ -32,7 +39,52 @@ const ONLY_A_VA: u64 = 0x0300_0000;
 
 pub fn run(env: &mut Env, rep: &mut Report) -> Outcome {
     same_vmspace(env, rep)?;
-    two_vmspaces(env, rep)
+    two_vmspaces(env, rep)?;
+    calls_beside_run(env, rep)
+}
+
+/// The slowest answer `calls_beside_run` accepts (a call waiting for a free
+/// hypercall thread would take until the RUN ends, or vkrun's 100 ms
+/// safety net).
+const PROMPT: Duration = Duration::from_millis(50);
+
+/// Hypercalls from this thread while a runner's RUN spins in user code.
+fn calls_beside_run(env: &mut Env, rep: &mut Report) -> Outcome {
+    // The runner's RUN ends with a signal it handles.
+    sys::install_counter(libc::SIGUSR1, true).map_err(|e| format!("sigaction: {e}"))?;
+    let vs = env.vmspace()?;
+    let user = env.user(&vs)?;
+    let progress = user.data.pa(0, 0);
+    env.store(progress, 0);
+    let mut runner = Runner::new(vs.id());
+    let mut tf = user.frame(Snippet::Spin);
+    tf.tf_rbx = user.data.va(0, 0);
+    runner.start(tf, VextFrame::default())?;
+    runner.wait_progress(env.ram, progress, 0)?;
+    let mut slowest = Duration::ZERO;
+    let mut failure = None;
+    let mut buf = [0u8; 8];
+    for _ in 0..100 {
+        let t = Instant::now();
+        let info = hypercall::vk_info();
+        let read = vs.pread(&mut buf, user.data.va(0, 0));
+        slowest = slowest.max(t.elapsed());
+        if let Err(e) = info {
+            failure = Some(format!("vk_info: {}", errno_text(e)));
+        } else if read != Ok(8) {
+            failure = Some(format!("vmspace_pread: {read:?}"));
+        }
+    }
+    runner.signal(libc::SIGUSR1)?;
+    let end = runner.wait_end()?;
+    end.ok()?;
+    let detail = failure.or_else(|| {
+        (slowest > PROMPT).then(|| format!("the slowest pair of calls took {slowest:?}"))
+    });
+    rep.check("calls-beside-run", detail.is_none(), || {
+        detail.unwrap_or_default()
+    });
+    Ok(())
 }
 
 fn same_vmspace(env: &mut Env, rep: &mut Report) -> Outcome {
