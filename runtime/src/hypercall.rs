@@ -32,12 +32,13 @@ use crate::trace::{self, TraceWriter, format_flags};
 /// other guest task may call, and only then: every thread blocked in RECV
 /// wakes on every notification (the kernel's wait there is not exclusive),
 /// so a second one idle there would cost each call two context switches.
-/// So the pool counts the threads receiving, the RUNs waited for and the
+/// So the pool counts the threads available to receive (all but those
+/// waiting for a RUN and the parked ones), the RUNs waited for and the
 /// guest tasks (the tracer keeps that count), wakes a parked thread or
-/// starts one when a RUN leaves no receiver and another task may call, and
-/// parks a thread that finishes a RUN while another receives. A RUN's
-/// waiter also checks, each time its wait times out, that no notification
-/// is left without a receiver.
+/// starts one when a RUN leaves none available and another task may call,
+/// and parks a thread that finishes a RUN while another is available. A
+/// RUN's waiter also checks, each time its wait times out, that no
+/// notification is left without a receiver.
 #[derive(Debug)]
 pub struct Server {
     pub ram: Arc<GuestRam>,
@@ -58,8 +59,9 @@ pub struct Server {
 pub struct Pool {
     /// Set when the supervision ends.
     stop: AtomicBool,
-    /// Threads in `SECCOMP_IOCTL_NOTIF_RECV` or on their way there.
-    receiving: AtomicUsize,
+    /// Threads receiving, or serving a call other than a RUN (they receive
+    /// next).
+    available: AtomicUsize,
     /// Threads waiting for a RUN's user code.
     running: AtomicUsize,
     /// Guest tasks, as the tracer counts them.
@@ -73,11 +75,11 @@ pub struct Pool {
 impl Server {
     /// Start the first thread.
     pub fn start(self: &Arc<Self>) -> std::io::Result<()> {
-        self.pool.receiving.fetch_add(1, Ordering::AcqRel);
+        self.pool.available.fetch_add(1, Ordering::AcqRel);
         self.spawn_receiver()
     }
 
-    /// A new thread that starts by receiving (already counted as such).
+    /// A new thread that starts by receiving (already counted available).
     fn spawn_receiver(self: &Arc<Self>) -> std::io::Result<()> {
         let me = Arc::clone(self);
         let thread = std::thread::Builder::new()
@@ -95,7 +97,7 @@ impl Server {
         pool.guest_tasks.store(tasks, Ordering::Release);
         if signal_stop {
             // The stopped task may restart a RUN whose run is in flight.
-            if pool.receiving.load(Ordering::Acquire) == 0 {
+            if pool.available.load(Ordering::Acquire) == 0 {
                 self.add_receiver();
             }
         } else {
@@ -103,21 +105,21 @@ impl Server {
         }
     }
 
-    /// Add a receiver if none receives and a guest task that is not inside
-    /// a RUN may call.
+    /// Add a receiver if none is available and a guest task that is not
+    /// inside a RUN may call.
     fn receiver_if_needed(self: &Arc<Self>) {
         let pool = &self.pool;
-        if pool.receiving.load(Ordering::Acquire) == 0
+        if pool.available.load(Ordering::Acquire) == 0
             && pool.guest_tasks.load(Ordering::Acquire) > pool.running.load(Ordering::Acquire)
         {
             self.add_receiver();
         }
     }
 
-    /// One more thread receiving: a parked one if any, else a new one.
+    /// One more thread available: a parked one if any, else a new one.
     fn add_receiver(self: &Arc<Self>) {
         let pool = &self.pool;
-        pool.receiving.fetch_add(1, Ordering::AcqRel);
+        pool.available.fetch_add(1, Ordering::AcqRel);
         let mut parked = lock(&pool.parked);
         if parked.0 > parked.1 {
             parked.1 += 1;
@@ -126,7 +128,7 @@ impl Server {
         }
         drop(parked);
         if let Err(e) = self.spawn_receiver() {
-            pool.receiving.fetch_sub(1, Ordering::AcqRel);
+            pool.available.fetch_sub(1, Ordering::AcqRel);
             tracing::warn!("no thread for more hypercalls: {e}");
         }
     }
@@ -150,12 +152,12 @@ impl Server {
         false
     }
 
-    /// After a call: receive again (true), unless another thread does: then
-    /// park until wanted (true) or the pool stops (false).
+    /// After a RUN: receive again (true), unless another thread is
+    /// available: then park until wanted (true) or the pool stops (false).
     fn receive_again(&self) -> bool {
         let pool = &self.pool;
         if pool
-            .receiving
+            .available
             .compare_exchange(0, 1, Ordering::AcqRel, Ordering::Acquire)
             .is_ok()
         {
@@ -192,7 +194,7 @@ impl Server {
         }
     }
 
-    /// One thread of the pool, counted as receiving when it starts: serve
+    /// One thread of the pool, counted available when it starts: serve
     /// hypercalls until the pool stops, no guest task is left, or the
     /// listener fails.
     fn serve(self: &Arc<Self>) {
@@ -202,11 +204,7 @@ impl Server {
             (*trace.set(), trace.wants_durations())
         };
         while !stop.load(Ordering::Acquire) {
-            let received = self.notify.recv();
-            if received.is_ok() {
-                self.pool.receiving.fetch_sub(1, Ordering::AcqRel);
-            }
-            let n = match received {
+            let n = match self.notify.recv() {
                 Ok(n) => n,
                 Err(Errno::EINTR) => continue,
                 // The caller died before we received it, or no task uses
@@ -229,17 +227,13 @@ impl Server {
             let result = match h {
                 Some(Hypercall::VmspaceCtl) => match self.vmspaces.ctl(&n) {
                     Started::Done(r) => r,
-                    Started::Nothing => {
-                        if !self.receive_again() {
-                            return;
-                        }
-                        continue;
-                    }
+                    Started::Nothing => continue,
                     Started::Wait(waiter) => {
+                        self.pool.available.fetch_sub(1, Ordering::AcqRel);
                         self.pool.running.fetch_add(1, Ordering::AcqRel);
                         self.receiver_if_needed();
                         waiter.finish(stop, || {
-                            if self.pool.receiving.load(Ordering::Acquire) == 0
+                            if self.pool.available.load(Ordering::Acquire) == 0
                                 && self.notify.pending()
                             {
                                 self.add_receiver();
@@ -272,9 +266,6 @@ impl Server {
                 Err(errno) => {
                     tracing::warn!(%errno, tid = n.tid, "SECCOMP_IOCTL_NOTIF_SEND failed");
                 }
-            }
-            if !self.receive_again() {
-                return;
             }
         }
     }

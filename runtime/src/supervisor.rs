@@ -538,7 +538,6 @@ impl Supervisor {
             trace: Arc::clone(&self.out),
             vpt: Arc::clone(self.vpt()),
         }));
-        server.on_guest_tasks(self.tracees.len(), false);
         server.start().map_err(|e| {
             self.abort(Error::Sys {
                 what: "starting the hypercall thread",
