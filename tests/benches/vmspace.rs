@@ -173,20 +173,18 @@ fn native_fault_ns() -> f64 {
     ns
 }
 
-/// The median of `name` printed by `vkrun -q -m RAM -- vmspace-demo ARGS`,
-/// or `None` (after a loud skip) if the guest fails.
-fn demo_ns(args: &[&str], name: &str) -> Option<f64> {
+/// The median over [`REPEATS`] runs of the value that `program ARGS` prints
+/// as `name VALUE`, or `None` (after a loud skip) if a run fails.
+fn median_printed(program: &Path, args: &[&str], name: &str) -> Option<f64> {
     let mut samples = Vec::new();
     for _ in 0..REPEATS {
-        let child = Command::new(bin("vkrun"))
-            .args(["-q", "-m", RAM, "--"])
-            .arg(bin("vmspace-demo"))
+        let child = Command::new(program)
             .args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
-            .expect("spawn vkrun");
+            .unwrap_or_else(|e| panic!("spawn {}: {e}", program.display()));
         let out = wait_output(child, GUEST_DEADLINE);
         let stdout = text(&out.stdout);
         let value = stdout
@@ -197,7 +195,8 @@ fn demo_ns(args: &[&str], name: &str) -> Option<f64> {
             Some(v) if out.status.success() => samples.push(v),
             _ => {
                 let why = format!(
-                    "vmspace-demo {} under vkrun: {}\n{stdout}{}",
+                    "{} {}: {}\n{stdout}{}",
+                    program.display(),
                     args.join(" "),
                     out.status,
                     text(&out.stderr)
@@ -208,6 +207,15 @@ fn demo_ns(args: &[&str], name: &str) -> Option<f64> {
         }
     }
     Some(median(samples))
+}
+
+/// The median of `name` printed by `vkrun -q -m RAM -- vmspace-demo ARGS`.
+fn demo_ns(args: &[&str], name: &str) -> Option<f64> {
+    let demo = bin("vmspace-demo");
+    let demo = demo.to_str().expect("a UTF-8 path");
+    let mut all = vec!["-q", "-m", RAM, "--", demo];
+    all.extend_from_slice(args);
+    median_printed(&bin("vkrun"), &all, name)
 }
 
 /// Build `run_floor.c` next to the bench's other outputs, or `None` (after a
@@ -229,38 +237,6 @@ fn build_floor() -> Option<PathBuf> {
     Some(exe)
 }
 
-/// The median of `run_floor [ARG]`'s nanoseconds per round trip.
-fn floor_ns(exe: &Path, arg: Option<&str>) -> Option<f64> {
-    let mut samples = Vec::new();
-    for _ in 0..REPEATS {
-        let child = Command::new(exe)
-            .args(arg)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn run_floor");
-        let out = wait_output(child, GUEST_DEADLINE);
-        let stdout = text(&out.stdout);
-        match stdout
-            .trim()
-            .strip_prefix("run_floor_ns")
-            .and_then(|v| v.trim().parse::<f64>().ok())
-        {
-            Some(v) if out.status.success() => samples.push(v),
-            _ => {
-                skip(&format!(
-                    "run_floor: {}\n{stdout}{}",
-                    out.status,
-                    text(&out.stderr)
-                ));
-                return None;
-            }
-        }
-    }
-    Some(median(samples))
-}
-
 /// Microseconds from nanoseconds, or `n/a`.
 fn us(ns: Option<f64>) -> String {
     ns.map_or_else(|| "n/a".to_owned(), |ns| format!("{:.2}", ns / 1e3))
@@ -273,8 +249,8 @@ fn ratio(a: Option<f64>, b: f64) -> String {
 
 fn measure(label: &str, floor: Option<&Path>) {
     let futex = median((0..REPEATS).map(|_| futex_round_trip_ns()).collect());
-    let floor_copies = floor.and_then(|exe| floor_ns(exe, None));
-    let floor_bare = floor.and_then(|exe| floor_ns(exe, Some("nocopy")));
+    let floor_copies = floor.and_then(|exe| median_printed(exe, &[], "run_floor_ns"));
+    let floor_bare = floor.and_then(|exe| median_printed(exe, &["nocopy"], "run_floor_ns"));
     let native = median((0..REPEATS).map(|_| native_fault_ns()).collect());
     let run = demo_ns(&["bench", &RUN_CALLS.to_string()], "run_ns_per_call");
     let pages = FAULT_PAGES.to_string();
