@@ -218,6 +218,13 @@ fn copy_in(tid: Pid, tf: u64, vf: u64) -> Result<(TrapFrame, VextFrame), Errno> 
     Ok((TrapFrame::from_bytes(&t), VextFrame::from_bytes(&v)))
 }
 
+/// Whether `addr` is canonical on x86-64 (bits 63..47 all equal): the only
+/// values an FS or GS base can hold.
+fn canonical(addr: u64) -> bool {
+    let top = (addr as i64) >> 47;
+    top == 0 || top == -1
+}
+
 /// The registers to run with: `tf`, sanitised.
 fn gregs_of(tf: &TrapFrame) -> [u64; GREGS_IN] {
     let mut g = [0u64; GREGS_IN];
@@ -275,6 +282,11 @@ pub fn start(ctx: &Arc<Context>, n: &Notification, env: &Arc<RunEnv>) -> Started
         Ok(f) => f,
         Err(e) => return Started::Done(Err(e)),
     };
+    if !vf.vx_tls.iter().all(|t| canonical(t.base)) {
+        // `wrfsbase` would fault in the context's handler and take the
+        // whole stub down; natively no FS or GS base can be non-canonical.
+        return Started::Done(Err(Errno::EINVAL));
+    }
     let run = Pending {
         run_no: st.runs + 1,
         notif: n.id,
@@ -843,6 +855,15 @@ mod tests {
         ud2.code = 2; // ILL_ILLOPN
         ud2.undo_uretprobe();
         assert_eq!(trap_of(&ud2).trapno, T_PRIVINFLT);
+    }
+
+    #[test]
+    fn only_canonical_bases_pass() {
+        assert!(canonical(0));
+        assert!(canonical(0x7fff_ffff_ffff));
+        assert!(canonical(0xffff_8000_0000_0000));
+        assert!(!canonical(0x8000_0000_0000));
+        assert!(!canonical(0x5707_0000_0000_0027));
     }
 
     #[test]

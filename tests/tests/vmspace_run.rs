@@ -164,6 +164,7 @@ fn run_round_trips_registers_and_sanitises_the_frame() {
             "tls.fs-base",
             "tls.gs-base",
             "tls.per-run",
+            "tls.non-canonical",
             "fpu.xmm0-kept",
         ],
     );
@@ -724,4 +725,37 @@ fn interrupted_runs_are_traced_as_strace_would() {
         "no interrupted RUN among {} traced",
         runs.len()
     );
+}
+
+/// A hostile guest: thousands of hypercalls with random hostile arguments
+/// (`vmspace-check fuzz`, three seeds). Every call returns an expected
+/// error or succeeds, no stub dies (that would show as `EIO` and a warning),
+/// some RUNs do run user code, and vkrun exits with the guest's status.
+#[test]
+fn random_hostile_hypercalls_leave_vkrun_standing() {
+    for seed in ["1", "2", "3"] {
+        let out = run(vkrun()
+            .args(["--stats", "--"])
+            .arg(bin("vmspace-check"))
+            .args(["fuzz", seed, "3000"]));
+        let stdout = text(&out.stdout);
+        let stderr = text(&out.stderr);
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "fuzz seed {seed}:\n{stdout}\n{stderr}"
+        );
+        assert!(
+            stdout.contains("fuzz: 3000 calls"),
+            "fuzz seed {seed}: no summary:\n{stdout}"
+        );
+        assert!(
+            !stderr.contains("WARN"),
+            "fuzz seed {seed}: vkrun warned:\n{stderr}"
+        );
+        assert!(
+            counter(&stderr, "vkrun.runs") > 0,
+            "fuzz seed {seed}: no RUN ran user code:\n{stderr}"
+        );
+    }
 }

@@ -11,6 +11,8 @@
 //!                           `running PID`, then block until killed
 //! vmspace-check exit-running  the same, then exit 0 while both RUNs spin,
 //!                           as soon as stdin has a line or ends
+//! vmspace-check fuzz SEED N N random hypercalls with hostile arguments
+//!                           (see `fuzz.rs`), then `fuzz: N calls, ...`
 //! ```
 //!
 //! Areas: `errors`, `regs`, `traps`, `paging`, `isolation`, `signals`,
@@ -23,6 +25,7 @@
 
 mod checks;
 mod env;
+mod fuzz;
 mod report;
 mod runner;
 mod sys;
@@ -37,7 +40,7 @@ use vkabi::hypercall;
 use crate::env::Env;
 use crate::report::{Report, strerror};
 
-const USAGE: &str = "usage: vmspace-check [errors|regs|traps|paging|isolation|signals|threads|prw|fork|all|hold-run|exit-running|stub-death]";
+const USAGE: &str = "usage: vmspace-check [errors|regs|traps|paging|isolation|signals|threads|prw|fork|all|hold-run|exit-running|stub-death|fuzz SEED N]";
 
 /// What the command line asked for.
 enum Plan {
@@ -45,10 +48,15 @@ enum Plan {
     All,
     HoldRun { exit: bool },
     StubDeath,
+    Fuzz { seed: u64, calls: u64 },
 }
 
 fn parse(args: &[String]) -> Option<Plan> {
     match args {
+        [fuzz, seed, calls] if fuzz == "fuzz" => Some(Plan::Fuzz {
+            seed: seed.parse().ok()?,
+            calls: calls.parse().ok()?,
+        }),
         [name] => match name.as_str() {
             "all" => Some(Plan::All),
             "hold-run" => Some(Plan::HoldRun { exit: false }),
@@ -73,6 +81,11 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
+    if let Plan::Fuzz { seed, calls } = plan {
+        let code = fuzz::run(seed, calls, info.ram_fd, info.ram_size);
+        let _ = std::io::stdout().flush();
+        return ExitCode::from(code);
+    }
     let mut env = match Env::new(info) {
         Ok(env) => env,
         Err(e) => {
@@ -81,6 +94,7 @@ fn main() -> ExitCode {
         }
     };
     let failures = match plan {
+        Plan::Fuzz { .. } => unreachable!("run above"),
         Plan::One(area) => run_area(&mut env, area).1,
         Plan::All => {
             let (oks, failures) = checks::AREAS

@@ -17,6 +17,8 @@
 //! ok regs.tls.fs-base           fs:[0] reads the page at vx_tls[0].base
 //! ok regs.tls.gs-base           gs:[0] reads the page at vx_tls[1].base
 //! ok regs.tls.per-run           swapped bases in the next RUN swap the values
+//! ok regs.tls.non-canonical     a non-canonical FS or GS base: EINVAL, the frame
+//!                               untouched, and the vmspace still runs
 //! ok regs.fpu.xmm0-kept         xmm0 set in one RUN is there in the next
 //! ```
 
@@ -180,6 +182,35 @@ pub fn run(env: &mut Env, rep: &mut Report) -> Outcome {
             .and_then(|()| same(tf.tf_rax, GS_VALUE, "fs:[0] with the bases swapped"))
             .and_then(|()| same(tf.tf_rdx, FS_VALUE, "gs:[0] with the bases swapped")),
     );
+
+    // No x86 FS or GS base is non-canonical: such a frame is refused.
+    let mut detail = None;
+    for (fs, gs) in [(1 << 47, 0), (0, 0x5707_0000_0000_0000), (u64::MAX >> 1, 0)] {
+        let mut tf = user.frame(Snippet::Tls);
+        let before = tf;
+        let mut vf = bases(fs, gs);
+        match vs.run(&mut tf, &mut vf) {
+            Err(vkabi::hypercall::Errno(libc::EINVAL)) if tf == before => {}
+            r => {
+                detail = Some(format!(
+                    "bases {fs:#x}/{gs:#x}: {r:?}, expected EINVAL ({})",
+                    describe(&tf)
+                ));
+                break;
+            }
+        }
+    }
+    if detail.is_none() {
+        let mut tf = user.frame(Snippet::Tls);
+        let mut vf = bases(user.data.va(1, 0), user.data.va(2, 0));
+        let after = vs.run(&mut tf, &mut vf);
+        if after.is_err() || tf.tf_rax != FS_VALUE {
+            detail = Some(format!("the next RUN: {after:?}, {}", describe(&tf)));
+        }
+    }
+    rep.check("tls.non-canonical", detail.is_none(), || {
+        detail.unwrap_or_default()
+    });
 
     // FPU: xmm0 set in one RUN, read in the next; in between this thread
     // uses its own xmm0.
