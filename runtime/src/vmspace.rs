@@ -24,7 +24,7 @@ use std::fs::File;
 use std::os::fd::{AsFd, BorrowedFd};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::mpsc;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError, RwLock};
 use std::time::{Duration, Instant};
 
 use memmap2::{MmapOptions, MmapRaw};
@@ -101,6 +101,12 @@ pub struct Vmspace {
     /// is gone).
     slots: Mutex<Vec<Option<Pid>>>,
     dead: AtomicBool,
+    /// True once destroyed. Calls served off the tracer thread (RUN's
+    /// start, mcontrol, pread, pwrite) hold it for reading while they use
+    /// the vmspace; destroy takes it for writing, so a call either sees the
+    /// vmspace destroyed (`ENOENT`, as if it had never been found) or holds
+    /// destroy off (a RUN it started makes destroy `EBUSY`).
+    gone: RwLock<bool>,
     /// The stub's descriptor of RAM, once opened.
     ram_fd: Mutex<Option<u64>>,
 }
@@ -337,6 +343,7 @@ impl Vmspaces {
             contexts: Mutex::new(HashMap::new()),
             slots: Mutex::new(vec![None; MAX_CONTEXTS]),
             dead: AtomicBool::new(false),
+            gone: RwLock::new(false),
             ram_fd: Mutex::new(None),
         });
         lock(&self.stub_tids).insert(stub, stub);
@@ -350,12 +357,28 @@ impl Vmspaces {
     /// Precondition: called on the tracer thread.
     pub fn destroy(&self, id: u64) -> Result<i64, Errno> {
         let vm = self.get(id)?;
-        if lock(&vm.contexts).values().any(|c| c.busy()) {
-            return Err(Errno::EBUSY);
+        {
+            let mut gone = vm.gone.write().unwrap_or_else(PoisonError::into_inner);
+            if lock(&vm.contexts).values().any(|c| c.busy()) {
+                return Err(Errno::EBUSY);
+            }
+            *gone = true;
         }
         lock(&self.by_id).remove(&id);
         self.teardown(&vm);
         Ok(0)
+    }
+
+    /// Run `f` on vmspace `id` while it cannot be destroyed; `ENOENT` if it
+    /// does not exist (any more).
+    fn with_live<T>(&self, vm: &Vmspace, f: impl FnOnce() -> Result<T, Errno>) -> Result<T, Errno> {
+        let gone = vm.gone.read().unwrap_or_else(PoisonError::into_inner);
+        if *gone {
+            return Err(Errno::ENOENT);
+        }
+        let result = f();
+        drop(gone);
+        result
     }
 
     /// Destroy every vmspace (the guest's last process is gone).
@@ -367,6 +390,7 @@ impl Vmspaces {
     }
 
     fn teardown(&self, vm: &Vmspace) {
+        *vm.gone.write().unwrap_or_else(PoisonError::into_inner) = true;
         vm.dead.store(true, Ordering::Release);
         for ctx in lock(&vm.contexts).drain().map(|(_, c)| c) {
             ctx.close();
@@ -518,6 +542,12 @@ impl Vmspaces {
                 }
             }
         };
+        // Not before: making the context waits for the tracer, which may
+        // be waiting in destroy for this lock.
+        let gone = vm.gone.read().unwrap_or_else(PoisonError::into_inner);
+        if *gone {
+            return Started::Done(Err(Errno::ENOENT));
+        }
         run::start(&ctx, n, env)
     }
 
@@ -526,6 +556,10 @@ impl Vmspaces {
     fn new_context(&self, vm: &Arc<Vmspace>, guest: Pid) -> Result<Arc<Context>, Errno> {
         if let Some(c) = lock(&vm.contexts).get(&guest) {
             return Ok(Arc::clone(c));
+        }
+        // Destroyed since the caller found it (destroy runs on this thread).
+        if *vm.gone.read().unwrap_or_else(PoisonError::into_inner) {
+            return Err(Errno::ENOENT);
         }
         if vm.is_dead() {
             return Err(Errno::EIO);
@@ -757,10 +791,12 @@ impl Vmspaces {
     pub fn mcontrol(&self, a: [u64; 6]) -> Result<i64, Errno> {
         let vm = self.get(a[0])?;
         let args = [a[1], a[2], a[3], a[4], 0, 0];
-        self.vpt.mcontrol_in(vm.stub, args, |s, e, _windows| {
-            let maps = lock(&vm.maps);
-            maps.range(..e)
-                .any(|(&k, m)| k + m.len > s && m.kind != Kind::Window)
+        self.with_live(&vm, || {
+            self.vpt.mcontrol_in(vm.stub, args, |s, e, _windows| {
+                let maps = lock(&vm.maps);
+                maps.range(..e)
+                    .any(|(&k, m)| k + m.len > s && m.kind != Kind::Window)
+            })
         })
     }
 
@@ -770,6 +806,10 @@ impl Vmspaces {
     /// first byte that is not accessible.
     pub fn prw(&self, caller: Pid, a: [u64; 6], write: bool) -> Result<i64, Errno> {
         let vm = self.get(a[0])?;
+        self.with_live(&vm, || self.prw_in(&vm, caller, a, write))
+    }
+
+    fn prw_in(&self, vm: &Vmspace, caller: Pid, a: [u64; 6], write: bool) -> Result<i64, Errno> {
         let (buf, n, flags, vaddr) = (a[1], a[2], a[3], a[4]);
         if flags != 0 {
             return Err(Errno::EINVAL);
@@ -788,11 +828,11 @@ impl Vmspaces {
                 if remote::read_bytes(caller, user, here).is_err() {
                     return if done == 0 { Err(Errno::EFAULT) } else { break };
                 }
-                if !self.vm_write(&vm, va, here) {
+                if !self.vm_write(vm, va, here) {
                     break;
                 }
             } else {
-                if !self.vm_read(&vm, va, here) {
+                if !self.vm_read(vm, va, here) {
                     break;
                 }
                 if remote::write_bytes(caller, user, here).is_err() {

@@ -728,7 +728,7 @@ fn interrupted_runs_are_traced_as_strace_would() {
 }
 
 /// A hostile guest: thousands of hypercalls with random hostile arguments
-/// (`vmspace-check fuzz`, three seeds). Every call returns an expected
+/// from two threads at once (`vmspace-check fuzz`, three seeds). Every call returns an expected
 /// error or succeeds, no stub dies (that would show as `EIO` and a warning),
 /// some RUNs do run user code, and vkrun exits with the guest's status.
 #[test]
@@ -746,7 +746,7 @@ fn random_hostile_hypercalls_leave_vkrun_standing() {
             "fuzz seed {seed}:\n{stdout}\n{stderr}"
         );
         assert!(
-            stdout.contains("fuzz: 3000 calls"),
+            stdout.contains("fuzz: 6000 calls"),
             "fuzz seed {seed}: no summary:\n{stdout}"
         );
         assert!(

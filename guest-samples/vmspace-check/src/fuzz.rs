@@ -1,4 +1,4 @@
-//! `vmspace-check fuzz SEED CALLS`: a hostile guest. It makes CALLS
+//! `vmspace-check fuzz SEED CALLS`: a hostile guest. Two threads each make CALLS
 //! hypercalls chosen at random (seeded: a failure can be replayed) with
 //! arguments drawn from the values that break things: null, small and huge
 //! numbers, misaligned and kernel addresses, an address just before an
@@ -316,19 +316,70 @@ fn call(rng: &mut Rng, t: &mut Targets) -> (Hypercall, [u64; 6]) {
     (h, args)
 }
 
-/// Run the fuzzer; returns the process's exit code.
+/// Threads that fuzz at once (the same vmspace ids: creation, destruction
+/// and RUN race).
+const THREADS: u64 = 2;
+
+/// What one fuzzing thread saw.
+#[derive(Default)]
+struct Tally {
+    ok: u64,
+    errors: BTreeMap<i32, u64>,
+    unexpected: Vec<String>,
+    kicks: u64,
+}
+
+/// Run the fuzzer: [`THREADS`] threads of `calls` calls each; returns the
+/// process's exit code.
 pub fn run(seed: u64, calls: u64, ram_fd: i32, ram_size: u64) -> u8 {
     if let Err(e) = sys::install_counter(libc::SIGUSR1, false) {
         println!("FAIL fuzz: sigaction: {e}");
         return 1;
     }
-    let hole = match Hole::new(2) {
-        Ok(h) => h,
-        Err(e) => {
-            println!("FAIL fuzz: mmap: {e}");
-            return 1;
+    let threads: Vec<_> = (0..THREADS)
+        .map(|k| std::thread::spawn(move || fuzz(seed * THREADS + k, calls, ram_fd, ram_size)))
+        .collect();
+    let mut all = Tally::default();
+    for t in threads {
+        match t.join() {
+            Ok(Ok(tally)) => {
+                all.ok += tally.ok;
+                all.kicks += tally.kicks;
+                for (e, n) in tally.errors {
+                    *all.errors.entry(e).or_default() += n;
+                }
+                all.unexpected.extend(tally.unexpected);
+            }
+            Ok(Err(e)) => all.unexpected.push(e),
+            Err(_) => all.unexpected.push("a fuzzing thread panicked".to_owned()),
         }
-    };
+    }
+    for id in 0..4 {
+        let _ = hypercall::vmspace_destroy(0x5eed_0000 + id);
+    }
+    let errs: Vec<String> = all
+        .errors
+        .iter()
+        .map(|(e, n)| format!("{} x{n}", errno_text(Errno(*e))))
+        .collect();
+    println!(
+        "fuzz: {} calls, {} ok, {} (watchdog signals: {})",
+        calls * THREADS,
+        all.ok,
+        errs.join(", "),
+        all.kicks
+    );
+    if all.unexpected.is_empty() {
+        0
+    } else {
+        println!("FAIL fuzz: unexpected: {}", all.unexpected.join("; "));
+        1
+    }
+}
+
+/// One fuzzing thread.
+fn fuzz(seed: u64, calls: u64, ram_fd: i32, ram_size: u64) -> Result<Tally, String> {
+    let hole = Hole::new(2).map_err(|e| format!("mmap: {e}"))?;
     // splitmix64 of the seed: distinct seeds, distinct non-zero states.
     let mut z = seed.wrapping_add(0x9E37_79B9_7F4A_7C15);
     z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
@@ -368,6 +419,7 @@ pub fn run(seed: u64, calls: u64, ram_fd: i32, ram_size: u64) -> u8 {
                 let since = started_ms.load(Ordering::Acquire);
                 let now = epoch.elapsed().as_millis() as u64 + 1;
                 if since != 0 && now - since > limit {
+                    // `me` is this fuzzing thread, alive until `done`.
                     let _ = sys::pthread_kill(me, libc::SIGUSR1);
                     kicks += 1;
                 }
@@ -377,27 +429,25 @@ pub fn run(seed: u64, calls: u64, ram_fd: i32, ram_size: u64) -> u8 {
     };
     let epoch = Instant::now();
 
-    let mut ok = 0u64;
-    let mut errors: BTreeMap<i32, u64> = BTreeMap::new();
-    let mut unexpected = Vec::new();
+    let mut tally = Tally::default();
     for i in 0..calls {
         let (h, args) = call(&mut rng, &mut t);
         started_ms.store(epoch.elapsed().as_millis() as u64 + 1, Ordering::Release);
         // SAFETY: every pointer argument is into `t.scratch` with room for
-        // what the call reads or writes (lengths that exceed it are beyond
-        // its end only into memory the guest does not use: the hole's
-        // mapped pages and then the unmapped page), or an address where the
-        // guest has nothing; vk_mmap never replaces a mapping (no FIXED).
-        // Without vkrun these numbers are not system calls.
+        // what the call reads or writes, into the hole's spare mapped pages
+        // (which nothing uses) and the unmapped page after them, or an
+        // address where the guest has nothing; vk_mmap never replaces a
+        // mapping (no FIXED). Without vkrun these numbers are not system
+        // calls.
         let ret = unsafe { hypercall::hypercall(h, args) };
         started_ms.store(0, Ordering::Release);
         match hypercall::result(ret) {
-            Ok(_) => ok += 1,
+            Ok(_) => tally.ok += 1,
             Err(Errno(e)) => {
-                *errors.entry(e).or_default() += 1;
-                if !EXPECTED_ERRORS.contains(&e) && unexpected.len() < 5 {
-                    unexpected.push(format!(
-                        "call {i}: {h:?}{args:x?} = {}",
+                *tally.errors.entry(e).or_default() += 1;
+                if !EXPECTED_ERRORS.contains(&e) && tally.unexpected.len() < 5 {
+                    tally.unexpected.push(format!(
+                        "seed {seed} call {i}: {h:?}{args:x?} = {}",
                         errno_text(Errno(e))
                     ));
                 }
@@ -405,22 +455,6 @@ pub fn run(seed: u64, calls: u64, ram_fd: i32, ram_size: u64) -> u8 {
         }
     }
     done.store(true, Ordering::Release);
-    let kicks = watchdog.join().unwrap_or(0);
-    for id in 0..4 {
-        let _ = hypercall::vmspace_destroy(0x5eed_0000 + id);
-    }
-    let errs: Vec<String> = errors
-        .iter()
-        .map(|(e, n)| format!("{} x{n}", errno_text(Errno(*e))))
-        .collect();
-    println!(
-        "fuzz: {calls} calls, {ok} ok, {} (watchdog signals: {kicks})",
-        errs.join(", ")
-    );
-    if unexpected.is_empty() {
-        0
-    } else {
-        println!("FAIL fuzz: unexpected errors: {}", unexpected.join("; "));
-        1
-    }
+    tally.kicks = watchdog.join().unwrap_or(0);
+    Ok(tally)
 }
