@@ -728,7 +728,8 @@ fn interrupted_runs_are_traced_as_strace_would() {
 }
 
 /// A hostile guest: thousands of hypercalls with random hostile arguments
-/// from two threads at once (`vmspace-check fuzz`, three seeds). Every call returns an expected
+/// from two threads at once, under a rain of signals (`vmspace-check fuzz`,
+/// three seeds). Every call returns an expected
 /// error or succeeds, no stub dies (that would show as `EIO` and a warning),
 /// some RUNs do run user code, and vkrun exits with the guest's status.
 #[test]

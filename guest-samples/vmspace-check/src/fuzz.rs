@@ -4,6 +4,8 @@
 //! numbers, misaligned and kernel addresses, an address just before an
 //! unmapped page, unknown vmspace ids and descriptors, every flag bit, and
 //! frames full of random registers that RUN user code wherever they point.
+//! Meanwhile a third thread sends the two SIGUSR1 (handled, no
+//! `SA_RESTART`) at random moments.
 //!
 //! The guest only ever hands vkrun pointers to its own scratch buffers or to
 //! addresses where nothing of it lives, and never `MAP_FIXED` in its own
@@ -15,6 +17,7 @@
 //! that vkrun exits with the guest's status and leaves no process behind.
 
 use std::collections::BTreeMap;
+use std::os::unix::thread::JoinHandleExt;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -339,6 +342,24 @@ pub fn run(seed: u64, calls: u64, ram_fd: i32, ram_size: u64) -> u8 {
     let threads: Vec<_> = (0..THREADS)
         .map(|k| std::thread::spawn(move || fuzz(seed * THREADS + k, calls, ram_fd, ram_size)))
         .collect();
+    // Signals at random moments (SIGUSR1, handled, no SA_RESTART): a RUN
+    // then ends early or fails with EINTR, as may any call they interrupt.
+    let storm_done = Arc::new(AtomicBool::new(false));
+    let storm = {
+        let done = Arc::clone(&storm_done);
+        let targets: Vec<libc::pthread_t> = threads.iter().map(|t| t.as_pthread_t()).collect();
+        let mut rng = Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1);
+        std::thread::spawn(move || {
+            let mut sent = 0u64;
+            while !done.load(Ordering::Acquire) {
+                std::thread::sleep(Duration::from_micros(50 + rng.below(500)));
+                // The fuzzing threads stay joinable until `done` is set.
+                let _ = sys::pthread_kill(rng.pick(&targets), libc::SIGUSR1);
+                sent += 1;
+            }
+            sent
+        })
+    };
     let mut all = Tally::default();
     for t in threads {
         match t.join() {
@@ -354,6 +375,8 @@ pub fn run(seed: u64, calls: u64, ram_fd: i32, ram_size: u64) -> u8 {
             Err(_) => all.unexpected.push("a fuzzing thread panicked".to_owned()),
         }
     }
+    storm_done.store(true, Ordering::Release);
+    let signals = storm.join().unwrap_or(0);
     for id in 0..4 {
         let _ = hypercall::vmspace_destroy(0x5eed_0000 + id);
     }
@@ -363,7 +386,7 @@ pub fn run(seed: u64, calls: u64, ram_fd: i32, ram_size: u64) -> u8 {
         .map(|(e, n)| format!("{} x{n}", errno_text(Errno(*e))))
         .collect();
     println!(
-        "fuzz: {} calls, {} ok, {} (watchdog signals: {})",
+        "fuzz: {} calls, {} ok, {} (signals: {signals}, from the watchdog: {})",
         calls * THREADS,
         all.ok,
         errs.join(", "),
