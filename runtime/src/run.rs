@@ -104,6 +104,10 @@ struct Pending {
 #[derive(Debug, Default)]
 struct RunState {
     run: Option<Pending>,
+    /// The last run ended with `T_PAGEFLT` for a data access: (rip, address,
+    /// write). If the next RUN retries that instruction, its page is
+    /// resolved before the user code runs.
+    retry: Option<(u64, u64, bool)>,
     /// Runs started so far.
     runs: u64,
     /// A RUN whose frame was written but whose answer found the notification
@@ -310,6 +314,14 @@ pub fn start(ctx: &Arc<Context>, n: &Notification, env: &Arc<RunEnv>) -> Started
         return Started::Nothing;
     }
     env.stats.runs.fetch_add(1, Ordering::Relaxed);
+    if let Some((rip, addr, write)) = st.retry.take()
+        && rip == tf.tf_rip
+    {
+        // The vkernel most likely filled the VPTE and retries: spare the
+        // user code a second fault (two hand-offs through the fault
+        // thread).
+        env.vpt.prefault(ctx.vm.stub, addr, write, ctx.guest);
+    }
     // The context sleeps until it is posted: a report not yet seen is stale
     // (a kick that landed after the last run ended).
     ctx.seen
@@ -593,6 +605,8 @@ impl Waiter {
             }
         }
         st.run = None;
+        st.retry = (trap.trapno == T_PAGEFLT && trap.err & PGEX_I == 0)
+            .then(|| (r.gregs[REG_RIP], trap.addr, trap.err & PGEX_W != 0));
         let (tf, vf) = frame_of(&p, &r, trap);
         let written = remote::write_two(
             ctx.guest,

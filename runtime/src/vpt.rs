@@ -1237,45 +1237,9 @@ impl Vpt {
         let result = self.walk_window(&w, page, access);
         let ops_result = match &result {
             Ok(t) => {
-                // Batch the neighbours that already carry A (and M): one mmap.
-                let first = w.off >> 12;
-                let window = PageIndex(first)..PageIndex(first.saturating_add(w.len >> 12));
-                let run =
-                    vpte::prefault_run(self.ram.words(), t, window, PREFAULT_MAX, self.ram.size());
-                let (va, len, pa) = if run.count > 0 {
-                    let before = t.pindex.0 - run.first.0;
-                    // Neighbours already installed stay as they are: the
-                    // run is the uninstalled stretch around the fault
-                    // (re-mapping them would cost a run per fault).
-                    let start = page - before * PAGE;
-                    let end = start + run.count * PAGE;
-                    let mut lo = page;
-                    while lo > start && !is_installed(&mm, lo - PAGE) {
-                        lo -= PAGE;
-                    }
-                    let mut hi = page + PAGE;
-                    while hi < end && !is_installed(&mm, hi) {
-                        hi += PAGE;
-                    }
-                    (lo, hi - lo, t.pa.0 - (page - lo))
-                } else {
-                    (page, PAGE, t.pa.0)
-                };
-                let prot = prot_of(t);
-                let populate = if f.write { MAP_POPULATE } else { 0 };
-                let flags = libc::MAP_SHARED as u64 | libc::MAP_FIXED as u64 | populate;
-                wake = (va, len);
-                self.install(
-                    p,
-                    &mut mm,
-                    RamRun {
-                        va,
-                        len,
-                        prot,
-                        flags,
-                        pa,
-                    },
-                )
+                let (done, range) = self.install_walked(p, &mut mm, &w, page, t, f.write);
+                wake = range;
+                done
             }
             Err(e) => {
                 let (si_code, pgex) = poison_of(e.as_ref(), access);
@@ -1320,6 +1284,85 @@ impl Vpt {
             self.stats.vpagetable_faults.fetch_add(1, Ordering::Relaxed);
         }
         self.trace_fault(f.tid, f.address, w.master, access, &result);
+    }
+
+    /// Install the translation `t` of `page` in window `w` (a walk just
+    /// made), with the uninstalled neighbours whose VPTEs already carry A
+    /// (and M) in the same mapping; returns the result and the range
+    /// installed.
+    fn install_walked(
+        &self,
+        p: &Process,
+        mm: &mut MmState,
+        w: &Window,
+        page: u64,
+        t: &vpte::Translation,
+        write: bool,
+    ) -> (Result<(), Errno>, (u64, u64)) {
+        let first = w.off >> 12;
+        let window = PageIndex(first)..PageIndex(first.saturating_add(w.len >> 12));
+        let run = vpte::prefault_run(self.ram.words(), t, window, PREFAULT_MAX, self.ram.size());
+        let (va, len, pa) = if run.count > 0 {
+            let before = t.pindex.0 - run.first.0;
+            // Neighbours already installed stay as they are: the run is the
+            // uninstalled stretch around the fault (re-mapping them would
+            // cost a run per fault).
+            let start = page - before * PAGE;
+            let end = start + run.count * PAGE;
+            let mut lo = page;
+            while lo > start && !is_installed(mm, lo - PAGE) {
+                lo -= PAGE;
+            }
+            let mut hi = page + PAGE;
+            while hi < end && !is_installed(mm, hi) {
+                hi += PAGE;
+            }
+            (lo, hi - lo, t.pa.0 - (page - lo))
+        } else {
+            (page, PAGE, t.pa.0)
+        };
+        let populate = if write { MAP_POPULATE } else { 0 };
+        let run = RamRun {
+            va,
+            len,
+            prot: prot_of(t),
+            flags: libc::MAP_SHARED as u64 | libc::MAP_FIXED as u64 | populate,
+            pa,
+        };
+        (self.install(p, mm, run), (va, len))
+    }
+
+    /// A vmspace's user code is about to retry the access at `addr` that
+    /// ended its last RUN with `T_PAGEFLT`: if the walk now succeeds (the
+    /// vkernel filled the VPTE), install the page before it runs rather than
+    /// let it fault a second time. The walk sets A (and M) as the retried
+    /// access is about to; one that still fails installs nothing, and the
+    /// access then faults and takes the usual path.
+    /// `trace_tid` is the guest thread the trace line names.
+    pub fn prefault(&self, tgid: Pid, addr: u64, write: bool, trace_tid: Pid) {
+        let Some(p) = lock(&self.procs).get(&tgid).cloned() else {
+            return;
+        };
+        let page = page_down(addr);
+        let Ok(mut mm) = self.enter(&p) else {
+            return;
+        };
+        let Some(w) = window_at(&mm, page) else {
+            return;
+        };
+        if is_installed(&mm, page) || mm.poisoned.contains_key(&page) {
+            return;
+        }
+        let access = if write { Access::Write } else { Access::Read };
+        let Ok(t) = self.walk_window(&w, page, access) else {
+            return;
+        };
+        let (done, _) = self.install_walked(&p, &mut mm, &w, page, &t, write);
+        drop(mm);
+        if done.is_ok() {
+            self.stats.vpagetable_faults.fetch_add(1, Ordering::Relaxed);
+            self.trace_fault(trace_tid.as_raw(), addr, w.master, access, &Ok(t));
+        }
     }
 
     fn trace_fault(
