@@ -149,6 +149,8 @@ pub fn run(config: Config) -> Result<Outcome, Error> {
             weak.upgrade()
                 .is_some_and(|v| v.context_fault(tid, addr, pgex))
         });
+        let weak = Arc::downgrade(sup.vmspaces());
+        vpt.on_vmspace_guest_of(move |ctid| weak.upgrade()?.guest_of_context(ctid));
         sup.vpt = Some(vpt);
         sup.tracees.insert(sup.main);
         let result = sup.event_loop();

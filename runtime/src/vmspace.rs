@@ -476,6 +476,17 @@ impl Vmspaces {
         false
     }
 
+    /// The guest thread whose context runs in stub thread `ctid`.
+    pub fn guest_of_context(&self, ctid: Pid) -> Option<Pid> {
+        let vms: Vec<Arc<Vmspace>> = lock(&self.by_id).values().cloned().collect();
+        vms.iter().find_map(|vm| {
+            lock(&vm.contexts)
+                .values()
+                .find(|c| c.tid == ctid)
+                .map(|c| c.guest)
+        })
+    }
+
     /// Guest thread `tid` exited: end its contexts.
     pub fn forget_thread(&self, tid: Pid) {
         let vms: Vec<Arc<Vmspace>> = lock(&self.by_id).values().cloned().collect();

@@ -147,6 +147,9 @@ pub struct Vpt {
     max_runs: u64,
     /// Who takes a failed walk in a vmspace (see [`Vpt::on_vmspace_walk_failed`]).
     vmspace_fault: OnceLock<FailedWalkHook>,
+    /// Who ran into a fault in a vmspace, for the trace (see
+    /// [`Vpt::on_vmspace_guest_of`]).
+    vmspace_guest_of: OnceLock<GuestOfHook>,
 }
 
 /// Called with (faulting thread, address, `PGEX` bits) when a walk fails in a
@@ -156,6 +159,15 @@ struct FailedWalkHook(Box<dyn Fn(Pid, u64, u64) -> bool + Send + Sync>);
 impl std::fmt::Debug for FailedWalkHook {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("FailedWalkHook")
+    }
+}
+
+/// The guest thread whose execution context is the given stub thread.
+struct GuestOfHook(Box<dyn Fn(Pid) -> Option<Pid> + Send + Sync>);
+
+impl std::fmt::Debug for GuestOfHook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("GuestOfHook")
     }
 }
 
@@ -325,6 +337,7 @@ impl Vpt {
             tgids: Mutex::new(HashMap::new()),
             max_runs: (budget / VMAS_PER_RUN).max(16),
             vmspace_fault: OnceLock::new(),
+            vmspace_guest_of: OnceLock::new(),
         }
     }
 
@@ -337,6 +350,24 @@ impl Vpt {
         hook: impl Fn(Pid, u64, u64) -> bool + Send + Sync + 'static,
     ) {
         let _ = self.vmspace_fault.set(FailedWalkHook(Box::new(hook)));
+    }
+
+    /// Let `hook` name the guest thread behind a vmspace's faulting context
+    /// thread, so that fault trace lines name the guest thread, as RUN's do.
+    pub fn on_vmspace_guest_of(&self, hook: impl Fn(Pid) -> Option<Pid> + Send + Sync + 'static) {
+        let _ = self.vmspace_guest_of.set(GuestOfHook(Box::new(hook)));
+    }
+
+    /// The thread a fault's trace line names: for a vmspace, the guest
+    /// thread whose context faulted.
+    fn traced_tid(&self, p: &Process, tid: i32) -> i32 {
+        if p.space != Space::Vmspace || !lock(&self.trace).set().faults {
+            return tid;
+        }
+        self.vmspace_guest_of
+            .get()
+            .and_then(|hook| (hook.0)(Pid::from_raw(tid)))
+            .map_or(tid, Pid::as_raw)
     }
 
     /// Whether `tid` is one of vkrun's agent threads; forgets it if so
@@ -1252,7 +1283,13 @@ impl Vpt {
                     // The context leaves its wait for the vkernel; the page
                     // stays missing and walks again on the next access.
                     drop(mm);
-                    self.trace_fault(f.tid, f.address, w.master, access, &result);
+                    self.trace_fault(
+                        self.traced_tid(p, f.tid),
+                        f.address,
+                        w.master,
+                        access,
+                        &result,
+                    );
                     return;
                 }
                 mm.poisoned.insert(page, Poison { si_code, pgex });
@@ -1283,7 +1320,13 @@ impl Vpt {
         if result.is_ok() && ops_result.is_ok() {
             self.stats.vpagetable_faults.fetch_add(1, Ordering::Relaxed);
         }
-        self.trace_fault(f.tid, f.address, w.master, access, &result);
+        self.trace_fault(
+            self.traced_tid(p, f.tid),
+            f.address,
+            w.master,
+            access,
+            &result,
+        );
     }
 
     /// Install the translation `t` of `page` in window `w` (a walk just

@@ -150,3 +150,37 @@ fn bench_vpt_faults_never_leave_the_host() {
     assert_eq!(stat(&stderr, "vkrun.run_exits.pagefault"), 0, "{stderr}");
     assert_eq!(stat(&stderr, "vkrun.run_exits.syscall"), 2, "{stderr}");
 }
+
+/// Fault lines of a vmspace name the guest thread whose RUN faulted, like
+/// its RUN lines, never a thread of vkrun's stub.
+#[test]
+fn vmspace_fault_lines_name_the_guest_thread() {
+    let out = run(vkrun()
+        .args(["-e", "trace=faults,runs", "--"])
+        .arg(bin("vmspace-demo")));
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stdout));
+    let trace = text(&out.stderr);
+    let pid = |line: &str| -> Option<String> {
+        let rest = line.strip_prefix("[pid ")?;
+        Some(rest.split(']').next()?.to_owned())
+    };
+    let runners: Vec<String> = trace
+        .lines()
+        .filter(|l| l.contains("vmspace_ctl("))
+        .filter_map(pid)
+        .collect();
+    let faults: Vec<&str> = trace.lines().filter(|l| l.contains("] fault(")).collect();
+    assert!(!runners.is_empty() && !faults.is_empty(), "{trace}");
+    let strangers: Vec<&&str> = faults
+        .iter()
+        .filter(|l| pid(l).is_none_or(|p| !runners.contains(&p)))
+        .collect();
+    assert!(
+        strangers.is_empty(),
+        "fault lines naming another thread: {strangers:#?}"
+    );
+    assert!(
+        faults.iter().any(|l| l.contains("= SIGSEGV")),
+        "no failed walk traced:\n{trace}"
+    );
+}
