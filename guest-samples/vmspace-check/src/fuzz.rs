@@ -5,7 +5,8 @@
 //! unmapped page, unknown vmspace ids and descriptors, every flag bit, and
 //! frames full of random registers that RUN user code wherever they point.
 //! Meanwhile a third thread sends the two SIGUSR1 (handled, no
-//! `SA_RESTART`) at random moments.
+//! `SA_RESTART`) at random moments, and now and then a thread forks a child
+//! that makes a few calls of its own (it shares the vmspaces) and exits.
 //!
 //! The guest only ever hands vkrun pointers to its own scratch buffers or to
 //! addresses where nothing of it lives, and never `MAP_FIXED` in its own
@@ -323,6 +324,11 @@ fn call(rng: &mut Rng, t: &mut Targets) -> (Hypercall, [u64; 6]) {
 /// and RUN race).
 const THREADS: u64 = 2;
 
+/// One call in [`FORK_ODDS`] is a fork instead: the child (sharing the
+/// vmspace registry) makes [`CHILD_CALLS`] calls and exits.
+const FORK_ODDS: u64 = 400;
+const CHILD_CALLS: usize = 40;
+
 /// What one fuzzing thread saw.
 #[derive(Default)]
 struct Tally {
@@ -330,6 +336,30 @@ struct Tally {
     errors: BTreeMap<i32, u64>,
     unexpected: Vec<String>,
     kicks: u64,
+    forks: u64,
+}
+
+/// Fork a child that makes `calls` (made up beforehand: the child of a
+/// multi-threaded process may not allocate) and exits, and wait for it;
+/// an alarm ends a child whose RUN spins. Returns whether it ran.
+fn fork_child(calls: &[(Hypercall, [u64; 6])]) -> bool {
+    // SAFETY: the child runs only raw system calls (`alarm`, the
+    // hypercalls, `_exit`), which are async-signal-safe, on memory it
+    // inherited; no lock another thread held at the fork is touched.
+    match unsafe { libc::fork() } {
+        -1 => false,
+        0 => {
+            // SAFETY: as above; the arguments are as in the parent's calls.
+            unsafe {
+                libc::alarm(2);
+                for (h, args) in calls {
+                    hypercall::hypercall(*h, *args);
+                }
+            }
+            sys::exit_now(0)
+        }
+        pid => sys::waitpid(pid).is_ok(),
+    }
 }
 
 /// Run the fuzzer: [`THREADS`] threads of `calls` calls each; returns the
@@ -366,6 +396,7 @@ pub fn run(seed: u64, calls: u64, ram_fd: i32, ram_size: u64) -> u8 {
             Ok(Ok(tally)) => {
                 all.ok += tally.ok;
                 all.kicks += tally.kicks;
+                all.forks += tally.forks;
                 for (e, n) in tally.errors {
                     *all.errors.entry(e).or_default() += n;
                 }
@@ -386,11 +417,12 @@ pub fn run(seed: u64, calls: u64, ram_fd: i32, ram_size: u64) -> u8 {
         .map(|(e, n)| format!("{} x{n}", errno_text(Errno(*e))))
         .collect();
     println!(
-        "fuzz: {} calls, {} ok, {} (signals: {signals}, from the watchdog: {})",
+        "fuzz: {} calls, {} ok, {} (signals: {signals}, from the watchdog: {}; children: {})",
         calls * THREADS,
         all.ok,
         errs.join(", "),
-        all.kicks
+        all.kicks,
+        all.forks
     );
     if all.unexpected.is_empty() {
         0
@@ -454,6 +486,11 @@ fn fuzz(seed: u64, calls: u64, ram_fd: i32, ram_size: u64) -> Result<Tally, Stri
 
     let mut tally = Tally::default();
     for i in 0..calls {
+        if rng.below(FORK_ODDS) == 0 {
+            let calls: Vec<_> = (0..CHILD_CALLS).map(|_| call(&mut rng, &mut t)).collect();
+            tally.forks += u64::from(fork_child(&calls));
+            continue;
+        }
         let (h, args) = call(&mut rng, &mut t);
         started_ms.store(epoch.elapsed().as_millis() as u64 + 1, Ordering::Release);
         // SAFETY: every pointer argument is into `t.scratch` with room for
