@@ -328,6 +328,7 @@ const THREADS: u64 = 2;
 /// vmspace registry) makes [`CHILD_CALLS`] calls and exits.
 const FORK_ODDS: u64 = 400;
 const CHILD_CALLS: usize = 40;
+const CHILD_LIFE: Duration = Duration::from_millis(200);
 
 /// What one fuzzing thread saw.
 #[derive(Default)]
@@ -341,9 +342,10 @@ struct Tally {
 
 /// Fork a child that makes `calls` (made up beforehand: the child of a
 /// multi-threaded process may not allocate) and exits, and wait for it;
-/// an alarm ends a child whose RUN spins. Returns whether it ran.
+/// a timer (SIGALRM, fatal) ends a child whose RUN spins for [`CHILD_LIFE`].
+/// Returns whether it ran.
 fn fork_child(calls: &[(Hypercall, [u64; 6])]) -> bool {
-    // SAFETY: the child runs only raw system calls (`alarm`, the
+    // SAFETY: the child runs only raw system calls (`setitimer`, the
     // hypercalls, `_exit`), which are async-signal-safe, on memory it
     // inherited; no lock another thread held at the fork is touched.
     match unsafe { libc::fork() } {
@@ -351,7 +353,17 @@ fn fork_child(calls: &[(Hypercall, [u64; 6])]) -> bool {
         0 => {
             // SAFETY: as above; the arguments are as in the parent's calls.
             unsafe {
-                libc::alarm(2);
+                let timer = libc::itimerval {
+                    it_interval: libc::timeval {
+                        tv_sec: 0,
+                        tv_usec: 0,
+                    },
+                    it_value: libc::timeval {
+                        tv_sec: 0,
+                        tv_usec: CHILD_LIFE.as_micros() as libc::suseconds_t,
+                    },
+                };
+                libc::setitimer(libc::ITIMER_REAL, &timer, std::ptr::null_mut());
                 for (h, args) in calls {
                     hypercall::hypercall(*h, *args);
                 }
