@@ -42,6 +42,17 @@ pub fn errno_or(ret: i64) -> Result<i64, Errno> {
     }
 }
 
+/// Whether a stop for `sig` while injected code runs is that code faulting
+/// (its gadget is not mapped in this address space, say) rather than a
+/// signal that arrived meanwhile: continuing without the signal would run
+/// the faulting instruction again, forever.
+fn faulted(tid: Pid, sig: Signal) -> bool {
+    matches!(
+        sig,
+        Signal::SIGSEGV | Signal::SIGBUS | Signal::SIGILL | Signal::SIGFPE
+    ) && ptrace::getsiginfo(tid).is_ok_and(|info| info.si_code > 0)
+}
+
 /// The x86-64 `syscall` instruction is two bytes long.
 const SYSCALL_LEN: u64 = 2;
 
@@ -157,6 +168,9 @@ impl Injector {
                     ptrace::cont(self.tid, None).map_err(|errno| self.err(errno))?;
                 }
                 WaitStatus::Stopped(_, Signal::SIGTRAP) => break,
+                WaitStatus::Stopped(_, sig) if faulted(self.tid, sig) => {
+                    return Err(self.err(Errno::EFAULT));
+                }
                 WaitStatus::Stopped(_, sig) => {
                     self.pending = Some(sig);
                     ptrace::cont(self.tid, None).map_err(|errno| self.err(errno))?;
@@ -218,6 +232,9 @@ impl Injector {
         loop {
             match self.wait()? {
                 WaitStatus::Stopped(_, Signal::SIGTRAP) => return Ok(()),
+                WaitStatus::Stopped(_, sig) if faulted(self.tid, sig) => {
+                    return Err(self.err(Errno::EFAULT));
+                }
                 WaitStatus::Stopped(_, sig) => {
                     self.pending = Some(sig);
                     ptrace::cont(self.tid, None).map_err(|errno| self.err(errno))?;
@@ -316,6 +333,12 @@ pub fn run_at_stop(tid: Pid, gadget: u64, calls: &[(i64, [u64; 6])]) -> Result<(
         loop {
             match waitpid(tid, Some(WaitPidFlag::__WALL)) {
                 Ok(WaitStatus::Stopped(_, Signal::SIGTRAP)) => break,
+                Ok(WaitStatus::Stopped(_, sig)) if faulted(tid, sig) => {
+                    // Give the thread back as it was.
+                    ptrace::setregs(tid, saved).map_err(fail)?;
+                    ptrace::cont(tid, pending).map_err(fail)?;
+                    return Err(fail(Errno::EFAULT));
+                }
                 Ok(WaitStatus::Stopped(_, sig)) => {
                     pending = Some(sig);
                     ptrace::cont(tid, None).map_err(fail)?;
@@ -331,4 +354,57 @@ pub fn run_at_stop(tid: Pid, gadget: u64, calls: &[(i64, [u64; 6])]) -> Result<(
     }
     ptrace::setregs(tid, saved).map_err(fail)?;
     ptrace::cont(tid, pending).map_err(fail)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use nix::sys::signal::kill;
+
+    /// A gadget that is not mapped in the tracee makes the injection fail
+    /// (before: it faulted, the fault was suppressed and the instruction
+    /// ran again, forever), and the tracee carries on as it was.
+    #[test]
+    fn a_missing_gadget_is_an_error_not_a_loop() {
+        // SAFETY: the child makes only async-signal-safe calls, then waits.
+        let child = match unsafe { libc::fork() } {
+            0 => {
+                // SAFETY: raw calls on integers; the child never returns.
+                unsafe {
+                    libc::ptrace(libc::PTRACE_TRACEME, 0, 0, 0);
+                    libc::raise(libc::SIGSTOP);
+                    loop {
+                        libc::pause();
+                    }
+                }
+            }
+            -1 => panic!("fork failed"),
+            pid => Pid::from_raw(pid),
+        };
+        let stopped = waitpid(child, Some(WaitPidFlag::__WALL)).expect("waitpid");
+        // It dies with this test process, whatever happens.
+        ptrace::setoptions(child, ptrace::Options::PTRACE_O_EXITKILL).expect("setoptions");
+        assert!(matches!(stopped, WaitStatus::Stopped(_, Signal::SIGSTOP)));
+        let nothing_there = 0x1000;
+        let result = run_at_stop(child, nothing_there, &[(libc::SYS_getpid, [0; 6])]);
+        assert!(
+            matches!(
+                result,
+                Err(InjectError::Ptrace {
+                    errno: Errno::EFAULT,
+                    ..
+                })
+            ),
+            "{result:?}"
+        );
+        // It runs on (in pause), not stopped in a fault.
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        let state = std::fs::read_to_string(format!("/proc/{child}/stat")).unwrap_or_default();
+        let _ = kill(child, Signal::SIGKILL);
+        let _ = waitpid(child, Some(WaitPidFlag::__WALL));
+        assert!(
+            state.split(") ").nth(1).is_some_and(|s| s.starts_with('S')),
+            "{state}"
+        );
+    }
 }

@@ -358,18 +358,6 @@ impl Vpt {
         let _ = self.vmspace_guest_of.set(GuestOfHook(Box::new(hook)));
     }
 
-    /// The thread a fault's trace line names: for a vmspace, the guest
-    /// thread whose context faulted.
-    fn traced_tid(&self, p: &Process, tid: i32) -> i32 {
-        if p.space != Space::Vmspace || !lock(&self.trace).set().faults {
-            return tid;
-        }
-        self.vmspace_guest_of
-            .get()
-            .and_then(|hook| (hook.0)(Pid::from_raw(tid)))
-            .map_or(tid, Pid::as_raw)
-    }
-
     /// Whether `tid` is one of vkrun's agent threads; forgets it if so
     /// (call when it exits).
     pub fn take_agent(&self, tid: Pid) -> bool {
@@ -1283,13 +1271,7 @@ impl Vpt {
                     // The context leaves its wait for the vkernel; the page
                     // stays missing and walks again on the next access.
                     drop(mm);
-                    self.trace_fault(
-                        self.traced_tid(p, f.tid),
-                        f.address,
-                        w.master,
-                        access,
-                        &result,
-                    );
+                    self.trace_fault(f.tid, f.address, w.master, access, &result);
                     return;
                 }
                 mm.poisoned.insert(page, Poison { si_code, pgex });
@@ -1320,13 +1302,7 @@ impl Vpt {
         if result.is_ok() && ops_result.is_ok() {
             self.stats.vpagetable_faults.fetch_add(1, Ordering::Relaxed);
         }
-        self.trace_fault(
-            self.traced_tid(p, f.tid),
-            f.address,
-            w.master,
-            access,
-            &result,
-        );
+        self.trace_fault(f.tid, f.address, w.master, access, &result);
     }
 
     /// Install the translation `t` of `page` in window `w` (a walk just
@@ -1416,10 +1392,16 @@ impl Vpt {
         access: Access,
         result: &Result<vpte::Translation, Option<WalkError>>,
     ) {
-        let mut trace = lock(&self.trace);
-        if !trace.set().faults {
+        if !lock(&self.trace).set().faults {
             return;
         }
+        // A vmspace's context thread is named by the guest thread it runs
+        // for, as in RUN's lines (looked up without the trace's lock held).
+        let tid = self
+            .vmspace_guest_of
+            .get()
+            .and_then(|hook| (hook.0)(Pid::from_raw(tid)))
+            .map_or(tid, Pid::as_raw);
         let kind = match access {
             Access::Read => "read",
             Access::Write => "write",
@@ -1431,7 +1413,7 @@ impl Vpt {
             Err(None) => "= SIGSEGV (page index overflows)".to_owned(),
         };
         let text = format!("fault({va:#x}, {}, {kind}) {outcome}", Vpte(master));
-        trace.line(tid, SystemTime::now(), &text, None);
+        lock(&self.trace).line(tid, SystemTime::now(), &text, None);
     }
 
     /// A `SIGSEGV` stop of `tid`: a write to a read-only install (upgrade it),
@@ -1633,6 +1615,14 @@ impl Vpt {
             let gadget = p.agent.guest_base + AGENT_CODE + agent_code::syscall_gadget() as u64;
             (ranges, gadget)
         };
+        // A child forked before the agent (and so before any window) was
+        // made has neither: nothing to take away.
+        let mut code = [0u8; 2];
+        if crate::remote::read_bytes(child, crate::remote::RemoteAddr(gadget), &mut code).is_err()
+            || code != [0x0f, 0x05]
+        {
+            return None;
+        }
         match crate::inject::run_at_stop(
             child,
             gadget,

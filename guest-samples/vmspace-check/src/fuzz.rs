@@ -208,22 +208,12 @@ fn behav(rng: &mut Rng) -> u64 {
 
 /// One random call: which, and its six arguments.
 fn call(rng: &mut Rng, t: &mut Targets) -> (Hypercall, [u64; 6]) {
-    let h = rng.pick(&[
-        Hypercall::VkInfo,
-        Hypercall::VkMmap,
-        Hypercall::Mcontrol,
-        Hypercall::VmspaceCreate,
-        Hypercall::VmspaceDestroy,
-        Hypercall::VmspaceCtl,
-        Hypercall::VmspaceCtl,
-        Hypercall::VmspaceCtl,
-        Hypercall::VmspaceMmap,
-        Hypercall::VmspaceMmap,
-        Hypercall::VmspaceMunmap,
-        Hypercall::VmspaceMcontrol,
-        Hypercall::VmspacePread,
-        Hypercall::VmspacePwrite,
-    ]);
+    // Every hypercall, RUN more often (it has the most paths).
+    let h = if rng.below(4) == 0 {
+        Hypercall::VmspaceCtl
+    } else {
+        rng.pick(&Hypercall::ALL)
+    };
     let args = match h {
         Hypercall::VkInfo => [t.pointer(rng), t.length(rng), 0, 0, 0, 0],
         Hypercall::VkMmap => {
