@@ -6,15 +6,17 @@
 //! command line into a [`Config`] and turns the [`Outcome`] or [`Error`] into
 //! an exit status.
 
+#![deny(unsafe_code)]
+
+mod error;
 mod hypercall;
-mod inject;
 pub mod ram;
-pub mod remote;
-mod run;
 pub mod stats;
 mod supervisor;
+#[allow(unsafe_code)]
 mod sys;
 pub mod trace;
+mod tracee;
 mod vmspace;
 mod vpt;
 
@@ -22,16 +24,11 @@ use std::ffi::OsString;
 use std::io::Write;
 use std::path::PathBuf;
 
-use nix::errno::Errno;
 use nix::sys::signal::Signal;
 
+pub use error::Error;
 pub use supervisor::run;
-
-/// Lock `m`. A thread that panicked while holding it cannot have left the
-/// data half-updated in a way that matters more than going on.
-fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
-}
+pub use tracee::remote;
 
 /// What to run and how.
 pub struct Config {
@@ -68,32 +65,6 @@ pub enum Outcome {
     Exited(i32),
     /// It was killed by this signal.
     Signaled { signal: Signal, core_dumped: bool },
-}
-
-/// Why vkrun could not run the guest to its end.
-#[derive(Debug, thiserror::Error)]
-pub enum Error {
-    /// the program was not found
-    #[error("{program}: command not found")]
-    NotFound { program: String },
-    /// the program exists but cannot be executed
-    #[error("{program}: cannot execute: {errno}", errno = .errno.desc())]
-    CannotExecute { program: String, errno: Errno },
-    /// guest RAM could not be created
-    #[error(transparent)]
-    Ram(#[from] ram::RamError),
-    /// a system call the supervisor depends on failed
-    #[error("{what}: {errno}", errno = .errno.desc())]
-    Sys { what: &'static str, errno: Errno },
-    /// the guest's start-up failed before it could run
-    #[error("guest set-up failed ({step}): {errno}", errno = .errno.desc())]
-    Setup { step: &'static str, errno: Errno },
-}
-
-impl Error {
-    fn sys(what: &'static str) -> impl FnOnce(Errno) -> Error {
-        move |errno| Error::Sys { what, errno }
-    }
 }
 
 /// Resolve `program` like `execvp`: a name with a `/` is used as is; a bare

@@ -5,10 +5,11 @@ use std::fs::File;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd};
 use std::sync::atomic::AtomicU64;
 
-use memmap2::{MmapOptions, MmapRaw};
 use nix::errno::Errno;
 use nix::fcntl::{FcntlArg, SealFlag, fcntl};
 use nix::sys::memfd::{MFdFlags, memfd_create};
+
+use crate::sys::region::SharedRegion;
 
 /// Why guest RAM could not be set up.
 #[derive(Debug, thiserror::Error)]
@@ -41,7 +42,7 @@ pub enum RamError {
 #[derive(Debug)]
 pub struct GuestRam {
     file: File,
-    map: MmapRaw,
+    map: SharedRegion,
     size: u64,
 }
 
@@ -60,14 +61,8 @@ impl GuestRam {
             .map_err(|source| RamError::Size { size, source })?;
         let seals = SealFlag::F_SEAL_GROW | SealFlag::F_SEAL_SHRINK | SealFlag::F_SEAL_SEAL;
         fcntl(&file, FcntlArg::F_ADD_SEALS(seals)).map_err(RamError::Seal)?;
-        let len = usize::try_from(size).map_err(|_| RamError::Map {
-            size,
-            source: std::io::Error::from_raw_os_error(libc::ENOMEM),
-        })?;
-        let map = MmapOptions::new()
-            .len(len)
-            .map_raw(&file)
-            .map_err(|source| RamError::Map { size, source })?;
+        let map =
+            SharedRegion::map(&file, size).map_err(|source| RamError::Map { size, source })?;
         Ok(Self { file, map, size })
     }
 
@@ -82,20 +77,11 @@ impl GuestRam {
         self.file.as_raw_fd()
     }
 
-    /// Base of the supervisor's mapping of RAM.
-    pub fn base(&self) -> *mut u8 {
-        self.map.as_mut_ptr()
-    }
-
     /// RAM as 64-bit words, for walking page tables that guest threads
-    /// update concurrently (every access is atomic).
+    /// update concurrently (every access is atomic). The memfd is sealed
+    /// against shrinking, so no access can fault.
     pub fn words(&self) -> &[AtomicU64] {
-        let len = self.map.len() / 8;
-        // SAFETY: the mapping is page-aligned (so aligned for AtomicU64),
-        // `len * 8` bytes long, lives as long as `self`, and the memfd is
-        // sealed against shrinking, so no access can fault. Other processes
-        // write it concurrently, which is what atomics permit.
-        unsafe { std::slice::from_raw_parts(self.map.as_mut_ptr().cast::<AtomicU64>(), len) }
+        self.map.words()
     }
 }
 

@@ -542,7 +542,8 @@ mod tests {
 /// filter (on the agent threads) keeps forged requests from reaching
 /// anything else on the host (`EPERM`).
 pub fn vmspace_agent_filter() -> Vec<libc::sock_filter> {
-    use crate::sys::seccomp::{AUDIT_ARCH_X86_64, JEQ_K, LD_W_ABS, RET_K, jump, stmt};
+    use crate::sys::abi::AUDIT_ARCH_X86_64;
+    use crate::sys::seccomp::{JEQ_K, LD_W_ABS, RET_K, jump, stmt};
     let allowed = [
         libc::SYS_mmap,
         libc::SYS_munmap,

@@ -78,3 +78,24 @@ pub fn signal_info(pid: Pid) -> Result<SignalInfo, Errno> {
         sender,
     })
 }
+
+/// For tests: fork a child that asks to be traced by this process, stops
+/// itself with `SIGSTOP` and then pauses for ever.
+#[cfg(test)]
+pub fn fork_traced_pausing_child() -> Result<Pid, Errno> {
+    // SAFETY: the child makes only async-signal-safe calls, then waits.
+    match unsafe { libc::fork() } {
+        0 => {
+            // SAFETY: raw calls on integers; the child never returns.
+            unsafe {
+                libc::ptrace(libc::PTRACE_TRACEME, 0, 0, 0);
+                libc::raise(libc::SIGSTOP);
+                loop {
+                    libc::pause();
+                }
+            }
+        }
+        -1 => Err(Errno::last()),
+        pid => Ok(Pid::from_raw(pid)),
+    }
+}

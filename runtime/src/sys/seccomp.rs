@@ -8,10 +8,9 @@
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 
 use nix::errno::Errno;
-use vkabi::{Hypercall, VK_SYS_BASE, VK_SYS_COUNT};
+use vkabi::{VK_SYS_BASE, VK_SYS_COUNT};
 
-/// `AUDIT_ARCH_X86_64` (`<linux/audit.h>`): `seccomp_data.arch` of a 64-bit call.
-pub(crate) const AUDIT_ARCH_X86_64: u32 = 0xC000_003E;
+pub(crate) use super::abi::AUDIT_ARCH_X86_64;
 /// `SECCOMP_USER_NOTIF_FD_SYNC_WAKE_UP` (Linux 6.6): wake the supervisor
 /// synchronously on the notifying task's CPU.
 const SECCOMP_USER_NOTIF_FD_SYNC_WAKE_UP: u64 = 1;
@@ -37,38 +36,43 @@ pub(crate) const RET_K: u16 = (libc::BPF_RET | libc::BPF_K) as u16;
 const DATA_NR: u32 = 0;
 const DATA_ARCH: u32 = 4;
 
-/// The classic-BPF program: hypercall numbers notify, everything else runs.
-/// The hypercalls that must run on the tracer thread stop the caller for it
-/// instead (`SECCOMP_RET_TRACE`): `vk_mmap`, which may set vkrun's agent up
-/// in the caller's process (system calls run in the caller), and
-/// `vmspace_create`/`vmspace_destroy`/`vmspace_mmap`/`vmspace_munmap`,
-/// which fork, reap or drive traced stubs.
-pub const HYPERCALL_FILTER: [libc::sock_filter; 13] = [
-    stmt(LD_W_ABS, DATA_ARCH),
-    jump(JEQ_K, AUDIT_ARCH_X86_64, 0, 10),
-    stmt(LD_W_ABS, DATA_NR),
-    jump(JGE_K, VK_SYS_BASE as u32, 0, 8),
-    jump(JGE_K, (VK_SYS_BASE + VK_SYS_COUNT) as u32, 7, 0),
-    jump(JEQ_K, Hypercall::VkMmap.nr() as u32, 5, 0),
-    jump(JEQ_K, Hypercall::VmspaceCreate.nr() as u32, 4, 0),
-    jump(JEQ_K, Hypercall::VmspaceDestroy.nr() as u32, 3, 0),
-    jump(JEQ_K, Hypercall::VmspaceMmap.nr() as u32, 2, 0),
-    jump(JEQ_K, Hypercall::VmspaceMunmap.nr() as u32, 1, 0),
-    stmt(RET_K, libc::SECCOMP_RET_USER_NOTIF),
-    stmt(RET_K, libc::SECCOMP_RET_TRACE),
-    stmt(RET_K, libc::SECCOMP_RET_ALLOW),
-];
+/// The classic-BPF program of a guest: numbers in the hypercall range
+/// notify the supervisor (`SECCOMP_RET_USER_NOTIF`), except `tracer_stops`,
+/// which stop the caller for the tracer thread (`SECCOMP_RET_TRACE`);
+/// everything else runs natively. Which hypercall arrives how is the
+/// hypercall table's decision; this only encodes it. (cBPF written by hand:
+/// seccompiler has no `USER_NOTIF` action.)
+pub fn hypercall_filter(tracer_stops: &[u32]) -> Vec<libc::sock_filter> {
+    let n = tracer_stops.len();
+    assert!(n < 200, "a short list of tracer-stop hypercalls");
+    let mut f = vec![
+        stmt(LD_W_ABS, DATA_ARCH),
+        // Not x86-64: allow (jump past everything to the last instruction).
+        jump(JEQ_K, AUDIT_ARCH_X86_64, 0, (n + 5) as u8),
+        stmt(LD_W_ABS, DATA_NR),
+        jump(JGE_K, VK_SYS_BASE as u32, 0, (n + 3) as u8),
+        jump(JGE_K, (VK_SYS_BASE + VK_SYS_COUNT) as u32, (n + 2) as u8, 0),
+    ];
+    for (i, &nr) in tracer_stops.iter().enumerate() {
+        // Matched: jump to RET_TRACE, `n - i` instructions on.
+        f.push(jump(JEQ_K, nr, (n - i) as u8, 0));
+    }
+    f.push(stmt(RET_K, libc::SECCOMP_RET_USER_NOTIF));
+    f.push(stmt(RET_K, libc::SECCOMP_RET_TRACE));
+    f.push(stmt(RET_K, libc::SECCOMP_RET_ALLOW));
+    f
+}
 
-/// Install [`HYPERCALL_FILTER`] on the calling thread and return the
-/// listener descriptor (close-on-exec, as the kernel makes it).
+/// Install `filter` on the calling thread and return the listener
+/// descriptor (close-on-exec, as the kernel makes it).
 ///
 /// Async-signal-safe: called in the forked child before `execve`. Without
 /// `CAP_SYS_ADMIN` the kernel requires `no_new_privs`; it is set only then, so
 /// that a privileged vkrun runs set-user-ID guests as they would run natively.
-pub fn install_hypercall_filter() -> Result<RawFd, Errno> {
+pub fn install_hypercall_filter(filter: &[libc::sock_filter]) -> Result<RawFd, Errno> {
     let prog = libc::sock_fprog {
-        len: HYPERCALL_FILTER.len() as u16,
-        filter: HYPERCALL_FILTER.as_ptr().cast_mut(),
+        len: filter.len() as u16,
+        filter: filter.as_ptr().cast_mut(),
     };
     let install = || {
         // SAFETY: `prog` points to a valid program that outlives the call;
@@ -91,6 +95,33 @@ pub fn install_hypercall_filter() -> Result<RawFd, Errno> {
             install()
         }
         other => other,
+    }
+}
+
+/// What a cBPF program of the shapes built here returns for system call
+/// `nr` of architecture `arch` (a small interpreter: loads of `nr`/`arch`,
+/// `jeq`/`jge` with constants, `ret` constants), for tests.
+#[cfg(test)]
+pub(crate) fn evaluate(filter: &[libc::sock_filter], arch: u32, nr: u32) -> u32 {
+    let mut acc = 0u32;
+    let mut pc = 0usize;
+    loop {
+        let i = filter[pc];
+        pc += 1;
+        match i.code {
+            LD_W_ABS if i.k == DATA_NR => acc = nr,
+            LD_W_ABS if i.k == DATA_ARCH => acc = arch,
+            JEQ_K | JGE_K => {
+                let hit = if i.code == JEQ_K {
+                    acc == i.k
+                } else {
+                    acc >= i.k
+                };
+                pc += usize::from(if hit { i.jt } else { i.jf });
+            }
+            RET_K => return i.k,
+            code => panic!("instruction {code:#x} not modelled"),
+        }
     }
 }
 

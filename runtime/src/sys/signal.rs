@@ -22,3 +22,11 @@ pub fn install_wake_handler() -> Result<(), Errno> {
     // other code in vkrun handles WAKE_SIGNAL.
     unsafe { sigaction(WAKE_SIGNAL, &action) }.map(drop)
 }
+
+/// Send `sig` to thread `tid` of process `tgid` (`tgkill(2)`: a thread id
+/// reused by another process is never hit).
+pub fn tgkill(tgid: nix::unistd::Pid, tid: nix::unistd::Pid, sig: i32) -> Result<(), Errno> {
+    // SAFETY: tgkill takes integers only.
+    let r = unsafe { libc::syscall(libc::SYS_tgkill, tgid.as_raw(), tid.as_raw(), sig) };
+    Errno::result(r).map(drop)
+}

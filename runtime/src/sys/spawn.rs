@@ -52,16 +52,20 @@ pub struct ChildPlan {
     argv_ptrs: Vec<*const libc::c_char>,
     envp_ptrs: Vec<*const libc::c_char>,
     ram_fd: RawFd,
+    /// The hypercall filter the child installs before `execve`.
+    filter: Vec<libc::sock_filter>,
 }
 
 impl ChildPlan {
-    /// Prepare to execute `path` with `argv` and `envp`, leaving `ram_fd`
-    /// open (without close-on-exec) in the guest.
+    /// Prepare to execute `path` with `argv` and `envp` under the seccomp
+    /// program `filter`, leaving `ram_fd` open (without close-on-exec) in
+    /// the guest.
     pub fn new(
         path: OsString,
         argv: Vec<OsString>,
         envp: Vec<OsString>,
         ram_fd: RawFd,
+        filter: Vec<libc::sock_filter>,
     ) -> Result<Self, Errno> {
         let cstr = |s: OsString| CString::new(s.into_vec()).map_err(|_| Errno::EINVAL);
         let path = cstr(path)?;
@@ -80,6 +84,7 @@ impl ChildPlan {
             _argv: argv,
             _envp: envp,
             ram_fd,
+            filter,
         })
     }
 }
@@ -218,7 +223,7 @@ fn child_main(plan: &ChildPlan, parent: libc::pid_t, go: RawFd, sock: RawFd, rep
         if libc::fcntl(plan.ram_fd, libc::F_SETFD, 0) != 0 {
             fail(1, errno(), CHILD_SETUP_EXIT);
         }
-        let listener = match seccomp::install_hypercall_filter() {
+        let listener = match seccomp::install_hypercall_filter(&plan.filter) {
             Ok(fd) => fd,
             Err(e) => fail(2, e as i32, CHILD_SETUP_EXIT),
         };

@@ -96,28 +96,12 @@ pub const STATE_RUNNING: u32 = 2;
 /// `state`: end the context's thread.
 pub const STATE_EXIT: u32 = 3;
 
-/// `gregs` indices (`<sys/ucontext.h>`).
-pub const REG_R8: usize = 0;
-pub const REG_R9: usize = 1;
-pub const REG_R10: usize = 2;
-pub const REG_R11: usize = 3;
-pub const REG_R12: usize = 4;
-pub const REG_R13: usize = 5;
-pub const REG_R14: usize = 6;
-pub const REG_R15: usize = 7;
-pub const REG_RDI: usize = 8;
-pub const REG_RSI: usize = 9;
-pub const REG_RBP: usize = 10;
-pub const REG_RBX: usize = 11;
-pub const REG_RDX: usize = 12;
-pub const REG_RAX: usize = 13;
-pub const REG_RCX: usize = 14;
-pub const REG_RSP: usize = 15;
-pub const REG_RIP: usize = 16;
-pub const REG_EFL: usize = 17;
-pub const REG_ERR: usize = 19;
-pub const REG_TRAPNO: usize = 20;
-pub const REG_CR2: usize = 22;
+/// `gregs` indices (`<sys/ucontext.h>`), defined once in [`super::abi`].
+pub use super::abi::{
+    REG_CR2, REG_EFL, REG_ERR, REG_R8, REG_R9, REG_R10, REG_R11, REG_R12, REG_R13, REG_R14,
+    REG_R15, REG_RAX, REG_RBP, REG_RBX, REG_RCX, REG_RDI, REG_RDX, REG_RIP, REG_RSI, REG_RSP,
+    REG_TRAPNO,
+};
 /// Registers vkrun sets for a run (`REG_R8` ..= `REG_EFL`).
 pub const GREGS_IN: usize = 18;
 /// All `gregs`.
@@ -458,7 +442,8 @@ pub fn data_page() -> Vec<u8> {
 /// all it can reach that way is its own context's sleep, a spurious futex
 /// wake-up, a forged signal return (its own registers) or its own end.
 pub fn context_filter() -> Vec<libc::sock_filter> {
-    use crate::sys::seccomp::{AUDIT_ARCH_X86_64, JEQ_K, LD_W_ABS, RET_K, jump, stmt};
+    use crate::sys::abi::AUDIT_ARCH_X86_64;
+    use crate::sys::seccomp::{JEQ_K, LD_W_ABS, RET_K, jump, stmt};
     const TRAP: u32 = libc::SECCOMP_RET_TRAP;
     const ALLOW: u32 = libc::SECCOMP_RET_ALLOW;
     let ip = at(&raw const vkrun_stub_handler_syscall) + 2;

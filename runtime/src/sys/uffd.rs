@@ -13,7 +13,8 @@ use nix::errno::Errno;
 const UFFD_API: u64 = 0xAA;
 /// `UFFD_FEATURE_THREAD_ID`: fault messages carry the faulting thread.
 const UFFD_FEATURE_THREAD_ID: u64 = 1 << 8;
-const UFFDIO_REGISTER_MODE_MISSING: u64 = 1;
+/// `UFFDIO_REGISTER_MODE_MISSING`.
+pub const UFFDIO_REGISTER_MODE_MISSING: u64 = 1;
 /// `UFFD_EVENT_PAGEFAULT`: the event byte of a page-fault message.
 pub const UFFD_EVENT_PAGEFAULT: u8 = 0x12;
 /// `UFFD_PAGEFAULT_FLAG_WRITE`.
@@ -55,6 +56,12 @@ struct UffdMsg {
 
 nix::ioctl_readwrite!(uffdio_api, 0xAA, 0x3F, UffdioApi);
 nix::ioctl_readwrite!(uffdio_register, 0xAA, 0x00, UffdioRegister);
+/// The `UFFDIO_REGISTER` request number, for the agent, which registers
+/// ranges in the guest with a `struct uffdio_register` of 32 bytes.
+pub const UFFDIO_REGISTER: u64 =
+    nix::request_code_readwrite!(0xAA, 0x00, size_of::<UffdioRegister>()) as u64;
+/// The size of `struct uffdio_register`.
+pub const UFFDIO_REGISTER_SIZE: usize = size_of::<UffdioRegister>();
 nix::ioctl_read!(uffdio_wake, 0xAA, 0x02, UffdioRange);
 
 /// A page fault reported by the kernel.
@@ -189,5 +196,17 @@ pub fn steal_fd(pid: i32, fd: i32) -> Result<OwnedFd, Errno> {
             0,
         ))? as i32;
         Ok(OwnedFd::from_raw_fd(got))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn register_request_is_the_kernels() {
+        // _IOWR(0xAA, 0x00, struct uffdio_register) on x86-64.
+        assert_eq!(UFFDIO_REGISTER, 0xC020_AA00);
+        assert_eq!(UFFDIO_REGISTER_SIZE, 32);
     }
 }

@@ -1,14 +1,17 @@
-//! The strace-like trace: which events to show (`-e trace=SET`) and the
-//! writer that prints them in strace's line grammar.
+//! The strace-like trace: which events to show (`-e trace=SET`), the
+//! writer that prints them in strace's line grammar, and ([`format`]) the
+//! rendering of calls, results, traps, faults and signals, from primitives
+//! to text. Nothing here knows the domain modules.
 //!
 //! This is product output with its own writer, not a log: diagnostics go
 //! through `tracing`.
+
+pub mod format;
 
 use std::fmt::Write as _;
 use std::io::{LineWriter, Write};
 use std::time::{Duration, SystemTime};
 
-use nix::errno::Errno;
 use vkabi::Hypercall;
 
 /// A `-e trace=` expression that names nothing vkrun knows.
@@ -223,78 +226,6 @@ impl TraceWriter {
     }
 }
 
-/// strace's rendering of a result: `= 0`, `= 0x7f0000000000`,
-/// `= -1 EINVAL (Invalid argument)`.
-pub fn format_result(result: Result<i64, Errno>, hex: bool) -> String {
-    match result {
-        Ok(v) if hex => format!("= {v:#x}"),
-        Ok(v) => format!("= {v}"),
-        Err(e) => format!("= -1 {e:?} ({})", e.desc()),
-    }
-}
-
-/// strace's line for a delivered signal:
-/// `--- SIGSEGV {si_signo=SIGSEGV, si_code=SEGV_MAPERR, si_addr=0x8} ---`.
-pub fn format_signal(info: &crate::sys::ptrace::SignalInfo) -> String {
-    let name = |signo: i32| {
-        nix::sys::signal::Signal::try_from(signo)
-            .map(|s| s.as_str().to_owned())
-            .unwrap_or_else(|_| format!("SIG{signo}"))
-    };
-    let sig = name(info.signo);
-    let code = match (info.signo, info.code) {
-        (_, 0) => "SI_USER".to_owned(),
-        (_, -1) => "SI_QUEUE".to_owned(),
-        (_, -6) => "SI_TKILL".to_owned(),
-        (_, 0x80) => "SI_KERNEL".to_owned(),
-        (libc::SIGSEGV, 1) => "SEGV_MAPERR".to_owned(),
-        (libc::SIGSEGV, 2) => "SEGV_ACCERR".to_owned(),
-        (libc::SIGBUS, 1) => "BUS_ADRALN".to_owned(),
-        (libc::SIGBUS, 2) => "BUS_ADRERR".to_owned(),
-        (libc::SIGTRAP, 1) => "TRAP_BRKPT".to_owned(),
-        (libc::SIGCHLD, 1) => "CLD_EXITED".to_owned(),
-        (libc::SIGCHLD, 2) => "CLD_KILLED".to_owned(),
-        (libc::SIGCHLD, 3) => "CLD_DUMPED".to_owned(),
-        (libc::SIGCHLD, 5) => "CLD_STOPPED".to_owned(),
-        (libc::SIGCHLD, 6) => "CLD_CONTINUED".to_owned(),
-        (_, c) => c.to_string(),
-    };
-    let mut out = format!("--- {sig} {{si_signo={sig}, si_code={code}");
-    if let Some(addr) = info.addr {
-        let _ = write!(out, ", si_addr={addr:#x}");
-    }
-    if let Some((pid, uid)) = info.sender {
-        let _ = write!(out, ", si_pid={pid}, si_uid={uid}");
-    }
-    out.push_str("} ---");
-    out
-}
-
-/// Render `value` as `A|B|0x...` from a table of named bits; zero is `zero`.
-pub fn format_flags(value: u64, names: &[(u64, &str)], zero: &str) -> String {
-    if value == 0 {
-        return zero.to_owned();
-    }
-    let mut out = String::new();
-    let mut rest = value;
-    for &(bit, name) in names {
-        if bit != 0 && rest & bit == bit {
-            if !out.is_empty() {
-                out.push('|');
-            }
-            out.push_str(name);
-            rest &= !bit;
-        }
-    }
-    if rest != 0 {
-        if !out.is_empty() {
-            out.push('|');
-        }
-        let _ = write!(out, "{rest:#x}");
-    }
-    out
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -323,51 +254,5 @@ mod tests {
             Err(TraceSpecError::UnknownName("bogus".into()))
         );
         assert_eq!(TraceSet::parse(""), Err(TraceSpecError::Empty));
-    }
-
-    #[test]
-    fn results_render_like_strace() {
-        assert_eq!(format_result(Ok(0), false), "= 0");
-        assert_eq!(
-            format_result(Ok(0x7f00_0000_0000), true),
-            "= 0x7f0000000000"
-        );
-        assert_eq!(
-            format_result(Err(Errno::EINVAL), false),
-            "= -1 EINVAL (Invalid argument)"
-        );
-    }
-
-    #[test]
-    fn signals_render_like_strace() {
-        use crate::sys::ptrace::SignalInfo;
-        let segv = SignalInfo {
-            signo: libc::SIGSEGV,
-            code: 1,
-            addr: Some(8),
-            sender: None,
-        };
-        assert_eq!(
-            format_signal(&segv),
-            "--- SIGSEGV {si_signo=SIGSEGV, si_code=SEGV_MAPERR, si_addr=0x8} ---"
-        );
-        let term = SignalInfo {
-            signo: libc::SIGTERM,
-            code: 0,
-            addr: None,
-            sender: Some((42, 0)),
-        };
-        assert_eq!(
-            format_signal(&term),
-            "--- SIGTERM {si_signo=SIGTERM, si_code=SI_USER, si_pid=42, si_uid=0} ---"
-        );
-    }
-
-    #[test]
-    fn flags_render_with_leftover_bits() {
-        let names = [(1, "A"), (2, "B"), (8, "D")];
-        assert_eq!(format_flags(0, &names, "0"), "0");
-        assert_eq!(format_flags(3, &names, "0"), "A|B");
-        assert_eq!(format_flags(0x15, &names, "0"), "A|0x14");
     }
 }

@@ -21,26 +21,8 @@ use nix::sys::signal::Signal;
 use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
 use nix::unistd::Pid;
 
-/// Why an injection could not complete.
-#[derive(Debug, thiserror::Error)]
-pub enum InjectError {
-    /// the thread exited or was killed; its wait status is not lost
-    #[error("guest thread {tid} went away during injection")]
-    Gone { tid: Pid, status: WaitStatus },
-    /// a ptrace request failed
-    #[error("ptrace on guest thread {tid}: {errno}")]
-    Ptrace { tid: Pid, errno: Errno },
-}
-
-/// A raw system call result (`-errno` on failure, as the kernel returns it
-/// in `rax`) as a `Result`.
-pub fn errno_or(ret: i64) -> Result<i64, Errno> {
-    if (-4095..0).contains(&ret) {
-        Err(Errno::from_raw(-ret as i32))
-    } else {
-        Ok(ret)
-    }
-}
+use super::Tracer;
+use crate::error::{TraceeError as InjectError, TraceeGone};
 
 /// Whether a stop for `sig` while injected code runs is that code faulting
 /// (its gadget is not mapped in this address space, say) rather than a
@@ -75,7 +57,7 @@ pub struct Injector {
 impl Injector {
     /// Take over `tid`, stopped at `PTRACE_EVENT_SECCOMP`: skip the
     /// hypercall and stop at its syscall exit.
-    pub fn at_seccomp_stop(tid: Pid) -> Result<Self, InjectError> {
+    pub fn at_seccomp_stop(_: &Tracer, tid: Pid) -> Result<Self, InjectError> {
         let fail = |errno| InjectError::Ptrace { tid, errno };
         let saved = ptrace::getregs(tid).map_err(fail)?;
         let mut regs = saved;
@@ -96,7 +78,7 @@ impl Injector {
     /// Take over `tid`, stopped (not in a system call) with a `syscall;
     /// int3` gadget at `gadget` in its address space. The thread is left
     /// stopped, registers restored, when the injector finishes.
-    pub fn at_trap_stop(tid: Pid, gadget: u64) -> Result<Self, InjectError> {
+    pub fn at_trap_stop(_: &Tracer, tid: Pid, gadget: u64) -> Result<Self, InjectError> {
         let saved = ptrace::getregs(tid).map_err(|errno| InjectError::Ptrace { tid, errno })?;
         Ok(Self {
             tid,
@@ -276,10 +258,11 @@ impl Injector {
         loop {
             match waitpid(self.tid, Some(WaitPidFlag::__WALL)) {
                 Ok(status @ (WaitStatus::Exited(..) | WaitStatus::Signaled(..))) => {
-                    return Err(InjectError::Gone {
-                        tid: self.tid,
+                    return Err(TraceeGone {
+                        pid: self.tid,
                         status,
-                    });
+                    }
+                    .into());
                 }
                 Ok(status) => return Ok(status),
                 Err(Errno::EINTR) => continue,
@@ -318,7 +301,12 @@ impl Drop for Injector {
 /// through a `syscall; int3` gadget at `gadget` in its address space; then
 /// restore its registers and let it run. Results are not returned: callers
 /// use it for clean-up that may fail harmlessly.
-pub fn run_at_stop(tid: Pid, gadget: u64, calls: &[(i64, [u64; 6])]) -> Result<(), InjectError> {
+pub fn run_at_stop(
+    _: &Tracer,
+    tid: Pid,
+    gadget: u64,
+    calls: &[(i64, [u64; 6])],
+) -> Result<(), InjectError> {
     let fail = |errno| InjectError::Ptrace { tid, errno };
     let saved = ptrace::getregs(tid).map_err(fail)?;
     let mut pending = None;
@@ -344,7 +332,7 @@ pub fn run_at_stop(tid: Pid, gadget: u64, calls: &[(i64, [u64; 6])]) -> Result<(
                     ptrace::cont(tid, None).map_err(fail)?;
                 }
                 Ok(status @ (WaitStatus::Exited(..) | WaitStatus::Signaled(..))) => {
-                    return Err(InjectError::Gone { tid, status });
+                    return Err(TraceeGone { pid: tid, status }.into());
                 }
                 Ok(_) => ptrace::cont(tid, None).map_err(fail)?,
                 Err(Errno::EINTR) => continue,
@@ -366,27 +354,14 @@ mod tests {
     /// ran again, forever), and the tracee carries on as it was.
     #[test]
     fn a_missing_gadget_is_an_error_not_a_loop() {
-        // SAFETY: the child makes only async-signal-safe calls, then waits.
-        let child = match unsafe { libc::fork() } {
-            0 => {
-                // SAFETY: raw calls on integers; the child never returns.
-                unsafe {
-                    libc::ptrace(libc::PTRACE_TRACEME, 0, 0, 0);
-                    libc::raise(libc::SIGSTOP);
-                    loop {
-                        libc::pause();
-                    }
-                }
-            }
-            -1 => panic!("fork failed"),
-            pid => Pid::from_raw(pid),
-        };
+        let child = crate::sys::ptrace::fork_traced_pausing_child().expect("fork");
         let stopped = waitpid(child, Some(WaitPidFlag::__WALL)).expect("waitpid");
         // It dies with this test process, whatever happens.
         ptrace::setoptions(child, ptrace::Options::PTRACE_O_EXITKILL).expect("setoptions");
         assert!(matches!(stopped, WaitStatus::Stopped(_, Signal::SIGSTOP)));
         let nothing_there = 0x1000;
-        let result = run_at_stop(child, nothing_there, &[(libc::SYS_getpid, [0; 6])]);
+        let tracer = Tracer::this_thread();
+        let result = run_at_stop(&tracer, child, nothing_there, &[(libc::SYS_getpid, [0; 6])]);
         assert!(
             matches!(
                 result,

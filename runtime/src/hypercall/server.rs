@@ -1,7 +1,11 @@
-//! Serving hypercalls: the server thread, the handlers, and the rendering of
-//! each call for the trace.
+//! The notification server: the threads that receive hypercalls from the
+//! user-notification listener, their pool, and the dispatch of the
+//! `Notification` rows of the table (see [`super::TABLE`]).
+//!
+//! Lock order: `pool.parked` and `pool.threads` are held alone. The
+//! threads wait on the listener (bounded by the pool's stop signal) or, in
+//! a RUN, on the context's block (bounded by the waiter's poll).
 
-use std::fmt::Write as _;
 use std::os::fd::AsFd;
 use std::sync::atomic::{AtomicBool, AtomicI32, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
@@ -12,15 +16,15 @@ use nix::errno::Errno;
 use nix::unistd::Pid;
 use vkabi::{Hypercall, VkInfo};
 
-use crate::lock;
+use super::{Arrival, account, arrival};
 use crate::ram::GuestRam;
-use crate::remote::{self, RemoteAddr};
-use crate::run::Started;
 use crate::stats::Stats;
-use crate::sys::kcmp;
 use crate::sys::seccomp::{Notification, NotifyFd};
 use crate::sys::signal::WAKE_SIGNAL;
-use crate::trace::{self, TraceWriter, format_flags};
+use crate::sys::{kcmp, lock, proc};
+use crate::trace::TraceWriter;
+use crate::tracee::remote::{self, RemoteAddr};
+use crate::vmspace::Started;
 
 /// The hypercall server: threads that block in `SECCOMP_IOCTL_NOTIF_RECV`,
 /// serve each call and answer it. They need no ptrace access (the tracer is
@@ -248,19 +252,20 @@ impl Server {
                 },
                 _ => self.call(h, &n),
             };
-            self.stats.count_hypercall(h, result.is_err());
-            // Trace before answering, so the line precedes anything the
+            // Traced before answering, so the line precedes anything the
             // guest does next (its exit line in particular).
-            if let Some(when) = when {
-                let text = format!(
-                    "{} {}",
-                    format_call(h, &n),
-                    trace::format_result(result, returns_address(h))
-                );
-                let took = started.map(|s| s.elapsed());
-                let mut trace = lock(&self.trace);
-                trace.line(n.tid, when, &text, took);
-            }
+            let took = started.map(|s| s.elapsed());
+            account(
+                &self.trace,
+                &self.stats,
+                n.tid,
+                h,
+                n.nr,
+                n.args,
+                result,
+                when,
+                took,
+            );
             match self.notify.respond(n.id, result) {
                 Ok(()) | Err(Errno::ENOENT) => {}
                 Err(errno) => {
@@ -270,10 +275,14 @@ impl Server {
         }
     }
 
-    /// Serve notification `n` (a number in the hypercall range) and return
-    /// the guest-visible result. Hypercalls of later milestones answer
-    /// `ENOSYS`, as do unknown numbers.
+    /// The dispatch of the `Notification` rows of the table (but RUN, which
+    /// [`Server::serve`] waits for): serve notification `n` (a number in the
+    /// hypercall range) and return the guest-visible result. Unknown
+    /// numbers answer `ENOSYS`.
     fn call(&self, h: Option<Hypercall>, n: &Notification) -> Result<i64, Errno> {
+        if arrival(h) != Arrival::Notification {
+            return Err(Errno::ENOSYS); // the filter never sends these here
+        }
         match h {
             Some(Hypercall::VkInfo) => self.vk_info(n),
             Some(Hypercall::Mcontrol) => self.vpt.mcontrol(Pid::from_raw(n.tid), n.args),
@@ -318,11 +327,8 @@ impl Server {
         if guess >= 0 && kcmp::same_file(ours, tid, guess) == Ok(true) {
             return Ok(guess);
         }
-        let found = std::fs::read_dir(format!("/proc/{tid}/fd"))
+        let found = proc::fds(tid)
             .into_iter()
-            .flatten()
-            .flatten()
-            .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
             .find(|&fd| kcmp::same_file(ours, tid, fd) == Ok(true));
         let fd = match found {
             Some(fd) => fd,
@@ -334,211 +340,5 @@ impl Server {
         };
         self.ram_fd_guess.store(fd, Ordering::Relaxed);
         Ok(fd)
-    }
-}
-
-const PROT_NAMES: &[(u64, &str)] = &[(1, "PROT_READ"), (2, "PROT_WRITE"), (4, "PROT_EXEC")];
-
-const MAP_NAMES: &[(u64, &str)] = &[
-    (0x01, "MAP_SHARED"),
-    (0x02, "MAP_PRIVATE"),
-    (0x10, "MAP_FIXED"),
-    (0x20, "MAP_ANONYMOUS"),
-    (vkabi::MAP_VPAGETABLE as u64, "MAP_VPAGETABLE"),
-    (0x4000, "MAP_NORESERVE"),
-    (0x8000, "MAP_POPULATE"),
-    (vkabi::MAP_STACK as u64, "MAP_STACK"),
-    (0x10_0000, "MAP_FIXED_NOREPLACE"),
-];
-
-/// DragonFly's `madvise`/`mcontrol` behaviours by value.
-fn madv_name(behav: u64) -> String {
-    const NAMES: [&str; 12] = [
-        "MADV_NORMAL",
-        "MADV_RANDOM",
-        "MADV_SEQUENTIAL",
-        "MADV_WILLNEED",
-        "MADV_DONTNEED",
-        "MADV_FREE",
-        "MADV_NOSYNC",
-        "MADV_AUTOSYNC",
-        "MADV_NOCORE",
-        "MADV_CORE",
-        "MADV_INVAL",
-        "MADV_SETMAP",
-    ];
-    match NAMES.get(behav as usize) {
-        Some(name) => (*name).to_owned(),
-        None => format!("{:#x}", behav as i32),
-    }
-}
-
-fn ptr(v: u64) -> String {
-    if v == 0 {
-        "NULL".to_owned()
-    } else {
-        format!("{v:#x}")
-    }
-}
-
-/// The call as strace would print it: `vk_info(0x7ffd..., 48)`.
-pub fn format_call(h: Option<Hypercall>, n: &Notification) -> String {
-    let a = n.args;
-    let int = |v: u64| (v as i32).to_string();
-    let prot = |v: u64| format_flags(v & 0xffff_ffff, PROT_NAMES, "PROT_NONE");
-    let flags = |v: u64| format_flags(v & 0xffff_ffff, MAP_NAMES, "0");
-    let value = |behav: u64, v: u64| {
-        if behav == vkabi::MADV_SETMAP as u64 {
-            vpte::Vpte(v).to_string()
-        } else {
-            format!("{v:#x}")
-        }
-    };
-    let Some(h) = h else {
-        let mut s = format!("syscall_{:#x}(", n.nr);
-        for (i, v) in a.iter().enumerate() {
-            let _ = write!(s, "{}{v:#x}", if i == 0 { "" } else { ", " });
-        }
-        s.push(')');
-        return s;
-    };
-    let args = match h {
-        Hypercall::VkInfo => format!("{}, {}", ptr(a[0]), a[1]),
-        Hypercall::VkMmap => format!(
-            "{}, {}, {}, {}, {}, {:#x}",
-            ptr(a[0]),
-            a[1],
-            prot(a[2]),
-            flags(a[3]),
-            int(a[4]),
-            a[5]
-        ),
-        Hypercall::Mcontrol => format!(
-            "{}, {}, {}, {}",
-            ptr(a[0]),
-            a[1],
-            madv_name(a[2] & 0xffff_ffff),
-            value(a[2], a[3])
-        ),
-        Hypercall::VmspaceCreate => format!("{}, {}, {}", ptr(a[0]), int(a[1]), ptr(a[2])),
-        Hypercall::VmspaceDestroy => ptr(a[0]),
-        Hypercall::VmspaceCtl => {
-            let cmd = if a[1] as i32 == vkabi::VMSPACE_CTL_RUN {
-                "VMSPACE_CTL_RUN".to_owned()
-            } else {
-                int(a[1])
-            };
-            format!("{}, {cmd}, {}, {}", ptr(a[0]), ptr(a[2]), ptr(a[3]))
-        }
-        Hypercall::VmspaceMmap => format!(
-            "{}, {}, {}, {}, {}, {}, {:#x}",
-            ptr(a[0]),
-            ptr(a[1]),
-            a[2],
-            prot(a[3] & 0xffff_ffff),
-            flags(a[3] >> 32),
-            int(a[4]),
-            a[5]
-        ),
-        Hypercall::VmspaceMunmap => format!("{}, {}, {}", ptr(a[0]), ptr(a[1]), a[2]),
-        Hypercall::VmspaceMcontrol => format!(
-            "{}, {}, {}, {}, {}",
-            ptr(a[0]),
-            ptr(a[1]),
-            a[2],
-            madv_name(a[3] & 0xffff_ffff),
-            value(a[3], a[4])
-        ),
-        Hypercall::VmspacePread | Hypercall::VmspacePwrite => format!(
-            "{}, {}, {}, {}, {:#x}",
-            ptr(a[0]),
-            ptr(a[1]),
-            a[2],
-            int(a[3]),
-            a[4]
-        ),
-    };
-    format!("{}({args})", h.name())
-}
-
-/// Trace a hypercall served at a seccomp stop (on the tracer thread), if
-/// it is traced, and count it.
-pub fn account_stop_call(
-    trace: &Mutex<TraceWriter>,
-    stats: &Stats,
-    tid: i32,
-    nr: u64,
-    args: [u64; 6],
-    result: Result<i64, Errno>,
-    when: SystemTime,
-) {
-    let h = Hypercall::from_nr(nr);
-    stats.count_hypercall(h, result.is_err());
-    let mut trace = lock(trace);
-    if trace.set().hypercall(h) {
-        let n = Notification {
-            id: 0,
-            tid,
-            nr,
-            args,
-        };
-        let text = format!(
-            "{} {}",
-            format_call(h, &n),
-            trace::format_result(result, returns_address(h))
-        );
-        trace.line(tid, when, &text, None);
-    }
-}
-
-/// Whether `h` returns an address (printed in hex).
-pub fn returns_address(h: Option<Hypercall>) -> bool {
-    matches!(h, Some(Hypercall::VkMmap | Hypercall::VmspaceMmap))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn notif(nr: u64, args: [u64; 6]) -> Notification {
-        Notification {
-            id: 1,
-            tid: 1,
-            nr,
-            args,
-        }
-    }
-
-    #[test]
-    fn calls_are_decoded_symbolically() {
-        let n = notif(Hypercall::VkInfo.nr(), [0x7ffd_0000_1000, 48, 0, 0, 0, 0]);
-        assert_eq!(
-            format_call(Some(Hypercall::VkInfo), &n),
-            "vk_info(0x7ffd00001000, 48)"
-        );
-        let n = notif(Hypercall::VkMmap.nr(), [0, 8192, 3, 0x2001, 3, 0]);
-        assert_eq!(
-            format_call(Some(Hypercall::VkMmap), &n),
-            "vk_mmap(NULL, 8192, PROT_READ|PROT_WRITE, MAP_SHARED|MAP_VPAGETABLE, 3, 0x0)"
-        );
-        let n = notif(Hypercall::Mcontrol.nr(), [0x1000, 4096, 11, 0x5023, 0, 0]);
-        assert_eq!(
-            format_call(Some(Hypercall::Mcontrol), &n),
-            "mcontrol(0x1000, 4096, MADV_SETMAP, V|RW|A frame=0x5000)"
-        );
-        let packed = vkabi::vmspace_mmap_prot_flags(1, 0x22);
-        let n = notif(
-            Hypercall::VmspaceMmap.nr(),
-            [7, 0x400000, 4096, packed, -1i64 as u64, 0],
-        );
-        assert_eq!(
-            format_call(Some(Hypercall::VmspaceMmap), &n),
-            "vmspace_mmap(0x7, 0x400000, 4096, PROT_READ, MAP_PRIVATE|MAP_ANONYMOUS, -1, 0x0)"
-        );
-        let n = notif(vkabi::VK_SYS_BASE + 1, [1, 2, 3, 4, 5, 6]);
-        assert_eq!(
-            format_call(None, &n),
-            "syscall_0xdf00001(0x1, 0x2, 0x3, 0x4, 0x5, 0x6)"
-        );
     }
 }

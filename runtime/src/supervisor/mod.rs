@@ -1,5 +1,9 @@
 //! The supervisor's event loop: the main thread is the ptrace tracer of every
-//! guest task; a second thread (the [`Server`]) answers hypercalls.
+//! guest task (it holds the [`Tracer`] token) and keeps their accounting;
+//! the hypercall server's threads answer notifications.
+//!
+//! The tracer thread waits only on the kernel: `poll(2)` on the signalfd
+//! and the vmspace job queue, `waitpid(2)` for a tracee it is driving.
 //!
 //! The tracer sleeps in `poll(2)` on a signalfd (SIGCHLD for tracee state
 //! changes, plus the signals vkrun forwards). Tracee stops are handled as
@@ -19,24 +23,27 @@ use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 
 use vkabi::Hypercall;
 
-use crate::inject::{InjectError, Injector};
-use crate::lock;
 use nix::sys::ptrace::{self, Event, Options};
 use nix::sys::signal::{self, SigSet, SigmaskHow, Signal};
 use nix::sys::signalfd::{SfdFlags, SignalFd};
 use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
 use nix::unistd::Pid;
 
-use crate::hypercall::{Pool, Server};
+use crate::error::Error;
+use crate::hypercall::{self, Pool, Server, StopCalls};
 use crate::ram::GuestRam;
 use crate::stats::Stats;
+use crate::sys::abi::SI_KERNEL;
 use crate::sys::seccomp::NotifyFd;
 use crate::sys::signal::install_wake_handler;
 use crate::sys::spawn::{self, Child, ChildPlan, ChildStep};
+use crate::sys::{lock, proc};
 use crate::trace::TraceWriter;
+use crate::trace::format::format_signal;
+use crate::tracee::Tracer;
 use crate::vmspace::Vmspaces;
-use crate::vpt::{SegvAction, Vpt};
-use crate::{Config, Error, Outcome, resolve_program};
+use crate::vpt::{ContextFaults, SegvAction, Vpt};
+use crate::{Config, Outcome, resolve_program};
 
 /// Signals sent to vkrun (by `kill`, not by the terminal) that it passes on
 /// to the guest.
@@ -48,10 +55,6 @@ const FORWARDED: [Signal; 6] = [
     Signal::SIGUSR1,
     Signal::SIGUSR2,
 ];
-
-/// `si_code` of a signal the kernel generated (e.g. the terminal's ^C, which
-/// the guest, in the same foreground process group, receives itself).
-const SI_KERNEL: i32 = 0x80;
 
 /// Run the guest described by `config` to its end.
 ///
@@ -88,13 +91,17 @@ pub fn run(config: Config) -> Result<Outcome, Error> {
                 k
             })
             .collect();
-        let plan =
-            ChildPlan::new(path.into_os_string(), argv, envp, ram.raw_fd()).map_err(|errno| {
-                Error::CannotExecute {
-                    program: program.to_string_lossy().into_owned(),
-                    errno,
-                }
-            })?;
+        let plan = ChildPlan::new(
+            path.into_os_string(),
+            argv,
+            envp,
+            ram.raw_fd(),
+            hypercall::filter(),
+        )
+        .map_err(|errno| Error::CannotExecute {
+            program: program.to_string_lossy().into_owned(),
+            errno,
+        })?;
         let child = spawn::fork_guest(&plan).map_err(Error::sys("fork"))?;
         let options = Options::PTRACE_O_EXITKILL
             | Options::PTRACE_O_TRACEFORK
@@ -112,7 +119,9 @@ pub fn run(config: Config) -> Result<Outcome, Error> {
             });
         }
         child.release().map_err(Error::sys("releasing the guest"))?;
+        let tracer = Tracer::this_thread();
         let mut sup = Supervisor {
+            tracer,
             ram_fd_guess: ram.raw_fd(),
             ram,
             main: child.pid,
@@ -130,6 +139,7 @@ pub fn run(config: Config) -> Result<Outcome, Error> {
             stats: Arc::new(Stats::default()),
             vpt: None,
             vmspaces: None,
+            stop_calls: None,
         };
         let vpt = Arc::new(Vpt::new(
             Arc::clone(&sup.ram),
@@ -144,13 +154,15 @@ pub fn run(config: Config) -> Result<Outcome, Error> {
             )
             .map_err(Error::sys("eventfd"))?,
         ));
-        let weak = Arc::downgrade(sup.vmspaces());
-        vpt.on_vmspace_walk_failed(move |tid, addr, pgex| {
-            weak.upgrade()
-                .is_some_and(|v| v.context_fault(tid, addr, pgex))
+        let vmspaces: Arc<dyn ContextFaults> = Arc::clone(sup.vmspaces()) as _;
+        vpt.set_context_faults(Arc::downgrade(&vmspaces));
+        drop(vmspaces);
+        sup.stop_calls = Some(StopCalls {
+            vpt: Arc::clone(&vpt),
+            vmspaces: Arc::clone(sup.vmspaces()),
+            stats: Arc::clone(&sup.stats),
+            trace: Arc::clone(&sup.out),
         });
-        let weak = Arc::downgrade(sup.vmspaces());
-        vpt.on_vmspace_guest_of(move |ctid| weak.upgrade()?.guest_of_context(ctid));
         sup.vpt = Some(vpt);
         sup.tracees.insert(sup.main);
         let result = sup.event_loop();
@@ -170,6 +182,8 @@ pub fn run(config: Config) -> Result<Outcome, Error> {
 
 /// The state of one supervision.
 struct Supervisor {
+    /// This is the tracer thread.
+    tracer: Tracer,
     ram: Arc<GuestRam>,
     child: Child,
     /// The guest's first process: its end is vkrun's outcome.
@@ -200,6 +214,8 @@ struct Supervisor {
     vpt: Option<Arc<Vpt>>,
     /// The guest's vmspaces and their stubs.
     vmspaces: Option<Arc<Vmspaces>>,
+    /// The hypercalls served at a seccomp stop.
+    stop_calls: Option<StopCalls>,
 }
 
 impl Supervisor {
@@ -216,7 +232,7 @@ impl Supervisor {
                 Err(errno) => return Err(self.abort(Error::sys("poll")(errno))),
             }
             if fds[1].any().unwrap_or(false) {
-                vmspaces.run_jobs();
+                vmspaces.run_jobs(&self.tracer);
             }
             if self.on_signals()? {
                 break;
@@ -241,7 +257,7 @@ impl Supervisor {
             return;
         }
         if let Ok(info) = crate::sys::ptrace::signal_info(pid) {
-            let text = crate::trace::format_signal(&info);
+            let text = format_signal(&info);
             out.line(pid.as_raw(), SystemTime::now(), &text, None);
         }
     }
@@ -294,7 +310,11 @@ impl Supervisor {
             let _ = signal::kill(self.main, sig);
             return;
         }
-        let groups: HashSet<Pid> = self.tracees.iter().filter_map(|t| tgid_of(*t)).collect();
+        let groups: HashSet<Pid> = self
+            .tracees
+            .iter()
+            .filter_map(|t| proc::tgid_of(*t))
+            .collect();
         for pid in groups {
             let _ = signal::kill(pid, sig);
         }
@@ -308,7 +328,7 @@ impl Supervisor {
                 Ok(WaitStatus::StillAlive) => return Ok(false),
                 Ok(status) => match status.pid() {
                     Some(pid) if self.vmspaces().is_stub(pid) => {
-                        self.vmspaces().on_stub_status(pid, status);
+                        self.vmspaces().on_stub_status(&self.tracer, pid, status);
                     }
                     _ => self.on_wait_status(status)?,
                 },
@@ -331,8 +351,8 @@ impl Supervisor {
             ),
             WaitStatus::Stopped(pid, Signal::SIGSEGV) => {
                 self.tracees.insert(pid);
-                let tgid = tgid_of(pid).unwrap_or(pid);
-                match self.vpt().on_sigsegv(pid, tgid) {
+                let tgid = proc::tgid_of(pid).unwrap_or(pid);
+                match self.vpt().on_sigsegv(&self.tracer, pid, tgid) {
                     SegvAction::Deliver => {
                         self.trace_signal(pid);
                         resume(pid, Some(Signal::SIGSEGV));
@@ -372,19 +392,9 @@ impl Supervisor {
                 return Ok(());
             }
             e if e == Event::PTRACE_EVENT_SECCOMP as i32 => {
-                let nr = ptrace::getregs(pid).map(|r| r.orig_rax).unwrap_or(0);
-                if let Some(
-                    h @ (Hypercall::VmspaceCreate
-                    | Hypercall::VmspaceDestroy
-                    | Hypercall::VmspaceMmap
-                    | Hypercall::VmspaceMunmap),
-                ) = Hypercall::from_nr(nr)
-                {
-                    return self.vmspace_stop(pid, h);
-                }
-                // vk_mmap: served in the stopped caller.
-                let tgid = tgid_of(pid).unwrap_or(pid);
-                let outcome = self.vpt().on_hypercall_stop(pid, tgid);
+                // A `TracerStop` hypercall (see the hypercall table).
+                let calls = self.stop_calls.as_ref().expect("set before the event loop");
+                let outcome = calls.at_stop(&self.tracer, pid);
                 self.tracees.extend(outcome.new_threads);
                 if let Some(status) = outcome.gone {
                     self.on_wait_status(status)?;
@@ -443,7 +453,7 @@ impl Supervisor {
         let Ok(mut regs) = ptrace::getregs(pid) else {
             return;
         };
-        if regs.orig_rax != Hypercall::VmspaceCtl.nr() || !crate::vpt::catches(pid, sig as i32) {
+        if regs.orig_rax != Hypercall::VmspaceCtl.nr() || !proc::catches(pid, sig as i32) {
             return;
         }
         if let Some(ret) = self.vmspaces().on_guest_signal(pid, regs.rax as i64) {
@@ -454,48 +464,11 @@ impl Supervisor {
         }
     }
 
-    /// A vmspace hypercall served on the tracer thread, stopped at its
-    /// seccomp stop.
-    fn vmspace_stop(&mut self, pid: Pid, h: Hypercall) -> Result<(), Error> {
-        let inj = match Injector::at_seccomp_stop(pid) {
-            Ok(inj) => inj,
-            Err(InjectError::Gone { status, .. }) => return self.on_wait_status(status),
-            Err(e) => {
-                tracing::warn!("{e}");
-                return Ok(());
-            }
-        };
-        let r = *inj.regs();
-        let args = [r.rdi, r.rsi, r.rdx, r.r10, r.r8, r.r9];
-        let when = SystemTime::now();
-        let vmspaces = self.vmspaces();
-        let result = match h {
-            Hypercall::VmspaceCreate => vmspaces.create(args[0]),
-            Hypercall::VmspaceMmap => vmspaces.mmap(pid, args),
-            Hypercall::VmspaceMunmap => vmspaces.munmap(args),
-            _ => vmspaces.destroy(args[0]),
-        };
-        crate::hypercall::account_stop_call(
-            &self.out,
-            &self.stats,
-            pid.as_raw(),
-            r.orig_rax,
-            args,
-            result,
-            when,
-        );
-        let raw = result.unwrap_or_else(|e| -(e as i64));
-        match inj.finish(raw) {
-            Err(InjectError::Gone { status, .. }) => self.on_wait_status(status),
-            _ => Ok(()),
-        }
-    }
-
     /// A new process that does not share `parent`'s mm must not keep its
     /// windows (no agent serves them there): take them away while the child
     /// is at its first stop.
     fn strip_windows(&mut self, parent: Pid, child: Pid) -> Result<(), Error> {
-        let tgid = tgid_of(parent).unwrap_or(parent);
+        let tgid = proc::tgid_of(parent).unwrap_or(parent);
         if !self.vpt().has_windows(tgid) || crate::sys::kcmp::same_vm(parent, child) {
             return Ok(());
         }
@@ -508,7 +481,7 @@ impl Supervisor {
                 Err(_) => return Ok(()),
             }
         }
-        if let Some(status) = self.vpt().on_fork(tgid, child) {
+        if let Some(status) = self.vpt().on_fork(&self.tracer, tgid, child) {
             self.on_wait_status(status)?;
         }
         Ok(())
@@ -534,7 +507,7 @@ impl Supervisor {
             ram_fd_guess: AtomicI32::new(self.ram_fd_guess),
             pool: Pool::default(),
         });
-        self.vmspaces().set_env(Arc::new(crate::run::RunEnv {
+        self.vmspaces().set_env(Arc::new(crate::vmspace::RunEnv {
             notify: Arc::clone(&server.notify),
             stats: Arc::clone(&self.stats),
             trace: Arc::clone(&self.out),
@@ -579,7 +552,7 @@ impl Supervisor {
         drop(out);
         if self.tracees.is_empty() && !self.vmspaces().is_empty() {
             // The guest's last task is gone: so are its vmspaces.
-            self.vmspaces().destroy_all();
+            self.vmspaces().destroy_all(&self.tracer);
         }
         if pid != self.main {
             return;
@@ -624,11 +597,4 @@ fn is_stop_signal(sig: Signal) -> bool {
         sig,
         Signal::SIGSTOP | Signal::SIGTSTP | Signal::SIGTTIN | Signal::SIGTTOU
     )
-}
-
-/// The thread-group id of task `tid`, from `/proc`.
-pub(crate) fn tgid_of(tid: Pid) -> Option<Pid> {
-    let status = std::fs::read_to_string(format!("/proc/{tid}/status")).ok()?;
-    let line = status.lines().find(|l| l.starts_with("Tgid:"))?;
-    line["Tgid:".len()..].trim().parse().ok().map(Pid::from_raw)
 }

@@ -1,0 +1,119 @@
+//! What vkrun reads from `/proc`: thread groups, task states, caught
+//! signals, mappings, descriptors and `vm.max_map_count`. Each reader is a
+//! pure parser over the file's text plus one read, so the parsers are
+//! tested here. (Hand-written: the `procfs` crate would bring a large
+//! dependency for six small fields.)
+
+use nix::unistd::Pid;
+
+/// The thread-group id of task `tid`.
+pub fn tgid_of(tid: Pid) -> Option<Pid> {
+    let status = std::fs::read_to_string(format!("/proc/{tid}/status")).ok()?;
+    status_field(&status, "Tgid:")?
+        .parse()
+        .ok()
+        .map(Pid::from_raw)
+}
+
+/// Whether the process of `tid` has a handler for signal `sig` (`SigCgt`).
+pub fn catches(tid: Pid, sig: i32) -> bool {
+    let Ok(status) = std::fs::read_to_string(format!("/proc/{tid}/status")) else {
+        return false;
+    };
+    status_field(&status, "SigCgt:")
+        .and_then(|hex| u64::from_str_radix(hex, 16).ok())
+        .is_some_and(|mask| (1..=64).contains(&sig) && mask & (1 << (sig - 1)) != 0)
+}
+
+/// Whether thread `tid` of `tgid` still exists.
+pub fn task_alive(tgid: Pid, tid: Pid) -> bool {
+    std::path::Path::new(&format!("/proc/{tgid}/task/{tid}")).exists()
+}
+
+/// Whether thread `tid` of `tgid` is stopped (job control or ptrace).
+pub fn task_stopped(tgid: Pid, tid: Pid) -> bool {
+    std::fs::read_to_string(format!("/proc/{tgid}/task/{tid}/stat"))
+        .ok()
+        .and_then(|s| stat_state(&s))
+        .is_some_and(|c| c == 'T' || c == 't')
+}
+
+/// The address ranges `[start, end)` mapped in process `tgid`.
+pub fn mapped_ranges(tgid: Pid) -> Vec<(u64, u64)> {
+    std::fs::read_to_string(format!("/proc/{tgid}/maps"))
+        .map(|maps| maps.lines().filter_map(maps_range).collect())
+        .unwrap_or_default()
+}
+
+/// The descriptor numbers open in task `tid`.
+pub fn fds(tid: Pid) -> Vec<i32> {
+    std::fs::read_dir(format!("/proc/{tid}/fd"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse().ok())
+        .collect()
+}
+
+/// `vm.max_map_count`.
+pub fn max_map_count() -> Option<u64> {
+    std::fs::read_to_string("/proc/sys/vm/max_map_count")
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+}
+
+/// The value of `name` (e.g. `"Tgid:"`) in a `/proc/PID/status` text.
+fn status_field<'a>(status: &'a str, name: &str) -> Option<&'a str> {
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(name))
+        .map(str::trim)
+}
+
+/// The state letter of a `/proc/PID/stat` line (after the command name,
+/// which may itself hold spaces and parentheses).
+fn stat_state(stat: &str) -> Option<char> {
+    stat.rsplit_once(')')?.1.trim_start().chars().next()
+}
+
+/// The range of one `/proc/PID/maps` line.
+fn maps_range(line: &str) -> Option<(u64, u64)> {
+    let (range, _) = line.split_once(' ')?;
+    let (a, b) = range.split_once('-')?;
+    Some((
+        u64::from_str_radix(a, 16).ok()?,
+        u64::from_str_radix(b, 16).ok()?,
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parsers_read_the_kernels_formats() {
+        let status = "Name:\tcat\nTgid:\t4242\nSigCgt:\t0000000000000400\n";
+        assert_eq!(status_field(status, "Tgid:"), Some("4242"));
+        assert_eq!(status_field(status, "SigCgt:"), Some("0000000000000400"));
+        assert_eq!(stat_state("17 (a b) c) S 1 2"), Some('S'));
+        assert_eq!(stat_state("17 (x) t 1"), Some('t'));
+        assert_eq!(
+            maps_range("7f0000000000-7f0000001000 rw-s 00000000 00:01 5 /memfd:x"),
+            Some((0x7f00_0000_0000, 0x7f00_0000_1000))
+        );
+        assert_eq!(maps_range("garbage"), None);
+    }
+
+    #[test]
+    fn readers_see_this_process() {
+        let me = Pid::this();
+        assert_eq!(tgid_of(me), Some(me));
+        assert!(task_alive(me, me));
+        assert!(!task_stopped(me, me));
+        assert!(!mapped_ranges(me).is_empty());
+        assert!(fds(me).contains(&0) || fds(me).contains(&1) || !fds(me).is_empty());
+        assert!(max_map_count().is_some_and(|n| n > 0));
+    }
+}

@@ -1,0 +1,149 @@
+//! EXECUTION CONTEXTS: a (vmspace, guest thread) pair, whose thread in
+//! the stub runs the user code until it traps. The context posts
+//! registers to its block, kicks its thread out of the user code, closes;
+//! its run state says which RUN is in flight ([`crate::vmspace::run`]
+//! drives it).
+//!
+//! Lock order: a context's `state` before its `fault`; neither is held
+//! while waiting on the context's thread except through a bounded wait.
+
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Instant, SystemTime};
+
+use nix::errno::Errno;
+use nix::unistd::Pid;
+use vkabi::{TrapFrame, VextFrame};
+
+use super::space::Vmspace;
+use crate::sys::stub::{
+    CX_FS_IN, CX_GS_IN, CX_IN, CX_KICK, CX_SEQ, CX_STATE, GREGS_IN, STATE_EXIT, STATE_GO,
+};
+use crate::sys::{futex, lock};
+
+/// A RUN in flight.
+#[derive(Debug, Clone)]
+pub(super) struct Pending {
+    /// Which run of the context this is (its waiter's ticket).
+    pub(super) run_no: u64,
+    /// The notification to answer (a restarted call replaces it).
+    pub(super) notif: u64,
+    pub(super) args: [u64; 6],
+    /// The frame as copied in (fields the run does not change come back).
+    pub(super) tf: TrapFrame,
+    pub(super) vf: VextFrame,
+    pub(super) when: SystemTime,
+    pub(super) started: Instant,
+}
+
+#[derive(Debug, Default)]
+pub(super) struct RunState {
+    pub(super) run: Option<Pending>,
+    /// The last run ended with `T_PAGEFLT` for a data access: (rip, address,
+    /// write). If the next RUN retries that instruction, its page is
+    /// resolved before the user code runs.
+    pub(super) retry: Option<(u64, u64, bool)>,
+    /// Runs started so far.
+    pub(super) runs: u64,
+    /// A RUN whose frame was written but whose answer found the notification
+    /// withdrawn: its result, for the tracer or the restarted call.
+    pub(super) completed: Option<i64>,
+    /// The tracer interrupted the run for a signal; it waits for `done`.
+    pub(super) interrupt: bool,
+    pub(super) done: Option<i64>,
+}
+
+/// One execution context: a (vmspace, guest thread) pair.
+#[derive(Debug)]
+pub struct Context {
+    pub vm: Arc<Vmspace>,
+    /// Block index in the stub region.
+    pub slot: usize,
+    /// The context's thread in the stub.
+    pub tid: Pid,
+    /// The guest thread it serves.
+    pub guest: Pid,
+    pub(super) state: Mutex<RunState>,
+    pub(super) cond: Condvar,
+    /// Reports seen by the waiter.
+    pub(super) seen: AtomicU32,
+    /// The context is being destroyed: its waiter ends.
+    pub(super) closed: AtomicBool,
+    /// A fault whose walk failed, for the kick it sent: (address, `PGEX`).
+    pub(super) fault: Mutex<Option<(u64, u64)>>,
+}
+
+impl Context {
+    /// A context whose thread `tid` has made its first report.
+    pub fn new(vm: Arc<Vmspace>, slot: usize, tid: Pid, guest: Pid, seen: u32) -> Self {
+        Self {
+            vm,
+            slot,
+            tid,
+            guest,
+            state: Mutex::new(RunState::default()),
+            cond: Condvar::new(),
+            seen: AtomicU32::new(seen),
+            closed: AtomicBool::new(false),
+            fault: Mutex::new(None),
+        }
+    }
+
+    pub(super) fn word(&self, off: usize) -> &AtomicU32 {
+        self.vm.block_word(self.slot, off)
+    }
+
+    pub(super) fn qword(&self, off: usize) -> &AtomicU64 {
+        self.vm.block_qword(self.slot, off)
+    }
+
+    /// Whether the context has ended (its guest thread died, or its thread
+    /// in the stub is gone).
+    pub fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::Acquire)
+    }
+
+    /// Whether a RUN of this context is in flight or unanswered.
+    pub fn busy(&self) -> bool {
+        let st = lock(&self.state);
+        st.run.is_some() || st.completed.is_some()
+    }
+
+    /// End the context: its thread exits, its waiter returns.
+    pub fn close(&self) {
+        self.closed.store(true, Ordering::Release);
+        let mut st = lock(&self.state);
+        if st.interrupt {
+            st.done = Some(-(Errno::EIO as i64));
+            self.cond.notify_all();
+        }
+        drop(st);
+        self.word(CX_STATE).store(STATE_EXIT, Ordering::Release);
+        let _ = futex::wake(self.word(CX_STATE));
+        let _ = futex::wake(self.word(CX_SEQ));
+        // If its user code is running (its guest thread died inside RUN),
+        // kick it into the handler, which then sees EXIT.
+        self.word(CX_KICK).store(1, Ordering::Release);
+        let _ = self.vm.kick(self.tid);
+    }
+
+    /// The context's user code is waiting on a fault whose walk failed:
+    /// interrupt it to report `T_PAGEFLT` at `addr` with `pgex`.
+    pub fn fault(&self, addr: u64, pgex: u64) {
+        *lock(&self.fault) = Some((addr, pgex));
+        self.word(CX_KICK).store(1, Ordering::Release);
+        let _ = self.vm.kick(self.tid);
+    }
+
+    /// Post registers and go. (The kick flag is left alone: a kick for this
+    /// run may already be on its way.)
+    pub(super) fn post(&self, gregs: &[u64; GREGS_IN], fs: u64, gs: u64) {
+        for (i, v) in gregs.iter().enumerate() {
+            self.qword(CX_IN + 8 * i).store(*v, Ordering::Relaxed);
+        }
+        self.qword(CX_FS_IN).store(fs, Ordering::Relaxed);
+        self.qword(CX_GS_IN).store(gs, Ordering::Relaxed);
+        self.word(CX_STATE).store(STATE_GO, Ordering::Release);
+        let _ = futex::wake(self.word(CX_STATE));
+    }
+}

@@ -1,0 +1,494 @@
+//! The agent: vkrun's threads inside an address space with windows (machine
+//! code from [`crate::sys::agent_code`]), and the supervisor's side of its
+//! shared region. The installer runs batches of system calls in the
+//! process's mm on request; the resolver (guest processes only) serves the
+//! fast path of faults in the process itself.
+//!
+//! Everything in the region is writable by code in that process (a hostile
+//! guest; in a stub, only the control and code pages are protected from
+//! the user code): what is read back is bounded by a timeout and checked.
+
+use std::sync::atomic::{AtomicI32, AtomicU32, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use nix::errno::Errno;
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use vkabi::{PAGE_SIZE, USER_MAX};
+
+use super::{Space, Vpt};
+use crate::error::{CallError, errno_or};
+use crate::sys::agent_code::{
+    self, CTL_COUNT, CTL_DONE, CTL_OPS, CTL_REQ, CTL_RET, CTL_SIGSET, OP_SIZE, RES_BUDGET,
+    RES_ENABLED, RES_LOCK, RES_RAM_BASE, RES_RAM_FD, RES_RAM_SIZE, RES_SIGSET, RES_UFFD,
+};
+use crate::sys::region::SharedRegion;
+use crate::sys::uffd::{UFFDIO_REGISTER_MODE_MISSING, UFFDIO_REGISTER_SIZE, Userfault};
+use crate::sys::{futex, lock, proc};
+use crate::tracee::inject::Injector;
+use crate::tracee::remote::{self, RemoteAddr};
+
+const PAGE: u64 = PAGE_SIZE;
+/// Pages of the agent region: control, code, scratch, two of stack for the
+/// installer, the resolver page, two of stack for the resolver.
+const AGENT_PAGES: u64 = 8;
+const AGENT_INSTALLER_STACK_TOP: u64 = 5 * PAGE;
+pub const AGENT_RESOLVER: u64 = 5 * PAGE;
+const AGENT_RESOLVER_STACK_TOP: u64 = 8 * PAGE;
+pub const AGENT_CODE: u64 = PAGE;
+const AGENT_SCRATCH: u64 = 2 * PAGE;
+/// In the scratch page: the caller's saved signal mask (agent start-up).
+const SCRATCH_SIGMASK: u64 = 0;
+/// In the scratch page: the RAM memfd's `/proc` path.
+const SCRATCH_PATH: u64 = 256;
+/// In the scratch page: `struct uffdio_register` slots for the agent.
+const SCRATCH_REGISTER: u64 = 512;
+/// Register slots in the scratch page.
+pub const REGISTER_SLOTS: usize = (PAGE - SCRATCH_REGISTER) as usize / UFFDIO_REGISTER_SIZE;
+/// Lowest descriptor number the agent's own descriptors are moved to.
+const AGENT_FD_FLOOR: u64 = 768;
+/// Where vkrun asks to put the agent: the 2 MiB above `USER_MAX`, which the
+/// ABI keeps out of the guest's reach.
+const AGENT_HINT: u64 = USER_MAX + 0x10_0000;
+const THREAD_CLONE_FLAGS: u64 = (libc::CLONE_VM
+    | libc::CLONE_FS
+    | libc::CLONE_FILES
+    | libc::CLONE_SIGHAND
+    | libc::CLONE_THREAD
+    | libc::CLONE_SYSVSEM) as u64;
+/// How long the supervisor waits for the agent before checking it is alive.
+const AGENT_POLL: Duration = Duration::from_millis(50);
+/// How long a batch may take before vkrun gives up on the agent (a guest
+/// that overwrote it, or stopped it for good) and kills the guest process:
+/// a broken agent must not hang the supervisor.
+const AGENT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The supervisor's side of an agent: its shared region.
+#[derive(Debug)]
+pub struct Agent {
+    pub region: SharedRegion,
+    /// The region's address in the guest.
+    pub guest_base: u64,
+    pub tid: Pid,
+    /// The RAM memfd's number in the guest (opened for the agent).
+    pub ram_fd: AtomicU32,
+    /// The guest's descriptor of its userfaultfd (the agent registers with it).
+    pub uffd_fd: AtomicU32,
+    /// The resolver thread (0 before it starts).
+    pub resolver_tid: AtomicI32,
+}
+
+/// A run of RAM to map at a guest address: `mmap(va, len, prot, flags,
+/// ram, pa)`.
+#[derive(Clone, Copy, Debug)]
+pub struct RamRun {
+    pub va: u64,
+    pub len: u64,
+    pub prot: u64,
+    pub flags: u64,
+    pub pa: u64,
+}
+
+impl Agent {
+    fn word(&self, offset: usize) -> &AtomicU32 {
+        self.region.word(offset)
+    }
+
+    fn qword(&self, offset: usize) -> &AtomicU64 {
+        self.region.qword(offset)
+    }
+
+    /// A 32-bit word of the resolver page.
+    pub fn res_word(&self, offset: usize) -> &AtomicU32 {
+        self.word(AGENT_RESOLVER as usize + offset)
+    }
+
+    /// A 64-bit word of the resolver page.
+    pub fn res_qword(&self, offset: usize) -> &AtomicU64 {
+        self.qword(AGENT_RESOLVER as usize + offset)
+    }
+
+    /// Run a batch of system calls in the guest's mm; returns their raw
+    /// results. Callers serialise batches (they hold the process's `mm`).
+    pub fn run(&self, tgid: Pid, ops: &[(i64, [u64; 6])]) -> Result<Vec<i64>, Errno> {
+        assert!(
+            ops.len() <= agent_code::MAX_OPS,
+            "agent batch fits the control page"
+        );
+        for (i, (nr, args)) in ops.iter().enumerate() {
+            let base = CTL_OPS + i * OP_SIZE;
+            self.qword(base).store(*nr as u64, Ordering::Relaxed);
+            for (k, a) in args.iter().enumerate() {
+                self.qword(base + 8 + 8 * k).store(*a, Ordering::Relaxed);
+            }
+        }
+        self.word(CTL_COUNT)
+            .store(ops.len() as u32, Ordering::Relaxed);
+        let req = self.word(CTL_REQ).load(Ordering::Relaxed).wrapping_add(1);
+        self.word(CTL_REQ).store(req, Ordering::Release);
+        futex::wake(self.word(CTL_REQ))?;
+        let started = Instant::now();
+        loop {
+            let done = self.word(CTL_DONE).load(Ordering::Acquire);
+            if done == req {
+                break;
+            }
+            futex::wait(self.word(CTL_DONE), done, AGENT_POLL)?;
+            if self.word(CTL_DONE).load(Ordering::Acquire) == req {
+                break;
+            }
+            // A dead agent (its process killed) must not hang the supervisor.
+            if !proc::task_alive(tgid, self.tid) {
+                return Err(Errno::ESRCH);
+            }
+            // Wake it again: a wake-up is cheap, a lost one would be fatal.
+            futex::wake(self.word(CTL_REQ))?;
+            if started.elapsed() > AGENT_TIMEOUT && !proc::task_stopped(tgid, self.tid) {
+                tracing::error!(%tgid, "the agent does not answer; killing the guest process");
+                let _ = kill(tgid, Signal::SIGKILL);
+                return Err(Errno::ETIMEDOUT);
+            }
+        }
+        Ok((0..ops.len())
+            .map(|i| self.qword(CTL_RET + 8 * i).load(Ordering::Relaxed) as i64)
+            .collect())
+    }
+
+    /// Take the lock shared with the resolver (futex mutex in shared
+    /// memory). A resolver that dies holding it must not hang vkrun: while
+    /// waiting, the resolver's process is checked.
+    pub fn lock_shared(&self, tgid: Pid) -> Result<(), Errno> {
+        let word = self.res_word(RES_LOCK);
+        if word
+            .compare_exchange(0, 1, Ordering::Acquire, Ordering::Relaxed)
+            .is_ok()
+        {
+            return Ok(());
+        }
+        let started = Instant::now();
+        loop {
+            if word.swap(2, Ordering::Acquire) == 0 {
+                return Ok(());
+            }
+            futex::wait(word, 2, AGENT_POLL)?;
+            if kill(tgid, None).is_err() {
+                return Err(Errno::ESRCH);
+            }
+            let resolver = Pid::from_raw(self.resolver_tid.load(Ordering::Relaxed));
+            if started.elapsed() > AGENT_TIMEOUT && !proc::task_stopped(tgid, resolver) {
+                tracing::error!(%tgid, "the resolver holds its lock; killing the guest process");
+                let _ = kill(tgid, Signal::SIGKILL);
+                return Err(Errno::ETIMEDOUT);
+            }
+        }
+    }
+
+    /// Release the shared lock, waking a waiting resolver.
+    pub fn unlock_shared(&self) {
+        let word = self.res_word(RES_LOCK);
+        if word.swap(0, Ordering::Release) == 2 {
+            let _ = futex::wake(word);
+        }
+    }
+
+    /// Fill register slot `i` (missing-page mode for `[va, va+len)`) and
+    /// return its address in the guest.
+    pub fn register_slot(&self, i: usize, va: u64, len: u64) -> u64 {
+        let off = (AGENT_SCRATCH + SCRATCH_REGISTER) as usize + UFFDIO_REGISTER_SIZE * i;
+        let mut bytes = [0u8; UFFDIO_REGISTER_SIZE];
+        bytes[0..8].copy_from_slice(&va.to_ne_bytes());
+        bytes[8..16].copy_from_slice(&len.to_ne_bytes());
+        bytes[16..24].copy_from_slice(&UFFDIO_REGISTER_MODE_MISSING.to_ne_bytes());
+        self.region.write(off, &bytes);
+        self.guest_base + off as u64
+    }
+
+    /// Open the supervisor's RAM memfd for the agent, via `/proc`.
+    fn open_ram(&self, ram_fd: i32, tgid: Pid) -> Result<(), Errno> {
+        let path = format!("/proc/{}/fd/{ram_fd}\0", std::process::id());
+        self.region
+            .write((AGENT_SCRATCH + SCRATCH_PATH) as usize, path.as_bytes());
+        let ptr = self.guest_base + AGENT_SCRATCH + SCRATCH_PATH;
+        let flags = (libc::O_RDWR | libc::O_CLOEXEC) as u64;
+        let r = self.run(tgid, &[(libc::SYS_open, [ptr, flags, 0, 0, 0, 0])])?;
+        let fd = self.raise_fd(tgid, errno_or(r[0])?)?;
+        self.ram_fd.store(fd as u32, Ordering::Relaxed);
+        self.res_qword(RES_RAM_FD).store(fd, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Move an agent descriptor to a high number, out of the way of the
+    /// guest's own (programs reuse low numbers); keep it where it is if that
+    /// fails.
+    pub fn raise_fd(&self, tgid: Pid, fd: i64) -> Result<u64, Errno> {
+        let dupfd = libc::F_DUPFD_CLOEXEC as u64;
+        let r = self.run(
+            tgid,
+            &[(libc::SYS_fcntl, [fd as u64, dupfd, AGENT_FD_FLOOR, 0, 0, 0])],
+        )?;
+        match errno_or(r[0]) {
+            Ok(high) => {
+                self.run(tgid, &[(libc::SYS_close, [fd as u64, 0, 0, 0, 0, 0])])?;
+                Ok(high as u64)
+            }
+            Err(_) => Ok(fd as u64),
+        }
+    }
+
+    /// `mmap` a run of RAM at `va` in the guest (reopening the agent's RAM
+    /// descriptor once if the guest closed it).
+    pub fn mmap_ram(&self, tgid: Pid, ram_fd: i32, run: RamRun) -> Result<(), Errno> {
+        let RamRun {
+            va,
+            len,
+            prot,
+            flags,
+            pa,
+        } = run;
+        for attempt in 0..2 {
+            let fd = u64::from(self.ram_fd.load(Ordering::Relaxed));
+            let r = self.run(tgid, &[(libc::SYS_mmap, [va, len, prot, flags, fd, pa])])?;
+            match errno_or(r[0]) {
+                Ok(_) => return Ok(()),
+                Err(Errno::EBADF | Errno::EACCES | Errno::ENODEV) if attempt == 0 => {
+                    self.open_ram(ram_fd, tgid)?;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Err(Errno::EBADF)
+    }
+
+    /// The address of the `syscall; int3` gadget in the guest.
+    pub fn syscall_gadget(&self) -> u64 {
+        self.guest_base + AGENT_CODE + agent_code::syscall_gadget() as u64
+    }
+}
+
+impl Vpt {
+    /// Create the agent in the process of `inj`'s thread (ABI-invisible:
+    /// its region lies above `USER_MAX`).
+    pub(super) fn start_agent(&self, inj: &mut Injector) -> Result<Agent, CallError> {
+        let (memfd, region) = SharedRegion::create(c"vkrun-agent", AGENT_PAGES * PAGE)?;
+        // A scratch page in the guest for the path of our memfd.
+        let rw = (libc::PROT_READ | libc::PROT_WRITE) as u64;
+        let anon = (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS) as u64;
+        let scratch = inj.syscall(libc::SYS_mmap, [0, PAGE, rw, anon, u64::MAX, 0])?;
+        let scratch = errno_or(scratch).map_err(|_| Errno::ENOMEM)? as u64;
+        let path = format!(
+            "/proc/{}/fd/{}\0",
+            std::process::id(),
+            std::os::fd::AsRawFd::as_raw_fd(&memfd)
+        );
+        if let Err(e) = remote::write_bytes(inj.tid(), RemoteAddr(scratch), path.as_bytes()) {
+            inj.syscall(libc::SYS_munmap, [scratch, PAGE, 0, 0, 0, 0])?;
+            return Err(e.into());
+        }
+        let o_flags = (libc::O_RDWR | libc::O_CLOEXEC) as u64;
+        let fd = inj.syscall(libc::SYS_open, [scratch, o_flags, 0, 0, 0, 0])?;
+        inj.syscall(libc::SYS_munmap, [scratch, PAGE, 0, 0, 0, 0])?;
+        let fd = errno_or(fd)? as u64;
+        let rwx = (libc::PROT_READ | libc::PROT_WRITE | libc::PROT_EXEC) as u64;
+        let len = AGENT_PAGES * PAGE;
+        let shared = libc::MAP_SHARED as u64;
+        let noreplace = libc::MAP_FIXED_NOREPLACE as u64;
+        let mut base = inj.syscall(
+            libc::SYS_mmap,
+            [AGENT_HINT, len, rwx, shared | noreplace, fd, 0],
+        )?;
+        if base < 0 {
+            base = inj.syscall(libc::SYS_mmap, [0, len, rwx, shared, fd, 0])?;
+        }
+        inj.syscall(libc::SYS_close, [fd, 0, 0, 0, 0, 0])?;
+        let base = errno_or(base)? as u64;
+        // Code and control page, through our own mapping of the region.
+        region.write(AGENT_CODE as usize, agent_code::code());
+        region.write(CTL_SIGSET, &u64::MAX.to_ne_bytes());
+        // Start the thread with every signal blocked (it inherits the mask),
+        // then give the caller its mask back.
+        let tid = with_signals_blocked(inj, base, |inj| {
+            inj.clone_at(base + AGENT_CODE, |r| {
+                r.rdi = THREAD_CLONE_FLAGS;
+                r.rsi = base + AGENT_INSTALLER_STACK_TOP;
+                r.rdx = 0;
+                r.r10 = 0;
+                r.r8 = 0;
+                r.r15 = base;
+            })
+        })?;
+        let agent = Agent {
+            region,
+            guest_base: base,
+            tid,
+            ram_fd: AtomicU32::new(u32::MAX),
+            uffd_fd: AtomicU32::new(u32::MAX),
+            resolver_tid: AtomicI32::new(0),
+        };
+        // The agent's own descriptor for RAM.
+        let tgid = proc::tgid_of(inj.tid()).unwrap_or(inj.tid());
+        agent.open_ram(self.ram.raw_fd(), tgid)?;
+        lock(&self.agents).insert(tid);
+        tracing::debug!(tid = %inj.tid(), agent = %tid, base = format_args!("{base:#x}"), "agent started");
+        Ok(agent)
+    }
+
+    /// The uffd of process `tgid`: created in the guest by the agent (bound
+    /// to its mm), moved to a high descriptor there (the agent registers
+    /// with it) and copied to vkrun, which reads it.
+    pub(super) fn make_uffd(&self, agent: &Agent, tgid: Pid) -> Result<Userfault, Errno> {
+        let flags = (libc::O_CLOEXEC | libc::O_NONBLOCK) as u64;
+        let r = agent.run(tgid, &[(libc::SYS_userfaultfd, [flags, 0, 0, 0, 0, 0])])?;
+        let guest_fd = agent.raise_fd(tgid, errno_or(r[0])?)? as i32;
+        let stolen = crate::sys::uffd::steal_fd(tgid.as_raw(), guest_fd);
+        agent.uffd_fd.store(guest_fd as u32, Ordering::Relaxed);
+        stolen.and_then(Userfault::new)
+    }
+
+    /// In a vmspace stub the agent's region is within reach of the user
+    /// code: make its code read-only (through `inj`, the stub's main
+    /// thread) and confine the installer to mm and uffd calls
+    /// ([`agent_code::vmspace_agent_filter`]; it installs the filter on
+    /// itself). A vmspace has no resolver thread.
+    pub(super) fn confine_agent(
+        &self,
+        inj: &mut Injector,
+        agent: &Agent,
+        tgid: Pid,
+    ) -> Result<(), CallError> {
+        let rx = (libc::PROT_READ | libc::PROT_EXEC) as u64;
+        let code = agent.guest_base + AGENT_CODE;
+        errno_or(inj.syscall(libc::SYS_mprotect, [code, PAGE, rx, 0, 0, 0])?)?;
+        // Requests come from the control page: read-only in the stub (vkrun
+        // writes it through its own mapping; the agent answers in the
+        // response page).
+        let ctl = agent.guest_base;
+        let ro = libc::PROT_READ as u64;
+        errno_or(inj.syscall(libc::SYS_mprotect, [ctl, PAGE, ro, 0, 0, 0])?)?;
+        let filter = agent_code::vmspace_agent_filter();
+        let at = AGENT_SCRATCH + SCRATCH_REGISTER;
+        let mut bytes = Vec::with_capacity(16 + 8 * filter.len());
+        bytes.extend_from_slice(&(filter.len() as u64).to_ne_bytes());
+        bytes.extend_from_slice(&(agent.guest_base + at + 16).to_ne_bytes());
+        for insn in &filter {
+            bytes.extend_from_slice(&insn.code.to_ne_bytes());
+            bytes.extend_from_slice(&[insn.jt, insn.jf]);
+            bytes.extend_from_slice(&insn.k.to_ne_bytes());
+        }
+        agent.region.write(at as usize, &bytes);
+        let prog = agent.guest_base + at;
+        let no_new_privs = libc::PR_SET_NO_NEW_PRIVS as u64;
+        let set_filter = libc::SECCOMP_SET_MODE_FILTER as u64;
+        let r = agent.run(
+            tgid,
+            &[
+                (libc::SYS_prctl, [no_new_privs, 1, 0, 0, 0, 0]),
+                (libc::SYS_seccomp, [set_filter, 0, prog, 0, 0, 0]),
+            ],
+        )?;
+        for v in r {
+            errno_or(v)?;
+        }
+        Ok(())
+    }
+
+    /// Start the resolver thread (the in-guest fast path of faults): map RAM
+    /// for it, fill its page, make the uffd blocking (the resolver is its
+    /// only reader now) and clone it from `inj`'s thread, signals blocked.
+    pub(super) fn start_resolver(
+        &self,
+        inj: &mut Injector,
+        agent: &Agent,
+        tgid: Pid,
+        uffd: &Userfault,
+        enabled: bool,
+    ) -> Result<(), CallError> {
+        let rw = (libc::PROT_READ | libc::PROT_WRITE) as u64;
+        let shared = (libc::MAP_SHARED | libc::MAP_NORESERVE) as u64;
+        let ram_fd = u64::from(agent.ram_fd.load(Ordering::Relaxed));
+        let size = self.ram.size();
+        // The fast path walks RAM through its own mapping; without it the
+        // resolver only forwards faults and needs none.
+        let ram_base = if enabled {
+            let r = agent.run(tgid, &[(libc::SYS_mmap, [0, size, rw, shared, ram_fd, 0])])?;
+            errno_or(r[0])? as u64
+        } else {
+            0
+        };
+        let page = |off, v| agent.res_qword(off).store(v, Ordering::Relaxed);
+        page(RES_RAM_BASE, ram_base);
+        page(RES_RAM_SIZE, size);
+        page(RES_RAM_FD, ram_fd);
+        page(RES_UFFD, u64::from(agent.uffd_fd.load(Ordering::Relaxed)));
+        page(RES_SIGSET, u64::MAX);
+        agent.res_word(RES_BUDGET).store(
+            self.max_runs.min(u64::from(u32::MAX)) as u32,
+            Ordering::Relaxed,
+        );
+        agent
+            .res_word(RES_ENABLED)
+            .store(u32::from(enabled), Ordering::Release);
+        uffd.set_blocking()?;
+        let base = agent.guest_base;
+        let gadget = base + AGENT_CODE + agent_code::resolver_gadget() as u64;
+        let tid = with_signals_blocked(inj, base, |inj| {
+            inj.clone_at(gadget, |r| {
+                r.rdi = THREAD_CLONE_FLAGS;
+                r.rsi = base + AGENT_RESOLVER_STACK_TOP;
+                r.rdx = 0;
+                r.r10 = 0;
+                r.r8 = 0;
+                r.r15 = base + AGENT_RESOLVER;
+            })
+        })?;
+        agent.resolver_tid.store(tid.as_raw(), Ordering::Relaxed);
+        lock(&self.agents).insert(tid);
+        lock(&self.resolvers).insert(tid, tgid);
+        tracing::debug!(%tgid, resolver = %tid, fast = enabled, "resolver started");
+        Ok(())
+    }
+
+    /// The agent of a new process: its threads, its uffd, and (guest
+    /// processes) its resolver, or (stubs) its confinement.
+    pub(super) fn set_up_agent(
+        &self,
+        inj: &mut Injector,
+        tgid: Pid,
+        space: Space,
+    ) -> Result<(Agent, Userfault), CallError> {
+        let agent = self.start_agent(inj)?;
+        let uffd = self.make_uffd(&agent, tgid)?;
+        match space {
+            // In a vmspace, all of [0, USER_MAX) is the vkernel's: the
+            // resolver could not map RAM there to walk it, only forward
+            // faults; the fault thread reads the uffd itself (one hand-off
+            // less per fault).
+            Space::Vmspace => self.confine_agent(inj, &agent, tgid)?,
+            Space::Guest => {
+                let fast = !lock(&self.trace).set().faults;
+                self.start_resolver(inj, &agent, tgid, &uffd, fast)?;
+            }
+        }
+        Ok((agent, uffd))
+    }
+}
+
+/// Run `f` (which clones a thread from `inj`'s) with every signal blocked in
+/// `inj`'s thread, so the new thread starts with them blocked; then give
+/// the thread its mask back (also when `f` failed). `base` is the agent
+/// region, whose control page holds the all-ones mask and whose scratch
+/// page keeps the old one.
+fn with_signals_blocked<T>(
+    inj: &mut Injector,
+    base: u64,
+    f: impl FnOnce(&mut Injector) -> Result<T, crate::error::TraceeError>,
+) -> Result<T, crate::error::TraceeError> {
+    let old_mask = base + AGENT_SCRATCH + SCRATCH_SIGMASK;
+    let setmask = libc::SIG_SETMASK as u64;
+    inj.syscall(
+        libc::SYS_rt_sigprocmask,
+        [setmask, base + CTL_SIGSET as u64, old_mask, 8, 0, 0],
+    )?;
+    let out = f(inj);
+    inj.syscall(libc::SYS_rt_sigprocmask, [setmask, old_mask, 0, 8, 0, 0])?;
+    out
+}
