@@ -24,11 +24,11 @@ use vkabi::{
     T_OFLOW, T_PAGEFLT, T_PRIVINFLT, T_PROTFLT, T_SEGNPFLT, T_SIGNAL, T_STKFLT, T_SYSCALL80,
     T_TRCTRAP, T_TSSFLT, T_XMMFLT, TrapFrame, VextFrame, VkInfo,
 };
+use vkguest::{HypercallError, Vmspace};
 
 use crate::exec::{self, ExecError};
 use crate::mm::{Fault, Mm, page_down};
 use crate::ram::{Frames, OutOfMemory, Ram};
-use crate::vmspace::{HypercallError, Vmspace};
 
 /// The first address of the user window (page index = `va >> 12`).
 pub const WINDOW_BASE: u64 = crate::mm::MIN_ADDR;

@@ -29,13 +29,13 @@ mod mm;
 mod process;
 mod ram;
 mod syscall;
-mod vmspace;
 
 use std::os::unix::ffi::OsStringExt;
 use std::process::ExitCode;
 
+use vkguest::strerror;
+
 use crate::kernel::{Kernel, KernelError};
-use crate::vmspace::strerror;
 
 const USAGE: &str = "usage: minikernel [--trace[=all]] [--stats] [--] PROGRAM [ARGS...]";
 

@@ -35,10 +35,8 @@ use std::io::Write;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use vkabi::hypercall;
-
 use crate::env::Env;
-use crate::report::{Report, strerror};
+use crate::report::Report;
 
 const USAGE: &str = "usage: vmspace-check [errors|regs|traps|paging|isolation|signals|threads|prw|fork|all|hold-run|exit-running|stub-death|fuzz SEED N]";
 
@@ -74,12 +72,8 @@ fn main() -> ExitCode {
         eprintln!("{USAGE}");
         return ExitCode::from(2);
     };
-    let info = match hypercall::vk_info() {
-        Ok(info) => info,
-        Err(e) => {
-            eprintln!("vk_info: {}", strerror(e.0));
-            return ExitCode::from(1);
-        }
+    let Some(info) = vkguest::vk_info() else {
+        return ExitCode::from(1);
     };
     if let Plan::Fuzz { seed, calls } = plan {
         let code = fuzz::run(seed, calls, info.ram_fd, info.ram_size);

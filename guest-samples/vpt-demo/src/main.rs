@@ -29,10 +29,8 @@ mod sys;
 
 use std::process::ExitCode;
 
-use vkabi::hypercall;
-
 use crate::env::Env;
-use crate::report::{Report, strerror};
+use crate::report::Report;
 
 const USAGE: &str =
     "usage: vpt-demo [args|alias|readonly|segv|superpage|inval|kernel|kva|scatter [N]|threads]";
@@ -64,12 +62,8 @@ fn main() -> ExitCode {
         eprintln!("{USAGE}");
         return ExitCode::from(2);
     };
-    let info = match hypercall::vk_info() {
-        Ok(info) => info,
-        Err(e) => {
-            eprintln!("vk_info: {}", strerror(e.0));
-            return ExitCode::from(1);
-        }
+    let Some(info) = vkguest::vk_info() else {
+        return ExitCode::from(1);
     };
     let mut env = match Env::new(info) {
         Ok(env) => env,
