@@ -1,8 +1,6 @@
-//! Errno values as the guests print them, and the `vk_info` every guest
-//! starts with.
+//! Errno values as the guests print them.
 
-use vkabi::VkInfo;
-use vkabi::hypercall::{self, Errno};
+use vkabi::hypercall::Errno;
 
 /// `strerror` without Rust's " (os error N)" suffix.
 pub fn strerror(e: i32) -> String {
@@ -37,16 +35,4 @@ pub fn errno_text(e: Errno) -> String {
 /// `<what>: <errno_text>`.
 pub fn must<T>(what: &str, r: Result<T, Errno>) -> Result<T, String> {
     r.map_err(|e| format!("{what}: {}", errno_text(e)))
-}
-
-/// `vk_info`, or `None` after printing `vk_info: <strerror>` on stderr
-/// (`Function not implemented` when not run under vkrun).
-pub fn vk_info() -> Option<VkInfo> {
-    match hypercall::vk_info() {
-        Ok(info) => Some(info),
-        Err(e) => {
-            eprintln!("vk_info: {}", strerror(e.0));
-            None
-        }
-    }
 }

@@ -1,6 +1,7 @@
 //! What the sample guests under `guest-samples/` share, written once: guest
 //! RAM mapped as the direct map ([`dmap`]), page-table helpers over it
-//! ([`tables`]), errno text and start-up ([`errno`]), and a vmspace the guest
+//! ([`tables`]), errno text ([`errno`]), the start of a test guest's `main`
+//! ([`start`]), and a vmspace the guest
 //! owns ([`vmspace`]).
 //!
 //! The raw hypercalls stay in `vkabi::hypercall`; this crate builds on them.
@@ -8,9 +9,11 @@
 
 pub mod dmap;
 pub mod errno;
+pub mod start;
 pub mod tables;
 pub mod vmspace;
 
 pub use dmap::map_ram;
-pub use errno::{errno_text, must, strerror, vk_info};
+pub use errno::{errno_text, must, strerror};
+pub use start::{start, vk_info};
 pub use vmspace::{HypercallError, Vmspace};

@@ -2,7 +2,10 @@
 //! builder, and the small steps the sample guests take on them, each
 //! failing with a line of text for the guest's FAIL report.
 
+use std::ops::Range;
 use std::sync::atomic::AtomicU64;
+
+use vkabi::PAGE_SIZE;
 
 use vpte::{GuestPhysAddr, PageIndex, PageTableBuilder, Vpte};
 
@@ -52,4 +55,42 @@ pub fn leaf(pt: &Tables, pindex: PageIndex) -> Vpte {
 /// read through the wrong frame cannot match.
 pub fn stamp(pa: GuestPhysAddr) -> u64 {
     (pa.0 >> 12).wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ 0x5EED_0000_0000_0000
+}
+
+/// Frames of guest RAM handed out in order from [`FIRST_FRAME`] up and never
+/// given back: each caller gets frames nobody else uses.
+#[derive(Debug)]
+pub struct FrameCarver {
+    /// The next frame not yet handed out.
+    next: u64,
+    /// The RAM size in bytes (`vk_info.ram_size`).
+    ram_size: u64,
+}
+
+impl FrameCarver {
+    /// Frames of `ram_size` bytes of RAM, from [`FIRST_FRAME`] up.
+    pub fn new(ram_size: u64) -> FrameCarver {
+        FrameCarver {
+            next: FIRST_FRAME,
+            ram_size,
+        }
+    }
+
+    /// The next `pages` contiguous frames, as physical addresses
+    /// `start..end`, or why they do not fit in RAM.
+    pub fn take(&mut self, pages: u64) -> Result<Range<GuestPhysAddr>, String> {
+        let start = self.next;
+        let end = pages
+            .checked_mul(PAGE_SIZE)
+            .and_then(|b| start.checked_add(b))
+            .filter(|end| *end <= self.ram_size)
+            .ok_or_else(|| {
+                format!(
+                    "{pages} frames from pa {start:#x} do not fit in {:#x} bytes of RAM",
+                    self.ram_size
+                )
+            })?;
+        self.next = end;
+        Ok(GuestPhysAddr(start)..GuestPhysAddr(end))
+    }
 }

@@ -14,7 +14,8 @@ use vkabi::{
 };
 use vkguest::dmap;
 pub use vkguest::dmap::load;
-pub use vkguest::tables::{FIRST_FRAME, Tables, frame, leaf, leaf_pa, map, stamp};
+use vkguest::tables::FrameCarver;
+pub use vkguest::tables::{Tables, frame, leaf, leaf_pa, map, stamp};
 use vpte::{FrameAllocator, GuestPhysAddr, Level, PageIndex, Vpte};
 
 use crate::report::must;
@@ -41,8 +42,8 @@ pub struct Env {
     pub info: VkInfo,
     /// All of RAM, through the DMAP.
     pub ram: &'static [AtomicU64],
-    /// The next frame not yet handed out.
-    next: u64,
+    /// The frames not yet handed out.
+    frames: FrameCarver,
     /// The next vmspace id [`Env::vmspace`] hands out.
     next_id: u64,
 }
@@ -58,7 +59,7 @@ impl Env {
         Ok(Env {
             info,
             ram,
-            next: FIRST_FRAME,
+            frames: FrameCarver::new(info.ram_size),
             next_id: ID_BASE + 1,
         })
     }
@@ -70,18 +71,8 @@ impl Env {
 
     /// `pages` contiguous frames nobody else uses, zeroed.
     pub fn frames(&mut self, pages: u64) -> Result<GuestPhysAddr, String> {
-        let start = self.next;
-        let end = pages
-            .checked_mul(PAGE_SIZE)
-            .and_then(|b| start.checked_add(b))
-            .filter(|end| *end <= self.info.ram_size)
-            .ok_or_else(|| {
-                format!(
-                    "{pages} frames from pa {start:#x} do not fit in {:#x} bytes of RAM",
-                    self.info.ram_size
-                )
-            })?;
-        self.next = end;
+        let frames = self.frames.take(pages)?;
+        let (start, end) = (frames.start.0, frames.end.0);
         for w in &self.ram[(start / 8) as usize..(end / 8) as usize] {
             w.store(0, Ordering::SeqCst);
         }

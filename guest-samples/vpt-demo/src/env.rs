@@ -6,6 +6,7 @@ use std::sync::atomic::AtomicU64;
 
 use vkabi::{PAGE_SIZE, VkInfo};
 use vkguest::dmap;
+use vkguest::tables::FrameCarver;
 pub use vkguest::tables::{FIRST_FRAME, Tables, frame, leaf, leaf_pa, map, stamp};
 use vpte::{FrameAllocator, GuestPhysAddr, Level, PageIndex, PhysMem, Vpte};
 
@@ -19,8 +20,8 @@ pub struct Env {
     pub info: VkInfo,
     /// All of RAM, through the DMAP.
     pub ram: &'static [AtomicU64],
-    /// The next frame not yet handed out.
-    next: u64,
+    /// The frames not yet handed out.
+    frames: FrameCarver,
 }
 
 impl Env {
@@ -32,7 +33,7 @@ impl Env {
         Ok(Env {
             info,
             ram,
-            next: FIRST_FRAME,
+            frames: FrameCarver::new(info.ram_size),
         })
     }
 
@@ -48,21 +49,7 @@ impl Env {
 
     /// An allocator over `pages` frames nobody else uses.
     pub fn frames(&mut self, pages: u64) -> Result<FrameAllocator, String> {
-        let start = self.next;
-        let end = pages
-            .checked_mul(PAGE_SIZE)
-            .and_then(|b| start.checked_add(b))
-            .filter(|end| *end <= self.info.ram_size)
-            .ok_or_else(|| {
-                format!(
-                    "{pages} frames from pa {start:#x} do not fit in {} bytes of RAM",
-                    self.info.ram_size
-                )
-            })?;
-        self.next = end;
-        Ok(FrameAllocator::new(
-            GuestPhysAddr(start)..GuestPhysAddr(end),
-        ))
+        Ok(FrameAllocator::new(self.frames.take(pages)?))
     }
 
     /// A builder with an empty L4 table, allocating tables and data frames

@@ -57,13 +57,9 @@ fn parse(args: &[String]) -> Option<Plan> {
 }
 
 fn main() -> ExitCode {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    let Some(plan) = parse(&args) else {
-        eprintln!("{USAGE}");
-        return ExitCode::from(2);
-    };
-    let Some(info) = vkguest::vk_info() else {
-        return ExitCode::from(1);
+    let (plan, info) = match vkguest::start(USAGE, parse) {
+        Ok(started) => started,
+        Err(code) => return code,
     };
     let mut env = match Env::new(info) {
         Ok(env) => env,
