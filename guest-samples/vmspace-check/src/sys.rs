@@ -1,8 +1,8 @@
-//! Every `unsafe` step of the guest, behind safe functions: mapping guest RAM
-//! as the direct map, `vmspace_ctl` with pointers that must be refused,
-//! address space that is known to be unmapped, counting signal handlers,
-//! `pthread_kill`, `fork`/`_exit`, and reading the user-code snippets out of
-//! this binary's text.
+//! Every `unsafe` step of the guest, behind safe functions (mapping guest
+//! RAM as the direct map is `vkguest`'s, re-exported here): `vmspace_ctl`
+//! with pointers that must be refused, address space that is known to be
+//! unmapped, counting signal handlers, `pthread_kill`, `fork`/`_exit`, and
+//! reading the user-code snippets out of this binary's text.
 
 use std::io;
 use std::ptr;

@@ -1,8 +1,8 @@
-//! Every `unsafe` step of the guest, behind safe functions: mapping guest RAM
-//! as the direct map, reserving address space, `vk_mmap`, loads and stores
-//! through VPAGETABLE windows, `read(2)`/`write(2)` on window memory, and the
-//! SIGSEGV handler that records what ABI section 6 promises and fixes the
-//! tables.
+//! Every `unsafe` step of the guest, behind safe functions: reserving
+//! address space, `vk_mmap`, loads and stores through VPAGETABLE windows,
+//! `read(2)`/`write(2)` on window memory, and the SIGSEGV handler that
+//! records what ABI section 6 promises and fixes the tables (through the
+//! direct map, which `vkguest` maps).
 //!
 //! A window, once mapped, is never unmapped: its addresses stay valid for
 //! the rest of the program, which is what makes [`Window`]'s accessors safe.
