@@ -103,3 +103,36 @@ pub fn walk_path(ram: &[AtomicU64], root: GuestPhysAddr, pindex: PageIndex) -> V
     }
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ram(words: usize) -> Vec<AtomicU64> {
+        (0..words).map(|_| AtomicU64::new(0)).collect()
+    }
+
+    #[test]
+    fn bytes_written_across_words_read_back() {
+        let ram = ram(4);
+        write_bytes(&ram, GuestPhysAddr(5), b"0123456789");
+        assert_eq!(read_bytes(&ram, GuestPhysAddr(5), 10), b"0123456789");
+        assert_eq!(read_bytes(&ram, GuestPhysAddr(4), 1), [0]);
+        assert_eq!(
+            load(&ram, GuestPhysAddr(8)),
+            u64::from_le_bytes(*b"3456789\0")
+        );
+    }
+
+    #[test]
+    fn walk_path_stops_at_an_invalid_entry() {
+        let ram = ram(2 * 512);
+        // The L4 table at 0: entry 0 names the L3 table at 4096, whose
+        // entries are all invalid.
+        store(&ram, GuestPhysAddr(0), 4096 | vkabi::VPTE_V);
+        let path = walk_path(&ram, GuestPhysAddr(0), PageIndex(0));
+        assert_eq!(path.len(), 2);
+        assert_eq!(path[0].0, Level::L4);
+        assert_eq!(path[1], (Level::L3, Vpte::INVALID));
+    }
+}

@@ -94,3 +94,22 @@ impl FrameCarver {
         Ok(GuestPhysAddr(start)..GuestPhysAddr(end))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frames_are_carved_in_order_until_ram_ends() {
+        let mut frames = FrameCarver::new(FIRST_FRAME + 3 * PAGE_SIZE);
+        let first = frames.take(2).expect("two frames fit");
+        assert_eq!(
+            first,
+            GuestPhysAddr(FIRST_FRAME)..GuestPhysAddr(FIRST_FRAME + 2 * PAGE_SIZE)
+        );
+        assert!(frames.take(2).is_err(), "only one frame is left");
+        let last = frames.take(1).expect("the last frame fits");
+        assert_eq!(last.start, first.end);
+        assert!(frames.take(u64::MAX).is_err(), "no overflow");
+    }
+}
