@@ -10,7 +10,7 @@
 //! `execvp`) into frames of RAM under a 4-level page table of its own
 //! ([`exec`], [`mm`]), creates a vmspace whose one `MAP_VPAGETABLE` window
 //! over the user range points at that table, and runs the program with
-//! `vmspace_ctl(RUN)` ([`kernel`]), serving its page faults (demand paging)
+//! `vmspace_ctl(RUN)` ([`trap`]), serving its page faults (demand paging)
 //! and its Linux system calls ([`syscall`]), mostly by forwarding them to
 //! the host: the program's descriptors, working directory and environment
 //! are the minikernel's own.
@@ -29,13 +29,14 @@ mod mm;
 mod process;
 mod ram;
 mod syscall;
-mod vmspace;
+mod trap;
 
 use std::os::unix::ffi::OsStringExt;
 use std::process::ExitCode;
 
+use vkguest::strerror;
+
 use crate::kernel::{Kernel, KernelError};
-use crate::vmspace::strerror;
 
 const USAGE: &str = "usage: minikernel [--trace[=all]] [--stats] [--] PROGRAM [ARGS...]";
 
@@ -102,7 +103,7 @@ fn main() -> ExitCode {
     let result: Result<std::convert::Infallible, KernelError> =
         Kernel::boot(&info).and_then(|mut k| {
             let mut p = k.spawn(path, &args, &envp)?;
-            let exit = k.run(&mut p);
+            let exit = trap::run(&mut k, &mut p);
             if std::env::var("MINIKERNEL_STATS").is_ok_and(|v| v == "1") {
                 let s = k.stats;
                 eprintln!(

@@ -18,6 +18,9 @@
 //!   to the pool; a process killed by a signal dies of that signal on the
 //!   host, so its parent's `wait4` sees it (the first process exits with
 //!   128 + signal instead, as a shell reports it).
+//!
+//! This module owns the process life cycle; it builds on [`crate::kernel`]
+//! (state and types) and is called by `syscall` and `main`.
 
 use std::path::PathBuf;
 

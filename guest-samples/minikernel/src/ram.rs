@@ -31,27 +31,12 @@ pub struct Ram {
 impl Ram {
     /// Map all of guest RAM (`ram_fd`, `size` bytes). Never unmapped.
     pub fn map(fd: i32, size: u64) -> io::Result<Ram> {
-        let len = usize::try_from(size)
-            .ok()
-            .filter(|l| *l > 0 && size.is_multiple_of(PAGE_SIZE))
-            .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "RAM size"))?;
-        // SAFETY: a new shared mapping at an address the kernel picks:
-        // nothing that exists is touched.
-        let p = unsafe {
-            libc::mmap(
-                ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                fd,
-                0,
-            )
-        };
-        if p == libc::MAP_FAILED {
-            return Err(io::Error::last_os_error());
-        }
+        let words = vkguest::map_ram(fd, size)?;
+        // The words are atomics (interior mutability), so writing through a
+        // pointer derived from them is allowed; the mapping lives for the
+        // rest of the program.
         Ok(Ram {
-            base: p.cast(),
+            base: words.as_ptr().cast_mut().cast(),
             size,
         })
     }

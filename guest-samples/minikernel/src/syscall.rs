@@ -18,6 +18,10 @@
 //! `kill` of itself, `exit`/`exit_group`, `ioctl` (terminal queries only),
 //! `readlink("/proc/self/exe")`. Anything else answers `-ENOSYS`
 //! (listed on stderr with `MINIKERNEL_TRACE=1`).
+//!
+//! This module owns the system-call table and the copying of arguments in
+//! and out; it builds on [`crate::kernel`] (state and types) and
+//! [`crate::process`] (fork, exec), and is called by `trap`.
 
 use vkabi::hypercall::syscall6;
 

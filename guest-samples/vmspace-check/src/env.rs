@@ -12,14 +12,16 @@ use vkabi::{
     MAP_FIXED, MAP_SHARED, MAP_VPAGETABLE, PAGE_SIZE, PROT_EXEC, PROT_READ, PROT_WRITE,
     RFLAGS_USER_SET, TrapFrame, VextFrame, VkInfo,
 };
-use vpte::{FrameAllocator, GuestPhysAddr, Level, PageIndex, PageTableBuilder, Vpte};
+use vkguest::dmap;
+pub use vkguest::dmap::load;
+use vkguest::tables::FrameCarver;
+pub use vkguest::tables::{Tables, frame, leaf, leaf_pa, map, stamp};
+use vpte::{FrameAllocator, GuestPhysAddr, Level, PageIndex, Vpte};
 
 use crate::report::must;
 use crate::sys;
 use crate::user::Snippet;
 
-/// Frames below this stay unused (frame 0 above all: a zero PTE's frame).
-pub const FIRST_FRAME: u64 = 1 << 20;
 /// Where the standard layout puts the code page.
 pub const CODE_VA: u64 = 0x0040_0000;
 /// Where the standard layout puts its data pages.
@@ -33,9 +35,6 @@ pub const USER_SS: u64 = 0x2b;
 /// `PROT_READ|PROT_WRITE|PROT_EXEC`.
 pub const RWX: i32 = PROT_READ | PROT_WRITE | PROT_EXEC;
 
-/// Page tables built in guest RAM through the DMAP.
-pub type Tables = PageTableBuilder<&'static [AtomicU64]>;
-
 /// The guest's view of its RAM.
 #[derive(Debug)]
 pub struct Env {
@@ -43,8 +42,8 @@ pub struct Env {
     pub info: VkInfo,
     /// All of RAM, through the DMAP.
     pub ram: &'static [AtomicU64],
-    /// The next frame not yet handed out.
-    next: u64,
+    /// The frames not yet handed out.
+    frames: FrameCarver,
     /// The next vmspace id [`Env::vmspace`] hands out.
     next_id: u64,
 }
@@ -60,7 +59,7 @@ impl Env {
         Ok(Env {
             info,
             ram,
-            next: FIRST_FRAME,
+            frames: FrameCarver::new(info.ram_size),
             next_id: ID_BASE + 1,
         })
     }
@@ -72,18 +71,8 @@ impl Env {
 
     /// `pages` contiguous frames nobody else uses, zeroed.
     pub fn frames(&mut self, pages: u64) -> Result<GuestPhysAddr, String> {
-        let start = self.next;
-        let end = pages
-            .checked_mul(PAGE_SIZE)
-            .and_then(|b| start.checked_add(b))
-            .filter(|end| *end <= self.info.ram_size)
-            .ok_or_else(|| {
-                format!(
-                    "{pages} frames from pa {start:#x} do not fit in {:#x} bytes of RAM",
-                    self.info.ram_size
-                )
-            })?;
-        self.next = end;
+        let frames = self.frames.take(pages)?;
+        let (start, end) = (frames.start.0, frames.end.0);
         for w in &self.ram[(start / 8) as usize..(end / 8) as usize] {
             w.store(0, Ordering::SeqCst);
         }
@@ -107,34 +96,23 @@ impl Env {
 
     /// The word at `pa`, through the DMAP.
     pub fn load(&self, pa: GuestPhysAddr) -> u64 {
-        load(self.ram, pa)
+        dmap::load(self.ram, pa)
     }
 
     /// Store the word at `pa`, through the DMAP.
     pub fn store(&self, pa: GuestPhysAddr, value: u64) {
-        self.ram[word(pa)].store(value, Ordering::SeqCst);
+        dmap::store(self.ram, pa, value);
     }
 
     /// Bytes `pa..pa + n`, through the DMAP.
     pub fn read_bytes(&self, pa: GuestPhysAddr, n: usize) -> Vec<u8> {
-        (0..n as u64)
-            .map(|i| {
-                let at = pa.0 + i;
-                self.load(GuestPhysAddr(at & !7)).to_le_bytes()[(at & 7) as usize]
-            })
-            .collect()
+        dmap::read_bytes(self.ram, pa, n)
     }
 
     /// Write `bytes` at `pa`, through the DMAP (nothing else writes there
     /// meanwhile).
     pub fn write_bytes(&self, pa: GuestPhysAddr, bytes: &[u8]) {
-        for (i, b) in bytes.iter().enumerate() {
-            let at = pa.0 + i as u64;
-            let w = GuestPhysAddr(at & !7);
-            let mut v = self.load(w).to_le_bytes();
-            v[(at & 7) as usize] = *b;
-            self.store(w, u64::from_le_bytes(v));
-        }
+        dmap::write_bytes(self.ram, pa, bytes);
     }
 
     /// Map `pages` fresh frames into `vs` at `va` (linear `MAP_SHARED` of
@@ -204,28 +182,8 @@ impl Env {
     /// The entries a walk of `pindex` visits below the master, read through
     /// the DMAP: L4, L3, L2, L1 (fewer if it stops at an invalid or PS entry).
     pub fn path(&self, root: GuestPhysAddr, pindex: PageIndex) -> Vec<(Level, Vpte)> {
-        let mut out = Vec::new();
-        let mut table = root;
-        for level in [Level::L4, Level::L3, Level::L2, Level::L1] {
-            let entry = Vpte(self.load(GuestPhysAddr(table.0 + 8 * level.index(pindex) as u64)));
-            out.push((level, entry));
-            if !entry.is_valid() || entry.is_superpage() {
-                break;
-            }
-            table = entry.frame();
-        }
-        out
+        dmap::walk_path(self.ram, root, pindex)
     }
-}
-
-fn word(pa: GuestPhysAddr) -> usize {
-    assert!(pa.0.is_multiple_of(8), "word access at {pa}");
-    (pa.0 / 8) as usize
-}
-
-/// The word at `pa` of `ram` (for threads that hold only the DMAP).
-pub fn load(ram: &[AtomicU64], pa: GuestPhysAddr) -> u64 {
-    ram[word(pa)].load(Ordering::SeqCst)
 }
 
 /// A vmspace of this guest, destroyed on drop.
@@ -430,47 +388,6 @@ impl User {
             ..TrapFrame::default()
         }
     }
-}
-
-/// A data frame from the builder's allocator.
-pub fn frame(pt: &mut Tables) -> Result<GuestPhysAddr, String> {
-    pt.allocator()
-        .alloc()
-        .ok_or_else(|| "out of frames".to_owned())
-}
-
-/// Map `pindex` to `frame` with `bits`.
-pub fn map(
-    pt: &mut Tables,
-    pindex: PageIndex,
-    frame: GuestPhysAddr,
-    bits: u64,
-) -> Result<(), String> {
-    pt.map_page(pindex, frame, bits)
-        .map(drop)
-        .map_err(|e| format!("map {pindex}: {e}"))
-}
-
-/// The leaf of `pindex` as it is now (0 if unmapped).
-pub fn leaf(pt: &Tables, pindex: PageIndex) -> Vpte {
-    match pt.lookup(pindex) {
-        Ok(Some(m)) => m.entry,
-        _ => Vpte::INVALID,
-    }
-}
-
-/// Where the leaf of `pindex` lives.
-pub fn leaf_pa(pt: &Tables, pindex: PageIndex) -> Result<GuestPhysAddr, String> {
-    match pt.lookup(pindex) {
-        Ok(Some(m)) => Ok(m.entry_pa),
-        Ok(None) => Err(format!("{pindex} is not mapped")),
-        Err(e) => Err(format!("lookup {pindex}: {e}")),
-    }
-}
-
-/// The stamp a frame holds in its first word: distinct per frame.
-pub fn stamp(pa: GuestPhysAddr) -> u64 {
-    (pa.0 >> 12).wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ 0x5EED_0000_0000_0000
 }
 
 /// Write [`stamp`] into the first word of `pa`.

@@ -35,10 +35,8 @@ use std::io::Write;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use vkabi::hypercall;
-
 use crate::env::Env;
-use crate::report::{Report, strerror};
+use crate::report::Report;
 
 const USAGE: &str = "usage: vmspace-check [errors|regs|traps|paging|isolation|signals|threads|prw|fork|all|hold-run|exit-running|stub-death|fuzz SEED N]";
 
@@ -69,17 +67,9 @@ fn parse(args: &[String]) -> Option<Plan> {
 }
 
 fn main() -> ExitCode {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    let Some(plan) = parse(&args) else {
-        eprintln!("{USAGE}");
-        return ExitCode::from(2);
-    };
-    let info = match hypercall::vk_info() {
-        Ok(info) => info,
-        Err(e) => {
-            eprintln!("vk_info: {}", strerror(e.0));
-            return ExitCode::from(1);
-        }
+    let (plan, info) = match vkguest::start(USAGE, parse) {
+        Ok(started) => started,
+        Err(code) => return code,
     };
     if let Plan::Fuzz { seed, calls } = plan {
         let code = fuzz::run(seed, calls, info.ram_fd, info.ram_size);

@@ -6,6 +6,7 @@ use std::fmt::Display;
 
 use vkabi::TrapFrame;
 use vkabi::hypercall::Errno;
+pub use vkguest::{errno_text, must};
 
 use crate::env::describe;
 
@@ -111,37 +112,6 @@ pub fn show<T: std::fmt::Debug>(r: &Result<T, Errno>) -> String {
         Ok(v) => format!("success ({v:#x?})"),
         Err(e) => errno_text(*e),
     }
-}
-
-/// An errno as `EINVAL 22 (Invalid argument)`.
-pub fn errno_text(e: Errno) -> String {
-    let name = match e {
-        Errno::EPERM => "EPERM",
-        Errno::ENOENT => "ENOENT",
-        Errno::EINTR => "EINTR",
-        Errno::EIO => "EIO",
-        Errno::EBADF => "EBADF",
-        Errno::ENOMEM => "ENOMEM",
-        Errno::EFAULT => "EFAULT",
-        Errno::EBUSY => "EBUSY",
-        Errno::EEXIST => "EEXIST",
-        Errno::EINVAL => "EINVAL",
-        Errno::ENOSYS => "ENOSYS",
-        Errno::EOPNOTSUPP => "EOPNOTSUPP",
-        _ => "errno",
-    };
-    format!("{name} {} ({})", e.0, strerror(e.0))
-}
-
-/// `strerror` without Rust's " (os error N)" suffix.
-pub fn strerror(e: i32) -> String {
-    let msg = std::io::Error::from_raw_os_error(e).to_string();
-    msg.split(" (os error").next().unwrap_or(&msg).to_owned()
-}
-
-/// A hypercall that must succeed: its error as the area's failure.
-pub fn must<T>(what: &str, r: Result<T, Errno>) -> Result<T, String> {
-    r.map_err(|e| format!("{what}: {}", errno_text(e)))
 }
 
 /// That RUN stopped with `trapno` at `rip` (`None`: any rip), or why not.

@@ -1,8 +1,8 @@
-//! Every `unsafe` step of the guest, behind safe functions: mapping guest RAM
-//! as the direct map, `vmspace_ctl` with pointers that must be refused,
-//! address space that is known to be unmapped, counting signal handlers,
-//! `pthread_kill`, `fork`/`_exit`, and reading the user-code snippets out of
-//! this binary's text.
+//! Every `unsafe` step of the guest, behind safe functions (mapping guest
+//! RAM as the direct map is `vkguest`'s, re-exported here): `vmspace_ctl`
+//! with pointers that must be refused, address space that is known to be
+//! unmapped, counting signal handlers, `pthread_kill`, `fork`/`_exit`, and
+//! reading the user-code snippets out of this binary's text.
 
 use std::io;
 use std::ptr;
@@ -10,38 +10,7 @@ use std::sync::atomic::{AtomicI32, AtomicU64, Ordering};
 
 use vkabi::hypercall::{self, Errno};
 use vkabi::{Hypercall, PAGE_SIZE};
-
-/// Map all of guest RAM (`ram_fd`, `MAP_SHARED`) as the direct map and view
-/// it as 64-bit atomics: word `i` is guest physical bytes `8i..8i+8`.
-pub fn map_ram(fd: i32, size: u64) -> io::Result<&'static [AtomicU64]> {
-    let bad = || io::Error::new(io::ErrorKind::InvalidInput, "RAM size");
-    let len = usize::try_from(size).map_err(|_| bad())?;
-    if len == 0 || !size.is_multiple_of(PAGE_SIZE) {
-        return Err(bad());
-    }
-    // SAFETY: a new shared mapping at an address the kernel picks: nothing
-    // that exists is touched.
-    let p = unsafe {
-        libc::mmap(
-            ptr::null_mut(),
-            len,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_SHARED,
-            fd,
-            0,
-        )
-    };
-    if p == libc::MAP_FAILED {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: the mapping is page aligned (so aligned for AtomicU64, which has
-    // u64's size and alignment), `len` bytes long, readable and writable. It
-    // is never unmapped and the memfd is sealed against shrinking (ABI
-    // section 2), so every word stays backed for the rest of the program.
-    // vmspaces, the supervisor and other threads write the same memory; this
-    // program only ever accesses it through these atomics.
-    Ok(unsafe { std::slice::from_raw_parts(p.cast::<AtomicU64>(), len / 8) })
-}
+pub use vkguest::map_ram;
 
 /// `vmspace_ctl(id, cmd, tf, vf)` with raw pointers, for the calls that must
 /// fail (`EFAULT`, `EOPNOTSUPP`, `ENOENT`).

@@ -45,11 +45,10 @@ use vkabi::{
     T_SEGNPFLT, T_SIGNAL, T_STKFLT, T_SYSCALL80, T_TRCTRAP, T_TSSFLT, T_XMMFLT, TrapFrame, VPTE_A,
     VPTE_M, VPTE_NX, VPTE_RW, VPTE_U, VextFrame, VkInfo,
 };
+use vkguest::{HypercallError, Vmspace};
 use vpte::{BuildError, FrameAllocator, GuestPhysAddr, PageIndex, PageTableBuilder, PhysMem, Vpte};
 
-use crate::sys;
 use crate::user::{Program, SYS_EXIT, SYS_EXIT_GROUP, SYS_GETPID, SYS_WRITE};
-use crate::vmspace::{HypercallError, Vmspace};
 
 /// The window's first address and file offset (so page index = `va >> 12`):
 /// the traditional ELF load address, clear of page 0 and of the host's
@@ -220,8 +219,11 @@ impl Kernel {
     /// Map RAM, start the tables, create the vmspace and map its window.
     pub fn boot(info: VkInfo) -> Result<Kernel, KernelError> {
         let (fd, size) = (info.ram_fd, info.ram_size);
-        let ram =
-            sys::map_ram(fd, size).map_err(|source| KernelError::MapRam { fd, size, source })?;
+        let ram = vkguest::map_ram(fd, size).map_err(|source| KernelError::MapRam {
+            fd,
+            size,
+            source,
+        })?;
         let alloc = FrameAllocator::new(GuestPhysAddr(FIRST_FRAME)..GuestPhysAddr(size));
         let pt = Tables::new(ram, alloc).map_err(|e| match e {
             BuildError::OutOfFrames => KernelError::OutOfFrames {
@@ -243,7 +245,7 @@ impl Kernel {
                 got,
             });
         }
-        vm.setmap(USER_BASE, len, pt.master())?;
+        vm.setmap(USER_BASE, len, pt.master().raw())?;
         Ok(Kernel {
             info,
             ram,

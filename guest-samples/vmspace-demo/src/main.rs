@@ -38,9 +38,7 @@
 //! `guest-samples/c/vmspace_demo.c` is the C twin of the demo.
 
 mod kernel;
-mod sys;
 mod user;
-mod vmspace;
 
 #[cfg(test)]
 mod native;
@@ -48,10 +46,10 @@ mod native;
 use std::process::ExitCode;
 
 use vkabi::{PAGE_SIZE, VkInfo, hypercall};
+use vkguest::strerror;
 
 use crate::kernel::{HEAP_BASE, HEAP_SIZE, Kernel, KernelError, UserExit, signal_name};
 use crate::user::Program;
-use crate::vmspace::strerror;
 
 const USAGE: &str = "usage: vmspace-demo [bench N | bench-fault N | bench-vpt N]";
 

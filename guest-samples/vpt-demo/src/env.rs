@@ -5,16 +5,13 @@
 use std::sync::atomic::AtomicU64;
 
 use vkabi::{PAGE_SIZE, VkInfo};
-use vpte::{FrameAllocator, GuestPhysAddr, Level, PageIndex, PageTableBuilder, PhysMem, Vpte};
+use vkguest::dmap;
+use vkguest::tables::FrameCarver;
+pub use vkguest::tables::{FIRST_FRAME, Tables, frame, leaf, leaf_pa, map, stamp};
+use vpte::{FrameAllocator, GuestPhysAddr, Level, PageIndex, PhysMem, Vpte};
 
 use crate::report::must;
 use crate::sys::{self, Place, Window};
-
-/// Frames below this stay unused (frame 0 above all: a zero PTE's frame).
-pub const FIRST_FRAME: u64 = 1 << 20;
-
-/// Page tables built in guest RAM through the DMAP.
-pub type Tables = PageTableBuilder<&'static [AtomicU64]>;
 
 /// The guest's view of its RAM.
 #[derive(Debug)]
@@ -23,8 +20,8 @@ pub struct Env {
     pub info: VkInfo,
     /// All of RAM, through the DMAP.
     pub ram: &'static [AtomicU64],
-    /// The next frame not yet handed out.
-    next: u64,
+    /// The frames not yet handed out.
+    frames: FrameCarver,
 }
 
 impl Env {
@@ -36,7 +33,7 @@ impl Env {
         Ok(Env {
             info,
             ram,
-            next: FIRST_FRAME,
+            frames: FrameCarver::new(info.ram_size),
         })
     }
 
@@ -52,21 +49,7 @@ impl Env {
 
     /// An allocator over `pages` frames nobody else uses.
     pub fn frames(&mut self, pages: u64) -> Result<FrameAllocator, String> {
-        let start = self.next;
-        let end = pages
-            .checked_mul(PAGE_SIZE)
-            .and_then(|b| start.checked_add(b))
-            .filter(|end| *end <= self.info.ram_size)
-            .ok_or_else(|| {
-                format!(
-                    "{pages} frames from pa {start:#x} do not fit in {} bytes of RAM",
-                    self.info.ram_size
-                )
-            })?;
-        self.next = end;
-        Ok(FrameAllocator::new(
-            GuestPhysAddr(start)..GuestPhysAddr(end),
-        ))
+        Ok(FrameAllocator::new(self.frames.take(pages)?))
     }
 
     /// A builder with an empty L4 table, allocating tables and data frames
@@ -99,82 +82,19 @@ impl Env {
 
     /// Bytes `pa..pa + n`, through the DMAP.
     pub fn read_bytes(&self, pa: GuestPhysAddr, n: usize) -> Vec<u8> {
-        (0..n as u64)
-            .map(|i| {
-                let at = pa.0 + i;
-                self.load(GuestPhysAddr(at & !7)).to_le_bytes()[(at & 7) as usize]
-            })
-            .collect()
+        dmap::read_bytes(self.ram, pa, n)
     }
 
     /// Write `bytes` at `pa`, through the DMAP (nobody else writes there).
     pub fn write_bytes(&self, pa: GuestPhysAddr, bytes: &[u8]) {
-        for (i, b) in bytes.iter().enumerate() {
-            let at = pa.0 + i as u64;
-            let word = GuestPhysAddr(at & !7);
-            let mut w = self.load(word).to_le_bytes();
-            w[(at & 7) as usize] = *b;
-            self.store(word, u64::from_le_bytes(w));
-        }
+        dmap::write_bytes(self.ram, pa, bytes);
     }
 
     /// The entries a walk of `pindex` visits below the master, read through
     /// the DMAP: L4, L3, L2, L1 (fewer if it stops at an invalid or PS entry).
     pub fn path(&self, root: GuestPhysAddr, pindex: PageIndex) -> Vec<(Level, Vpte)> {
-        let mut out = Vec::new();
-        let mut table = root;
-        for level in [Level::L4, Level::L3, Level::L2, Level::L1] {
-            let entry = Vpte(self.load(GuestPhysAddr(table.0 + 8 * level.index(pindex) as u64)));
-            out.push((level, entry));
-            if !entry.is_valid() || entry.is_superpage() {
-                break;
-            }
-            table = entry.frame();
-        }
-        out
+        dmap::walk_path(self.ram, root, pindex)
     }
-}
-
-/// A data frame from the builder's allocator.
-pub fn frame(pt: &mut Tables) -> Result<GuestPhysAddr, String> {
-    pt.allocator()
-        .alloc()
-        .ok_or_else(|| "out of frames".to_owned())
-}
-
-/// Map `pindex` to `frame` with `bits`.
-pub fn map(
-    pt: &mut Tables,
-    pindex: PageIndex,
-    frame: GuestPhysAddr,
-    bits: u64,
-) -> Result<(), String> {
-    pt.map_page(pindex, frame, bits)
-        .map(drop)
-        .map_err(|e| format!("map {pindex}: {e}"))
-}
-
-/// Where the leaf of `pindex` lives.
-pub fn leaf_pa(pt: &Tables, pindex: PageIndex) -> Result<GuestPhysAddr, String> {
-    match pt.lookup(pindex) {
-        Ok(Some(m)) => Ok(m.entry_pa),
-        Ok(None) => Err(format!("{pindex} is not mapped")),
-        Err(e) => Err(format!("lookup {pindex}: {e}")),
-    }
-}
-
-/// The leaf of `pindex` as it is now (0 if unmapped).
-pub fn leaf(pt: &Tables, pindex: PageIndex) -> Vpte {
-    match pt.lookup(pindex) {
-        Ok(Some(m)) => m.entry,
-        _ => Vpte::INVALID,
-    }
-}
-
-/// The stamp a frame holds in its first word: distinct per frame, so a page
-/// read through the wrong frame cannot match.
-pub fn stamp(pa: GuestPhysAddr) -> u64 {
-    (pa.0 >> 12).wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ 0x5EED_0000_0000_0000
 }
 
 /// Write [`stamp`] into the first word of `pa` and its complement into the

@@ -29,10 +29,8 @@ mod sys;
 
 use std::process::ExitCode;
 
-use vkabi::hypercall;
-
 use crate::env::Env;
-use crate::report::{Report, strerror};
+use crate::report::Report;
 
 const USAGE: &str =
     "usage: vpt-demo [args|alias|readonly|segv|superpage|inval|kernel|kva|scatter [N]|threads]";
@@ -59,17 +57,9 @@ fn parse(args: &[String]) -> Option<Plan> {
 }
 
 fn main() -> ExitCode {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    let Some(plan) = parse(&args) else {
-        eprintln!("{USAGE}");
-        return ExitCode::from(2);
-    };
-    let info = match hypercall::vk_info() {
-        Ok(info) => info,
-        Err(e) => {
-            eprintln!("vk_info: {}", strerror(e.0));
-            return ExitCode::from(1);
-        }
+    let (plan, info) = match vkguest::start(USAGE, parse) {
+        Ok(started) => started,
+        Err(code) => return code,
     };
     let mut env = match Env::new(info) {
         Ok(env) => env,

@@ -5,6 +5,7 @@
 use std::fmt::Display;
 
 use vkabi::hypercall::Errno;
+pub use vkguest::{errno_text, must};
 
 /// A failure that ends the area: the check that failed and why.
 pub type Outcome = Result<(), String>;
@@ -91,39 +92,10 @@ impl Report {
     }
 }
 
-/// An errno as `EINVAL (Invalid argument)`.
-pub fn errno_text(e: Errno) -> String {
-    let name = match e {
-        Errno::EPERM => "EPERM",
-        Errno::ENOENT => "ENOENT",
-        Errno::EBADF => "EBADF",
-        Errno::ENOMEM => "ENOMEM",
-        Errno::EFAULT => "EFAULT",
-        Errno::EBUSY => "EBUSY",
-        Errno::EEXIST => "EEXIST",
-        Errno::EINVAL => "EINVAL",
-        Errno::ENOSYS => "ENOSYS",
-        Errno::EOPNOTSUPP => "EOPNOTSUPP",
-        _ => "errno",
-    };
-    format!("{name} {} ({})", e.0, strerror(e.0))
-}
-
-/// `strerror` without Rust's " (os error N)" suffix.
-pub fn strerror(e: i32) -> String {
-    let msg = std::io::Error::from_raw_os_error(e).to_string();
-    msg.split(" (os error").next().unwrap_or(&msg).to_owned()
-}
-
 /// A hypercall result for a FAIL line.
 pub fn show(r: Result<u64, Errno>) -> String {
     match r {
         Ok(v) => format!("returned {v:#x}"),
         Err(e) => format!("failed with {}", errno_text(e)),
     }
-}
-
-/// A hypercall that must succeed: its error as the area's failure.
-pub fn must<T>(what: &str, r: Result<T, Errno>) -> Result<T, String> {
-    r.map_err(|e| format!("{what}: {}", errno_text(e)))
 }

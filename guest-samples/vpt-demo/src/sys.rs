@@ -1,8 +1,8 @@
-//! Every `unsafe` step of the guest, behind safe functions: mapping guest RAM
-//! as the direct map, reserving address space, `vk_mmap`, loads and stores
-//! through VPAGETABLE windows, `read(2)`/`write(2)` on window memory, and the
-//! SIGSEGV handler that records what ABI section 6 promises and fixes the
-//! tables.
+//! Every `unsafe` step of the guest, behind safe functions: reserving
+//! address space, `vk_mmap`, loads and stores through VPAGETABLE windows,
+//! `read(2)`/`write(2)` on window memory, and the SIGSEGV handler that
+//! records what ABI section 6 promises and fixes the tables (through the
+//! direct map, which `vkguest` maps).
 //!
 //! A window, once mapped, is never unmapped: its addresses stay valid for
 //! the rest of the program, which is what makes [`Window`]'s accessors safe.
@@ -38,34 +38,7 @@ static RAM: OnceLock<&'static [AtomicU64]> = OnceLock::new();
 /// Map all of guest RAM (`ram_fd`, `MAP_SHARED`) as the direct map and view
 /// it as 64-bit atomics: word `i` is guest physical bytes `8i..8i+8`.
 pub fn map_ram(fd: i32, size: u64) -> io::Result<&'static [AtomicU64]> {
-    let bad = || io::Error::new(io::ErrorKind::InvalidInput, "RAM size");
-    let len = usize::try_from(size).map_err(|_| bad())?;
-    if len == 0 || !size.is_multiple_of(PAGE_SIZE) {
-        return Err(bad());
-    }
-    // SAFETY: a new shared mapping at an address the kernel picks: nothing
-    // that exists is touched.
-    let p = unsafe {
-        libc::mmap(
-            ptr::null_mut(),
-            len,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_SHARED,
-            fd,
-            0,
-        )
-    };
-    if p == libc::MAP_FAILED {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: the mapping is page aligned (so aligned for AtomicU64, which has
-    // u64's size and alignment), `len` bytes long, readable and writable. It
-    // is never unmapped, and the memfd is sealed against shrinking (ABI
-    // section 2), so every word stays backed for the rest of the program.
-    // Other parties (windows, the kernel, the supervisor) write the same
-    // memory; this program only ever accesses it through these atomics, as
-    // with any MAP_SHARED memory another process writes.
-    let ram = unsafe { std::slice::from_raw_parts(p.cast::<AtomicU64>(), len / 8) };
+    let ram = vkguest::map_ram(fd, size)?;
     let _ = RAM.set(ram);
     Ok(ram)
 }

@@ -1,15 +1,17 @@
-//! A vmspace (ABI section 7) owned by this guest: `vmspace_create` on
-//! [`Vmspace::create`], `vmspace_destroy` on drop, and the calls the vkernel
+//! A vmspace (ABI section 7) owned by the guest: `vmspace_create` on
+//! [`Vmspace::create`], `vmspace_destroy` on drop, and the calls a vkernel
 //! makes on it, each failing with the hypercall's name and errno.
 
 use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use vkabi::hypercall::{self, Errno};
 use vkabi::{
-    MADV_SETMAP, MAP_FIXED, MAP_SHARED, MAP_VPAGETABLE, PROT_EXEC, PROT_READ, PROT_WRITE,
-    TrapFrame, VMSPACE_CTL_RUN, VextFrame,
+    MADV_INVAL, MADV_SETMAP, MAP_FIXED, MAP_SHARED, MAP_VPAGETABLE, PROT_EXEC, PROT_READ,
+    PROT_WRITE, TrapFrame, VMSPACE_CTL_RUN, VextFrame,
 };
-use vpte::Vpte;
+
+use crate::errno::strerror;
 
 /// A failed hypercall: its name and the errno it returned.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
@@ -21,15 +23,6 @@ pub struct HypercallError {
     pub errno: Errno,
 }
 
-/// `strerror` without Rust's " (os error N)" suffix.
-pub fn strerror(e: i32) -> String {
-    let msg = std::io::Error::from_raw_os_error(e).to_string();
-    match msg.split_once(" (os error") {
-        Some((text, _)) => text.to_owned(),
-        None => msg,
-    }
-}
-
 /// Attach the hypercall's name to its errno.
 fn named<T>(call: &'static str, r: Result<T, Errno>) -> Result<T, HypercallError> {
     r.map_err(|errno| HypercallError { call, errno })
@@ -37,12 +30,16 @@ fn named<T>(call: &'static str, r: Result<T, Errno>) -> Result<T, HypercallError
 
 /// A vmspace created by this guest and destroyed when dropped.
 ///
-/// Its id is the address of a heap byte the value owns: not NULL and unique
-/// among the live vmspaces of this process, as DragonFly's vkernel uses the
-/// address of its `struct pmap`.
+/// Its id is `pid << 32 | n` for the `n`th vmspace this host process
+/// creates: not NULL and unique among all the host processes of a guest,
+/// which share one registry (ABI section 7: a forked guest shares its
+/// parent's).
 pub struct Vmspace {
-    token: Box<u8>,
+    id: u64,
 }
+
+/// Vmspaces created by this host process so far.
+static CREATED: AtomicU64 = AtomicU64::new(0);
 
 impl fmt::Debug for Vmspace {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -53,14 +50,17 @@ impl fmt::Debug for Vmspace {
 impl Vmspace {
     /// `vmspace_create(id, 0, NULL)`: a new, empty user address space.
     pub fn create() -> Result<Vmspace, HypercallError> {
-        let vm = Vmspace { token: Box::new(0) };
+        // SAFETY: getpid has no preconditions and cannot fail.
+        let pid = u64::from(unsafe { libc::getpid() }.unsigned_abs());
+        let n = CREATED.fetch_add(1, Ordering::Relaxed) + 1;
+        let vm = Vmspace { id: pid << 32 | n };
         named("vmspace_create", hypercall::vmspace_create(vm.id(), 0, 0))?;
         Ok(vm)
     }
 
     /// The opaque id the hypercalls take.
     pub fn id(&self) -> u64 {
-        std::ptr::from_ref::<u8>(&self.token) as u64
+        self.id
     }
 
     /// `vmspace_mmap(MAP_SHARED|MAP_VPAGETABLE|MAP_FIXED)` of guest RAM
@@ -90,11 +90,23 @@ impl Vmspace {
         )
     }
 
-    /// `vmspace_mcontrol(MADV_SETMAP, master)` on `[addr, addr + len)`.
-    pub fn setmap(&self, addr: u64, len: u64, master: Vpte) -> Result<(), HypercallError> {
+    /// `vmspace_mcontrol(MADV_SETMAP, master)` on `[addr, addr + len)`:
+    /// `master` (a raw VPTE) names the tables the window is translated
+    /// through.
+    pub fn setmap(&self, addr: u64, len: u64, master: u64) -> Result<(), HypercallError> {
         named(
             "vmspace_mcontrol(MADV_SETMAP)",
-            hypercall::vmspace_mcontrol(self.id(), addr, len, MADV_SETMAP, master.raw()),
+            hypercall::vmspace_mcontrol(self.id(), addr, len, MADV_SETMAP, master),
+        )
+    }
+
+    /// `vmspace_mcontrol(MADV_INVAL)` on `[addr, addr + len)`: the host
+    /// forgets its translations there, so changed or removed leaves take
+    /// effect (ABI section 5).
+    pub fn inval(&self, addr: u64, len: u64) -> Result<(), HypercallError> {
+        named(
+            "vmspace_mcontrol(MADV_INVAL)",
+            hypercall::vmspace_mcontrol(self.id(), addr, len, MADV_INVAL, 0),
         )
     }
 
