@@ -35,6 +35,19 @@ fn faulted(tid: Pid, sig: Signal) -> bool {
     ) && ptrace::getsiginfo(tid).is_ok_and(|info| info.si_code > 0)
 }
 
+/// Registers for a `clone` gadget (`clone(flags, stack, 0, 0, 0)`, with `r15`
+/// the value the new thread starts with: vkrun's code finds its page there).
+pub fn clone_args(flags: u64, stack: u64, r15: u64) -> impl FnOnce(&mut user_regs_struct) {
+    move |r| {
+        r.rdi = flags;
+        r.rsi = stack;
+        r.rdx = 0;
+        r.r10 = 0;
+        r.r8 = 0;
+        r.r15 = r15;
+    }
+}
+
 /// The x86-64 `syscall` instruction is two bytes long.
 const SYSCALL_LEN: u64 = 2;
 
@@ -140,26 +153,7 @@ impl Injector {
         regs.rax = libc::SYS_clone as u64;
         setup(&mut regs);
         self.setregs(regs)?;
-        ptrace::cont(self.tid, None).map_err(|errno| self.err(errno))?;
-        let mut child = None;
-        loop {
-            match self.wait()? {
-                WaitStatus::PtraceEvent(_, _, ev) if ev == libc::PTRACE_EVENT_CLONE => {
-                    let new = ptrace::getevent(self.tid).map_err(|errno| self.err(errno))?;
-                    child = Some(Pid::from_raw(new as i32));
-                    ptrace::cont(self.tid, None).map_err(|errno| self.err(errno))?;
-                }
-                WaitStatus::Stopped(_, Signal::SIGTRAP) => break,
-                WaitStatus::Stopped(_, sig) if faulted(self.tid, sig) => {
-                    return Err(self.err(Errno::EFAULT));
-                }
-                WaitStatus::Stopped(_, sig) => {
-                    self.pending = Some(sig);
-                    ptrace::cont(self.tid, None).map_err(|errno| self.err(errno))?;
-                }
-                _ => ptrace::cont(self.tid, None).map_err(|errno| self.err(errno))?,
-            }
-        }
+        let child = self.cont_to_trap()?;
         let out = ptrace::getregs(self.tid).map_err(|errno| self.err(errno))?;
         let child = match child {
             Some(c) => c,
@@ -208,21 +202,25 @@ impl Injector {
         })
     }
 
-    /// Continue until the gadget's `int3`, keeping other signals.
-    fn cont_to_trap(&mut self) -> Result<(), InjectError> {
+    /// Continue until the gadget's `int3`, keeping other signals; returns
+    /// the thread a `clone` on the way created (auto-attached), if any.
+    fn cont_to_trap(&mut self) -> Result<Option<Pid>, InjectError> {
         ptrace::cont(self.tid, None).map_err(|errno| self.err(errno))?;
+        let mut child = None;
         loop {
             match self.wait()? {
-                WaitStatus::Stopped(_, Signal::SIGTRAP) => return Ok(()),
+                WaitStatus::PtraceEvent(_, _, ev) if ev == libc::PTRACE_EVENT_CLONE => {
+                    let new = ptrace::getevent(self.tid).map_err(|errno| self.err(errno))?;
+                    child = Some(Pid::from_raw(new as i32));
+                }
+                WaitStatus::Stopped(_, Signal::SIGTRAP) => return Ok(child),
                 WaitStatus::Stopped(_, sig) if faulted(self.tid, sig) => {
                     return Err(self.err(Errno::EFAULT));
                 }
-                WaitStatus::Stopped(_, sig) => {
-                    self.pending = Some(sig);
-                    ptrace::cont(self.tid, None).map_err(|errno| self.err(errno))?;
-                }
-                _ => ptrace::cont(self.tid, None).map_err(|errno| self.err(errno))?,
+                WaitStatus::Stopped(_, sig) => self.pending = Some(sig),
+                _ => {}
             }
+            ptrace::cont(self.tid, None).map_err(|errno| self.err(errno))?;
         }
     }
 

@@ -57,7 +57,7 @@ use crate::sys::stub::{
 };
 use crate::sys::{futex, lock, proc};
 use crate::tracee::Tracer;
-use crate::tracee::inject::Injector;
+use crate::tracee::inject::{Injector, clone_args};
 use crate::vpt::{ContextFaults, Vpt};
 
 use context::Context;
@@ -405,14 +405,10 @@ impl Vmspaces {
             .map_err(|e| self.inject_failed(vm, &e))?;
         let block = STUB_BASE + base as u64;
         let tid = inj
-            .clone_untraced_at(stub::clone_gadget(), |r| {
-                r.rdi = CONTEXT_CLONE_FLAGS;
-                r.rsi = block + CX_ENTRY_STACK;
-                r.rdx = 0;
-                r.r10 = 0;
-                r.r8 = 0;
-                r.r15 = block;
-            })
+            .clone_untraced_at(
+                stub::clone_gadget(),
+                clone_args(CONTEXT_CLONE_FLAGS, block + CX_ENTRY_STACK, block),
+            )
             .map_err(|e| self.inject_failed(vm, &e))??;
         let _ = inj.finish(0);
         lock(&vm.slots)[slot] = Some(tid);

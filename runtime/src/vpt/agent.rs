@@ -25,7 +25,7 @@ use crate::sys::agent_code::{
 use crate::sys::region::SharedRegion;
 use crate::sys::uffd::{UFFDIO_REGISTER_MODE_MISSING, UFFDIO_REGISTER_SIZE, Userfault};
 use crate::sys::{futex, lock, proc};
-use crate::tracee::inject::Injector;
+use crate::tracee::inject::{Injector, clone_args};
 use crate::tracee::remote::{self, RemoteAddr};
 
 const PAGE: u64 = PAGE_SIZE;
@@ -307,14 +307,11 @@ impl Vpt {
         // Start the thread with every signal blocked (it inherits the mask),
         // then give the caller its mask back.
         let tid = with_signals_blocked(inj, base, |inj| {
-            inj.clone_at(base + AGENT_CODE, |r| {
-                r.rdi = THREAD_CLONE_FLAGS;
-                r.rsi = base + AGENT_INSTALLER_STACK_TOP;
-                r.rdx = 0;
-                r.r10 = 0;
-                r.r8 = 0;
-                r.r15 = base;
-            })
+            let stack = base + AGENT_INSTALLER_STACK_TOP;
+            inj.clone_at(
+                base + AGENT_CODE,
+                clone_args(THREAD_CLONE_FLAGS, stack, base),
+            )
         })?;
         let agent = Agent {
             region,
@@ -431,14 +428,11 @@ impl Vpt {
         let base = agent.guest_base;
         let gadget = base + AGENT_CODE + agent_code::resolver_gadget() as u64;
         let tid = with_signals_blocked(inj, base, |inj| {
-            inj.clone_at(gadget, |r| {
-                r.rdi = THREAD_CLONE_FLAGS;
-                r.rsi = base + AGENT_RESOLVER_STACK_TOP;
-                r.rdx = 0;
-                r.r10 = 0;
-                r.r8 = 0;
-                r.r15 = base + AGENT_RESOLVER;
-            })
+            let stack = base + AGENT_RESOLVER_STACK_TOP;
+            inj.clone_at(
+                gadget,
+                clone_args(THREAD_CLONE_FLAGS, stack, base + AGENT_RESOLVER),
+            )
         })?;
         agent.resolver_tid.store(tid.as_raw(), Ordering::Relaxed);
         lock(&self.agents).insert(tid);

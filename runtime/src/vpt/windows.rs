@@ -138,20 +138,24 @@ impl MmState {
     /// Note an installed run `[va, va + len)` for the VMA budget; runs it
     /// wholly replaces are gone.
     pub fn record_install(&mut self, va: u64, len: u64) {
-        let end = va.saturating_add(len);
+        self.remove_runs_inside(va, va.saturating_add(len));
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        self.installed.insert(va, (len, seq));
+        self.order.push_back((va, seq));
+    }
+
+    /// Forget the installed runs wholly inside `[s, e)`.
+    fn remove_runs_inside(&mut self, s: u64, e: u64) {
         let inside: Vec<u64> = self
             .installed
-            .range(va..end)
-            .filter(|&(&k, &(l, _))| k + l <= end)
+            .range(s..e)
+            .filter(|&(&k, &(l, _))| k + l <= e)
             .map(|(&k, _)| k)
             .collect();
         for k in inside {
             self.installed.remove(&k);
         }
-        let seq = self.next_seq;
-        self.next_seq += 1;
-        self.installed.insert(va, (len, seq));
-        self.order.push_back((va, seq));
     }
 
     /// Take up to `count` of the least recently installed runs out of the
@@ -209,15 +213,7 @@ impl MmState {
     /// wholly inside it.
     pub fn forget_translations(&mut self, s: u64, e: u64) {
         self.poisoned.retain(|&page, _| page < s || page >= e);
-        let inside: Vec<u64> = self
-            .installed
-            .range(s..e)
-            .filter(|&(&k, &(l, _))| k + l <= e)
-            .map(|(&k, _)| k)
-            .collect();
-        for k in inside {
-            self.installed.remove(&k);
-        }
+        self.remove_runs_inside(s, e);
         if self.installed.is_empty() {
             self.order.clear();
         }
