@@ -119,6 +119,29 @@ fn trace_set(cli: &Cli) -> Result<TraceSet, String> {
     Ok(set)
 }
 
+/// stderr for messages and diagnostics: a closed or full stderr (vkrun's
+/// output piped into `head`) loses the message and nothing else. (`eprintln!`
+/// panics there, and a panicking thread would end vkrun.)
+struct QuietStderr;
+
+impl Write for QuietStderr {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let _ = std::io::stderr().write_all(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Print `vkrun: MESSAGE` on stderr, if it is still there.
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        let _ = writeln!(QuietStderr, "vkrun: {}", format_args!($($arg)*));
+    }};
+}
+
 fn init_diagnostics(verbose: u8) {
     use tracing_subscriber::EnvFilter;
     let default = match verbose {
@@ -130,7 +153,7 @@ fn init_diagnostics(verbose: u8) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
+        .with_writer(|| QuietStderr)
         .with_target(false)
         .try_init();
 }
@@ -145,7 +168,7 @@ fn run(cli: Cli) -> ExitStatus {
     let set = match trace_set(&cli) {
         Ok(set) => set,
         Err(msg) => {
-            eprintln!("vkrun: {msg}");
+            say!("{msg}");
             return ExitStatus::Usage;
         }
     };
@@ -153,7 +176,7 @@ fn run(cli: Cli) -> ExitStatus {
         Some(path) => match std::fs::File::create(path) {
             Ok(f) => Box::new(f),
             Err(e) => {
-                eprintln!("vkrun: cannot open {}: {e}", path.display());
+                say!("cannot open {}: {e}", path.display());
                 return ExitStatus::VkrunFailure;
             }
         },
@@ -188,8 +211,8 @@ fn run(cli: Cli) -> ExitStatus {
                 false,
             ) = (outcome, cli.quiet)
             {
-                eprintln!(
-                    "vkrun: guest killed by {}{}",
+                say!(
+                    "guest killed by {}{}",
                     signal.as_str(),
                     if core_dumped { " (core dumped)" } else { "" }
                 );
@@ -197,7 +220,7 @@ fn run(cli: Cli) -> ExitStatus {
             ExitStatus::from(&outcome)
         }
         Err(err) => {
-            eprintln!("vkrun: {err}");
+            say!("{err}");
             ExitStatus::from(&err)
         }
     }

@@ -224,6 +224,7 @@ impl Server {
                     return;
                 }
             };
+            crate::sys::fatal::test_panic_point("hypercall");
             let h = Hypercall::from_nr(n.nr);
             let traced = set.hypercall(h);
             let when = traced.then(SystemTime::now);

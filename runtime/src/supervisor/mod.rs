@@ -70,6 +70,7 @@ pub fn run(config: Config) -> Result<Outcome, Error> {
         output,
         stats: want_stats,
     } = config;
+    crate::sys::fatal::install_panic_hook();
     let path = resolve_program(&program)?;
     let ram = Arc::new(GuestRam::create(ram_size)?);
     install_wake_handler().map_err(Error::sys("installing the wake-up handler"))?;
@@ -231,6 +232,7 @@ impl Supervisor {
                 Ok(_) | Err(Errno::EINTR) => {}
                 Err(errno) => return Err(self.abort(Error::sys("poll")(errno))),
             }
+            crate::sys::fatal::test_panic_point("tracer");
             if fds[1].any().unwrap_or(false) {
                 vmspaces.run_jobs(&self.tracer);
             }

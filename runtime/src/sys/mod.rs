@@ -8,6 +8,7 @@
 
 pub mod abi;
 pub mod agent_code;
+pub mod fatal;
 pub mod futex;
 pub mod kcmp;
 pub mod proc;

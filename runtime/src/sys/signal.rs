@@ -30,3 +30,12 @@ pub fn tgkill(tgid: nix::unistd::Pid, tid: nix::unistd::Pid, sig: i32) -> Result
     let r = unsafe { libc::syscall(libc::SYS_tgkill, tgid.as_raw(), tid.as_raw(), sig) };
     Errno::result(r).map(drop)
 }
+
+/// End the process at once with `code` (`_exit(2)`): no destructors, no
+/// flushing of buffered output that might block on a full pipe. The
+/// kernel then kills every tracee (`PTRACE_O_EXITKILL`) and every stub
+/// (its parent-death signal).
+pub fn exit_now(code: i32) -> ! {
+    // SAFETY: _exit takes an integer and never returns.
+    unsafe { libc::_exit(code) }
+}

@@ -186,6 +186,7 @@ impl TraceWriter {
 
     /// Print one event of task `tid` that happened at `when`.
     pub fn line(&mut self, tid: i32, when: SystemTime, text: &str, took: Option<Duration>) {
+        crate::sys::fatal::test_panic_point("trace");
         let mut line = format!("[pid {tid:>5}] ");
         match self.options.timestamps {
             Timestamps::None => {}
@@ -212,6 +213,10 @@ impl TraceWriter {
         if self.failed {
             return;
         }
+        // A closed or full output (a pipe into `head`, a FIFO whose reader
+        // left, /dev/full) ends the trace, not the guest: the guest runs on
+        // untraced, and vkrun says so once (on a stderr that may itself be
+        // closed: diagnostics never fail).
         if let Err(e) = self.out.write_all(bytes) {
             self.failed = true;
             tracing::warn!("trace output failed, no more trace lines: {e}");

@@ -10,7 +10,7 @@ use nix::unistd::Pid;
 
 use super::agent::{REGISTER_SLOTS, RamRun};
 use super::windows::MmState;
-use super::{ANON, Locked, PAGE, Process, Vpt};
+use super::{ANON, Locked, PAGE, Process, Space, Vpt};
 use crate::error::errno_or;
 use crate::sys::agent_code::{
     self, RES_BUDGET, RES_INS_HEAD, RES_INS_RING, RES_INS_SLOTS, RES_INS_TAIL, RES_MAX_WINDOWS,
@@ -19,15 +19,31 @@ use crate::sys::agent_code::{
 use crate::sys::lock;
 use crate::sys::uffd::UFFDIO_REGISTER;
 
+/// Whether `[va, va + len)` is a non-empty run of whole pages below
+/// `USER_MAX` (what an honest resolver reports).
+fn is_page_run(va: u64, len: u64) -> bool {
+    len > 0
+        && va.is_multiple_of(PAGE)
+        && len.is_multiple_of(PAGE)
+        && va
+            .checked_add(len)
+            .is_some_and(|end| end <= vkabi::USER_MAX)
+}
+
 impl Vpt {
-    /// Lock `p`'s mm state and the lock shared with its resolver, and take
-    /// in what the resolver did meanwhile.
+    /// Lock `p`'s mm state and, in a guest process, the lock shared with
+    /// its resolver, and take in what the resolver did meanwhile. A stub
+    /// has no resolver: its resolver page is within reach of the user code
+    /// and is never read or waited on.
     pub(super) fn enter<'a>(&self, p: &'a Process) -> Result<Locked<'a>, Errno> {
         let mm = lock(&p.mm);
+        if p.space == Space::Vmspace {
+            return Ok(Locked { mm, agent: None });
+        }
         p.agent.lock_shared(p.tgid)?;
         let mut locked = Locked {
             mm,
-            agent: &p.agent,
+            agent: Some(&p.agent),
         };
         self.sync_from_resolver(p, &mut locked)?;
         Ok(locked)
@@ -35,16 +51,25 @@ impl Vpt {
 
     /// Take in the resolver's installs (VMA bookkeeping and counters) and
     /// give it a fresh budget, evicting old runs first if needed. Caller
-    /// holds both locks.
+    /// holds both locks. The ring is in the guest's memory: at most one
+    /// ring's worth of records is read, and a record that is no page run
+    /// below `USER_MAX` is skipped.
     fn sync_from_resolver(&self, p: &Process, mm: &mut MmState) -> Result<(), Errno> {
         let a = &p.agent;
         let head = a.res_word(RES_INS_HEAD).load(Ordering::Acquire);
         let mut tail = a.res_word(RES_INS_TAIL).load(Ordering::Relaxed);
+        let pending = head.wrapping_sub(tail);
+        if pending > RES_INS_SLOTS {
+            tracing::warn!(tgid = %p.tgid, pending, "the resolver's install ring is corrupt; skipped");
+            tail = head.wrapping_sub(RES_INS_SLOTS);
+        }
         while tail != head {
             let slot = RES_INS_RING + 16 * (tail % RES_INS_SLOTS) as usize;
             let va = a.res_qword(slot).load(Ordering::Relaxed);
             let len = a.res_qword(slot + 8).load(Ordering::Relaxed);
-            mm.record_install(va, len);
+            if is_page_run(va, len) {
+                mm.record_install(va, len);
+            }
             tail = tail.wrapping_add(1);
         }
         a.res_word(RES_INS_TAIL).store(tail, Ordering::Release);
@@ -60,6 +85,9 @@ impl Vpt {
     /// Add the faults the resolver resolved since the last look to the
     /// counters (each was one walk and one install).
     pub(super) fn count_resolved(&self, p: &Process, mm: &mut MmState) {
+        if p.space == Space::Vmspace {
+            return; // no resolver; its page is the user code's to scribble on
+        }
         let resolved = p.agent.res_qword(RES_RESOLVED).load(Ordering::Relaxed);
         let new = resolved.saturating_sub(mm.resolved_seen);
         mm.resolved_seen = resolved;
@@ -228,5 +256,19 @@ impl Vpt {
         self.context_faults()
             .and_then(|c| c.guest_of(tid))
             .unwrap_or(tid)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_page_run;
+
+    #[test]
+    fn forged_install_records_are_refused() {
+        assert!(is_page_run(0x1000, 0x2000));
+        assert!(!is_page_run(0xFFFF_FFFF_FFFF_0000, 0x20000));
+        assert!(!is_page_run(0x1000, 0));
+        assert!(!is_page_run(0x1001, 0x1000));
+        assert!(!is_page_run(vkabi::USER_MAX, 0x1000));
     }
 }

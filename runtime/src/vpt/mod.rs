@@ -137,11 +137,12 @@ struct Process {
     resolver_gone: AtomicBool,
 }
 
-/// A process's mm state with both locks held: [`Process::mm`] and the lock
-/// shared with the in-guest resolver (released first, on drop).
+/// A process's mm state with its locks held: [`Process::mm`] and, in a
+/// guest process, the lock shared with the in-guest resolver (released
+/// first, on drop).
 struct Locked<'a> {
     mm: MutexGuard<'a, MmState>,
-    agent: &'a Agent,
+    agent: Option<&'a Agent>,
 }
 
 impl std::ops::Deref for Locked<'_> {
@@ -159,7 +160,9 @@ impl std::ops::DerefMut for Locked<'_> {
 
 impl Drop for Locked<'_> {
     fn drop(&mut self) {
-        self.agent.unlock_shared();
+        if let Some(agent) = self.agent {
+            agent.unlock_shared();
+        }
     }
 }
 

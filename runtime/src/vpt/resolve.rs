@@ -111,6 +111,7 @@ struct Fault {
 impl Vpt {
     /// THE path that resolves a fault at `f.addr` in process `p`.
     fn resolve_page(&self, p: &Process, f: Fault) -> Resolved {
+        crate::sys::fatal::test_panic_point("faults");
         let page = page_down(f.addr);
         let Ok(mut mm) = self.enter(p) else {
             return Resolved::NoWindow;
@@ -396,9 +397,11 @@ impl Vpt {
     fn serve_faults(&self, p: &Process) {
         let a = &p.agent;
         while !p.dead.load(Ordering::Acquire) {
-            if p.resolver_gone.load(Ordering::Acquire)
-                && a.res_word(RES_FWD_HEAD).load(Ordering::Acquire)
-                    == a.res_word(RES_FWD_TAIL).load(Ordering::Relaxed)
+            // A stub has no resolver: its ring is the user code's to write.
+            if p.space == Space::Vmspace
+                || p.resolver_gone.load(Ordering::Acquire)
+                    && a.res_word(RES_FWD_HEAD).load(Ordering::Acquire)
+                        == a.res_word(RES_FWD_TAIL).load(Ordering::Relaxed)
             {
                 self.serve_faults_directly(p);
                 break;
@@ -406,6 +409,11 @@ impl Vpt {
             let seen = a.res_word(RES_SUP_WAKE).load(Ordering::Acquire);
             let head = a.res_word(RES_FWD_HEAD).load(Ordering::Acquire);
             let mut tail = a.res_word(RES_FWD_TAIL).load(Ordering::Relaxed);
+            // The ring is in the guest's memory: never more than one
+            // ring's worth of entries per look.
+            if head.wrapping_sub(tail) > RES_FWD_SLOTS {
+                tail = head.wrapping_sub(RES_FWD_SLOTS);
+            }
             if head == tail {
                 let _ = futex::wait(a.res_word(RES_SUP_WAKE), seen, Duration::from_millis(200));
                 continue;
