@@ -25,7 +25,7 @@ fn a_panic_in_any_vkrun_thread_ends_the_guest_with_125() {
     let vkinfo = bin("vkinfo").display().to_string();
     let vpt_demo = bin("vpt-demo").display().to_string();
     let cases: [(&str, &[&str], String); 4] = [
-        ("tracer", &[], format!("echo $$; exec sleep 60")),
+        ("tracer", &[], "echo $$; exec sleep 60".to_owned()),
         (
             "hypercall",
             &[],
