@@ -172,3 +172,25 @@ fn a_full_trace_output_ends_the_trace_not_the_guest() {
         text(&out.stderr)
     );
 }
+
+#[test]
+fn user_code_scribbling_on_its_stubs_resolver_page_changes_nothing() {
+    // Before: the forged lock word stalled every fault of the stub for 10 s,
+    // then vkrun killed the stub and RUN failed with EIO.
+    let out = vkrun_tests::run(vkrun().args([
+        "--",
+        &bin("vmspace-check").display().to_string(),
+        "hostile-stub",
+    ]));
+    let stdout = text(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{stdout}{}", text(&out.stderr));
+    for name in ["writes", "fault", "mcontrol", "run"] {
+        assert!(
+            stdout
+                .lines()
+                .any(|l| l == format!("ok hostile-stub.{name}")),
+            "{name}: {stdout}"
+        );
+    }
+    assert_eq!(stdout.lines().count(), 4, "{stdout}");
+}

@@ -4,6 +4,7 @@
 mod errors;
 mod fork;
 pub mod hold;
+mod hostile;
 mod isolation;
 mod paging;
 mod prw;
@@ -63,3 +64,9 @@ pub const AREAS: [Area; 9] = [
         run: fork::run,
     },
 ];
+
+/// Not part of `all`: user code attacking vkrun's pages in its stub.
+pub const HOSTILE_STUB: Area = Area {
+    name: "hostile-stub",
+    run: hostile::run,
+};
