@@ -342,6 +342,12 @@ fn all_areas_pass_in_one_guest() {
         .last()
         .and_then(|l| l.strip_prefix("vmspace-check: "))
         .unwrap_or_else(|| panic!("no summary line:\n{stdout}"));
+    let oks: u32 = summary
+        .split(' ')
+        .next()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0);
+    assert!(oks > 0, "no check ran: {summary}");
     assert!(
         summary.ends_with(" ok, 0 failed"),
         "{summary}\n{}",

@@ -64,8 +64,13 @@ pub fn run(env: &mut Env, rep: &mut Report, _: Option<u64>) -> Outcome {
     // Straddling user_max (where the range is free, so that a wrong success
     // replaces only our reservation), and wholly above the host's user space.
     let mut beyond = Vec::new();
-    if let Some(r) = Reservation::at(USER_MAX - PAGE_SIZE, 2 * PAGE_SIZE) {
-        beyond.push(vk_mmap(Place::Fixed(r), 2 * PAGE_SIZE, RW, VPT, fd, 0));
+    match Reservation::at(USER_MAX - PAGE_SIZE, 2 * PAGE_SIZE) {
+        Some(r) => beyond.push(vk_mmap(Place::Fixed(r), 2 * PAGE_SIZE, RW, VPT, fd, 0)),
+        None => {
+            rep.check("vk_mmap MAP_FIXED straddling user_max", false, || {
+                "the two pages around user_max could not be reserved: the case did not run".into()
+            });
+        }
     }
     let above = Place::FixedAboveHost(HOST_USER_END);
     beyond.push(vk_mmap(above, PAGE_SIZE, RW, VPT, fd, 0));

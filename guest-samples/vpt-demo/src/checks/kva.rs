@@ -10,7 +10,7 @@
 //! kva: scattered pages ok
 //! ```
 
-use vkabi::{PAGE_SHIFT, VPTE_RW, VPTE_U};
+use vkabi::{PAGE_SHIFT, PAGE_SIZE, USER_MAX, VPTE_RW, VPTE_U};
 use vpte::GuestPhysAddr;
 
 use crate::env::{self, Env, stamp, stamp_frame};
@@ -30,7 +30,14 @@ pub fn run(env: &mut Env, rep: &mut Report, _: Option<u64>) -> Outcome {
     };
     let w = Window::map(place, LEN, KVA, env.ram_fd())
         .map_err(|e| format!("1 TiB window mapped: vk_mmap: {}", errno_text(e)))?;
-    rep.check("1 TiB window mapped", true, String::new);
+    let placed = w.base().is_multiple_of(PAGE_SIZE)
+        && w.base().checked_add(LEN).is_some_and(|end| end <= USER_MAX);
+    rep.check("1 TiB window mapped", placed, || {
+        format!(
+            "window at {:#x} is not {LEN:#x} bytes of user space",
+            w.base()
+        )
+    });
     if w.base() == KVA {
         rep.info(format_args!("window at {KVA:#x}, page index = va >> 12"));
     } else {
