@@ -108,6 +108,8 @@ fn vk_info_bad_pointer_is_efault() {
         "-14\n"
     );
     // A read-only page (the program's own text) cannot be written either.
+    assert_eq!(vkcall(&["info-readonly"]), "err 14\n");
+    // A zero size writes nothing, so any pointer does.
     assert_eq!(vkcall(&["raw", "0xdf00000", "0x0", "0"]), "0\n");
 }
 

@@ -57,6 +57,17 @@ fn main() -> ExitCode {
             let hex: String = buf.iter().map(|b| format!("{b:02x}")).collect();
             println!("{hex}");
         }
+        ["info-readonly"] => {
+            // The program's own text: mapped, but read-only.
+            let text = main as *const () as *mut u8;
+            // SAFETY: the supervisor must refuse to write there (EFAULT);
+            // if it did write, the process would crash, which the test sees.
+            let ret = unsafe { hypercall::vk_info_raw(text, 48) };
+            match ret {
+                Ok(v) => println!("ret {v}"),
+                Err(e) => println!("err {}", e.0),
+            }
+        }
         ["ram-abuse"] => return ram_abuse(),
         ["hold-vmspaces", n] => {
             // Create N vmspaces, say so, and keep them until stdin closes.
