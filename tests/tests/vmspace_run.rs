@@ -45,6 +45,19 @@ fn check(area: &str, expected: &[&str]) {
         "vmspace-check {area}: missing lines:\n{}\nstdout:\n{stdout}\nstderr:\n{stderr}",
         missing.join("\n")
     );
+    let prefix = format!("ok {area}.");
+    let extra: Vec<&str> = stdout
+        .lines()
+        .filter(|l| {
+            l.strip_prefix(&prefix)
+                .is_some_and(|n| !expected.contains(&n))
+        })
+        .collect();
+    assert!(
+        extra.is_empty(),
+        "vmspace-check {area}: lines this test does not know:\n{}",
+        extra.join("\n")
+    );
     assert_eq!(
         out.status.code(),
         Some(0),
@@ -236,6 +249,7 @@ fn user_code_never_reaches_the_host() {
             "int80-exit.alive",
             "hypercall.trapped",
             "guest-memory-invisible",
+            "above-user-max.syscalls-trapped",
         ],
     );
     // The guest removes a file it finds; none of its name may be left.
