@@ -2,8 +2,11 @@
 //! guest task (it holds the [`Tracer`] token) and keeps their accounting;
 //! the hypercall server's threads answer notifications.
 //!
-//! The tracer thread waits only on the kernel: `poll(2)` on the signalfd
-//! and the vmspace job queue, `waitpid(2)` for a tracee it is driving.
+//! The tracer thread should wait only on the kernel: `poll(2)` on the
+//! signalfd and the vmspace job queue, `waitpid(2)` for a tracee it is
+//! driving. Two waits still break that rule, each bounded at 5 s: for a
+//! kicked context when a signal interrupts RUN, and for a new context's
+//! first report (README, "What bounds each wait").
 //!
 //! The tracer sleeps in `poll(2)` on a signalfd (SIGCHLD for tracee state
 //! changes, plus the signals vkrun forwards). Tracee stops are handled as
