@@ -4,9 +4,10 @@
 //!
 //! The tracer thread should wait only on the kernel: `poll(2)` on the
 //! signalfd and the vmspace job queue, `waitpid(2)` for a tracee it is
-//! driving. Two waits still break that rule, each bounded at 5 s: for a
-//! kicked context when a signal interrupts RUN, and for a new context's
-//! first report (README, "What bounds each wait").
+//! driving. One wait still breaks that rule, bounded at 5 s: for a new
+//! context's first report (README, "What bounds each wait"). A signal that
+//! interrupts RUN leaves its thread stopped until the kicked context
+//! reports; a job then resumes it.
 //!
 //! The tracer sleeps in `poll(2)` on a signalfd (SIGCHLD for tracee state
 //! changes, plus the signals vkrun forwards). Tracee stops are handled as
@@ -44,7 +45,7 @@ use crate::sys::{lock, proc};
 use crate::trace::TraceWriter;
 use crate::trace::format::format_signal;
 use crate::tracee::Tracer;
-use crate::vmspace::Vmspaces;
+use crate::vmspace::{Interrupted, Vmspaces};
 use crate::vpt::{ContextFaults, SegvAction, Vpt};
 use crate::{Config, Outcome, resolve_program};
 
@@ -255,18 +256,6 @@ impl Supervisor {
         })
     }
 
-    /// Trace the signal `pid` is about to receive, when tracing.
-    fn trace_signal(&self, pid: Pid) {
-        let mut out = lock(&self.out);
-        if out.set().is_empty() {
-            return;
-        }
-        if let Ok(info) = crate::sys::ptrace::signal_info(pid) {
-            let text = format_signal(&info);
-            out.line(pid.as_raw(), SystemTime::now(), &text, None);
-        }
-    }
-
     fn vmspaces(&self) -> &Arc<Vmspaces> {
         self.vmspaces
             .as_ref()
@@ -359,7 +348,7 @@ impl Supervisor {
                 let tgid = proc::tgid_of(pid).unwrap_or(pid);
                 match self.vpt().on_sigsegv(&self.tracer, pid, tgid) {
                     SegvAction::Deliver => {
-                        self.trace_signal(pid);
+                        trace_signal(&self.out, pid);
                         resume(pid, Some(Signal::SIGSEGV));
                     }
                     SegvAction::Handled(Some(status)) => self.on_wait_status(status)?,
@@ -372,9 +361,7 @@ impl Supervisor {
                 if let Some(server) = &self.server {
                     server.on_guest_tasks(self.tracees.len(), true);
                 }
-                self.end_interrupted_run(pid, sig);
-                self.trace_signal(pid);
-                resume(pid, Some(sig));
+                self.deliver_signal(pid, sig);
             }
             WaitStatus::PtraceEvent(pid, sig, event) => {
                 self.tracees.insert(pid);
@@ -445,27 +432,46 @@ impl Supervisor {
         Ok(())
     }
 
-    /// A signal-delivery-stop of guest thread `pid` for `sig`: if a signal
-    /// the guest handles interrupted its RUN, make the call return what RUN
-    /// says (0 with `tf_trapno = 0`, or `EINTR`) so that the handler runs.
-    /// A signal without a handler (ignored, stopping, fatal) leaves the call
-    /// to restart, as it would natively: the restarted RUN takes over the
-    /// run in flight.
-    fn end_interrupted_run(&self, pid: Pid, sig: Signal) {
-        if self.vmspaces().is_empty() {
-            return;
-        }
-        let Ok(mut regs) = ptrace::getregs(pid) else {
-            return;
-        };
-        if regs.orig_rax != Hypercall::VmspaceCtl.nr() || !proc::catches(pid, sig as i32) {
-            return;
-        }
-        if let Some(ret) = self.vmspaces().on_guest_signal(pid, regs.rax as i64) {
-            regs.rax = ret as u64;
-            if let Err(errno) = ptrace::setregs(pid, regs) {
-                tracing::debug!(%pid, %errno, "setting RUN's result failed");
+    /// A signal-delivery-stop of guest thread `pid` for `sig`: deliver it,
+    /// after making an interrupted RUN return what RUN says (0 with
+    /// `tf_trapno = 0`, or `EINTR`) so that the handler runs. A signal
+    /// without a handler (ignored, stopping, fatal) leaves the call to
+    /// restart, as it would natively: the restarted RUN takes over the run
+    /// in flight. When the RUN's user code must first be kicked out, the
+    /// thread stays stopped and is resumed by a job once the context has
+    /// reported: the tracer does not wait for it.
+    fn deliver_signal(&self, pid: Pid, sig: Signal) {
+        let trace = Arc::clone(&self.out);
+        let deliver = move |value: Option<i64>| {
+            if let Some(value) = value
+                && let Ok(mut regs) = ptrace::getregs(pid)
+            {
+                regs.rax = value as u64;
+                if let Err(errno) = ptrace::setregs(pid, regs) {
+                    tracing::debug!(%pid, %errno, "setting RUN's result failed");
+                }
             }
+            trace_signal(&trace, pid);
+            resume(pid, Some(sig));
+        };
+        let rax = match ptrace::getregs(pid) {
+            Ok(regs)
+                if !self.vmspaces().is_empty()
+                    && regs.orig_rax == Hypercall::VmspaceCtl.nr()
+                    && proc::catches(pid, sig as i32) =>
+            {
+                regs.rax as i64
+            }
+            _ => return deliver(None),
+        };
+        let later = deliver.clone();
+        match self
+            .vmspaces()
+            .on_guest_signal(pid, rax, move |_: &Tracer, v| later(Some(v)))
+        {
+            Interrupted::NotConcerned => deliver(None),
+            Interrupted::Now(v) => deliver(Some(v)),
+            Interrupted::Later => {}
         }
     }
 
@@ -602,4 +608,15 @@ fn is_stop_signal(sig: Signal) -> bool {
         sig,
         Signal::SIGSTOP | Signal::SIGTSTP | Signal::SIGTTIN | Signal::SIGTTOU
     )
+}
+
+/// Trace the signal `pid` is about to receive, when tracing.
+fn trace_signal(trace: &Mutex<TraceWriter>, pid: Pid) {
+    let mut out = lock(trace);
+    if out.set().is_empty() {
+        return;
+    }
+    if let Ok(info) = crate::sys::ptrace::signal_info(pid) {
+        out.line(pid.as_raw(), SystemTime::now(), &format_signal(&info), None);
+    }
 }

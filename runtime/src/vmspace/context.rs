@@ -8,7 +8,7 @@
 //! while waiting on the context's thread except through a bounded wait.
 
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Arc, Mutex};
 use std::time::{Instant, SystemTime};
 
 use nix::errno::Errno;
@@ -48,9 +48,34 @@ pub(super) struct RunState {
     /// A RUN whose frame was written but whose answer found the notification
     /// withdrawn: its result, for the tracer or the restarted call.
     pub(super) completed: Option<i64>,
-    /// The tracer interrupted the run for a signal; it waits for `done`.
-    pub(super) interrupt: bool,
-    pub(super) done: Option<i64>,
+    /// A signal interrupted the run: since when, and what to do with RUN's
+    /// result once the context has reported (or is declared dead). The
+    /// guest thread waits in its signal-delivery-stop meanwhile; the
+    /// tracer does not wait.
+    pub(super) interrupt: Option<(Instant, OnInterrupted)>,
+}
+
+/// What becomes of an interrupted RUN's result (see [`RunState::interrupt`]).
+pub struct OnInterrupted(pub Box<dyn FnOnce(i64) + Send>);
+
+impl std::fmt::Debug for OnInterrupted {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("OnInterrupted")
+    }
+}
+
+impl RunState {
+    /// Whether a signal interrupted the run in flight.
+    pub(super) fn interrupted(&self) -> bool {
+        self.interrupt.is_some()
+    }
+
+    /// The interrupted run ended with `result`: hand it on.
+    pub(super) fn end_interrupt(&mut self, result: i64) {
+        if let Some((_, OnInterrupted(then))) = self.interrupt.take() {
+            then(result);
+        }
+    }
 }
 
 /// One execution context: a (vmspace, guest thread) pair.
@@ -64,7 +89,6 @@ pub struct Context {
     /// The guest thread it serves.
     pub guest: Pid,
     pub(super) state: Mutex<RunState>,
-    pub(super) cond: Condvar,
     /// Reports seen by the waiter.
     pub(super) seen: AtomicU32,
     /// The context is being destroyed: its waiter ends.
@@ -82,7 +106,6 @@ impl Context {
             tid,
             guest,
             state: Mutex::new(RunState::default()),
-            cond: Condvar::new(),
             seen: AtomicU32::new(seen),
             closed: AtomicBool::new(false),
             fault: Mutex::new(None),
@@ -112,12 +135,7 @@ impl Context {
     /// End the context: its thread exits, its waiter returns.
     pub fn close(&self) {
         self.closed.store(true, Ordering::Release);
-        let mut st = lock(&self.state);
-        if st.interrupt {
-            st.done = Some(-(Errno::EIO as i64));
-            self.cond.notify_all();
-        }
-        drop(st);
+        lock(&self.state).end_interrupt(-(Errno::EIO as i64));
         self.word(CX_STATE).store(STATE_EXIT, Ordering::Release);
         let _ = futex::wake(self.word(CX_STATE));
         let _ = futex::wake(self.word(CX_SEQ));

@@ -60,8 +60,8 @@ use crate::tracee::Tracer;
 use crate::tracee::inject::{Injector, clone_args};
 use crate::vpt::{ContextFaults, Vpt};
 
-use context::Context;
-pub use run::{RunEnv, Started};
+use context::{Context, OnInterrupted};
+pub use run::{Interrupted, RunEnv, Started};
 use space::{Vmspace, reap};
 
 /// How long a new context may take to report ready.
@@ -145,10 +145,9 @@ impl Vmspaces {
         f: impl FnOnce(&Tracer) -> T + Send + 'static,
     ) -> Result<T, Errno> {
         let (tx, rx) = mpsc::sync_channel(1);
-        lock(&self.jobs).push(Job(Box::new(move |tracer| {
+        self.queue(Job(Box::new(move |tracer| {
             let _ = tx.send(f(tracer));
         })));
-        self.jobs_fd.write(1)?;
         rx.recv_timeout(JOB_TIMEOUT).map_err(|_| Errno::EAGAIN)
     }
 
@@ -299,22 +298,44 @@ impl Vmspaces {
     }
 
     /// Guest thread `tid` is in a signal-delivery-stop with `rax` = `ret`:
-    /// if that interrupted a RUN, the value RUN must return instead.
-    pub fn on_guest_signal(&self, tid: Pid, ret: i64) -> Option<i64> {
+    /// whether that interrupted a RUN, and what RUN returns instead. For
+    /// [`Interrupted::Later`], `resume` runs on the tracer thread with the
+    /// value once the context has reported; the thread stays stopped until
+    /// then.
+    pub fn on_guest_signal(
+        self: &Arc<Self>,
+        tid: Pid,
+        ret: i64,
+        resume: impl FnOnce(&Tracer, i64) + Send + 'static,
+    ) -> Interrupted {
         if self.is_empty() {
-            return None;
+            return Interrupted::NotConcerned;
         }
+        let Some(env) = self.env.get() else {
+            return Interrupted::NotConcerned;
+        };
         let vms: Vec<Arc<Vmspace>> = lock(&self.by_id).values().cloned().collect();
         for vm in vms {
             let ctx = lock(&vm.contexts).get(&tid).cloned();
             if let Some(ctx) = ctx
                 && ctx.busy()
             {
-                let env = self.env.get()?;
-                return run::interrupt(&ctx, ret, &env.trace);
+                let me = Arc::downgrade(self);
+                let then = OnInterrupted(Box::new(move |value| {
+                    if let Some(me) = me.upgrade() {
+                        me.queue(Job(Box::new(move |tracer| resume(tracer, value))));
+                    }
+                }));
+                return run::interrupt(&ctx, ret, &env.trace, then);
             }
         }
-        None
+        Interrupted::NotConcerned
+    }
+
+    /// Queue `job` for the tracer thread (never waits).
+    fn queue(&self, job: Job) {
+        lock(&self.jobs).push(job);
+        let _ = self.jobs_fd.write(1);
     }
 
     // ----- RUN (hypercall thread) -----

@@ -33,7 +33,7 @@
 //! takes it over.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use nix::errno::Errno;
@@ -43,7 +43,7 @@ use vkabi::{
     VextFrame,
 };
 
-use super::context::{Context, Pending, RunState};
+use super::context::{Context, OnInterrupted, Pending, RunState};
 use super::exit::{Report, Trap, canonical, frame_of, gregs_of, in_regs, trap_of};
 use crate::error::{errno_or, raw_result as raw};
 use crate::stats::Stats;
@@ -199,6 +199,17 @@ impl Waiter {
                     continue;
                 }
                 idle();
+                let kicked = lock(&ctx.state)
+                    .interrupt
+                    .as_ref()
+                    .map(|(at, _)| at.elapsed());
+                if kicked.is_some_and(|t| t > KICK_TIMEOUT) {
+                    // The user code ignores the kick (it blocked the signal,
+                    // or keeps clearing the kick word): the stub is broken.
+                    tracing::warn!(guest = %ctx.guest, "a vmspace context did not stop; killing its stub");
+                    ctx.vm.mark_dead();
+                    continue;
+                }
                 if lock(&ctx.state).run.is_some() && !proc::task_alive(ctx.vm.stub, ctx.tid) {
                     // The context's thread is gone (user code jumped into
                     // vkrun's code and ended it): this context is broken.
@@ -242,16 +253,16 @@ impl Waiter {
                     err,
                     addr,
                 };
-                if !st.interrupt {
+                if !st.interrupted() {
                     ctx.word(CX_KICK).store(0, Ordering::Release);
                 }
-            } else if !st.interrupt {
+            } else if !st.interrupted() {
                 // A kick meant for an earlier run: carry on.
                 ctx.post(&in_regs(&r), r.fs, r.gs);
                 return;
             }
         }
-        if trap.trapno == T_PAGEFLT && r.sig as i32 == libc::SIGSEGV && !st.interrupt {
+        if trap.trapno == T_PAGEFLT && r.sig as i32 == libc::SIGSEGV && !st.interrupted() {
             // A window fault the host resolves (read-only page written,
             // page being re-armed), or a failed walk with its own error bits.
             match self
@@ -286,11 +297,9 @@ impl Waiter {
         exits.fetch_add(1, Ordering::Relaxed);
         let result = written.map(|()| 0);
         self.trace(&p, result, Some((trap, tf.tf_rip)));
-        if st.interrupt {
-            st.interrupt = false;
+        if st.interrupted() {
             ctx.word(CX_KICK).store(0, Ordering::Release);
-            st.done = Some(raw(result));
-            ctx.cond.notify_all();
+            self.end_interrupt(&mut st, result);
             return;
         }
         self.respond(&mut st, &p, result);
@@ -299,13 +308,20 @@ impl Waiter {
     /// Answer a RUN that ends without a report (its stub died).
     fn answer(&self, st: &mut RunState, p: &Pending, result: Result<i64, Errno>) {
         self.trace(p, result, None);
-        if st.interrupt {
-            st.interrupt = false;
-            st.done = Some(raw(result));
-            self.ctx.cond.notify_all();
+        if st.interrupted() {
+            self.end_interrupt(st, result);
             return;
         }
         self.respond(st, p, result);
+    }
+
+    /// A RUN a signal interrupted ended with `result`: count it and hand it
+    /// to the tracer, which makes the guest's call return it.
+    fn end_interrupt(&self, st: &mut RunState, result: Result<i64, Errno>) {
+        self.env
+            .stats
+            .count_hypercall(Some(Hypercall::VmspaceCtl), result.is_err());
+        st.end_interrupt(raw(result));
     }
 
     fn respond(&self, st: &mut RunState, p: &Pending, result: Result<i64, Errno>) {
@@ -350,11 +366,29 @@ fn trace_run(
     trace.line(guest.as_raw(), p.when, &text, took);
 }
 
+/// What a signal does to the RUN of the guest thread it stopped.
+#[derive(Debug)]
+pub enum Interrupted {
+    /// Not a RUN in flight: deliver the signal as it is.
+    NotConcerned,
+    /// RUN returns this value at once (set `rax` and deliver the signal).
+    Now(i64),
+    /// The context was kicked; `then` gets RUN's value when it reports
+    /// (within [`KICK_TIMEOUT`], or the stub is declared dead and RUN
+    /// returns `EIO`). The guest thread stays in its stop until then.
+    Later,
+}
+
 /// The tracer found guest thread `ctx.guest` in a signal-delivery-stop with
-/// `rax` = `ret` while its RUN in `ctx` was in flight or unanswered: the
-/// value its RUN must return (the tracer sets `rax` to it), or `None` if its
-/// RUN is not concerned.
-pub fn interrupt(ctx: &Context, ret: i64, trace: &Mutex<TraceWriter>) -> Option<i64> {
+/// `rax` = `ret` while its RUN in `ctx` was in flight or unanswered: what
+/// its RUN must return. The tracer never waits here: a run whose user code
+/// is running is kicked, and its waiter hands the result to `then`.
+pub fn interrupt(
+    ctx: &Context,
+    ret: i64,
+    trace: &Mutex<TraceWriter>,
+    then: OnInterrupted,
+) -> Interrupted {
     if ![
         -ERESTARTSYS,
         -ERESTARTNOINTR,
@@ -363,13 +397,15 @@ pub fn interrupt(ctx: &Context, ret: i64, trace: &Mutex<TraceWriter>) -> Option<
     ]
     .contains(&ret)
     {
-        return None;
+        return Interrupted::NotConcerned;
     }
     let mut st = lock(&ctx.state);
     if let Some(v) = st.completed.take() {
-        return Some(v);
+        return Interrupted::Now(v);
     }
-    st.run.as_ref()?;
+    if st.run.is_none() || st.interrupted() {
+        return Interrupted::NotConcerned;
+    }
     // Not picked up yet: take the run back; RUN fails with EINTR.
     if ctx
         .word(CX_STATE)
@@ -385,31 +421,10 @@ pub fn interrupt(ctx: &Context, ret: i64, trace: &Mutex<TraceWriter>) -> Option<
         ctx.vm
             .stats()
             .count_hypercall(Some(Hypercall::VmspaceCtl), true);
-        return Some(-(libc::EINTR as i64));
+        return Interrupted::Now(-(libc::EINTR as i64));
     }
-    st.interrupt = true;
-    st.done = None;
+    st.interrupt = Some((Instant::now(), then));
     ctx.word(CX_KICK).store(1, Ordering::Release);
     let _ = ctx.vm.kick(ctx.tid);
-    let deadline = Instant::now() + KICK_TIMEOUT;
-    while st.done.is_none() {
-        let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            tracing::warn!(guest = %ctx.guest, "a vmspace context did not stop; killing its stub");
-            ctx.vm.mark_dead();
-            st.run = None;
-            st.interrupt = false;
-            let _ = futex::wake(ctx.word(CX_SEQ));
-            return Some(-(Errno::EIO as i64));
-        }
-        st = ctx
-            .cond
-            .wait_timeout(st, left)
-            .unwrap_or_else(PoisonError::into_inner)
-            .0;
-    }
-    ctx.vm
-        .stats()
-        .count_hypercall(Some(Hypercall::VmspaceCtl), false);
-    st.done.take()
+    Interrupted::Later
 }
