@@ -2,12 +2,12 @@
 //! guest task (it holds the [`Tracer`] token) and keeps their accounting;
 //! the hypercall server's threads answer notifications.
 //!
-//! The tracer thread should wait only on the kernel: `poll(2)` on the
+//! The tracer thread waits only on the kernel: `poll(2)` on the
 //! signalfd and the vmspace job queue, `waitpid(2)` for a tracee it is
-//! driving. One wait still breaks that rule, bounded at 5 s: for a new
-//! context's first report (README, "What bounds each wait"). A signal that
-//! interrupts RUN leaves its thread stopped until the kicked context
-//! reports; a job then resumes it.
+//! driving (README, "What bounds each wait"). A signal that interrupts RUN
+//! leaves its thread stopped until the kicked context reports, and a job
+//! then resumes it; a new context reports ready to the hypercall thread
+//! that asked for it.
 //!
 //! The tracer sleeps in `poll(2)` on a signalfd (SIGCHLD for tracee state
 //! changes, plus the signals vkrun forwards). Tracee stops are handled as

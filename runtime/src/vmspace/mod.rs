@@ -64,6 +64,14 @@ use context::{Context, OnInterrupted};
 pub use run::{Interrupted, RunEnv, Started};
 use space::{Vmspace, reap};
 
+/// What the tracer did to make a context.
+enum NewContext {
+    /// Another RUN made it meanwhile.
+    Existing(Arc<Context>),
+    /// Its thread is cloned in block `slot`; it has yet to report ready.
+    Started { slot: usize, tid: Pid },
+}
+
 /// How long a new context may take to report ready.
 const CONTEXT_START: Duration = Duration::from_secs(5);
 /// How long the hypercall thread waits for the tracer to make a context.
@@ -369,7 +377,12 @@ impl Vmspaces {
                 match self
                     .on_tracer(move |tracer| me.new_context(tracer, &vm2, guest))
                     .and_then(|r| r)
-                {
+                    .and_then(|made| match made {
+                        NewContext::Existing(c) => Ok(c),
+                        NewContext::Started { slot, tid } => {
+                            self.context_ready(&vm, slot, tid, guest)
+                        }
+                    }) {
                     Ok(c) => c,
                     Err(e) => return Started::Done(Err(e)),
                 }
@@ -391,9 +404,9 @@ impl Vmspaces {
         tracer: &Tracer,
         vm: &Arc<Vmspace>,
         guest: Pid,
-    ) -> Result<Arc<Context>, Errno> {
+    ) -> Result<NewContext, Errno> {
         if let Some(c) = lock(&vm.contexts).get(&guest) {
-            return Ok(Arc::clone(c));
+            return Ok(NewContext::Existing(Arc::clone(c)));
         }
         // Destroyed since the caller found it (destroy runs on this thread).
         if *vm.gone.read().unwrap_or_else(PoisonError::into_inner) {
@@ -433,11 +446,31 @@ impl Vmspaces {
             .map_err(|e| self.inject_failed(vm, &e))??;
         let _ = inj.finish(0);
         lock(&vm.slots)[slot] = Some(tid);
-        // Its first report says it is ready (or why it is not).
+        Ok(NewContext::Started { slot, tid })
+    }
+
+    /// Wait (on the hypercall thread, not the tracer) for the first report
+    /// of context thread `tid` in block `slot`, which says it is ready or
+    /// why it is not, and make its context.
+    fn context_ready(
+        &self,
+        vm: &Arc<Vmspace>,
+        slot: usize,
+        tid: Pid,
+        guest: Pid,
+    ) -> Result<Arc<Context>, Errno> {
         let deadline = Instant::now() + CONTEXT_START;
         let seq = vm.block_word(slot, CX_SEQ);
         while seq.load(Ordering::Acquire) == 0 {
-            if Instant::now() > deadline || vm.is_dead() {
+            // Destroyed, or its stub died, meanwhile (the tracer goes on
+            // while this thread waits): said where it happened.
+            if *vm.gone.read().unwrap_or_else(PoisonError::into_inner) {
+                return Err(Errno::ENOENT);
+            }
+            if vm.is_dead() {
+                return Err(Errno::EIO);
+            }
+            if Instant::now() > deadline {
                 tracing::warn!(
                     vmspace = format_args!("{:#x}", vm.id),
                     "a vmspace context did not start"
