@@ -2,9 +2,10 @@
 //! guest task (it holds the [`Tracer`] token) and keeps their accounting;
 //! the hypercall server's threads answer notifications.
 //!
-//! The tracer thread waits only on the kernel: `poll(2)` on the
-//! signalfd and the vmspace job queue, `waitpid(2)` for a tracee it is
-//! driving (README, "What bounds each wait"). A signal that interrupts RUN
+//! The tracer thread waits on the kernel (`poll(2)` on the signalfd and
+//! the vmspace job queue, `waitpid(2)` for a tracee it is driving) and,
+//! bounded at 10 s, on a guest process's agent; never on an execution
+//! context (README, "What bounds each wait"). A signal that interrupts RUN
 //! leaves its thread stopped until the kicked context reports, and a job
 //! then resumes it; a new context reports ready to the hypercall thread
 //! that asked for it.
