@@ -102,6 +102,45 @@ fn window_pages_alias_ram_and_a_m_are_exact() {
     area("alias", &ALIAS);
 }
 
+/// The lines of `vpt-demo dirperm`: per directory level, RW and NX there.
+fn dirperm_checks() -> Vec<String> {
+    let mut checks = Vec::new();
+    for level in ["L4", "L3", "L2"] {
+        for what in [
+            "RW clear: read",
+            "RW clear: write raises SIGSEGV",
+            "RW clear: the write lands once RW is set",
+            "NX set: a call raises SIGSEGV",
+            "NX set: the call runs once NX is clear",
+        ] {
+            checks.push(format!("{level} {what}"));
+        }
+    }
+    checks
+}
+
+#[test]
+fn directory_rw_and_nx_count_on_the_resolver_path() {
+    // Untraced: the in-guest resolver walks (its own code, not vpte's).
+    let checks = dirperm_checks();
+    let names: Vec<&str> = checks.iter().map(String::as_str).collect();
+    area("dirperm", &names);
+}
+
+#[test]
+fn directory_rw_and_nx_count_on_the_supervisor_path() {
+    // Traced faults go through the supervisor's walker.
+    let out = run(vkrun()
+        .args(["-m", "64M", "-e", "trace=faults", "-o", "/dev/null", "--"])
+        .arg(bin("vpt-demo"))
+        .arg("dirperm"));
+    let stdout = text(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{stdout}{}", text(&out.stderr));
+    let checks = dirperm_checks();
+    let names: Vec<&str> = checks.iter().map(String::as_str).collect();
+    assert_oks(&stdout, "dirperm", &names);
+}
+
 #[test]
 
 fn reads_map_read_only_until_the_first_write() {
@@ -259,6 +298,7 @@ fn the_demo_runs_every_area() {
     );
     let areas = [
         "args",
+        "dirperm",
         "alias",
         "readonly",
         "segv",
@@ -281,7 +321,7 @@ fn the_demo_runs_every_area() {
     assert!(
         lines
             .last()
-            .is_some_and(|l| l.starts_with("vpt-demo: all 10 areas pass (")),
+            .is_some_and(|l| l.starts_with("vpt-demo: all 11 areas pass (")),
         "{stdout}"
     );
 }

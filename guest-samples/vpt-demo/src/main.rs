@@ -32,8 +32,7 @@ use std::process::ExitCode;
 use crate::env::Env;
 use crate::report::Report;
 
-const USAGE: &str =
-    "usage: vpt-demo [args|alias|readonly|segv|superpage|inval|kernel|kva|scatter [N]|threads]";
+const USAGE: &str = "usage: vpt-demo [args|dirperm|alias|readonly|segv|superpage|inval|kernel|kva|scatter [N]|threads]";
 
 /// What the command line asked for.
 enum Plan {

@@ -3,6 +3,7 @@
 
 mod alias;
 mod args;
+mod dirperm;
 mod inval;
 mod kernel;
 mod kva;
@@ -27,8 +28,9 @@ pub struct Area {
 }
 
 /// Every area, in demo order.
-pub const AREAS: [Area; 10] = [
+pub const AREAS: [Area; 11] = [
     area("args", args::run),
+    area("dirperm", dirperm::run),
     area("alias", alias::run),
     area("readonly", readonly::run),
     area("segv", segv::run),
