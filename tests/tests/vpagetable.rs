@@ -112,6 +112,7 @@ fn dirperm_checks() -> Vec<String> {
             "RW clear: the write lands once RW is set",
             "NX set: a call raises SIGSEGV",
             "NX set: the call runs once NX is clear",
+            "RW clear: a first write by read(2) is EFAULT and sets no M",
         ] {
             checks.push(format!("{level} {what}"));
         }

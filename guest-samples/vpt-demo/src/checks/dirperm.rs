@@ -15,7 +15,14 @@
 //! dirperm: L2 RW clear: the write lands once RW is set ok
 //! dirperm: L2 NX set: a call raises SIGSEGV ok
 //! dirperm: L2 NX set: the call runs once NX is clear ok
+//! dirperm: L2 RW clear: a first write by read(2) is EFAULT and sets no M ok
 //! ```
+//!
+//! The last check writes first, into a page nobody touched (its leaf has
+//! neither A nor M): a walker that skipped the directory's RW would set M
+//! on the way down (seen with a resolver that tested RW only at the leaf,
+//! which the read-first checks above miss: the read installs read-only and
+//! the supervisor's walker then decides the write).
 
 use vkabi::{PGEX_I, PGEX_P, PGEX_U, PGEX_W, VPTE_A, VPTE_M, VPTE_NX, VPTE_RW, VPTE_U};
 use vpte::{GuestPhysAddr, Vpte};
@@ -88,6 +95,33 @@ fn level(env: &mut Env, rep: &mut Report, depth: u32, name: &str) -> Outcome {
         format_args!("{name} RW clear: the write lands once RW is set"),
         seen == 0x0D1E_0001,
         || format!("frame word {seen:#x}"),
+    );
+
+    // A first write, by the kernel (`read(2)` into the page): EFAULT, and
+    // no M anywhere from the denying entry down. (A of the denying entry is
+    // not asserted: walkers may set it before they check RW.)
+    let mut pt = env.tables(8)?;
+    let w = env.window(1)?;
+    let frame = env::frame(&mut pt)?;
+    let p = w.pindex(0);
+    env::map(&mut pt, p, frame, VPTE_RW | VPTE_U)?;
+    let dir = entry_pa(env, pt.root(), p.0, depth);
+    env.store(dir, env.load(dir) & !VPTE_RW);
+    must("MADV_SETMAP", w.setmap(pt.master()))?;
+    let zero = std::fs::File::open("/dev/zero").map_err(|e| format!("/dev/zero: {e}"))?;
+    let r = w.read_fd(&zero, 0, 0, 8);
+    let efault = r.as_ref().err().and_then(std::io::Error::raw_os_error) == Some(libc::EFAULT);
+    let below: Vec<(vpte::Level, Vpte)> = env
+        .path(pt.root(), p)
+        .into_iter()
+        .skip(depth as usize)
+        .collect();
+    let dirty = below.iter().any(|(_, e)| e.has(VPTE_M));
+    let leaf = env::leaf(&pt, p);
+    rep.check(
+        format_args!("{name} RW clear: a first write by read(2) is EFAULT and sets no M"),
+        efault && !dirty && !leaf.has(VPTE_A),
+        || format!("read(2) gave {r:?}; entries from {name} down: {below:?}"),
     );
 
     // NX at the same level, on a fresh window (no host translation yet).
