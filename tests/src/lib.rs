@@ -52,7 +52,10 @@ pub fn in_ci() -> bool {
 /// Skip the calling test loudly; in CI, fail instead.
 pub fn skip(why: &str) {
     assert!(!in_ci(), "required capability missing in CI: {why}");
-    eprintln!("SKIP: {why}");
+    // Straight to the process's stderr, in one write: libtest hides
+    // `eprintln!` output of passing tests, and a skip must be seen.
+    let line = format!("\n*** SKIP: {why} ***\n");
+    let _ = std::io::Write::write_all(&mut std::io::stderr(), line.as_bytes());
 }
 
 /// Find `tool` in PATH, or skip (fail in CI) and return None.
