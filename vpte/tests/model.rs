@@ -1,13 +1,15 @@
 //! Property test: tables built through the builder, then walked, agree with a
 //! naive model (a map from leaf to entry) on mapped, unmapped and superpage
-//! addresses, for every access, including the A/M bits the walks set.
+//! addresses, for every access, including the A/M bits the walks set, with
+//! RW cleared and NX set on directory entries (L4, L3, L2) as well as leaves.
 
 use std::collections::{BTreeMap, BTreeSet};
 
 use proptest::prelude::*;
 use vpte::{
     Access, BuildError, CellRam, FrameAllocator, GuestPhysAddr, Level, PageIndex, PageSize,
-    PageTableBuilder, VPTE_A, VPTE_G, VPTE_M, VPTE_NX, VPTE_RW, VPTE_U, Vpte, WalkError, walk,
+    PageTableBuilder, PhysMem, VPTE_A, VPTE_G, VPTE_M, VPTE_NX, VPTE_RW, VPTE_U, Vpte, WalkError,
+    walk,
 };
 
 const RAM_PAGES: u64 = 256;
@@ -23,6 +25,10 @@ enum Op {
     },
     Unmap(PageIndex),
     Protect(PageIndex, u64),
+    /// Set the RW/NX bits (`bits` holds only those) of the directory entry at
+    /// `level` that covers the page, if that entry points at a table: a
+    /// write needs RW at every level, a fetch no NX at any.
+    ProtectDir(Level, PageIndex, u64),
     Walk(PageIndex, Access),
 }
 
@@ -33,6 +39,8 @@ enum Op {
 struct Model {
     leaves: BTreeMap<(Level, u64), Vpte>,
     tables: BTreeSet<(Level, u64)>,
+    /// RW/NX of the table entries that are not plain `V|RW|U` (absent: RW, no NX).
+    dir_prot: BTreeMap<(Level, u64), u64>,
 }
 
 const UPPER: [Level; 3] = [Level::L4, Level::L3, Level::L2];
@@ -71,23 +79,47 @@ impl Model {
             .insert((level, p.0), Vpte::leaf(frame, bits | ps)))
     }
 
-    fn walk(
-        &mut self,
-        p: PageIndex,
-        access: Access,
-    ) -> Result<(Level, GuestPhysAddr, bool, bool), &'static str> {
+    /// What a walk must give: the translation, or why it fails and at which
+    /// level. Entries are checked top-down, directories included, as the walk
+    /// meets them.
+    fn walk(&mut self, p: PageIndex, access: Access) -> Result<Walked, (&'static str, Level)> {
+        let mut all_rw = true;
+        let mut no_nx = true;
+        for level in UPPER {
+            let first = level.region_start(p).0;
+            if !self.tables.contains(&(level, first)) {
+                break;
+            }
+            let prot = self
+                .dir_prot
+                .get(&(level, first))
+                .copied()
+                .unwrap_or(VPTE_RW);
+            if access == Access::Write && prot & VPTE_RW == 0 {
+                return Err(("write denied", level));
+            }
+            if access == Access::Execute && prot & VPTE_NX != 0 {
+                return Err(("exec denied", level));
+            }
+            all_rw &= prot & VPTE_RW != 0;
+            no_nx &= prot & VPTE_NX == 0;
+        }
         let Some((level, first, entry)) = self.leaf(p) else {
-            return Err("not valid");
+            let missing = [Level::L4, Level::L3, Level::L2, Level::L1]
+                .into_iter()
+                .find(|l| l == &Level::L1 || !self.tables.contains(&(*l, l.region_start(p).0)))
+                .expect("L1 ends the search");
+            return Err(("not valid", missing));
         };
         if access == Access::Write && !entry.is_writable() {
-            return Err("write denied");
+            return Err(("write denied", level));
         }
         if access == Access::Execute && entry.is_no_exec() {
-            return Err("exec denied");
+            return Err(("exec denied", level));
         }
         let pa = entry.frame().0 + (p.0 - first) * 4096;
         if pa + 4096 > RAM {
-            return Err("page beyond RAM");
+            return Err(("page beyond RAM", level));
         }
         let m = if access == Access::Write { VPTE_M } else { 0 };
         let entry = entry.with(VPTE_A | m);
@@ -95,11 +127,14 @@ impl Model {
         Ok((
             level,
             GuestPhysAddr(pa),
-            entry.is_writable() && entry.is_modified(),
-            !entry.is_no_exec(),
+            all_rw && entry.is_writable() && entry.is_modified(),
+            no_nx && !entry.is_no_exec(),
         ))
     }
 }
+
+/// A translation as the model sees it: leaf level, page, writable, executable.
+type Walked = (Level, GuestPhysAddr, bool, bool);
 
 fn kind(e: &WalkError) -> &'static str {
     match e {
@@ -141,8 +176,33 @@ fn op() -> impl Strategy<Value = Op> {
         }),
         1 => pindex().prop_map(Op::Unmap),
         1 => (pindex(), bits()).prop_map(|(p, b)| Op::Protect(p, b & (VPTE_RW | VPTE_U | VPTE_NX))),
+        1 => (prop::sample::select(UPPER.to_vec()), pindex(), bits())
+            .prop_map(|(l, p, b)| Op::ProtectDir(l, p, b & (VPTE_RW | VPTE_NX))),
         6 => (pindex(), access).prop_map(|(p, a)| Op::Walk(p, a)),
     ]
+}
+
+/// Where the directory entry at `level` covering `p` lives, if it points at
+/// a table (valid, no PS): found by following table entries from `root`.
+fn dir_entry(
+    mem: &CellRam<'_>,
+    root: GuestPhysAddr,
+    level: Level,
+    p: PageIndex,
+) -> Option<GuestPhysAddr> {
+    let mut table = root.0;
+    for l in UPPER {
+        let pa = GuestPhysAddr(table + ((p.0 >> l.shift()) & 511) * 8);
+        let e = Vpte(mem.load(pa).expect("in RAM"));
+        if !e.is_valid() || e.is_superpage() {
+            return None;
+        }
+        if l == level {
+            return Some(pa);
+        }
+        table = e.frame().0;
+    }
+    None
 }
 
 proptest! {
@@ -184,6 +244,18 @@ proptest! {
                     let got = b.protect(p, prot).expect("in RAM");
                     prop_assert_eq!(want.map(|(_, _, e)| e), got.map(|m| m.entry));
                 }
+                Op::ProtectDir(level, p, prot) => {
+                    let first = level.region_start(p).0;
+                    if model.tables.contains(&(level, first)) {
+                        model.dir_prot.insert((level, first), prot);
+                    }
+                    let found = dir_entry(b.mem(), b.root(), level, p);
+                    prop_assert_eq!(found.is_some(), model.tables.contains(&(level, first)));
+                    if let Some(pa) = found {
+                        let v = b.mem().load(pa).expect("in RAM");
+                        b.mem().store(pa, (v & !(VPTE_RW | VPTE_NX)) | prot).expect("in RAM");
+                    }
+                }
                 Op::Walk(p, access) => {
                     let want = model.walk(p, access);
                     let got = walk(b.mem(), b.master(), p, access, RAM);
@@ -194,11 +266,13 @@ proptest! {
                             prop_assert_eq!(Some(found.entry_pa), t.leaf.entry_pa);
                             prop_assert_eq!(found.entry, t.leaf.entry);
                         }
-                        (Err(k), Err(e)) => {
-                            prop_assert_eq!(*k, kind(e), "{}", e);
-                            // The leaf in the model is unchanged: compare it.
-                            if let Some((_, _, entry)) = model.leaf(p) {
-                                prop_assert_eq!(entry, e.entry());
+                        (Err((k, level)), Err(e)) => {
+                            prop_assert_eq!((*k, *level), (kind(e), e.level()), "{}", e);
+                            // A failing leaf is unchanged: compare it.
+                            if let Some((leaf_level, _, entry)) = model.leaf(p) {
+                                if leaf_level == *level {
+                                    prop_assert_eq!(entry, e.entry());
+                                }
                             }
                         }
                         _ => prop_assert!(false, "walk {:?} {:?}: model {:?}, walker {:?}", p, access, want, got),
