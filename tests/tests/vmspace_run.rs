@@ -739,6 +739,15 @@ fn interrupted_runs_are_traced_as_strace_would() {
         })
         .collect();
     assert!(odd.is_empty(), "unexpected RUN lines: {odd:#?}");
+    // The rounds end spinning RUNs by signals, the storm's RUNs mostly end
+    // at their `syscall`: both exits must be there, each named.
+    for exit in [") = 0 (T_SIGNAL", ") = 0 (T_FAST_SYSCALL"] {
+        assert!(
+            runs.iter().any(|l| l.contains(exit)),
+            "no RUN line with {exit:?} among {}",
+            runs.len()
+        );
+    }
     let interrupted = runs.iter().filter(|l| !l.contains(") = 0 (T_")).count();
     assert!(
         interrupted > 0,
@@ -769,6 +778,12 @@ fn random_hostile_hypercalls_leave_vkrun_standing() {
         assert!(
             stdout.contains("fuzz: 6000 calls"),
             "fuzz seed {seed}: no summary:\n{stdout}"
+        );
+        // RUNs that returned 0 were checked against the ABI's trap rules;
+        // some must have done so (else the checks saw nothing).
+        assert!(
+            stdout.contains("fuzz: RUN exits by tf_trapno: 0x"),
+            "fuzz seed {seed}: no RUN returned 0 with its frame:\n{stdout}"
         );
         assert!(
             !stderr.contains("WARN"),

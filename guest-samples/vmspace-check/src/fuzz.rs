@@ -13,9 +13,13 @@
 //! space, so whatever vkrun does with the calls cannot hurt the guest
 //! itself. What is checked is vkrun: every call returns (a watchdog thread
 //! ends a RUN that spins longer than [`WATCHDOG`] with a signal), with 0, a
-//! value, or one of the ABI's error numbers. The last line is
-//! `fuzz: N calls, K ok, then the errors by name`; the test around it checks
-//! that vkrun exits with the guest's status and leaves no process behind.
+//! value, or one of the ABI's error numbers; a RUN that returns 0 with its
+//! frame in the scratch buffer says why in a way the ABI allows (section 7:
+//! a known trap number; `T_FAST_SYSCALL` with `tf_err` 2; `T_PAGEFLT` with
+//! user-mode PGEX bits only; `T_SIGNAL` only when a signal handler ran
+//! during the call). The last line is `fuzz: N calls, K ok, then the errors
+//! by name` and the RUN exits by trap; the test around it checks that vkrun
+//! exits with the guest's status and leaves no process behind.
 
 use std::collections::BTreeMap;
 use std::os::unix::thread::JoinHandleExt;
@@ -26,8 +30,8 @@ use std::time::{Duration, Instant};
 use vkabi::hypercall::{self, Errno};
 use vkabi::{
     Hypercall, MADV_INVAL, MADV_SETMAP, MAP_ANONYMOUS, MAP_FIXED, MAP_PRIVATE, MAP_SHARED,
-    MAP_STACK, MAP_VPAGETABLE, PAGE_SIZE, PROT_EXEC, PROT_READ, PROT_WRITE, USER_MAX,
-    VMSPACE_CTL_RUN,
+    MAP_STACK, MAP_VPAGETABLE, PAGE_SIZE, PGEX_I, PGEX_P, PGEX_U, PGEX_W, PROT_EXEC, PROT_READ,
+    PROT_WRITE, T_FAST_SYSCALL, T_PAGEFLT, T_SIGNAL, USER_MAX, VMSPACE_CTL_RUN,
 };
 
 use crate::report::errno_text;
@@ -121,6 +125,17 @@ impl Targets {
         if let Some(dst) = self.scratch.get_mut(at..at + bytes.len()) {
             dst.copy_from_slice(&bytes);
         }
+    }
+
+    /// The trap frame at `addr`, if it lies wholly in the scratch buffer.
+    fn frame(&self, addr: u64) -> Option<vkabi::TrapFrame> {
+        let at = addr.checked_sub(self.scratch.as_ptr() as u64)? as usize;
+        let bytes = self.scratch.get(at..at + 25 * 8)?;
+        let mut words = [0u64; 25];
+        for (w, b) in words.iter_mut().zip(bytes.chunks_exact(8)) {
+            *w = u64::from_ne_bytes(b.try_into().expect("8 bytes"));
+        }
+        Some(vkabi::TrapFrame::from_words(words))
     }
 
     fn length(&self, rng: &mut Rng) -> u64 {
@@ -328,6 +343,29 @@ struct Tally {
     unexpected: Vec<String>,
     kicks: u64,
     forks: u64,
+    /// RUNs that returned 0, by `tf_trapno`.
+    traps: BTreeMap<u64, u64>,
+}
+
+/// The trap numbers RUN may report (ABI section 7: DragonFly's `T_*`).
+fn known_trap(trapno: u64) -> bool {
+    matches!(trapno, 0..=30 | vkabi::T_SYSCALL80 | T_FAST_SYSCALL)
+}
+
+/// Why a RUN that returned 0 with `frame` breaks the ABI, if it does;
+/// `signalled` says whether a signal handler ran during the call.
+fn bad_exit(frame: &vkabi::TrapFrame, signalled: bool) -> Option<String> {
+    let (trapno, err) = (frame.tf_trapno, frame.tf_err);
+    let user_pgex = PGEX_P | PGEX_W | PGEX_U | PGEX_I;
+    match trapno {
+        T_SIGNAL if !signalled => Some("T_SIGNAL but no signal arrived".to_owned()),
+        T_FAST_SYSCALL if err != 2 => Some(format!("T_FAST_SYSCALL with tf_err {err:#x}")),
+        T_PAGEFLT if err & !user_pgex != 0 || err & PGEX_U == 0 => {
+            Some(format!("T_PAGEFLT with tf_err {err:#x}"))
+        }
+        t if !known_trap(t) => Some(format!("unknown tf_trapno {t:#x}")),
+        _ => None,
+    }
 }
 
 /// Fork a child that makes `calls` (made up beforehand: the child of a
@@ -399,6 +437,9 @@ pub fn run(seed: u64, calls: u64, ram_fd: i32, ram_size: u64) -> u8 {
                 all.ok += tally.ok;
                 all.kicks += tally.kicks;
                 all.forks += tally.forks;
+                for (t, n) in tally.traps {
+                    *all.traps.entry(t).or_default() += n;
+                }
                 for (e, n) in tally.errors {
                     *all.errors.entry(e).or_default() += n;
                 }
@@ -418,6 +459,11 @@ pub fn run(seed: u64, calls: u64, ram_fd: i32, ram_size: u64) -> u8 {
         .iter()
         .map(|(e, n)| format!("{} x{n}", errno_text(Errno(*e))))
         .collect();
+    let traps: Vec<String> = all
+        .traps
+        .iter()
+        .map(|(t, n)| format!("{t:#x} x{n}"))
+        .collect();
     println!(
         "fuzz: {} calls, {} ok, {} (signals: {signals}, from the watchdog: {}; children: {})",
         calls * THREADS,
@@ -426,6 +472,7 @@ pub fn run(seed: u64, calls: u64, ram_fd: i32, ram_size: u64) -> u8 {
         all.kicks,
         all.forks
     );
+    println!("fuzz: RUN exits by tf_trapno: {}", traps.join(", "));
     if all.unexpected.is_empty() {
         0
     } else {
@@ -494,6 +541,7 @@ fn fuzz(seed: u64, calls: u64, ram_fd: i32, ram_size: u64) -> Result<Tally, Stri
             continue;
         }
         let (h, args) = call(&mut rng, &mut t);
+        let (signals_before, _) = sys::handled(libc::SIGUSR1);
         started_ms.store(epoch.elapsed().as_millis() as u64 + 1, Ordering::Release);
         // SAFETY: every pointer argument is into `t.scratch` with room for
         // what the call reads or writes, into the hole's spare mapped pages
@@ -503,8 +551,23 @@ fn fuzz(seed: u64, calls: u64, ram_fd: i32, ram_size: u64) -> Result<Tally, Stri
         // calls.
         let ret = unsafe { hypercall::hypercall(h, args) };
         started_ms.store(0, Ordering::Release);
+        let (signals_after, _) = sys::handled(libc::SIGUSR1);
         match hypercall::result(ret) {
-            Ok(_) => tally.ok += 1,
+            Ok(_) => {
+                tally.ok += 1;
+                let run = h == Hypercall::VmspaceCtl && args[1] == VMSPACE_CTL_RUN as u64;
+                if let Some(frame) = t.frame(args[2]).filter(|_| run) {
+                    *tally.traps.entry(frame.tf_trapno).or_default() += 1;
+                    let signalled = signals_after != signals_before;
+                    if let Some(why) = bad_exit(&frame, signalled)
+                        && tally.unexpected.len() < 5
+                    {
+                        tally
+                            .unexpected
+                            .push(format!("seed {seed} call {i}: RUN: {why}"));
+                    }
+                }
+            }
             Err(Errno(e)) => {
                 *tally.errors.entry(e).or_default() += 1;
                 if !EXPECTED_ERRORS.contains(&e) && tally.unexpected.len() < 5 {

@@ -27,7 +27,9 @@
 //!                                  back to back while this thread sends it
 //!                                  SIGUSR2 (no SA_RESTART) every few
 //!                                  microseconds: every RUN that returns 0 returns
-//!                                  its own frame (T_FAST_SYSCALL or T_SIGNAL with
+//!                                  its own frame (T_FAST_SYSCALL, tf_err 2, rip
+//!                                  past the `syscall`; or T_SIGNAL, rip on it and
+//!                                  a handler run during the call; each with
 //!                                  the rax it was given), never an earlier
 //!                                  call's, and every other RUN fails with EINTR
 //! ok signals.storm.interrupted     the signals did land inside RUNs: some RUNs
@@ -97,14 +99,24 @@ fn storm_runner(id: u64, start: TrapFrame, stop: &AtomicBool) -> Storm {
             ..start
         };
         let mut vf = VextFrame::default();
+        let (handled_before, _) = sys::handled(libc::SIGUSR2);
         let result =
             sys::vmspace_ctl_raw(id, VMSPACE_CTL_RUN, &raw mut tf as u64, &raw mut vf as u64);
+        let signalled = sys::handled(libc::SIGUSR2).0 != handled_before;
+        // The user code is one `syscall` (2 bytes) at `start.tf_rip`.
+        let own = tf.tf_rax == rax
+            && match tf.tf_trapno {
+                T_FAST_SYSCALL => tf.tf_err == 2 && tf.tf_rip == start.tf_rip + 2,
+                T_SIGNAL => signalled && tf.tf_rip == start.tf_rip,
+                _ => false,
+            };
         match result {
             Err(Errno(libc::EINTR)) => seen.eintr += 1,
             Err(e) => seen.bad = Some(format!("RUN {rax:#x} failed: {}", errno_text(e))),
-            Ok(()) if tf.tf_rax != rax || ![T_FAST_SYSCALL, T_SIGNAL].contains(&tf.tf_trapno) => {
+            Ok(()) if !own => {
                 seen.bad = Some(format!(
-                    "RUN with rax {rax:#x} returned 0 with another frame: {}",
+                    "RUN with rax {rax:#x} (handler ran: {signalled}) returned 0 with \
+                     another frame: {}",
                     describe(&tf)
                 ));
             }
