@@ -134,6 +134,15 @@ static int beyond(void)
 
 static char *volatile racing_window;
 static volatile int racing_stop;
+/* What the touchers read: the frame's marker (a window), 0 (the anonymous
+ * memory in its place), anything else (wrong: a stale or foreign page). */
+static volatile long read_marker, read_zero, read_wrong;
+
+/* The byte page i of a racing or faulting window holds. */
+static char marker(long i)
+{
+    return (char)(i % 251 + 1);
+}
 
 static void *toucher(void *arg)
 {
@@ -142,7 +151,15 @@ static void *toucher(void *arg)
     long i = 0;
     while (!racing_stop) {
         char *w = racing_window;
-        probe(w + (i % 64) * 4096, &c);
+        long page = i % 64;
+        if (!probe(w + page * 4096, &c)) {
+            if (c == marker(page))
+                __sync_fetch_and_add(&read_marker, 1);
+            else if (c == 0)
+                __sync_fetch_and_add(&read_zero, 1);
+            else
+                __sync_fetch_and_add(&read_wrong, 1);
+        }
         i++;
     }
     return 0;
@@ -150,8 +167,11 @@ static void *toucher(void *arg)
 
 static int munmap_race(void)
 {
-    for (int i = 0; i < 64; i++)
-        *entry_for(i) = alloc_frame() | VPTE_V | VPTE_RW;
+    for (int i = 0; i < 64; i++) {
+        uint64_t f = alloc_frame();
+        dmap[f] = marker(i);
+        *entry_for(i) = f | VPTE_V | VPTE_RW;
+    }
     racing_window = window(64, root | VPTE_V | VPTE_RW);
     pthread_t t[2];
     for (int i = 0; i < 2; i++)
@@ -160,21 +180,32 @@ static int munmap_race(void)
         char *w = racing_window;
         if (round % 2 == 0) {
             /* plain munmap + anonymous memory in its place */
-            munmap(w, 64 * 4096);
-            mmap(w, 64 * 4096, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED, -1, 0);
+            if (munmap(w, 64 * 4096))
+                FAIL("munmap: FAIL munmap of a window: %s", strerror(errno));
+            if (mmap(w, 64 * 4096, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED, -1, 0) != w)
+                FAIL("munmap: FAIL anonymous memory over the window: %s", strerror(errno));
         } else {
             /* a new window over the old place */
             char *n = vk_mmap(w, 64 * 4096, PROT_READ | PROT_WRITE,
                               MAP_SHARED | MAP_VPAGETABLE | MAP_FIXED, info.ram_fd, 0);
-            if (n == MAP_FAILED)
-                FAIL("munmap: FAIL vk_mmap over a window: %s", strerror(errno));
-            mcontrol(n, 64 * 4096, MADV_SETMAP, root | VPTE_V | VPTE_RW);
+            if (n != w)
+                FAIL("munmap: FAIL vk_mmap over a window: %s", n == MAP_FAILED ? strerror(errno) : "moved");
+            if (mcontrol(n, 64 * 4096, MADV_SETMAP, root | VPTE_V | VPTE_RW))
+                FAIL("munmap: FAIL setmap of the new window: %s", strerror(errno));
         }
         usleep(200);
     }
     racing_stop = 1;
     for (int i = 0; i < 2; i++)
         pthread_join(t[i], 0);
+    if (read_wrong)
+        FAIL("munmap: FAIL %ld reads saw neither the page's frame nor zero", read_wrong);
+    if (!read_marker || !read_zero)
+        FAIL("munmap: FAIL the race was not run: %ld window reads, %ld anonymous", read_marker, read_zero);
+    /* The last round left a window: every page reads its frame. */
+    for (int i = 0; i < 64; i++)
+        if (racing_window[i * 4096] != marker(i))
+            FAIL("munmap: FAIL page %d after the race", i);
     printf("munmap: ok\n");
     return 0;
 }
@@ -204,23 +235,38 @@ static int closefd(void)
     return 0;
 }
 
+static volatile long faulted_reads, faulter_bad;
+
 static void *faulter(void *arg)
 {
     char *w = arg;
-    for (long i = 0;; i++)
-        mcontrol(w + (i % 512) * 4096, 4096, MADV_INVAL, 0), (void)*(volatile char *)(w + (i % 512) * 4096);
+    for (long i = 0;; i++) {
+        long page = i % 512;
+        if (mcontrol(w + page * 4096, 4096, MADV_INVAL, 0))
+            faulter_bad = 1;
+        if (*(volatile char *)(w + page * 4096) != marker(page))
+            faulter_bad = 2;
+        __sync_fetch_and_add(&faulted_reads, 1);
+    }
     return 0;
 }
 
 static int exit_mid(void)
 {
-    for (int i = 0; i < 512; i++)
-        *entry_for(i) = alloc_frame() | VPTE_V | VPTE_RW;
+    for (int i = 0; i < 512; i++) {
+        uint64_t f = alloc_frame();
+        dmap[f] = marker(i);
+        *entry_for(i) = f | VPTE_V | VPTE_RW;
+    }
     char *w = window(512, root | VPTE_V | VPTE_RW);
     pthread_t t[3];
     for (int i = 0; i < 3; i++)
         pthread_create(&t[i], 0, faulter, w);
     usleep(50000);
+    if (faulter_bad)
+        FAIL("exit: FAIL a faulting thread saw %s", faulter_bad == 1 ? "INVAL fail" : "a wrong page");
+    if (!faulted_reads)
+        FAIL("exit: FAIL no fault was served in 50 ms");
     printf("exit: ok\n");
     fflush(stdout);
     _exit(7); /* exit_group with faults in flight */
