@@ -756,6 +756,24 @@ fn interrupted_runs_are_traced_as_strace_would() {
     );
 }
 
+/// User code that ignores vkrun's kick (a forged `rt_sigreturn` blocking
+/// it, a loop clearing every kick word, a jump into the handler's wait
+/// loop): a signal still ends the RUN within vkrun's bound (5 s, then
+/// `EIO`), and meanwhile another guest thread forks and RUNs another
+/// vmspace in under 100 ms each: the tracer thread never waits on a
+/// context.
+#[test]
+fn user_code_ignoring_the_kick_stalls_nothing_else() {
+    let mut names = Vec::new();
+    for attack in ["blocked", "cleared", "wait-loop"] {
+        for check in ["started", "bounded", "others-go-on"] {
+            names.push(format!("{attack}.{check}"));
+        }
+    }
+    let names: Vec<&str> = names.iter().map(String::as_str).collect();
+    check("kick-ignore", &names);
+}
+
 /// A hostile guest: thousands of hypercalls with random hostile arguments
 /// from two threads at once, under a rain of signals (`vmspace-check fuzz`,
 /// three seeds). Every call returns an expected

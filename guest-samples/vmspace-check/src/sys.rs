@@ -252,6 +252,20 @@ pub fn close(fd: i32) {
     unsafe { libc::close(fd) };
 }
 
+/// Fork a child that exits at once; returns how long `fork()` took to
+/// return in this process (the child is reaped before returning).
+pub fn time_fork() -> io::Result<std::time::Duration> {
+    let started = std::time::Instant::now();
+    // SAFETY: the child only calls _exit(2), which is async-signal-safe.
+    let pid = unsafe { libc::fork() };
+    let took = started.elapsed();
+    match pid {
+        -1 => Err(io::Error::last_os_error()),
+        0 => exit_now(0),
+        pid => waitpid(pid).map(|_| took),
+    }
+}
+
 /// `waitpid(pid)`: the raw wait status.
 pub fn waitpid(pid: i32) -> io::Result<i32> {
     let mut status = 0;

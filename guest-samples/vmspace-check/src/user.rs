@@ -116,6 +116,17 @@ snippets! {
     ];
     /// Copy rcx bytes from rsi to rdi (`rep movsb`), then the syscall loop.
     Copy(vmsc_copy_start, vmsc_copy_end) = ["rep movsb", "2:", "syscall", "jmp 2b"];
+    /// `rsp = rdi; jmp rsi`: with rsi at vkrun's `rt_sigreturn` gadget in
+    /// the stub, the frame at rdi becomes the user code's registers and
+    /// signal mask (a forged signal return).
+    Sigreturn(vmsc_sigreturn_start, vmsc_sigreturn_end) = ["mov rsp, rdi", "jmp rsi"];
+    /// Forever: store 0 in rcx dwords from rbx, r8 bytes apart (every
+    /// context's kick word), then `[rdx] += 1` (progress).
+    KickClear(vmsc_kickclear_start, vmsc_kickclear_end) = [
+        "2:", "mov rdi, rbx", "mov rax, rcx",
+        "3:", "mov dword ptr [rdi], 0", "add rdi, r8", "dec rax", "jnz 3b",
+        "inc qword ptr [rdx]", "jmp 2b",
+    ];
     /// For rcx pages from rbx: `rax += [page]; [page + 8] = rax`, then the
     /// syscall loop (rax starts as the frame's rax).
     SumPages(vmsc_sum_start, vmsc_sum_end) = [

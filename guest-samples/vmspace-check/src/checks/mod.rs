@@ -6,6 +6,7 @@ mod fork;
 pub mod hold;
 mod hostile;
 mod isolation;
+mod kick;
 mod paging;
 mod prw;
 mod regs;
@@ -69,4 +70,10 @@ pub const AREAS: [Area; 9] = [
 pub const HOSTILE_STUB: Area = Area {
     name: "hostile-stub",
     run: hostile::run,
+};
+
+/// Not part of `all` (it takes seconds): user code ignoring vkrun's kick.
+pub const KICK_IGNORE: Area = Area {
+    name: "kick-ignore",
+    run: kick::run,
 };
