@@ -11,9 +11,17 @@
  *   nx        code in a window runs, unless an entry on its path has NX
  *   fork      a forked child has no windows (SIGSEGV there); the parent's
  *             keep working
+ *   replace-pipe, replace-null, replace-close
+ *             replace every descriptor from 768 up (vkrun's: the agent's
+ *             RAM memfd and userfaultfd) with a pipe full of forged
+ *             userfaultfd messages, with /dev/null, or close them; then
+ *             fault in a window. vkrun either goes on serving the faults
+ *             ("replace: ok") or ends the guest with a clear message and
+ *             status 125; it never hangs.
  */
 #define _GNU_SOURCE
 #include <errno.h>
+#include <fcntl.h>
 #include <pthread.h>
 #include <setjmp.h>
 #include <signal.h>
@@ -323,6 +331,53 @@ static int fork_child(void)
     return 0;
 }
 
+/* A forged userfaultfd message: a page fault at `addr` (struct uffd_msg). */
+struct fake_uffd_msg {
+    uint8_t event, reserved1;
+    uint16_t reserved2;
+    uint32_t reserved3;
+    uint64_t flags, address, ptid;
+};
+
+static int replace(const char *how)
+{
+    for (int i = 0; i < 8; i++) {
+        uint64_t f = alloc_frame();
+        dmap[f] = (char)('a' + i);
+        *entry_for(i) = f | VPTE_V | VPTE_RW;
+    }
+    char *w = window(8, root | VPTE_V | VPTE_RW);
+    if (w[0] != 'a')
+        FAIL("replace: FAIL before replacing");
+    int pipefd[2] = {-1, -1};
+    if (!strcmp(how, "pipe")) {
+        if (pipe(pipefd))
+            FAIL("replace: FAIL pipe: %s", strerror(errno));
+        struct fake_uffd_msg m = {.event = 0x12, .flags = 1, .address = (uint64_t)w + 4096, .ptid = 1};
+        for (int i = 0; i < 64; i++)
+            if (write(pipefd[1], &m, sizeof m) != sizeof m)
+                break;
+    }
+    int null = open("/dev/null", O_RDWR);
+    int replaced = 0;
+    for (int fd = 768; fd < 1024; fd++) {
+        if (fd == pipefd[0] || fd == pipefd[1] || fcntl(fd, F_GETFD) < 0)
+            continue;
+        if (!strcmp(how, "close"))
+            close(fd);
+        else if (dup2(!strcmp(how, "pipe") ? pipefd[0] : null, fd) != fd)
+            FAIL("replace: FAIL dup2 over %d: %s", fd, strerror(errno));
+        replaced++;
+    }
+    if (!replaced)
+        FAIL("replace: FAIL no descriptor from 768 up to replace");
+    for (int i = 1; i < 8; i++)
+        if (w[i * 4096] != 'a' + i)
+            FAIL("replace: FAIL page %d after replacing %d descriptors", i, replaced);
+    printf("replace: ok (%d descriptors)\n", replaced);
+    return 0;
+}
+
 int main(int argc, char **argv)
 {
     if (argc < 2)
@@ -346,6 +401,8 @@ int main(int argc, char **argv)
         return munmap_race();
     if (!strcmp(argv[1], "closefd"))
         return closefd();
+    if (!strncmp(argv[1], "replace-", 8))
+        return replace(argv[1] + 8);
     if (!strcmp(argv[1], "exit"))
         return exit_mid();
     if (!strcmp(argv[1], "nx"))

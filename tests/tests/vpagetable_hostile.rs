@@ -82,3 +82,45 @@ fn nx_entries_are_not_executable() {
 fn a_forked_child_has_no_windows() {
     expect_ok("fork");
 }
+
+/// The guest replaces the descriptors vkrun installed for its agent (768
+/// and up: the RAM memfd and the userfaultfd). Closed, they are repaired and
+/// the windows go on working; replaced with a pipe of forged userfaultfd
+/// messages (which used to hang the guest for ever) or with /dev/null, vkrun
+/// ends the guest with one line naming the descriptor and status 125, or
+/// goes on serving the faults. Never a hang (the run has a deadline) and
+/// never a process left behind.
+#[test]
+fn replaced_descriptors_end_the_guest_clearly_or_keep_working() {
+    for (how, must) in [("pipe", Some(125)), ("null", None), ("close", Some(0))] {
+        let mode = format!("replace-{how}");
+        let started = std::time::Instant::now();
+        let Some((code, stdout, stderr)) = hostile(&mode) else {
+            return;
+        };
+        let took = started.elapsed();
+        assert!(
+            took < std::time::Duration::from_secs(5),
+            "{mode}: took {took:?}"
+        );
+        if let Some(want) = must {
+            assert_eq!(code, want, "{mode}: {stdout}{stderr}");
+        }
+        match code {
+            0 => assert!(
+                stdout.starts_with("replace: ok"),
+                "{mode}: {stdout}{stderr}"
+            ),
+            125 => {
+                let lines: Vec<&str> = stderr.lines().collect();
+                assert_eq!(lines.len(), 1, "{mode}: one line:\n{stderr}");
+                assert!(
+                    lines[0].starts_with("vkrun: guest process ")
+                        && lines[0].contains(" replaced descriptor 76"),
+                    "{mode}: {stderr}"
+                );
+            }
+            other => panic!("{mode}: status {other}: {stdout}{stderr}"),
+        }
+    }
+}

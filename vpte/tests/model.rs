@@ -269,10 +269,10 @@ proptest! {
                         (Err((k, level)), Err(e)) => {
                             prop_assert_eq!((*k, *level), (kind(e), e.level()), "{}", e);
                             // A failing leaf is unchanged: compare it.
-                            if let Some((leaf_level, _, entry)) = model.leaf(p) {
-                                if leaf_level == *level {
-                                    prop_assert_eq!(entry, e.entry());
-                                }
+                            if let Some((leaf_level, _, entry)) = model.leaf(p)
+                                && leaf_level == *level
+                            {
+                                prop_assert_eq!(entry, e.entry());
                             }
                         }
                         _ => prop_assert!(false, "walk {:?} {:?}: model {:?}, walker {:?}", p, access, want, got),

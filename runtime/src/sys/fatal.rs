@@ -41,6 +41,14 @@ pub fn install_panic_hook() {
     });
 }
 
+/// End vkrun for a reason that is not a bug of its own (the guest broke
+/// what vkrun relies on): one line, the guest killed, status 125.
+pub fn fail(what: &str) -> ! {
+    let line = format!("vkrun: {what}; the guest is killed\n");
+    let _ = std::io::stderr().write_all(line.as_bytes());
+    exit_now(VKRUN_FAILURE)
+}
+
 /// Panic if the test hook asks for it in a thread of `kind`.
 pub fn test_panic_point(kind: &str) {
     static WANTED: OnceLock<Option<String>> = OnceLock::new();

@@ -243,7 +243,7 @@ impl Vpt {
         Ok(start as i64)
     }
 
-    fn ram_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+    pub(super) fn ram_fd(&self) -> std::os::fd::BorrowedFd<'_> {
         std::os::fd::AsFd::as_fd(&*self.ram)
     }
 

@@ -11,9 +11,10 @@
 //! - [`Vpt::on_stub_fault`]: a fault an execution context's handler
 //!   reported (hypercall thread).
 
+use std::os::fd::AsFd;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use nix::errno::Errno;
 use nix::sys::ptrace;
@@ -28,8 +29,8 @@ use super::{PAGE, Process, Space, Vpt, page_down, segv};
 use crate::sys::agent_code::{
     RES_FWD_HEAD, RES_FWD_RING, RES_FWD_SLOTS, RES_FWD_TAIL, RES_SUP_WAKE,
 };
-use crate::sys::futex;
 use crate::sys::uffd::{PageFault, UFFD_EVENT_PAGEFAULT};
+use crate::sys::{fatal, futex, kcmp};
 use crate::trace::format::format_fault;
 use crate::tracee::Tracer;
 
@@ -396,7 +397,12 @@ impl Vpt {
     /// resolver forwards and resolve each.
     fn serve_faults(&self, p: &Process) {
         let a = &p.agent;
+        let mut checked = Instant::now();
         while !p.dead.load(Ordering::Acquire) {
+            if checked.elapsed() >= DESCRIPTOR_CHECK {
+                self.check_descriptors(p);
+                checked = Instant::now();
+            }
             // A stub has no resolver: its ring is the user code's to write.
             if p.space == Space::Vmspace
                 || p.resolver_gone.load(Ordering::Acquire)
@@ -443,12 +449,16 @@ impl Vpt {
     /// The fault thread without a resolver: poll and read the uffd here.
     fn serve_faults_directly(&self, p: &Process) {
         use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
-        use std::os::fd::AsFd;
         if let Err(errno) = p.uffd.set_nonblocking() {
             tracing::warn!(%errno, "cannot make the uffd non-blocking");
         }
         let mut faults = Vec::new();
+        let mut checked = Instant::now();
         while !p.dead.load(Ordering::Acquire) {
+            if checked.elapsed() >= DESCRIPTOR_CHECK {
+                self.check_descriptors(p);
+                checked = Instant::now();
+            }
             let mut fds = [PollFd::new(p.uffd.as_fd(), PollFlags::POLLIN)];
             match poll(&mut fds, PollTimeout::from(200u16)) {
                 Ok(0) | Err(Errno::EINTR) => continue,
@@ -465,6 +475,46 @@ impl Vpt {
             }
             for f in &faults {
                 self.on_missing(p, f);
+            }
+        }
+    }
+}
+
+/// How often a fault thread checks that a guest process still holds the
+/// descriptors vkrun gave its agent.
+const DESCRIPTOR_CHECK: Duration = Duration::from_millis(500);
+
+impl Vpt {
+    /// The agent in a guest process works through two descriptors vkrun
+    /// put in the guest's table (768 and up): its userfaultfd and the RAM
+    /// memfd. The guest can close them (then the resolver ends and the fault
+    /// thread reads the uffd itself; the RAM is opened again) or replace
+    /// them with other files (`dup2` of a pipe: the resolver would read
+    /// forged fault messages and nobody the real ones). The second cannot be
+    /// repaired from outside: vkrun ends the guest with one line and 125.
+    fn check_descriptors(&self, p: &Process) {
+        if p.space == Space::Vmspace {
+            return; // a stub's user code makes no system calls
+        }
+        let a = &p.agent;
+        let checks = [
+            (
+                "userfaultfd",
+                p.uffd.as_fd(),
+                a.uffd_fd.load(Ordering::Relaxed),
+            ),
+            ("RAM memfd", self.ram_fd(), a.ram_fd.load(Ordering::Relaxed)),
+        ];
+        for (what, ours, theirs) in checks {
+            let Ok(fd) = i32::try_from(theirs) else {
+                continue; // not opened yet
+            };
+            if kcmp::same_file(ours, p.tgid, fd) == Ok(false) {
+                fatal::fail(&format!(
+                    "guest process {} replaced descriptor {fd}, the {what} vkrun installed \
+                     for its page-table windows, with another file",
+                    p.tgid
+                ));
             }
         }
     }
