@@ -497,27 +497,31 @@ impl Vpt {
             return; // a stub's user code makes no system calls
         }
         let a = &p.agent;
-        let checks = [
-            (
-                "userfaultfd",
-                p.uffd.as_fd(),
-                a.uffd_fd.load(Ordering::Relaxed),
-            ),
-            ("RAM memfd", self.ram_fd(), a.ram_fd.load(Ordering::Relaxed)),
-        ];
-        for (what, ours, theirs) in checks {
-            let Ok(fd) = i32::try_from(theirs) else {
-                continue; // not opened yet
-            };
-            if kcmp::same_file(ours, p.tgid, fd) == Ok(false) {
-                fatal::fail(&format!(
-                    "guest process {} replaced descriptor {fd}, the {what} vkrun installed \
-                     for its page-table windows, with another file",
-                    p.tgid
-                ));
-            }
+        // The uffd by file (every userfaultfd shares one anonymous inode);
+        // the RAM by inode (the agent opens it anew through /proc: another
+        // file of the same memfd).
+        let uffd = i32::try_from(a.uffd_fd.load(Ordering::Relaxed)).ok();
+        if let Some(fd) = uffd
+            && kcmp::same_file(p.uffd.as_fd(), p.tgid, fd) == Ok(false)
+        {
+            replaced(p.tgid, fd, "userfaultfd");
+        }
+        let ram = i32::try_from(a.ram_fd.load(Ordering::Relaxed)).ok();
+        if let Some(fd) = ram
+            && let Ok(theirs) = nix::sys::stat::stat(format!("/proc/{}/fd/{fd}", p.tgid).as_str())
+            && let Ok(ours) = nix::sys::stat::fstat(self.ram_fd())
+            && (theirs.st_dev, theirs.st_ino) != (ours.st_dev, ours.st_ino)
+        {
+            replaced(p.tgid, fd, "RAM memfd");
         }
     }
+}
+
+fn replaced(tgid: Pid, fd: i32, what: &str) -> ! {
+    fatal::fail(&format!(
+        "guest process {tgid} replaced descriptor {fd}, the {what} vkrun installed for its \
+         page-table windows, with another file"
+    ))
 }
 
 /// The host protection of an install for translation `t`.
