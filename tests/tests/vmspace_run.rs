@@ -756,6 +756,19 @@ fn interrupted_runs_are_traced_as_strace_would() {
     );
 }
 
+/// User code scribbles random and crafted values over every page vkrun
+/// keeps above `USER_MAX` in its stub (seeded), while another thread RUNs
+/// and demand-pages another vmspace: every RUN returns within 7 s, as a
+/// store, a fault, a trap or `EIO`; the other vmspace and the guest's own
+/// hypercalls are untouched.
+#[test]
+fn user_code_scribbling_over_its_stub_breaks_nothing_else() {
+    check(
+        "hostile-scribble",
+        &["bounded", "outcomes", "bystander", "guest"],
+    );
+}
+
 /// User code that ignores vkrun's kick (a forged `rt_sigreturn` blocking
 /// it, a loop clearing every kick word, a jump into the handler's wait
 /// loop): a signal still ends the RUN within vkrun's bound (5 s, then

@@ -38,7 +38,7 @@ use std::time::Duration;
 use crate::env::Env;
 use crate::report::Report;
 
-const USAGE: &str = "usage: vmspace-check [errors|regs|traps|paging|isolation|signals|threads|prw|fork|all|hold-run|exit-running|stub-death|hostile-stub|kick-ignore|fuzz SEED N]";
+const USAGE: &str = "usage: vmspace-check [errors|regs|traps|paging|isolation|signals|threads|prw|fork|all|hold-run|exit-running|stub-death|hostile-stub|hostile-scribble|kick-ignore|fuzz SEED N]";
 
 /// What the command line asked for.
 enum Plan {
@@ -61,6 +61,7 @@ fn parse(args: &[String]) -> Option<Plan> {
             "exit-running" => Some(Plan::HoldRun { exit: true }),
             "stub-death" => Some(Plan::StubDeath),
             "hostile-stub" => Some(Plan::One(&checks::HOSTILE_STUB)),
+            "hostile-scribble" => Some(Plan::One(&checks::HOSTILE_SCRIBBLE)),
             "kick-ignore" => Some(Plan::One(&checks::KICK_IGNORE)),
             name => checks::AREAS.iter().find(|a| a.name == name).map(Plan::One),
         },

@@ -10,6 +10,7 @@ mod kick;
 mod paging;
 mod prw;
 mod regs;
+mod scribble;
 mod signals;
 mod threads;
 mod traps;
@@ -76,4 +77,10 @@ pub const HOSTILE_STUB: Area = Area {
 pub const KICK_IGNORE: Area = Area {
     name: "kick-ignore",
     run: kick::run,
+};
+
+/// Not part of `all`: user code scribbling over vkrun's pages in its stub.
+pub const HOSTILE_SCRIBBLE: Area = Area {
+    name: "hostile-scribble",
+    run: scribble::run,
 };
