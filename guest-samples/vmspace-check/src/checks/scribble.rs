@@ -114,8 +114,12 @@ pub fn run(env: &mut Env, rep: &mut Report) -> Outcome {
             // Half of them among the first words of a page, where a
             // context block keeps its state, counters and report.
             let r = next(&mut rng);
-            let within = if r % 2 == 0 { 0x300 } else { PAGE_SIZE };
-            let addr = USER_MAX + page * PAGE_SIZE + ((r >> 1) % within & !7);
+            let within = if r.is_multiple_of(2) {
+                0x300
+            } else {
+                PAGE_SIZE
+            };
+            let addr = USER_MAX + page * PAGE_SIZE + (((r >> 1) % within) & !7);
             let mut tf = user.frame(Snippet::Store);
             tf.tf_rbx = addr;
             tf.tf_rdx = value(&mut rng);
