@@ -55,7 +55,7 @@ fn errors_render_as_minus_one_errno_and_description() {
     let err = text(&out.stderr);
     assert!(
         err.contains(
-            "vk_mmap(NULL, 8192, PROT_READ|PROT_WRITE, MAP_PRIVATE|MAP_VPAGETABLE, 3, 0x0) = -1 EINVAL (Invalid argument)"
+            "vk_mmap(NULL, 0x2000, PROT_READ|PROT_WRITE, MAP_PRIVATE|MAP_VPAGETABLE, 3, 0x0) = -1 EINVAL (Invalid argument)"
         ),
         "{err}"
     );

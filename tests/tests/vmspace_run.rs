@@ -651,9 +651,11 @@ fn trace_shows_each_run_and_how_it_ended() {
         .filter(|l| l.contains("vmspace_ctl(0x7e577a95"))
         .collect();
     assert!(!runs.is_empty(), "no vmspace_ctl line with the id:\n{err}");
+    // A system call exit names the call the user code asked for.
     assert!(
-        runs.iter().any(|l| l.contains("T_FAST_SYSCALL rip=0x")),
-        "no T_FAST_SYSCALL exit:\n{err}"
+        runs.iter()
+            .any(|l| l.contains("T_FAST_SYSCALL rax=0 (read) rip=0x")),
+        "no T_FAST_SYSCALL exit with rax and its name:\n{err}"
     );
     assert!(
         runs.iter().any(|l| l
@@ -673,6 +675,27 @@ fn trace_shows_each_run_and_how_it_ended() {
             "no {trap} exit:\n{err}"
         );
     }
+}
+
+/// A walk that fails in a vmspace window is traced as what it becomes, a
+/// `T_PAGEFLT` exit of RUN, not as a signal nobody gets.
+#[test]
+fn failed_walks_in_a_vmspace_trace_as_t_pageflt() {
+    let out = run(vkrun()
+        .args(["-e", "trace=faults", "--"])
+        .arg(bin("vmspace-check"))
+        .arg("paging"));
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stdout));
+    let err = text(&out.stderr);
+    let faults: Vec<&str> = err.lines().filter(|l| l.contains("] fault(0x")).collect();
+    assert!(
+        faults.iter().any(|l| l.contains(") = T_PAGEFLT (")),
+        "no failed walk traced as T_PAGEFLT:\n{err}"
+    );
+    assert!(
+        !faults.iter().any(|l| l.contains("= SIGSEGV")),
+        "a vmspace fault traced as SIGSEGV:\n{err}"
+    );
 }
 
 /// The value of counter `name` in `--stats` output.

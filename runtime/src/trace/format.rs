@@ -133,6 +133,15 @@ fn ptr(v: u64) -> String {
 /// strace would print it: `vk_info(0x7ffd..., 48)`.
 pub fn format_call(h: Option<Hypercall>, nr: u64, a: [u64; 6]) -> String {
     let int = |v: u64| (v as i32).to_string();
+    // The length of an address range: hex beside the hex addresses when it
+    // is whole pages (0x7fffffff0000), decimal otherwise (48).
+    let len = |v: u64| {
+        if v != 0 && v.is_multiple_of(vkabi::PAGE_SIZE) {
+            format!("{v:#x}")
+        } else {
+            v.to_string()
+        }
+    };
     let prot = |v: u64| format_flags(v & 0xffff_ffff, PROT_NAMES, "PROT_NONE");
     let flags = |v: u64| format_flags(v & 0xffff_ffff, MAP_NAMES, "0");
     let value = |behav: u64, v: u64| {
@@ -155,7 +164,7 @@ pub fn format_call(h: Option<Hypercall>, nr: u64, a: [u64; 6]) -> String {
         Hypercall::VkMmap => format!(
             "{}, {}, {}, {}, {}, {:#x}",
             ptr(a[0]),
-            a[1],
+            len(a[1]),
             prot(a[2]),
             flags(a[3]),
             int(a[4]),
@@ -164,7 +173,7 @@ pub fn format_call(h: Option<Hypercall>, nr: u64, a: [u64; 6]) -> String {
         Hypercall::Mcontrol => format!(
             "{}, {}, {}, {}",
             ptr(a[0]),
-            a[1],
+            len(a[1]),
             madv_name(a[2] & 0xffff_ffff),
             value(a[2], a[3])
         ),
@@ -182,18 +191,18 @@ pub fn format_call(h: Option<Hypercall>, nr: u64, a: [u64; 6]) -> String {
             "{}, {}, {}, {}, {}, {}, {:#x}",
             ptr(a[0]),
             ptr(a[1]),
-            a[2],
+            len(a[2]),
             prot(a[3] & 0xffff_ffff),
             flags(a[3] >> 32),
             int(a[4]),
             a[5]
         ),
-        Hypercall::VmspaceMunmap => format!("{}, {}, {}", ptr(a[0]), ptr(a[1]), a[2]),
+        Hypercall::VmspaceMunmap => format!("{}, {}, {}", ptr(a[0]), ptr(a[1]), len(a[2])),
         Hypercall::VmspaceMcontrol => format!(
             "{}, {}, {}, {}, {}",
             ptr(a[0]),
             ptr(a[1]),
-            a[2],
+            len(a[2]),
             madv_name(a[3] & 0xffff_ffff),
             value(a[3], a[4])
         ),
@@ -250,28 +259,42 @@ pub fn trap_name(trapno: u64) -> Option<&'static str> {
     })
 }
 
-/// A trap for the trace: `T_FAST_SYSCALL rip=0x401002`,
-/// `T_PAGEFLT addr=0x1000 err=W|U rip=...`.
-pub fn format_trap(trapno: u64, err: u64, addr: u64, rip: u64) -> String {
+/// A trap for the trace: `T_FAST_SYSCALL rax=1 (write) rip=0x401002` (the
+/// system call the user code asked for: rax, and its Linux name if it has
+/// one), `T_PAGEFLT addr=0x1000 err=W|U rip=...`.
+pub fn format_trap(trapno: u64, err: u64, addr: u64, rip: u64, rax: u64) -> String {
     let name = trap_name(trapno).map_or_else(|| trapno.to_string(), str::to_owned);
-    if trapno == vkabi::T_PAGEFLT {
-        let bits = [(PGEX_P, "P"), (PGEX_W, "W"), (PGEX_U, "U"), (PGEX_I, "I")];
-        let err = format_flags(err, &bits, "0");
-        format!("{name} addr={addr:#x} err={err} rip={rip:#x}")
-    } else {
-        format!("{name} rip={rip:#x}")
+    match trapno {
+        vkabi::T_PAGEFLT => {
+            let bits = [(PGEX_P, "P"), (PGEX_W, "W"), (PGEX_U, "U"), (PGEX_I, "I")];
+            let err = format_flags(err, &bits, "0");
+            format!("{name} addr={addr:#x} err={err} rip={rip:#x}")
+        }
+        vkabi::T_FAST_SYSCALL | vkabi::T_SYSCALL80 => {
+            let call = match super::syscalls::syscall_name(rax) {
+                Some(n) => format!("{rax} ({n})"),
+                None if rax < 0x1000 => rax.to_string(),
+                None => format!("{rax:#x}"),
+            };
+            format!("{name} rax={call} rip={rip:#x}")
+        }
+        _ => format!("{name} rip={rip:#x}"),
     }
 }
 
 /// A VPAGETABLE fault at `va` under master PDE `master`, for an access of
 /// kind `access`, with what the walk found:
-/// `fault(0x7f..., V|RW frame=0x100000, write) = 0x5000 rw`.
+/// `fault(0x7f..., V|RW frame=0x100000, write) = 0x5000 rw`; a failed walk
+/// shows what it becomes: `= SIGSEGV (...)` in a guest process,
+/// `= T_PAGEFLT (...)` in a vmspace (a RUN that returns it, no signal).
 pub fn format_fault(
     va: u64,
     master: u64,
     access: vpte::Access,
     result: &Result<vpte::Translation, Option<vpte::WalkError>>,
+    in_vmspace: bool,
 ) -> String {
+    let failed = if in_vmspace { "T_PAGEFLT" } else { "SIGSEGV" };
     let kind = match access {
         vpte::Access::Read => "read",
         vpte::Access::Write => "write",
@@ -279,8 +302,8 @@ pub fn format_fault(
     };
     let outcome = match result {
         Ok(t) => format!("= {:#x} {}", t.pa.0, if t.writable { "rw" } else { "ro" }),
-        Err(Some(e)) => format!("= SIGSEGV ({e})"),
-        Err(None) => "= SIGSEGV (page index overflows)".to_owned(),
+        Err(Some(e)) => format!("= {failed} ({e})"),
+        Err(None) => format!("= {failed} (page index overflows)"),
     };
     format!("fault({va:#x}, {}, {kind}) {outcome}", vpte::Vpte(master))
 }
@@ -344,11 +367,16 @@ mod tests {
         );
         assert_eq!(
             call(Hypercall::VkMmap, [0, 8192, 3, 0x2001, 3, 0]),
-            "vk_mmap(NULL, 8192, PROT_READ|PROT_WRITE, MAP_SHARED|MAP_VPAGETABLE, 3, 0x0)"
+            "vk_mmap(NULL, 0x2000, PROT_READ|PROT_WRITE, MAP_SHARED|MAP_VPAGETABLE, 3, 0x0)"
         );
         assert_eq!(
             call(Hypercall::Mcontrol, [0x1000, 4096, 11, 0x5023, 0, 0]),
-            "mcontrol(0x1000, 4096, MADV_SETMAP, V|RW|A frame=0x5000)"
+            "mcontrol(0x1000, 0x1000, MADV_SETMAP, V|RW|A frame=0x5000)"
+        );
+        // A length that is not whole pages stays decimal.
+        assert_eq!(
+            call(Hypercall::VmspaceMunmap, [1, 0x1000, 100, 0, 0, 0]),
+            "vmspace_munmap(0x1, 0x1000, 100)"
         );
         let packed = vkabi::vmspace_mmap_prot_flags(1, 0x22);
         assert_eq!(
@@ -356,7 +384,7 @@ mod tests {
                 Hypercall::VmspaceMmap,
                 [7, 0x400000, 4096, packed, -1i64 as u64, 0]
             ),
-            "vmspace_mmap(0x7, 0x400000, 4096, PROT_READ, MAP_PRIVATE|MAP_ANONYMOUS, -1, 0x0)"
+            "vmspace_mmap(0x7, 0x400000, 0x1000, PROT_READ, MAP_PRIVATE|MAP_ANONYMOUS, -1, 0x0)"
         );
         assert_eq!(
             format_call(None, vkabi::VK_SYS_BASE + 1, [1, 2, 3, 4, 5, 6]),
@@ -368,13 +396,17 @@ mod tests {
     fn traps_are_traced_by_name() {
         use vkabi::{T_FAST_SYSCALL, T_PAGEFLT};
         assert_eq!(
-            format_trap(T_PAGEFLT, PGEX_W | PGEX_U, 0x1000, 0x401000),
+            format_trap(T_PAGEFLT, PGEX_W | PGEX_U, 0x1000, 0x401000, 0),
             "T_PAGEFLT addr=0x1000 err=W|U rip=0x401000"
         );
         assert_eq!(
-            format_trap(T_FAST_SYSCALL, 2, 0, 0x401002),
-            "T_FAST_SYSCALL rip=0x401002"
+            format_trap(T_FAST_SYSCALL, 2, 0, 0x401002, 1),
+            "T_FAST_SYSCALL rax=1 (write) rip=0x401002"
         );
-        assert_eq!(format_trap(99, 0, 0, 0x10), "99 rip=0x10");
+        assert_eq!(format_trap(99, 0, 0, 0x10, 0), "99 rip=0x10");
+        assert_eq!(
+            format_trap(T_FAST_SYSCALL, 2, 0, 0x10, 335),
+            "T_FAST_SYSCALL rax=335 rip=0x10"
+        );
     }
 }

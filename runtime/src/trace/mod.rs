@@ -7,6 +7,7 @@
 //! through `tracing`.
 
 pub mod format;
+mod syscalls;
 
 use std::fmt::Write as _;
 use std::io::{LineWriter, Write};

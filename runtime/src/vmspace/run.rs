@@ -296,7 +296,7 @@ impl Waiter {
         };
         exits.fetch_add(1, Ordering::Relaxed);
         let result = written.map(|()| 0);
-        self.trace(&p, result, Some((trap, tf.tf_rip)));
+        self.trace(&p, result, Some((trap, tf.tf_rip, tf.tf_rax)));
         if st.interrupted() {
             ctx.word(CX_KICK).store(0, Ordering::Release);
             self.end_interrupt(&mut st, result);
@@ -336,7 +336,7 @@ impl Waiter {
         }
     }
 
-    fn trace(&self, p: &Pending, result: Result<i64, Errno>, trap: Option<(Trap, u64)>) {
+    fn trace(&self, p: &Pending, result: Result<i64, Errno>, trap: Option<(Trap, u64, u64)>) {
         let text = format_result(result, false);
         trace_run(&self.env.trace, self.ctx.guest, p, &text, trap);
     }
@@ -349,7 +349,7 @@ fn trace_run(
     guest: Pid,
     p: &Pending,
     result: &str,
-    trap: Option<(Trap, u64)>,
+    trap: Option<(Trap, u64, u64)>,
 ) {
     let mut trace = lock(trace);
     let set = *trace.set();
@@ -358,8 +358,8 @@ fn trace_run(
     }
     let h = Hypercall::VmspaceCtl;
     let mut text = format!("{} {result}", format_call(Some(h), h.nr(), p.args));
-    if let Some((trap, rip)) = trap {
-        let trap = format_trap(trap.trapno, trap.err, trap.addr, rip);
+    if let Some((trap, rip, rax)) = trap {
+        let trap = format_trap(trap.trapno, trap.err, trap.addr, rip, rax);
         text.push_str(&format!(" ({trap})"));
     }
     let took = trace.wants_durations().then(|| p.started.elapsed());

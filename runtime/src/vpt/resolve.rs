@@ -191,7 +191,7 @@ impl Vpt {
         }
         // A retry ahead of time that installs nothing is no fault at all.
         if f.mode != Mode::Ahead || installed {
-            self.trace_fault(f.tid, f.addr, w.master, access, &walk);
+            self.trace_fault(p, f.tid, f.addr, w.master, access, &walk);
         }
         resolved
     }
@@ -364,6 +364,7 @@ impl Vpt {
 
     fn trace_fault(
         &self,
+        p: &Process,
         tid: Pid,
         va: u64,
         master: u64,
@@ -375,7 +376,7 @@ impl Vpt {
         }
         // Looked up without the trace's lock held.
         let tid = self.trace_tid(tid);
-        let text = format_fault(va, master, access, result);
+        let text = format_fault(va, master, access, result, p.space == Space::Vmspace);
         crate::sys::lock(&self.trace).line(tid.as_raw(), SystemTime::now(), &text, None);
     }
 
