@@ -698,6 +698,39 @@ fn failed_walks_in_a_vmspace_trace_as_t_pageflt() {
     );
 }
 
+/// A RUN whose user code faults is traced as strace traces a call that other
+/// lines interrupt: `vmspace_ctl(... <unfinished ...>`, the fault lines,
+/// then `<... vmspace_ctl resumed>) = 0 (T_...)`, each unfinished call
+/// resumed exactly once, by its own task.
+#[test]
+fn runs_with_faults_inside_trace_as_unfinished_and_resumed() {
+    let out = run(vkrun()
+        .args(["-e", "trace=runs,faults", "--"])
+        .arg(bin("vmspace-check"))
+        .arg("paging"));
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stdout));
+    let err = text(&out.stderr);
+    let mut open: std::collections::HashMap<String, usize> = Default::default();
+    let (mut unfinished, mut resumed) = (0, 0);
+    for line in err.lines() {
+        let Some((pid, rest)) = line.split_once("] ") else {
+            continue;
+        };
+        if rest.starts_with("vmspace_ctl(") && rest.ends_with(" <unfinished ...>") {
+            *open.entry(pid.to_owned()).or_default() += 1;
+            unfinished += 1;
+        } else if let Some(result) = rest.strip_prefix("<... vmspace_ctl resumed>) ") {
+            let n = open.entry(pid.to_owned()).or_default();
+            assert!(*n > 0, "resumed without an unfinished call: {line}\n{err}");
+            *n -= 1;
+            resumed += 1;
+            assert!(result.starts_with("= "), "{line}");
+        }
+    }
+    assert!(unfinished > 0, "no RUN with a fault inside:\n{err}");
+    assert_eq!(unfinished, resumed, "{err}");
+}
+
 /// The value of counter `name` in `--stats` output.
 fn counter(stats: &str, name: &str) -> u64 {
     stats
@@ -751,7 +784,12 @@ fn interrupted_runs_are_traced_as_strace_would() {
     let trace = text(&out.stderr);
     let runs: Vec<&str> = trace
         .lines()
-        .filter(|l| l.contains("vmspace_ctl("))
+        // A RUN that other threads' lines interrupt ends in its resumed
+        // half (`<... vmspace_ctl resumed>) = ...`).
+        .filter(|l| {
+            l.contains("vmspace_ctl(") && !l.ends_with(" <unfinished ...>")
+                || l.contains("<... vmspace_ctl resumed>) ")
+        })
         .collect();
     let odd: Vec<&&str> = runs
         .iter()

@@ -155,6 +155,20 @@ pub struct TraceWriter {
     out: LineWriter<Box<dyn Write + Send>>,
     options: TraceOptions,
     failed: bool,
+    /// Calls that began and have not ended (a RUN), printed whole when they
+    /// end, or as strace's `<unfinished ...>` as soon as another line comes
+    /// first (a fault the RUN's user code took, another thread's call).
+    begun: Vec<Begun>,
+}
+
+/// A call that began: its task, when, its text, and whether its
+/// `<unfinished ...>` half is out.
+#[derive(Debug)]
+struct Begun {
+    tid: i32,
+    when: SystemTime,
+    call: String,
+    shown: bool,
 }
 
 impl std::fmt::Debug for TraceWriter {
@@ -172,6 +186,7 @@ impl TraceWriter {
             out: LineWriter::new(out),
             options,
             failed: false,
+            begun: Vec::new(),
         }
     }
 
@@ -185,8 +200,61 @@ impl TraceWriter {
         self.options.durations
     }
 
-    /// Print one event of task `tid` that happened at `when`.
+    /// Call `call` (`name(args)`) of task `tid` began at `when`; its line
+    /// comes with [`TraceWriter::end`].
+    pub fn begin(&mut self, tid: i32, when: SystemTime, call: String) {
+        self.begun.retain(|b| b.tid != tid);
+        self.begun.push(Begun {
+            tid,
+            when,
+            call,
+            shown: false,
+        });
+    }
+
+    /// Task `tid`'s call `call` (begun at `when`, or never begun) ended with
+    /// `result` (`= 0 ...`): one line `call result`, or, if other lines came
+    /// between, `<... name resumed>) result` after the `<unfinished ...>`.
+    pub fn end(
+        &mut self,
+        tid: i32,
+        when: SystemTime,
+        call: &str,
+        result: &str,
+        took: Option<Duration>,
+    ) {
+        let begun = self
+            .begun
+            .iter()
+            .position(|b| b.tid == tid)
+            .map(|i| self.begun.swap_remove(i));
+        match begun {
+            Some(b) if b.shown => {
+                let name = b.call.split('(').next().unwrap_or_default();
+                let text = format!("<... {name} resumed>) {result}");
+                self.line(tid, SystemTime::now(), &text, took);
+            }
+            Some(b) => self.line(tid, b.when, &format!("{} {result}", b.call), took),
+            None => self.line(tid, when, &format!("{call} {result}"), took),
+        }
+    }
+
+    /// Print one event of task `tid` that happened at `when` (after the
+    /// `<unfinished ...>` half of every call still under way).
     pub fn line(&mut self, tid: i32, when: SystemTime, text: &str, took: Option<Duration>) {
+        let mut unfinished = Vec::new();
+        for b in self.begun.iter_mut().filter(|b| !b.shown) {
+            b.shown = true;
+            let open = b.call.strip_suffix(')').unwrap_or(&b.call);
+            unfinished.push((b.tid, b.when, format!("{open} <unfinished ...>")));
+        }
+        for (tid, when, text) in unfinished {
+            self.print(tid, when, &text, None);
+        }
+        self.print(tid, when, text, took);
+    }
+
+    fn print(&mut self, tid: i32, when: SystemTime, text: &str, took: Option<Duration>) {
         crate::sys::fatal::test_panic_point("trace");
         let mut line = format!("[pid {tid:>5}] ");
         match self.options.timestamps {
@@ -235,6 +303,60 @@ impl TraceWriter {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::{Arc, Mutex};
+
+    /// A writer whose bytes the test reads back.
+    #[derive(Clone, Default)]
+    struct Shared(Arc<Mutex<Vec<u8>>>);
+
+    impl Write for Shared {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().expect("lock").extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_call_interrupted_by_other_lines_is_unfinished_then_resumed() {
+        let out = Shared::default();
+        let mut w = TraceWriter::new(Box::new(out.clone()), TraceOptions::default());
+        let t = SystemTime::now();
+        // Nothing between: one whole line.
+        w.begin(
+            7,
+            t,
+            "vmspace_ctl(0x1, VMSPACE_CTL_RUN, 0x10, 0x20)".to_owned(),
+        );
+        w.end(7, t, "ignored", "= 0 (T_FAST_SYSCALL)", None);
+        // A fault line between: the two halves, each once.
+        w.begin(
+            7,
+            t,
+            "vmspace_ctl(0x1, VMSPACE_CTL_RUN, 0x10, 0x20)".to_owned(),
+        );
+        w.line(7, t, "fault(0x1000, V frame=0x0, read) = 0x2000 ro", None);
+        w.line(8, t, "vk_info(0x30, 48) = 0", None);
+        w.end(7, t, "ignored", "= 0 (T_PAGEFLT)", None);
+        // Never begun: the call text given at the end.
+        w.end(9, t, "vmspace_ctl(0x2)", "= -1 EINTR", None);
+        w.flush();
+        let text = String::from_utf8(out.0.lock().expect("lock").clone()).expect("utf-8");
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(
+            lines,
+            [
+                "[pid     7] vmspace_ctl(0x1, VMSPACE_CTL_RUN, 0x10, 0x20) = 0 (T_FAST_SYSCALL)",
+                "[pid     7] vmspace_ctl(0x1, VMSPACE_CTL_RUN, 0x10, 0x20 <unfinished ...>",
+                "[pid     7] fault(0x1000, V frame=0x0, read) = 0x2000 ro",
+                "[pid     8] vk_info(0x30, 48) = 0",
+                "[pid     7] <... vmspace_ctl resumed>) = 0 (T_PAGEFLT)",
+                "[pid     9] vmspace_ctl(0x2) = -1 EINTR",
+            ]
+        );
+    }
 
     #[test]
     fn parse_names_classes_and_negation() {

@@ -141,6 +141,7 @@ pub fn start(ctx: &Arc<Context>, n: &Notification, env: &Arc<RunEnv>) -> Started
         return Started::Nothing;
     }
     env.stats.runs.fetch_add(1, Ordering::Relaxed);
+    trace_begin(&env.trace, ctx.guest, &run);
     if let Some((rip, addr, write)) = st.retry.take()
         && rip == tf.tf_rip
     {
@@ -357,13 +358,27 @@ fn trace_run(
         return;
     }
     let h = Hypercall::VmspaceCtl;
-    let mut text = format!("{} {result}", format_call(Some(h), h.nr(), p.args));
+    let call = format_call(Some(h), h.nr(), p.args);
+    let mut result = result.to_owned();
     if let Some((trap, rip, rax)) = trap {
         let trap = format_trap(trap.trapno, trap.err, trap.addr, rip, rax);
-        text.push_str(&format!(" ({trap})"));
+        result.push_str(&format!(" ({trap})"));
     }
     let took = trace.wants_durations().then(|| p.started.elapsed());
-    trace.line(guest.as_raw(), p.when, &text, took);
+    trace.end(guest.as_raw(), p.when, &call, &result, took);
+}
+
+/// A RUN began: its line comes when it ends, unless a line of the user
+/// code's faults (or another thread's) comes first: then strace's
+/// `vmspace_ctl(... <unfinished ...>` and `<... vmspace_ctl resumed>) = 0`.
+fn trace_begin(trace: &Mutex<TraceWriter>, guest: Pid, p: &Pending) {
+    let mut trace = lock(trace);
+    let set = *trace.set();
+    if !(set.runs || set.hypercall(Some(Hypercall::VmspaceCtl))) {
+        return;
+    }
+    let h = Hypercall::VmspaceCtl;
+    trace.begin(guest.as_raw(), p.when, format_call(Some(h), h.nr(), p.args));
 }
 
 /// What a signal does to the RUN of the guest thread it stopped.
