@@ -239,11 +239,27 @@ fn scattered_pages_default_count() {
 #[test]
 
 fn two_hundred_thousand_scattered_pages() {
-    let stdout = vpt_demo("1G", &["scatter", "200000"]);
+    let out = run(vkrun()
+        .args(["-m", "1G", "--"])
+        .arg(bin("vpt-demo"))
+        .args(["scatter", "200000"]));
+    let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
+    assert_eq!(out.status.code(), Some(0), "{stdout}{stderr}");
     assert_oks(
         &stdout,
         "scatter",
         &["200000 scattered pages", "A set on all 200000 leaves"],
+    );
+    // More scattered pages than vm.max_map_count allows: vkrun evicts, and
+    // says so once, with the budget and how to raise it.
+    let told: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.contains("VMA budget"))
+        .collect();
+    assert_eq!(told.len(), 1, "{stderr}");
+    assert!(
+        told[0].contains("vm.max_map_count = ") && told[0].contains("sysctl -w vm.max_map_count="),
+        "{stderr}"
     );
 }
 

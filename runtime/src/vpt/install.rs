@@ -152,6 +152,19 @@ impl Vpt {
     /// each (a whole run, so no split is needed at the limit) with fresh
     /// registered anonymous memory. Caller holds `mm`.
     fn evict(&self, p: &Process, mm: &mut MmState, count: u64) -> Result<(), Errno> {
+        if !self.told_evicting.swap(true, Ordering::Relaxed) {
+            let limit = crate::sys::proc::max_map_count().unwrap_or(0);
+            tracing::warn!(
+                "guest process {} has more scattered window pages installed than the host's VMA \
+                 budget allows ({} runs under vm.max_map_count = {limit}): older translations are \
+                 evicted and fault again when touched (--stats counts them as \
+                 vkrun.host_mappings_evicted); raise the limit with \
+                 `sysctl -w vm.max_map_count={}`",
+                p.tgid,
+                self.max_runs,
+                limit.max(65530) * 4
+            );
+        }
         let victims = mm.take_oldest(count);
         self.rearm(p, &victims)?;
         self.stats

@@ -102,6 +102,8 @@ pub struct Vpt {
     resolvers: Mutex<HashMap<Pid, Pid>>,
     /// Installed runs one process may hold before the oldest are evicted.
     max_runs: u64,
+    /// Whether the user was told that the VMA budget forces evictions.
+    told_evicting: AtomicBool,
     /// The execution side, for faults in vmspaces.
     contexts: OnceLock<Weak<dyn ContextFaults>>,
 }
@@ -187,6 +189,7 @@ impl Vpt {
             resolvers: Mutex::new(HashMap::new()),
             tgids: Mutex::new(HashMap::new()),
             max_runs: windows::max_runs(proc::max_map_count().unwrap_or(65530)),
+            told_evicting: AtomicBool::new(false),
             contexts: OnceLock::new(),
         }
     }
