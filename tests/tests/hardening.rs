@@ -39,7 +39,9 @@ fn a_panic_in_any_vkrun_thread_ends_the_guest_with_125() {
         ),
         (
             "trace",
-            &["--trace", "-o", "/dev/null"],
+            // Not the process class: its first line (sh's exec) would come
+            // before sh prints its pid.
+            &["-e", "trace=vk_info", "-o", "/dev/null"],
             format!("echo $$; {vkinfo} >/dev/null; sleep 60"),
         ),
     ];

@@ -18,14 +18,19 @@ fn trace_shows_hypercalls_and_exits_in_strace_grammar() {
     assert!(out.status.success());
     let err = text(&out.stderr);
     let lines: Vec<&str> = err.lines().collect();
-    assert_eq!(lines.len(), 2, "{err}");
-    let call = is_pid_prefix(lines[0]).expect("[pid N] prefix");
+    assert_eq!(lines.len(), 3, "{err}");
+    let exec = is_pid_prefix(lines[0]).expect("[pid N] prefix");
+    assert!(
+        exec.starts_with("execve(\"") && exec.ends_with(r#", "info", "48"], ...) = 0"#),
+        "{exec}"
+    );
+    let call = is_pid_prefix(lines[1]).expect("[pid N] prefix");
     let args = call
         .strip_prefix("vk_info(0x")
         .and_then(|r| r.strip_suffix(", 48) = 0"))
         .unwrap_or_else(|| panic!("bad line {call}"));
     assert!(args.chars().all(|c| c.is_ascii_hexdigit()), "{call}");
-    assert_eq!(is_pid_prefix(lines[1]), Some("+++ exited with 0 +++"));
+    assert_eq!(is_pid_prefix(lines[2]), Some("+++ exited with 0 +++"));
 }
 
 #[test]
@@ -208,4 +213,49 @@ fn killed_by_signal_line() {
         .position(|l| l.starts_with("+++ killed by SIGSEGV"))
         .expect("exit line");
     assert!(delivered < killed, "{err}");
+}
+
+/// `-e trace=process` shows each process as `strace -f` does: the exec of
+/// every program with its argv, the fork (vfork, clone) that made each
+/// child with the child's pid, and `SIGCHLD` with `si_status`; other
+/// classes leave them out.
+#[test]
+fn process_events_show_forks_execs_and_exit_statuses() {
+    let out = run(vkrun()
+        .args(["-e", "trace=process", "--", "/bin/sh", "-c"])
+        .arg("/bin/true one; exit 3"));
+    assert_eq!(out.status.code(), Some(3));
+    let err = text(&out.stderr);
+    let lines: Vec<&str> = err.lines().filter_map(is_pid_prefix).collect();
+    let child: i32 = lines
+        .iter()
+        .find_map(|l| {
+            let (call, pid) = l.rsplit_once(") = ")?;
+            (call.starts_with("fork(") || call.starts_with("vfork(") || call.starts_with("clone"))
+                .then(|| pid.parse().ok())?
+        })
+        .unwrap_or_else(|| panic!("no fork line:\n{err}"));
+    assert!(
+        lines[0].starts_with("execve(\"")
+            && lines[0].contains(r#"["/bin/sh", "-c", "/bin/true one; exit 3"]"#),
+        "{err}"
+    );
+    let true_exec = format!("[pid {child:>5}] execve(\"");
+    assert!(
+        err.lines()
+            .any(|l| l.starts_with(&true_exec) && l.ends_with(r#"["/bin/true", "one"], ...) = 0"#)),
+        "{err}"
+    );
+    assert!(
+        err.contains(&format!(
+            "si_code=CLD_EXITED, si_pid={child}, si_uid=0, si_status=0}}"
+        )),
+        "{err}"
+    );
+    let quiet = run(vkrun().args(["-e", "trace=vk_info", "--", "/bin/sh", "-c", "/bin/true"]));
+    let quiet = text(&quiet.stderr);
+    assert!(
+        !quiet.contains("execve(") && !quiet.contains("fork()"),
+        "{quiet}"
+    );
 }

@@ -44,7 +44,7 @@ use crate::sys::signal::install_wake_handler;
 use crate::sys::spawn::{self, Child, ChildPlan, ChildStep};
 use crate::sys::{lock, proc};
 use crate::trace::TraceWriter;
-use crate::trace::format::format_signal;
+use crate::trace::format::{format_exec, format_new_task, format_signal};
 use crate::tracee::Tracer;
 use crate::vmspace::{Interrupted, Vmspaces};
 use crate::vpt::{ContextFaults, SegvAction, Vpt};
@@ -408,6 +408,9 @@ impl Supervisor {
                     self.exec_seen = true;
                     self.on_guest_started()?;
                 }
+                self.trace_process(pid, || {
+                    crate::sys::proc::program(pid).map(|(exe, args)| format_exec(&exe, &args))
+                });
             }
             e if e == Event::PTRACE_EVENT_FORK as i32
                 || e == Event::PTRACE_EVENT_VFORK as i32
@@ -420,6 +423,10 @@ impl Supervisor {
                     && !self.early_exits.remove(&Pid::from_raw(new as i32))
                 {
                     let child = Pid::from_raw(new as i32);
+                    self.trace_process(pid, || {
+                        let regs = ptrace::getregs(pid).ok()?;
+                        Some(format_new_task(regs.orig_rax, regs.rdi, child.as_raw()))
+                    });
                     self.tracees.insert(child);
                     self.announced.insert(child);
                     if e != Event::PTRACE_EVENT_VFORK as i32 {
@@ -431,6 +438,18 @@ impl Supervisor {
         }
         resume(pid, None);
         Ok(())
+    }
+
+    /// A process event of task `pid` (a fork, clone or exec) for the trace,
+    /// if `-e trace=process` (or all) asks for it.
+    fn trace_process(&self, pid: Pid, text: impl FnOnce() -> Option<String>) {
+        let mut out = lock(&self.out);
+        if !out.set().process {
+            return;
+        }
+        if let Some(text) = text() {
+            out.line(pid.as_raw(), SystemTime::now(), &text, None);
+        }
     }
 
     /// A signal-delivery-stop of guest thread `pid` for `sig`: deliver it,

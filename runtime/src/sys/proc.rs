@@ -88,6 +88,19 @@ fn maps_range(line: &str) -> Option<(u64, u64)> {
     ))
 }
 
+/// The program `tgid` runs (`/proc/PID/exe`) and its arguments
+/// (`/proc/PID/cmdline`), for the trace of an exec.
+pub fn program(tgid: Pid) -> Option<(String, Vec<String>)> {
+    let exe = std::fs::read_link(format!("/proc/{tgid}/exe")).ok()?;
+    let cmdline = std::fs::read(format!("/proc/{tgid}/cmdline")).ok()?;
+    let args = cmdline
+        .split(|b| *b == 0)
+        .filter(|a| !a.is_empty())
+        .map(|a| String::from_utf8_lossy(a).into_owned())
+        .collect();
+    Some((exe.to_string_lossy().into_owned(), args))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -51,6 +51,8 @@ pub struct SignalInfo {
     pub addr: Option<u64>,
     /// `si_pid` and `si_uid`, for signals sent by a process or `SIGCHLD`.
     pub sender: Option<(i32, u32)>,
+    /// `si_status` of `SIGCHLD`: the exit code or the signal.
+    pub status: Option<i32>,
 }
 
 /// `PTRACE_GETSIGINFO`, with the union member that applies decoded.
@@ -65,10 +67,11 @@ pub fn signal_info(pid: Pid) -> Result<SignalInfo, Errno> {
     // SAFETY: each union member is read only for the signals and codes for
     // which the kernel fills it (siginfo.h: fault signals with a kernel
     // code carry si_addr; user-sent signals and SIGCHLD carry si_pid/si_uid).
-    let (addr, sender) = unsafe {
+    let (addr, sender, status) = unsafe {
         (
             fault.then(|| info.si_addr() as u64),
             from_process.then(|| (info.si_pid(), info.si_uid())),
+            (info.si_signo == libc::SIGCHLD).then(|| info.si_status()),
         )
     };
     Ok(SignalInfo {
@@ -76,6 +79,7 @@ pub fn signal_info(pid: Pid) -> Result<SignalInfo, Errno> {
         code: info.si_code,
         addr,
         sender,
+        status,
     })
 }
 

@@ -52,8 +52,72 @@ pub fn format_signal(info: &crate::sys::ptrace::SignalInfo) -> String {
     if let Some((pid, uid)) = info.sender {
         let _ = write!(out, ", si_pid={pid}, si_uid={uid}");
     }
+    if let Some(status) = info.status {
+        // An exit code, or (killed, dumped, stopped) the signal's name.
+        if matches!(info.code, 2 | 3 | 5 | 6) {
+            let _ = write!(out, ", si_status={}", name(status));
+        } else {
+            let _ = write!(out, ", si_status={status}");
+        }
+    }
     out.push_str("} ---");
     out
+}
+
+/// The `clone` flags strace names (the low byte is the exit signal).
+const CLONE_NAMES: &[(u64, &str)] = &[
+    (0x100, "CLONE_VM"),
+    (0x200, "CLONE_FS"),
+    (0x400, "CLONE_FILES"),
+    (0x800, "CLONE_SIGHAND"),
+    (0x1000, "CLONE_PIDFD"),
+    (0x2000, "CLONE_PTRACE"),
+    (0x4000, "CLONE_VFORK"),
+    (0x8000, "CLONE_PARENT"),
+    (0x1_0000, "CLONE_THREAD"),
+    (0x2_0000, "CLONE_NEWNS"),
+    (0x4_0000, "CLONE_SYSVSEM"),
+    (0x8_0000, "CLONE_SETTLS"),
+    (0x10_0000, "CLONE_PARENT_SETTID"),
+    (0x20_0000, "CLONE_CHILD_CLEARTID"),
+    (0x40_0000, "CLONE_DETACHED"),
+    (0x80_0000, "CLONE_UNTRACED"),
+    (0x100_0000, "CLONE_CHILD_SETTID"),
+];
+
+/// A new task, as strace shows the call that made it: `fork() = 42`,
+/// `vfork() = 42`, `clone(flags=CLONE_VM|...|SIGCHLD) = 42`, `clone3(...) =
+/// 42`. `nr` is the system call, `flags` its first argument.
+pub fn format_new_task(nr: u64, flags: u64, child: i32) -> String {
+    let call = match nr as i64 {
+        libc::SYS_fork => "fork()".to_owned(),
+        libc::SYS_vfork => "vfork()".to_owned(),
+        libc::SYS_clone => {
+            let mut text = format_flags(flags & !0xff, CLONE_NAMES, "0");
+            let signal = (flags & 0xff) as i32;
+            if signal != 0 {
+                let name = nix::sys::signal::Signal::try_from(signal)
+                    .map(|s| s.as_str().to_owned())
+                    .unwrap_or_else(|_| signal.to_string());
+                if text == "0" {
+                    text = name;
+                } else {
+                    text = format!("{text}|{name}");
+                }
+            }
+            format!("clone(flags={text})")
+        }
+        libc::SYS_clone3 => "clone3(...)".to_owned(),
+        _ => format!("syscall_{nr}(...)"),
+    };
+    format!("{call} = {child}")
+}
+
+/// A finished exec: `execve("/usr/bin/true", ["true"], ...) = 0` (the
+/// program as the kernel resolved it, the new argv).
+pub fn format_exec(exe: &str, args: &[String]) -> String {
+    let args: Vec<String> = args.iter().map(|a| format!("{a:?}")).collect();
+    format!("execve({exe:?}, [{}], ...) = 0", args.join(", "))
 }
 
 /// Render `value` as `A|B|0x...` from a table of named bits; zero is `zero`.
@@ -333,6 +397,7 @@ mod tests {
             code: 1,
             addr: Some(8),
             sender: None,
+            status: None,
         };
         assert_eq!(
             format_signal(&segv),
@@ -343,10 +408,44 @@ mod tests {
             code: 0,
             addr: None,
             sender: Some((42, 0)),
+            status: None,
         };
         assert_eq!(
             format_signal(&term),
             "--- SIGTERM {si_signo=SIGTERM, si_code=SI_USER, si_pid=42, si_uid=0} ---"
+        );
+        let chld = |code, status| SignalInfo {
+            signo: libc::SIGCHLD,
+            code,
+            addr: None,
+            sender: Some((43, 0)),
+            status: Some(status),
+        };
+        assert_eq!(
+            format_signal(&chld(1, 3)),
+            "--- SIGCHLD {si_signo=SIGCHLD, si_code=CLD_EXITED, si_pid=43, si_uid=0, si_status=3} ---"
+        );
+        assert_eq!(
+            format_signal(&chld(2, libc::SIGKILL)),
+            "--- SIGCHLD {si_signo=SIGCHLD, si_code=CLD_KILLED, si_pid=43, si_uid=0, si_status=SIGKILL} ---"
+        );
+    }
+
+    #[test]
+    fn process_events_render_like_strace() {
+        assert_eq!(format_new_task(libc::SYS_fork as u64, 0, 42), "fork() = 42");
+        assert_eq!(
+            format_new_task(libc::SYS_clone as u64, 0x3d0f00, 43),
+            "clone(flags=CLONE_VM|CLONE_FS|CLONE_FILES|CLONE_SIGHAND|CLONE_THREAD|CLONE_SYSVSEM|\
+             CLONE_SETTLS|CLONE_PARENT_SETTID|CLONE_CHILD_CLEARTID) = 43"
+        );
+        assert_eq!(
+            format_new_task(libc::SYS_clone as u64, 0x1200011, 44),
+            "clone(flags=CLONE_CHILD_CLEARTID|CLONE_CHILD_SETTID|SIGCHLD) = 44"
+        );
+        assert_eq!(
+            format_exec("/usr/bin/true", &["true".to_owned(), "a b".to_owned()]),
+            r#"execve("/usr/bin/true", ["true", "a b"], ...) = 0"#
         );
     }
 

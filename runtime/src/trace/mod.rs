@@ -19,7 +19,9 @@ use vkabi::Hypercall;
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum TraceSpecError {
     /// a name in the set is not a hypercall or a class
-    #[error("invalid trace name '{0}' (hypercall names, %vkernel, faults, runs, all, none)")]
+    #[error(
+        "invalid trace name '{0}' (hypercall names, %vkernel, faults, runs, process, all, none)"
+    )]
     UnknownName(String),
     /// the set is empty
     #[error("empty trace set")]
@@ -37,6 +39,8 @@ pub struct TraceSet {
     pub faults: bool,
     /// vmspace RUN entries and exits.
     pub runs: bool,
+    /// Process events: fork, vfork, clone, execve (strace's `%process`).
+    pub process: bool,
 }
 
 const ALL_HYPERCALLS: u32 = (1 << Hypercall::ALL.len()) - 1;
@@ -48,6 +52,7 @@ impl TraceSet {
         unknown: false,
         faults: false,
         runs: false,
+        process: false,
     };
 
     /// Everything traced (`--trace`, `-e trace=all`).
@@ -56,10 +61,12 @@ impl TraceSet {
         unknown: true,
         faults: true,
         runs: true,
+        process: true,
     };
 
     /// Parse strace's grammar: a comma-separated list of hypercall names,
-    /// `%vkernel` (every hypercall), `faults`, `runs`, `all` or `none`; a
+    /// `%vkernel` (every hypercall), `faults`, `runs`, `process` (or
+    /// `%process`: fork, vfork, clone, execve), `all` or `none`; a
     /// leading `!` traces everything except the list.
     pub fn parse(spec: &str) -> Result<TraceSet, TraceSpecError> {
         let (negate, list) = match spec.strip_prefix('!') {
@@ -80,6 +87,7 @@ impl TraceSet {
                 }
                 "faults" => set.faults = true,
                 "runs" => set.runs = true,
+                "process" | "%process" => set.process = true,
                 _ => match Hypercall::ALL.iter().position(|h| h.name() == name) {
                     Some(i) => set.hypercalls |= 1 << i,
                     None => return Err(TraceSpecError::UnknownName(name.to_owned())),
@@ -95,6 +103,7 @@ impl TraceSet {
             unknown: self.unknown || other.unknown,
             faults: self.faults || other.faults,
             runs: self.runs || other.runs,
+            process: self.process || other.process,
         }
     }
 
@@ -104,6 +113,7 @@ impl TraceSet {
             unknown: !self.unknown,
             faults: !self.faults,
             runs: !self.runs,
+            process: !self.process,
         }
     }
 

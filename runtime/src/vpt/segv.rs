@@ -95,6 +95,7 @@ impl Vpt {
             code: si_code,
             addr: Some(addr),
             sender: None,
+            status: None,
         };
         trace.line(tid.as_raw(), SystemTime::now(), &format_signal(&info), None);
     }
