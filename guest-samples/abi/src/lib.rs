@@ -1,4 +1,4 @@
-//! The vkrun guest ABI, defined once (`shared/design/ABI.md`, version 1).
+//! The vkrun guest ABI, defined once (`docs/ABI.md`, version 1).
 //!
 //! Everything a guest and the supervisor must agree on lives here: hypercall
 //! numbers, flags, the `vk_info`, `trapframe` and `vextframe` layouts, VPTE
