@@ -16,9 +16,9 @@ Exit status: the guest's exit code; 128+N if it was killed by signal N;
 125 if vkrun itself failed; 126 if GUEST cannot be executed; 127 if it is
 not found; 2 for a bad command line.
 
-Trace sets (-e trace=SET): hypercall names (vk_info, vk_mmap, mcontrol,
-vmspace_create, ...), %vkernel (every hypercall), faults, runs, all, none;
-comma-separated; a leading ! inverts the set.
+Trace sets: -e trace=SET takes hypercall names (vk_info, vk_mmap,
+mcontrol, vmspace_create, ...), %vkernel (every hypercall), faults, runs,
+all, none; comma-separated; a leading ! inverts the set.
 
 Environment: RUST_LOG (diagnostics filter, e.g. vkrun_runtime=debug);
 PATH (where a GUEST without a / is looked up).

@@ -208,6 +208,26 @@ fn markdown_links_resolve() {
 }
 
 #[test]
+fn release_profile_strips_debug_info() {
+    let manifest = fs::read_to_string(root().join("Cargo.toml")).expect("workspace manifest");
+    let release = manifest
+        .split("[profile.release]")
+        .nth(1)
+        .expect("a release profile")
+        .split("\n[")
+        .next()
+        .unwrap_or("");
+    assert!(
+        release.contains("strip = true") || release.contains("strip = \"debuginfo\""),
+        "[profile.release] must strip: {release}"
+    );
+    assert!(
+        !release.contains("debug = 1") && !release.contains("debug = 2"),
+        "{release}"
+    );
+}
+
+#[test]
 fn licence_files_match_the_manifests() {
     let manifest = fs::read_to_string(root().join("Cargo.toml")).expect("workspace manifest");
     assert!(manifest.contains("license = \"MIT OR Apache-2.0\""));
