@@ -228,6 +228,43 @@ fn release_profile_strips_debug_info() {
 }
 
 #[test]
+fn vkabi_is_publishable_and_samples_are_not() {
+    let abi = fs::read_to_string(root().join("guest-samples/abi/Cargo.toml")).expect("vkabi");
+    assert!(
+        !abi.contains("publish = false"),
+        "vkabi is the crate guests depend on"
+    );
+    assert!(abi.contains("rust-version"), "vkabi states its MSRV");
+    assert!(abi.contains("readme = \"README.md\""));
+    let workspace = fs::read_to_string(root().join("Cargo.toml")).expect("workspace manifest");
+    assert!(workspace.contains("rust-version = \"1."), "MSRV");
+    for sample in [
+        "guestlib",
+        "vkinfo",
+        "vkcall",
+        "vpt-demo",
+        "vmspace-demo",
+        "vmspace-check",
+        "minikernel",
+        "hello-vmspace",
+    ] {
+        let path = root().join("guest-samples").join(sample).join("Cargo.toml");
+        let m = fs::read_to_string(&path).expect("sample manifest");
+        assert!(m.contains("publish = false"), "{}", path.display());
+    }
+    for path in files() {
+        if path.file_name().is_some_and(|n| n == "Cargo.toml") {
+            let m = fs::read_to_string(&path).expect("manifest");
+            assert!(
+                !m.contains(".invalid"),
+                "placeholder metadata in {}",
+                path.display()
+            );
+        }
+    }
+}
+
+#[test]
 fn licence_files_match_the_manifests() {
     let manifest = fs::read_to_string(root().join("Cargo.toml")).expect("workspace manifest");
     assert!(manifest.contains("license = \"MIT OR Apache-2.0\""));
