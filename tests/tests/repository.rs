@@ -208,6 +208,29 @@ fn markdown_links_resolve() {
 }
 
 #[test]
+fn sample_paths_named_in_the_docs_exist() {
+    let mut named = 0;
+    let mut bad = Vec::new();
+    for doc in ["README.md", "docs/guide.md", "docs/ABI.md"] {
+        let text = fs::read_to_string(root().join(doc)).expect("doc exists");
+        for piece in text.split('`').skip(1).step_by(2) {
+            if !piece.starts_with("guest-samples/") || piece.contains(['*', '<', ' ']) {
+                continue;
+            }
+            named += 1;
+            if !root().join(piece).exists() {
+                bad.push(format!("{doc}: {piece}"));
+            }
+        }
+    }
+    assert!(
+        named >= 10,
+        "only {named} sample paths found: the scanner is broken"
+    );
+    assert!(bad.is_empty(), "named but missing:\n{}", bad.join("\n"));
+}
+
+#[test]
 fn release_profile_strips_debug_info() {
     let manifest = fs::read_to_string(root().join("Cargo.toml")).expect("workspace manifest");
     let release = manifest
