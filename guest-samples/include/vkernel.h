@@ -1,5 +1,5 @@
 /*
- * vkernel.h - the vkrun guest ABI for C guests (shared/design/ABI.md, version 1).
+ * vkernel.h - the vkrun guest ABI for C guests (docs/ABI.md, version 1).
  *
  * This header mirrors the Rust crate `vkabi` (guest-samples/abi/src), which is
  * the single definition of the ABI. guest-samples/abi/tests/c_header.rs

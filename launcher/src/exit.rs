@@ -46,7 +46,7 @@ impl From<&Outcome> for ExitStatus {
 impl From<&Error> for ExitStatus {
     fn from(err: &Error) -> Self {
         match err {
-            Error::NotFound { .. } => ExitStatus::NotFound,
+            Error::NotFound { .. } | Error::NoSuchFile { .. } => ExitStatus::NotFound,
             Error::CannotExecute { .. } => ExitStatus::CannotExecute,
             Error::Ram(_) | Error::Sys { .. } | Error::Setup { .. } => ExitStatus::VkrunFailure,
         }

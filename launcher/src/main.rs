@@ -4,98 +4,16 @@
 #![forbid(unsafe_code)]
 
 mod exit;
-mod size;
 
-use std::ffi::OsString;
 use std::io::Write;
-use std::path::PathBuf;
 
-use clap::{ArgAction, Parser};
+use clap::Parser;
+use clap::error::{ContextKind, ContextValue, ErrorKind};
+use vkrun::cli::Cli;
 use vkrun_runtime::trace::{Timestamps, TraceOptions, TraceSet};
 use vkrun_runtime::{Config, Outcome};
 
 use crate::exit::ExitStatus;
-
-const AFTER_HELP: &str = "\
-Exit status: the guest's exit code; 128+N if it was killed by signal N;
-125 if vkrun itself failed; 126 if GUEST cannot be executed; 127 if it is
-not found; 2 for a bad command line.
-
-Trace sets (-e trace=SET): hypercall names (vk_info, vk_mmap, mcontrol,
-vmspace_create, ...), %vkernel (every hypercall), faults, runs, all, none;
-comma-separated; a leading ! inverts the set.
-
-Diagnostics: -v, -vv, or RUST_LOG=vkrun_runtime=debug.";
-
-/// Run GUEST as a virtual kernel under the vkrun supervisor.
-#[derive(Debug, Parser)]
-#[command(
-    name = "vkrun",
-    version,
-    about,
-    after_help = AFTER_HELP,
-    override_usage = "vkrun [OPTIONS] [-m SIZE] [--] GUEST [ARGS...]"
-)]
-struct Cli {
-    /// Guest RAM size: bytes, or with a K, M, G or T suffix; hex allowed
-    /// (0x4000000). Default 256M.
-    #[arg(
-        short = 'm',
-        long = "memory",
-        value_name = "SIZE",
-        default_value = "256M",
-        hide_default_value = true,
-        value_parser = parse_ram_size,
-        allow_hyphen_values = true
-    )]
-    memory: u64,
-
-    /// Trace every hypercall, fault and RUN (same as -e trace=all).
-    #[arg(long)]
-    trace: bool,
-
-    /// Trace expression, as in strace: trace=SET (or just SET).
-    #[arg(short = 'e', value_name = "EXPR")]
-    expr: Vec<String>,
-
-    /// Write the trace and --stats to FILE instead of stderr.
-    #[arg(short = 'o', long = "output", value_name = "FILE")]
-    output: Option<PathBuf>,
-
-    /// Prefix trace lines with the time of day (-tt: with microseconds).
-    #[arg(short = 't', action = ArgAction::Count)]
-    timestamps: u8,
-
-    /// Show the time spent in each traced call.
-    #[arg(short = 'T')]
-    durations: bool,
-
-    /// Print the counters (vm.vpagetable_*, vkrun.*) when the guest ends.
-    #[arg(long)]
-    stats: bool,
-
-    /// Do not report a guest killed by a signal on stderr.
-    #[arg(short = 'q', long)]
-    quiet: bool,
-
-    /// More diagnostics on stderr (-v info, -vv debug, -vvv trace).
-    #[arg(short = 'v', long, action = ArgAction::Count)]
-    verbose: u8,
-
-    /// The guest program and its arguments.
-    #[arg(
-        value_name = "GUEST",
-        required = true,
-        num_args = 1..,
-        trailing_var_arg = true,
-        allow_hyphen_values = true
-    )]
-    command: Vec<OsString>,
-}
-
-fn parse_ram_size(text: &str) -> Result<u64, size::SizeError> {
-    size::parse_size(text)
-}
 
 /// Parse the `-e` expressions into one trace set.
 fn trace_set(cli: &Cli) -> Result<TraceSet, String> {
@@ -159,9 +77,105 @@ fn init_diagnostics(verbose: u8) {
 }
 
 fn main() {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(err) => std::process::exit(usage_error(&err)),
+    };
+    if cli.version {
+        print_version();
+        return;
+    }
     init_diagnostics(cli.verbose);
     std::process::exit(run(cli).code());
+}
+
+/// Report a command line clap refused, as strace does: one `vkrun: ...`
+/// line and a hint, exit status 2. `--help` is printed and exits 0.
+fn usage_error(err: &clap::Error) -> i32 {
+    if matches!(
+        err.kind(),
+        ErrorKind::DisplayHelp | ErrorKind::DisplayVersion
+    ) {
+        let _ = err.print();
+        return 0;
+    }
+    let invalid = match err.get(ContextKind::InvalidArg) {
+        Some(ContextValue::String(s)) => Some(s.clone()),
+        _ => None,
+    };
+    match (err.kind(), invalid) {
+        (ErrorKind::UnknownArgument, Some(arg)) => {
+            say!("unrecognized option '{arg}'");
+        }
+        _ => {
+            // clap's message up to its first blank line, on one line.
+            let text = err.render().to_string();
+            let msg: Vec<&str> = text
+                .lines()
+                .take_while(|l| !l.trim().is_empty())
+                .map(str::trim)
+                .collect();
+            let msg = msg.join(" ");
+            say!("{}", msg.strip_prefix("error: ").unwrap_or(&msg));
+        }
+    }
+    let _ = writeln!(QuietStderr, "Try 'vkrun --help' for more information.");
+    ExitStatus::Usage.code()
+}
+
+/// `vkrun --version`: what vkrun is and what it found on this host, as
+/// `strace -V` does.
+fn print_version() {
+    let host = vkrun_runtime::host::probe();
+    let yes_no = |b: bool| if b { "yes" } else { "no" };
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(
+        out,
+        "vkrun {} (commit {})",
+        env!("CARGO_PKG_VERSION"),
+        env!("VKRUN_GIT_COMMIT")
+    );
+    let _ = writeln!(out, "ABI version {}", vkabi::VK_ABI_VERSION);
+    let _ = writeln!(out, "License: {}", env!("CARGO_PKG_LICENSE"));
+    let _ = writeln!(
+        out,
+        "Kernel: Linux {}",
+        host.kernel.as_deref().unwrap_or("unknown")
+    );
+    let _ = writeln!(
+        out,
+        "FSGSBASE: {}{}",
+        yes_no(host.fsgsbase),
+        if host.fsgsbase {
+            ""
+        } else {
+            " (vmspace_create fails with EOPNOTSUPP)"
+        }
+    );
+    let _ = writeln!(
+        out,
+        "seccomp SYNC_WAKE_UP: {}{}",
+        yes_no(host.sync_wake_up),
+        if host.sync_wake_up {
+            ""
+        } else {
+            " (Linux 6.6+; hypercalls are slower without it)"
+        }
+    );
+    let _ = writeln!(
+        out,
+        "userfaultfd kernel faults: {}{}",
+        yes_no(host.uffd_kernel_faults),
+        if host.uffd_kernel_faults {
+            ""
+        } else {
+            " (needs CAP_SYS_PTRACE or vm.unprivileged_userfaultfd=1)"
+        }
+    );
+    let _ = match host.max_map_count {
+        Some(n) => writeln!(out, "vm.max_map_count: {n}"),
+        None => writeln!(out, "vm.max_map_count: unknown"),
+    };
 }
 
 fn run(cli: Cli) -> ExitStatus {

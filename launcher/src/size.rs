@@ -12,6 +12,9 @@ pub enum SizeError {
     /// not a number with an optional K/M/G/T suffix
     #[error("not a size (bytes, or a number with a K, M, G or T suffix)")]
     Syntax,
+    /// a letter other than K, M, G or T after the number
+    #[error("unknown suffix {0} (use K, M, G or T)")]
+    UnknownSuffix(char),
     /// too large to represent
     #[error("too large")]
     Overflow,
@@ -36,6 +39,15 @@ pub fn parse_size(text: &str) -> Result<u64, SizeError> {
         b'M' => (&text[..text.len() - 1], 20),
         b'G' => (&text[..text.len() - 1], 30),
         b'T' => (&text[..text.len() - 1], 40),
+        c if c.is_ascii_alphabetic() && !text.starts_with("0x") && !text.starts_with("0X") => {
+            let digits = &text[..text.len() - 1];
+            if !digits.is_empty() && digits.chars().all(|d| d.is_ascii_digit()) {
+                return Err(SizeError::UnknownSuffix(
+                    text.as_bytes()[text.len() - 1] as char,
+                ));
+            }
+            return Err(SizeError::Syntax);
+        }
         _ => (text, 0),
     };
     let (digits, radix) = match digits
@@ -94,10 +106,11 @@ mod tests {
             ("", SizeError::Empty),
             ("0", SizeError::Zero),
             ("0K", SizeError::Zero),
-            ("12x", SizeError::Syntax),
+            ("12x", SizeError::UnknownSuffix('x')),
             ("4097", SizeError::Unaligned),
             ("-1", SizeError::Syntax),
-            ("1P", SizeError::Syntax),
+            ("1P", SizeError::UnknownSuffix('P')),
+            ("1.5P", SizeError::Syntax),
             ("M", SizeError::Syntax),
             ("0x", SizeError::Syntax),
             ("1.5G", SizeError::Syntax),

@@ -14,6 +14,9 @@ pub enum Error {
     /// the program was not found
     #[error("{program}: command not found")]
     NotFound { program: String },
+    /// a path (a name with a `/`) that does not exist
+    #[error("{program}: No such file or directory")]
+    NoSuchFile { program: String },
     /// the program exists but cannot be executed
     #[error("{program}: cannot execute: {errno}", errno = .errno.desc())]
     CannotExecute { program: String, errno: Errno },

@@ -9,6 +9,7 @@
 #![deny(unsafe_code)]
 
 mod error;
+pub mod host;
 mod hypercall;
 pub mod ram;
 pub mod stats;
@@ -74,7 +75,19 @@ pub fn resolve_program(program: &OsString) -> Result<PathBuf, Error> {
     use std::os::unix::ffi::OsStrExt;
     let display = program.to_string_lossy().into_owned();
     if program.as_bytes().contains(&b'/') {
-        return Ok(PathBuf::from(program));
+        let path = PathBuf::from(program);
+        return match std::fs::metadata(&path) {
+            Ok(m) if m.is_dir() => Err(Error::CannotExecute {
+                program: display,
+                errno: nix::errno::Errno::EISDIR,
+            }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                Err(Error::NoSuchFile { program: display })
+            }
+            // Anything else (no permission, a dangling link's other
+            // troubles) is for execve to report.
+            _ => Ok(path),
+        };
     }
     if program.is_empty() {
         return Err(Error::NotFound { program: display });

@@ -44,7 +44,7 @@ pub fn vkrun() -> Command {
     Command::new(bin("vkrun"))
 }
 
-/// Whether tests run in CI, where a skip is a failure (STYLE.md rule 9).
+/// Whether tests run in CI, where a skip is a failure (README, "Run the tests").
 pub fn in_ci() -> bool {
     std::env::var("CI").is_ok_and(|v| v == "true" || v == "1")
 }

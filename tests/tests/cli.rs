@@ -73,13 +73,131 @@ fn ram_the_supervisor_cannot_map_is_a_clear_125() {
     assert!(out.stdout.is_empty(), "the guest must not start");
 }
 
+/// `git rev-parse --short HEAD` of this checkout, if git can tell.
+fn git_head() -> Option<String> {
+    let out = std::process::Command::new("git")
+        .args(["rev-parse", "--short", "HEAD"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .ok()?;
+    let head = String::from_utf8(out.stdout).ok()?.trim().to_owned();
+    (out.status.success() && !head.is_empty()).then_some(head)
+}
+
 #[test]
 fn version_and_missing_guest() {
-    let out = run(vkrun().arg("--version"));
-    assert!(out.status.success());
-    assert!(text(&out.stdout).starts_with("vkrun "));
+    for flag in ["--version", "-V"] {
+        let out = run(vkrun().arg(flag));
+        assert!(out.status.success(), "{flag}");
+        let v = text(&out.stdout);
+        let first = v.lines().next().unwrap_or("");
+        assert!(first.starts_with("vkrun 0."), "{flag}: {v}");
+        // The commit is what git says about this checkout ("unknown" only
+        // where git cannot say).
+        let commit = first
+            .split_once("(commit ")
+            .and_then(|(_, c)| c.strip_suffix(')'))
+            .unwrap_or_else(|| panic!("{flag}: no commit in {first:?}"));
+        match git_head() {
+            Some(head) => assert_eq!(commit, head, "{flag}"),
+            None => assert_eq!(commit, "unknown", "{flag}"),
+        }
+        assert!(v.contains("\nABI version 1\n"), "{v}");
+        for probe in [
+            "FSGSBASE: ",
+            "seccomp SYNC_WAKE_UP: ",
+            "userfaultfd kernel faults: ",
+        ] {
+            let line = v
+                .lines()
+                .find(|l| l.starts_with(probe))
+                .unwrap_or_else(|| panic!("{flag}: no {probe:?} line in {v}"));
+            let answer = &line[probe.len()..];
+            assert!(
+                answer.starts_with("yes") || answer.starts_with("no"),
+                "{line}"
+            );
+        }
+        let host_max = std::fs::read_to_string("/proc/sys/vm/max_map_count").expect("sysctl");
+        assert!(
+            v.contains(&format!("vm.max_map_count: {}\n", host_max.trim())),
+            "{v}"
+        );
+    }
     let out = run(&mut vkrun());
     assert_eq!(out.status.code(), Some(2));
+    let err = text(&out.stderr);
+    assert!(err.starts_with("vkrun: "), "{err}");
+    assert!(err.contains("GUEST"), "{err}");
+}
+
+#[test]
+fn unknown_options_are_refused_strace_style() {
+    for (args, bad) in [
+        (&["--foo", "--", "/bin/true"][..], "--foo"),
+        (&["--stat", "--", "prog"][..], "--stat"),
+        (&["-Z", "/bin/true"][..], "-Z"),
+    ] {
+        let out = run(vkrun().args(args));
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+        assert_eq!(
+            text(&out.stderr),
+            format!(
+                "vkrun: unrecognized option '{bad}'\nTry 'vkrun --help' for more information.\n"
+            ),
+            "{args:?}"
+        );
+        assert!(out.stdout.is_empty());
+    }
+}
+
+#[test]
+fn after_the_separator_a_dash_name_is_the_guest() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let prog = dir.path().join("--weird-name");
+    std::fs::write(&prog, "#!/bin/sh\necho weird \"$@\"\n").expect("write");
+    std::fs::set_permissions(&prog, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    let path = format!(
+        "{}:{}",
+        dir.path().display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let out = run(vkrun()
+        .env("PATH", &path)
+        .args(["--", "--weird-name", "--foo"]));
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), "weird --foo\n");
+}
+
+#[test]
+fn guest_path_errors_name_the_reason() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = run(vkrun().arg(dir.path()));
+    assert_eq!(out.status.code(), Some(126));
+    let err = text(&out.stderr);
+    assert!(err.starts_with("vkrun: "), "{err}");
+    assert!(err.contains("Is a directory"), "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+    let out = run(vkrun().arg("/nonexistent/guest"));
+    assert_eq!(out.status.code(), Some(127));
+    assert_eq!(
+        text(&out.stderr),
+        "vkrun: /nonexistent/guest: No such file or directory\n"
+    );
+}
+
+#[test]
+fn unknown_size_suffix_is_named() {
+    for (m, c) in [("1P", 'P'), ("12x", 'x')] {
+        let out = run(vkrun().args(["-m", m, "--", "/bin/true"]));
+        assert_eq!(out.status.code(), Some(2));
+        let err = text(&out.stderr);
+        assert!(err.starts_with("vkrun: "), "{err}");
+        assert!(
+            err.contains(&format!("unknown suffix {c}")),
+            "-m {m}: {err}"
+        );
+    }
 }
 
 #[test]

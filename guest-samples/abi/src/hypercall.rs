@@ -14,19 +14,75 @@ use crate::{Hypercall, TrapFrame, VextFrame, VkInfo, vmspace_mmap_prot_flags};
 pub struct Errno(pub i32);
 
 impl Errno {
+    /// Operation not permitted.
     pub const EPERM: Errno = Errno(1);
+    /// No such vmspace (ABI section 7).
     pub const ENOENT: Errno = Errno(2);
+    /// Interrupted by a signal whose handler lacks `SA_RESTART`.
     pub const EINTR: Errno = Errno(4);
+    /// The supervisor lost the vmspace's host process.
     pub const EIO: Errno = Errno(5);
+    /// Bad file descriptor.
     pub const EBADF: Errno = Errno(9);
+    /// No address left for a mapping (ABI section 4).
     pub const ENOMEM: Errno = Errno(12);
+    /// A pointer argument the supervisor could not read or write.
     pub const EFAULT: Errno = Errno(14);
+    /// `vmspace_destroy` while a thread runs in the vmspace.
     pub const EBUSY: Errno = Errno(16);
+    /// `vmspace_create` with an id already in use.
     pub const EEXIST: Errno = Errno(17);
+    /// An argument outside what the ABI allows.
     pub const EINVAL: Errno = Errno(22);
+    /// Not a hypercall the supervisor knows, or no supervisor at all.
     pub const ENOSYS: Errno = Errno(38);
+    /// An unsupported `vmspace_ctl` command, or no FSGSBASE on the host.
     pub const EOPNOTSUPP: Errno = Errno(95);
+
+    /// The symbolic name of the errno values the ABI uses (see the
+    /// constants above), `None` for others.
+    ///
+    /// ```
+    /// use vkabi::hypercall::Errno;
+    /// assert_eq!(Errno::ENOSYS.name(), Some("ENOSYS"));
+    /// assert_eq!(Errno(200).name(), None);
+    /// ```
+    pub const fn name(self) -> Option<&'static str> {
+        Some(match self.0 {
+            1 => "EPERM",
+            2 => "ENOENT",
+            4 => "EINTR",
+            5 => "EIO",
+            9 => "EBADF",
+            12 => "ENOMEM",
+            14 => "EFAULT",
+            16 => "EBUSY",
+            17 => "EEXIST",
+            22 => "EINVAL",
+            38 => "ENOSYS",
+            95 => "EOPNOTSUPP",
+            _ => return None,
+        })
+    }
 }
+
+/// The name and the number, as strace prints them.
+///
+/// ```
+/// use vkabi::hypercall::Errno;
+/// assert_eq!(Errno::ENOSYS.to_string(), "ENOSYS (38)");
+/// assert_eq!(Errno(200).to_string(), "errno 200");
+/// ```
+impl core::fmt::Display for Errno {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self.name() {
+            Some(name) => write!(f, "{name} ({})", self.0),
+            None => write!(f, "errno {}", self.0),
+        }
+    }
+}
+
+impl core::error::Error for Errno {}
 
 /// Issue system call `nr` with six arguments and return the raw result.
 ///

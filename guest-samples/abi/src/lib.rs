@@ -1,4 +1,4 @@
-//! The vkrun guest ABI, defined once (`shared/design/ABI.md`, version 1).
+//! The vkrun guest ABI, defined once (`docs/ABI.md`, version 1).
 //!
 //! Everything a guest and the supervisor must agree on lives here: hypercall
 //! numbers, flags, the `vk_info`, `trapframe` and `vextframe` layouts, VPTE
@@ -10,6 +10,8 @@
 //! The crate is `no_std` so that freestanding guests can use it. The raw
 //! hypercall wrappers in [`hypercall`] are the only code with `unsafe`.
 #![no_std]
+#![warn(missing_docs)]
+#![doc = include_str!("../README.md")]
 
 pub mod hypercall;
 
@@ -284,30 +286,55 @@ pub const T_FAST_SYSCALL: u64 = 0x81;
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 #[repr(C)]
 pub struct TrapFrame {
+    /// Register `%rdi`.
     pub tf_rdi: u64,
+    /// Register `%rsi`.
     pub tf_rsi: u64,
+    /// Register `%rdx`.
     pub tf_rdx: u64,
+    /// Register `%rcx`.
     pub tf_rcx: u64,
+    /// Register `%r8`.
     pub tf_r8: u64,
+    /// Register `%r9`.
     pub tf_r9: u64,
+    /// Register `%rax`.
     pub tf_rax: u64,
+    /// Register `%rbx`.
     pub tf_rbx: u64,
+    /// Register `%rbp`.
     pub tf_rbp: u64,
+    /// Register `%r10`.
     pub tf_r10: u64,
+    /// Register `%r11`.
     pub tf_r11: u64,
+    /// Register `%r12`.
     pub tf_r12: u64,
+    /// Register `%r13`.
     pub tf_r13: u64,
+    /// Register `%r14`.
     pub tf_r14: u64,
+    /// Register `%r15`.
     pub tf_r15: u64,
+    /// DragonFly's `tf_xflags`; vkrun does not interpret it.
     pub tf_xflags: u64,
+    /// Why RUN returned: a `T_*` number (0 for a signal).
     pub tf_trapno: u64,
+    /// The faulting address for `T_PAGEFLT`.
     pub tf_addr: u64,
+    /// DragonFly's `tf_flags`; vkrun does not interpret it.
     pub tf_flags: u64,
+    /// `PGEX_*` bits for `T_PAGEFLT`; 2 for `T_FAST_SYSCALL`.
     pub tf_err: u64,
+    /// Instruction pointer (after the `syscall` for `T_FAST_SYSCALL`).
     pub tf_rip: u64,
+    /// Code selector; RUN forces the host's 64-bit user selector.
     pub tf_cs: u64,
+    /// Flags; RUN masks them with [`RFLAGS_USER_MASK`] and sets 0x202.
     pub tf_rflags: u64,
+    /// Stack pointer.
     pub tf_rsp: u64,
+    /// Stack selector; RUN forces the host's user selector.
     pub tf_ss: u64,
 }
 
@@ -459,7 +486,9 @@ fn bytes_to_words<const B: usize, const W: usize>(b: &[u8; B]) -> [u64; W] {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 #[repr(C)]
 pub struct TlsInfo {
+    /// The segment base (`wrfsbase`/`wrgsbase` value).
     pub base: u64,
+    /// The segment's size; carried for DragonFly, not used by RUN.
     pub size: i64,
 }
 
@@ -467,6 +496,7 @@ pub struct TlsInfo {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 #[repr(C)]
 pub struct VextFrame {
+    /// `[0]`: FS base, `[1]`: GS base.
     pub vx_tls: [TlsInfo; 2],
 }
 

@@ -1,5 +1,5 @@
 //! Conformance of the C header `guest-samples/include/vkernel.h` with this
-//! crate (STYLE.md rule 7).
+//! crate, the ABI's one definition (docs/ABI.md).
 //!
 //! The Rust side drives every check: [`vkabi_table`] lists each constant,
 //! size, alignment, field offset and field type of the crate under its C
@@ -13,7 +13,7 @@
 //! `vkinfo.c` both ways.
 //!
 //! The tests need `gcc`. Without it they print a loud SKIP, or fail when
-//! `CI` is `true` or `1` (STYLE.md rule 9); the same holds for seccomp,
+//! `CI` is `true` or `1` (README, "Run the tests"); the same holds for seccomp,
 //! which the fakes need. `musl-gcc` and `g++` are used when present and are
 //! optional even in CI.
 

@@ -150,8 +150,8 @@ impl NotifyFd {
         Self { fd }
     }
 
-    /// Ask the kernel to wake us synchronously (placement-independent latency,
-    /// MECHANISMS.md). Kernels before 6.6 refuse; that only costs speed.
+    /// Ask the kernel to wake us synchronously (the woken supervisor thread
+    /// runs on the caller's CPU, so latency does not depend on placement). Kernels before 6.6 refuse; that only costs speed.
     pub fn set_sync_wake_up(&self) -> Result<(), Errno> {
         // SAFETY: SET_FLAGS takes the flags by value.
         let ret = unsafe {

@@ -82,6 +82,22 @@ pub struct Userfault {
     fd: OwnedFd,
 }
 
+/// Whether this process may create a userfaultfd that also reports faults
+/// taken in kernel mode (no `UFFD_USER_MODE_ONLY`): Linux allows it with
+/// `CAP_SYS_PTRACE` or `vm.unprivileged_userfaultfd = 1`. Guests' system
+/// calls on window addresses need it. Creates one descriptor and closes it.
+pub fn kernel_faults_allowed() -> bool {
+    // SAFETY: userfaultfd(2) takes flags by value and returns a new
+    // descriptor or -1; nothing else is touched.
+    let fd = unsafe { libc::syscall(libc::SYS_userfaultfd, libc::O_CLOEXEC | libc::O_NONBLOCK) };
+    if fd < 0 {
+        return false;
+    }
+    // SAFETY: `fd` was just returned by the kernel and is owned by no one.
+    drop(unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd as i32) });
+    true
+}
+
 impl Userfault {
     /// Complete the API handshake on `fd` (asking for thread ids).
     pub fn new(fd: OwnedFd) -> Result<Self, Errno> {

@@ -1,0 +1,119 @@
+//! vkrun's command line, defined once: `vkrun` parses it, and the man page
+//! and shell completions (`cargo run -p xtask -- man|completions`) are
+//! generated from it.
+
+use std::ffi::OsString;
+use std::path::PathBuf;
+
+use clap::{ArgAction, CommandFactory, Parser};
+
+use crate::size;
+
+/// Text after the options in `--help`: exit status, trace sets,
+/// environment, files and limits.
+pub const AFTER_HELP: &str = "\
+Exit status: the guest's exit code; 128+N if it was killed by signal N;
+125 if vkrun itself failed; 126 if GUEST cannot be executed; 127 if it is
+not found; 2 for a bad command line.
+
+Trace sets: -e trace=SET takes hypercall names (vk_info, vk_mmap,
+mcontrol, vmspace_create, ...), %vkernel (every hypercall), faults, runs,
+all, none; comma-separated; a leading ! inverts the set.
+
+Environment: RUST_LOG (diagnostics filter, e.g. vkrun_runtime=debug);
+PATH (where a GUEST without a / is looked up).
+
+Files: /proc/sys/vm/max_map_count (bounds the host mappings of windows);
+/proc/sys/vm/unprivileged_userfaultfd (kernel-mode faults without root).
+
+Limits: RAM is a multiple of 4096 bytes up to 256T and must fit the host's
+address space; vmspaces need FSGSBASE; at most 56 threads RUN one vmspace.
+The ABI is docs/ABI.md; `vkrun --version` shows what this host offers.
+
+Diagnostics: -v, -vv, or RUST_LOG=vkrun_runtime=debug.";
+
+/// Run GUEST as a virtual kernel under the vkrun supervisor.
+#[derive(Debug, Parser)]
+#[command(
+    name = "vkrun",
+    version,
+    about,
+    long_about = "Run GUEST, a virtual kernel written to the DragonFly BSD vkernel host \
+                  interface (vkrun ABI version 1), as an ordinary Linux process. The \
+                  supervisor owns the guest's RAM, serves its hypercalls, resolves faults in \
+                  its MAP_VPAGETABLE mappings and runs its user code in vmspaces; every \
+                  ordinary system call of the guest runs natively.",
+    after_help = AFTER_HELP,
+    disable_version_flag = true,
+    override_usage = "vkrun [OPTIONS] [-m SIZE] [--] GUEST [ARGS...]"
+)]
+pub struct Cli {
+    /// Guest RAM size: bytes, or with a K, M, G or T suffix; hex allowed
+    /// (0x4000000). Default 256M.
+    #[arg(
+        short = 'm',
+        long = "memory",
+        value_name = "SIZE",
+        default_value = "256M",
+        hide_default_value = true,
+        value_parser = parse_ram_size,
+        allow_hyphen_values = true
+    )]
+    pub memory: u64,
+
+    /// Trace every hypercall, fault and RUN (same as -e trace=all).
+    #[arg(long)]
+    pub trace: bool,
+
+    /// Trace expression, as in strace: trace=SET (or just SET).
+    #[arg(short = 'e', value_name = "EXPR")]
+    pub expr: Vec<String>,
+
+    /// Write the trace and --stats to FILE instead of stderr.
+    #[arg(short = 'o', long = "output", value_name = "FILE")]
+    pub output: Option<PathBuf>,
+
+    /// Prefix trace lines with the time of day (-tt: with microseconds).
+    #[arg(short = 't', action = ArgAction::Count)]
+    pub timestamps: u8,
+
+    /// Show the time spent in each traced call.
+    #[arg(short = 'T')]
+    pub durations: bool,
+
+    /// Print the counters (vm.vpagetable_*, vkrun.*) when the guest ends.
+    #[arg(long)]
+    pub stats: bool,
+
+    /// Do not report a guest killed by a signal on stderr.
+    #[arg(short = 'q', long)]
+    pub quiet: bool,
+
+    /// More diagnostics on stderr (-v info, -vv debug, -vvv trace).
+    #[arg(short = 'v', long, action = ArgAction::Count)]
+    pub verbose: u8,
+
+    /// Print the version, the git commit, the ABI version and what this
+    /// host offers vkrun (FSGSBASE, SYNC_WAKE_UP, userfaultfd kernel
+    /// faults, vm.max_map_count), then exit.
+    #[arg(short = 'V', long = "version")]
+    pub version: bool,
+
+    /// The guest program and its arguments.
+    #[arg(
+        value_name = "GUEST",
+        required_unless_present = "version",
+        num_args = 1..,
+        trailing_var_arg = true
+    )]
+    pub command: Vec<OsString>,
+}
+
+fn parse_ram_size(text: &str) -> Result<u64, size::SizeError> {
+    size::parse_size(text)
+}
+
+/// The clap definition, for the man page and completions.
+pub fn command() -> clap::Command {
+    Cli::command()
+}
