@@ -18,6 +18,7 @@ not found; 2 for a bad command line.
 
 Trace sets: -e trace=SET takes hypercall names (vk_info, vk_mmap,
 mcontrol, vmspace_create, ...), %vkernel (every hypercall), faults, runs,
+process (fork, vfork, clone, execve),
 all, none; comma-separated; a leading ! inverts the set.
 
 Environment: RUST_LOG (diagnostics filter, e.g. vkrun_runtime=debug);
