@@ -213,7 +213,7 @@ static int munmap_race(void)
     /* The last round left a window: every page reads its frame. */
     for (int i = 0; i < 64; i++)
         if (racing_window[i * 4096] != marker(i))
-            FAIL("munmap: FAIL page %d after the race", i);
+            FAIL("munmap: FAIL page %d after the race: read %d, want %d", i, racing_window[i * 4096], marker(i));
     printf("munmap: ok\n");
     return 0;
 }

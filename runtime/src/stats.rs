@@ -62,9 +62,50 @@ impl Stats {
         }
     }
 
-    /// The `name: value` lines, DragonFly's sysctls first.
+    /// What happened, in one line for a newcomer, before the counters:
+    /// `vkrun: 159 RUNs in 1 vmspace (...), 152 page faults resolved by vkrun, 12 hypercalls`.
+    pub fn summary(&self) -> String {
+        let n = |c: &AtomicU64| c.load(Relaxed);
+        let plural =
+            |k: u64, one: &str, many: &str| format!("{k} {}", if k == 1 { one } else { many });
+        let hypercalls: u64 =
+            self.hypercalls.iter().map(n).sum::<u64>() + n(&self.hypercalls_unknown);
+        let mut text = format!("vkrun: {}", plural(hypercalls, "hypercall", "hypercalls"));
+        if n(&self.runs) > 0 {
+            let _ = write!(
+                text,
+                ", {} in {} (ended by {} system calls, {} page faults, {} other traps, {} signals)",
+                plural(n(&self.runs), "RUN", "RUNs"),
+                plural(n(&self.vmspaces_created), "vmspace", "vmspaces"),
+                n(&self.run_exits_syscall),
+                n(&self.run_exits_pagefault),
+                n(&self.run_exits_trap),
+                n(&self.run_exits_signal),
+            );
+        }
+        let _ = write!(
+            text,
+            ", {} resolved by vkrun",
+            plural(
+                n(&self.vpagetable_faults),
+                "page-table fault",
+                "page-table faults"
+            )
+        );
+        if n(&self.host_mappings_evicted) > 0 {
+            let _ = write!(
+                text,
+                " ({} host mappings evicted)",
+                n(&self.host_mappings_evicted)
+            );
+        }
+        text
+    }
+
+    /// The one-line summary, then the `name: value` lines, DragonFly's
+    /// sysctls first.
     pub fn render(&self) -> String {
-        let mut out = String::new();
+        let mut out = format!("{}\n", self.summary());
         let mut line = |name: &str, value: &AtomicU64| {
             let _ = writeln!(out, "{name}: {}", value.load(Relaxed));
         };
@@ -108,12 +149,27 @@ mod tests {
         s.count_hypercall(Some(Hypercall::VkInfo), false);
         s.count_hypercall(None, true);
         let text = s.render();
-        assert!(text.starts_with("vm.vpagetable_mmap: 0\n"));
+        assert_eq!(
+            text.lines().next(),
+            Some("vkrun: 2 hypercalls, 0 page-table faults resolved by vkrun")
+        );
+        s.runs.fetch_add(3, Relaxed);
+        s.vmspaces_created.fetch_add(1, Relaxed);
+        s.run_exits_syscall.fetch_add(2, Relaxed);
+        s.run_exits_pagefault.fetch_add(1, Relaxed);
+        s.vpagetable_faults.fetch_add(1, Relaxed);
+        assert_eq!(
+            s.summary(),
+            "vkrun: 2 hypercalls, 3 RUNs in 1 vmspace (ended by 2 system calls, 1 page faults, \
+             0 other traps, 0 signals), 1 page-table fault resolved by vkrun"
+        );
+        assert!(text.lines().nth(1) == Some("vm.vpagetable_mmap: 0"));
         assert!(text.contains("vkrun.hypercalls: 2\n"));
         assert!(text.contains("vkrun.hypercalls.vk_info: 1\n"));
         assert!(text.contains("vkrun.hypercalls.unknown: 1\n"));
         assert!(text.contains("vkrun.hypercall_errors: 1\n"));
-        assert_eq!(text.lines().count(), 6 + Hypercall::ALL.len() + 1 + 11);
+        // The summary, then every counter.
+        assert_eq!(text.lines().count(), 1 + 6 + Hypercall::ALL.len() + 1 + 11);
         assert!(text.lines().all(|l| l.split_once(": ").is_some()));
     }
 }

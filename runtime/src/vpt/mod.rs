@@ -283,14 +283,24 @@ impl Vpt {
         let mut mm = self.enter(&proc_)?;
         let map_flags = ANON | if fixed { libc::MAP_FIXED as u64 } else { 0 };
         let hint = if fixed { addr } else { 0 };
+        // PROT_NONE until registered: another guest thread touching the
+        // range meanwhile (it may still hold the memory a MAP_FIXED window
+        // replaces) must not fault in a zero page that the registration would
+        // then never see (MISSING fires only for missing pages). A touch now
+        // is a SIGSEGV the tracer handles once the window exists.
+        let none = libc::PROT_NONE as u64;
         let rw = (libc::PROT_READ | libc::PROT_WRITE) as u64;
-        let ret = inj.syscall(libc::SYS_mmap, [hint, len, rw, map_flags, u64::MAX, 0])?;
+        let ret = inj.syscall(libc::SYS_mmap, [hint, len, none, map_flags, u64::MAX, 0])?;
         let start = errno_or(ret)? as u64;
         if start.checked_add(len).is_none_or(|end| end > USER_MAX) {
             inj.syscall(libc::SYS_munmap, [start, len, 0, 0, 0, 0])?;
             return Err(Errno::ENOMEM.into());
         }
         if let Err(e) = proc_.uffd.register_missing(start, len) {
+            inj.syscall(libc::SYS_munmap, [start, len, 0, 0, 0, 0])?;
+            return Err(e.into());
+        }
+        if let Err(e) = errno_or(inj.syscall(libc::SYS_mprotect, [start, len, rw, 0, 0, 0])?) {
             inj.syscall(libc::SYS_munmap, [start, len, 0, 0, 0, 0])?;
             return Err(e.into());
         }
