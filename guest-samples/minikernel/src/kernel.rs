@@ -61,7 +61,7 @@ impl From<OutOfMemory> for KernelError {
     }
 }
 
-/// Signal dispositions and masks (recorded; nothing is delivered yet).
+/// Signal dispositions, masks and the alternate stack ([`crate::signal`]).
 #[derive(Clone, Debug)]
 pub struct Signals {
     /// `struct sigaction` (kernel layout: handler, flags, restorer, mask)
@@ -71,6 +71,9 @@ pub struct Signals {
     pub mask: u64,
     /// `stack_t`: sp, flags, size.
     pub altstack: [u64; 3],
+    /// The mask to restore after `rt_sigsuspend` (what its handler's frame
+    /// saves).
+    pub saved_mask: Option<u64>,
 }
 
 impl Default for Signals {
@@ -79,6 +82,7 @@ impl Default for Signals {
             actions: [[0; 4]; 64],
             mask: 0,
             altstack: [0, 2, 0], // SS_DISABLE
+            saved_mask: None,
         }
     }
 }

@@ -28,6 +28,7 @@ mod kernel;
 mod mm;
 mod process;
 mod ram;
+mod signal;
 mod syscall;
 mod trap;
 

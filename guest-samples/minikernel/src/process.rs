@@ -63,8 +63,10 @@ pub fn fork(k: &mut Kernel, p: &mut Proc, a: [u64; 6]) -> Result<u64, i32> {
         }
         return Ok(pid as u64);
     }
-    // The child: the frames this process held are its parent's.
+    // The child: the frames this process held are its parent's; no
+    // signal is pending for it.
     k.frames.forget_local();
+    crate::signal::clear_pending();
     k.top = false;
     let vm = match k.vmspace(&child_mm) {
         Ok(vm) => vm,
@@ -149,31 +151,16 @@ pub fn execve(k: &mut Kernel, p: &mut Proc, a: [u64; 6]) -> Result<u64, i32> {
     };
     p.vf = VextFrame::default();
     let old_sig = std::mem::take(&mut p.sig);
-    for (new, old) in p.sig.actions.iter_mut().zip(old_sig.actions) {
+    for (i, (new, old)) in p.sig.actions.iter_mut().zip(old_sig.actions).enumerate() {
         if old[0] == 1 {
             *new = old; // SIG_IGN survives exec
+        } else if old[0] > 1 {
+            crate::signal::set_host_action(i as i32 + 1, 0); // handlers do not
         }
     }
     p.sig.mask = old_sig.mask;
     p.exe = std::fs::canonicalize(&path).unwrap_or(path);
     Ok(0)
-}
-
-/// Mirror the disposition the user program gave `sig` on the minikernel
-/// itself when it is `SIG_IGN` or `SIG_DFL`, so that signals the host
-/// delivers (SIGPIPE on a closed pipe, SIGINT, a `kill` from another
-/// process) act on the minikernel as they would on the program. A handler
-/// leaves the host's default (no delivery yet).
-pub fn mirror_disposition(sig: i32, handler: u64) {
-    let host = if handler == 1 {
-        libc::SIG_IGN
-    } else {
-        libc::SIG_DFL
-    };
-    // SAFETY: installs SIG_IGN or SIG_DFL, no handler code.
-    unsafe {
-        libc::signal(sig, host);
-    }
 }
 
 /// End this process: destroy its vmspace, give its frames back, and exit

@@ -13,9 +13,11 @@
 //! host's `readv`/`writev`/`preadv`/`pwritev`, without a copy.
 //!
 //! Served by the minikernel itself: memory (`brk mmap munmap mprotect
-//! madvise mremap`), `arch_prctl`, signal state (`rt_sigaction
-//! rt_sigprocmask sigaltstack`, recorded only), process identity and
-//! `kill` of itself, `exit`/`exit_group`, `ioctl` (terminal queries only),
+//! madvise mremap`), `arch_prctl`, signals (`rt_sigaction rt_sigprocmask
+//! sigaltstack rt_sigreturn rt_sigsuspend pause rt_sigpending`, see
+//! [`crate::signal`]; a call the host interrupted for a handler restarts or
+//! fails with `EINTR` as Linux decides), `futex` (one thread), process
+//! identity and `kill` of itself, `exit`/`exit_group`, `ioctl` (terminal queries only),
 //! `readlink("/proc/self/exe")`. Anything else answers `-ENOSYS`
 //! (listed on stderr with `MINIKERNEL_TRACE=1`).
 //!
@@ -28,6 +30,7 @@ use vkabi::hypercall::syscall6;
 use crate::kernel::{Exit, Kernel, KernelError, Proc, Trace};
 use crate::mm::{MAX_IO, MIN_ADDR, PROT_EXEC, PROT_READ, PROT_WRITE, page_up};
 use crate::process;
+use crate::signal;
 
 /// How a forwarded call's argument is passed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -143,6 +146,19 @@ pub fn serve(k: &mut Kernel, p: &mut Proc) -> Result<Option<Exit>, KernelError> 
     ];
     let ret: SysResult = match nr {
         60 | 231 => return Ok(Some(Exit::Code(a[0] as i32 & 0xff))),
+        15 => {
+            if k.trace == Trace::All {
+                eprintln!("minikernel: [{}] syscall 15 (rt_sigreturn)", p.pid);
+            }
+            return Ok(signal::sigreturn(k, p).err());
+        }
+        127 => sigpending(k, p, a[0], a[1]),
+        130 => sigsuspend(k, p, a[0], a[1]),
+        34 => sigsuspend_mask(p, p.sig.mask), // pause
+        202 => futex(k, p, a),
+        37 => forward(k, p, nr, &a, &[Val]),          // alarm
+        36 => forward(k, p, nr, &a, &[Val, Out(32)]), // getitimer
+        38 => forward(k, p, nr, &a, &[Val, In(32), Out(32)]), // setitimer
         0 | 1 | 17 | 18 => {
             let off = (nr >= 17).then_some(a[3]);
             rw(k, p, nr == 0 || nr == 17, a[0], &[(a[1], a[2])], off)
@@ -171,9 +187,10 @@ pub fn serve(k: &mut Kernel, p: &mut Proc) -> Result<Option<Exit>, KernelError> 
         57 | 58 => process::fork(k, p, [libc::SIGCHLD as u64, 0, 0, 0, 0, 0]),
         56 => process::fork(k, p, a),
         59 => process::execve(k, p, a),
-        62 if a[0] as i32 == p.pid => kill(p, a[0] as i32, a[1] as i32),
-        200 => kill(p, a[0] as i32, a[1] as i32), // tkill
-        234 => kill(p, a[1] as i32, a[2] as i32), // tgkill
+        62 if a[0] as i32 == p.pid => kill(p, a[0] as i32, a[1] as i32, signal::SI_USER),
+        200 => kill(p, a[0] as i32, a[1] as i32, signal::SI_TKILL), // tkill
+        234 if a[0] as i32 == p.pid => kill(p, a[1] as i32, a[2] as i32, signal::SI_TKILL),
+        234 => Err(libc::ESRCH), // tgkill
         158 => arch_prctl(k, p, a[0], a[1]),
         218 => Ok(p.pid as u64),  // set_tid_address
         273 => Ok(0),             // set_robust_list
@@ -201,8 +218,22 @@ pub fn serve(k: &mut Kernel, p: &mut Proc) -> Result<Option<Exit>, KernelError> 
             }
         },
     };
-    if let Some(exit) = p_killed(&ret) {
-        return Ok(Some(exit));
+    if ret == Err(libc::EINTR) && nr != 130 && nr != 34 {
+        let restart = match signal::next_handler(p) {
+            // A handler runs: Linux restarts only ERESTARTSYS calls of an
+            // SA_RESTART handler.
+            Some(flags) => {
+                flags & signal::SA_RESTART != 0 && signal::restart_kind(nr) == signal::Restart::Sys
+            }
+            // No handler to run (the signal was ignored after all): the
+            // call restarts.
+            None => true,
+        };
+        if restart {
+            p.tf.tf_rip -= 2;
+            p.tf.tf_rax = nr;
+            return Ok(None);
+        }
     }
     let raw = match ret {
         Ok(v) => v,
@@ -216,18 +247,6 @@ pub fn serve(k: &mut Kernel, p: &mut Proc) -> Result<Option<Exit>, KernelError> 
     }
     p.tf.tf_rax = raw;
     Ok(None)
-}
-
-/// `kill` answers this errno when the process killed itself with `sig`
-/// (the minikernel then ends with 128 + `sig`).
-const KILLED_BASE: i32 = 0x1000;
-
-/// The exit a `kill` of itself asks for.
-fn p_killed(ret: &SysResult) -> Option<Exit> {
-    match ret {
-        Err(e) if *e > KILLED_BASE => Some(Exit::Signal(e - KILLED_BASE)),
-        _ => None,
-    }
 }
 
 /// Whether the path at `va` is `/proc/self/exe`.
@@ -586,7 +605,7 @@ fn brk(k: &mut Kernel, p: &mut Proc, addr: u64) -> Result<u64, KernelError> {
     Ok(addr)
 }
 
-/// `rt_sigaction(sig, act, oact, sigsetsize)`: recorded.
+/// `rt_sigaction(sig, act, oact, sigsetsize)`, mirrored on the host.
 fn sigaction(k: &mut Kernel, p: &mut Proc, a: [u64; 6]) -> SysResult {
     let (sig, act, oact) = (a[0], a[1], a[2]);
     if a[3] != 8 || !(1..=64).contains(&sig) {
@@ -615,12 +634,12 @@ fn sigaction(k: &mut Kernel, p: &mut Proc, a: [u64; 6]) -> SysResult {
     }
     if let Some(new) = new {
         p.sig.actions[slot] = new;
-        process::mirror_disposition(sig as i32, new[0]);
+        signal::set_host_action(sig as i32, new[0]);
     }
     Ok(0)
 }
 
-/// `rt_sigprocmask(how, set, oset, sigsetsize)`: recorded.
+/// `rt_sigprocmask(how, set, oset, sigsetsize)`, mirrored on the host.
 fn sigprocmask(k: &mut Kernel, p: &mut Proc, a: [u64; 6]) -> SysResult {
     let (how, set, oset) = (a[0], a[1], a[2]);
     if a[3] != 8 {
@@ -633,12 +652,13 @@ fn sigprocmask(k: &mut Kernel, p: &mut Proc, a: [u64; 6]) -> SysResult {
             return Err(libc::EFAULT);
         }
         let s = u64::from_le_bytes(b);
-        p.sig.mask = match how {
+        let mask = match how {
             0 => old | s,
             1 => old & !s,
             2 => s,
             _ => return Err(libc::EINVAL),
-        } & !((1 << 8) | (1 << 18)); // never SIGKILL, SIGSTOP
+        };
+        signal::set_mask(p, mask);
     }
     if oset != 0 && !p.mm.write(&k.ram, &mut k.frames, oset, &old.to_le_bytes()) {
         return Err(libc::EFAULT);
@@ -646,7 +666,7 @@ fn sigprocmask(k: &mut Kernel, p: &mut Proc, a: [u64; 6]) -> SysResult {
     Ok(0)
 }
 
-/// `sigaltstack(ss, oss)`: recorded.
+/// `sigaltstack(ss, oss)`.
 fn sigaltstack(k: &mut Kernel, p: &mut Proc, ss: u64, oss: u64) -> SysResult {
     let old: Vec<u8> = p
         .sig
@@ -696,10 +716,10 @@ fn fcntl(k: &mut Kernel, p: &mut Proc, a: [u64; 6]) -> SysResult {
     forward(k, p, 72, &a, kinds)
 }
 
-/// `kill`/`tkill`/`tgkill` of the process itself: signals whose default
-/// action is to ignore (or that are ignored) do nothing, any other ends the
-/// process with that signal (no handlers run yet). Other pids: `ESRCH`.
-fn kill(p: &mut Proc, pid: i32, sig: i32) -> SysResult {
+/// `kill`/`tkill`/`tgkill` of the process itself: the signal is queued
+/// (unless ignored) and acted on before the program runs again. Other pids:
+/// `ESRCH`.
+fn kill(p: &mut Proc, pid: i32, sig: i32, code: i32) -> SysResult {
     if !(0..=64).contains(&sig) {
         return Err(libc::EINVAL);
     }
@@ -714,10 +734,126 @@ fn kill(p: &mut Proc, pid: i32, sig: i32) -> SysResult {
         sig,
         libc::SIGCHLD | libc::SIGURG | libc::SIGWINCH | libc::SIGCONT
     );
-    if handler == 1 || (handler == 0 && ignored_by_default) {
+    if p.sig.mask & signal::bit(sig) == 0 && (handler == 1 || (handler == 0 && ignored_by_default))
+    {
         return Ok(0);
     }
-    Err(KILLED_BASE + sig)
+    signal::queue(sig, &signal::user_info(sig, code));
+    Ok(0)
+}
+
+/// `rt_sigpending(set, size)`: queued signals and the host's pending ones.
+fn sigpending(k: &mut Kernel, p: &mut Proc, set: u64, size: u64) -> SysResult {
+    if size != 8 {
+        return Err(libc::EINVAL);
+    }
+    let mut host_set = 0u64;
+    host(
+        libc::SYS_rt_sigpending as u64,
+        [&mut host_set as *mut u64 as u64, 8, 0, 0, 0, 0],
+    )?;
+    let v = (signal::pending() | host_set) & p.sig.mask;
+    if !p.mm.write(&k.ram, &mut k.frames, set, &v.to_le_bytes()) {
+        return Err(libc::EFAULT);
+    }
+    Ok(0)
+}
+
+/// `rt_sigsuspend(mask, size)`.
+fn sigsuspend(k: &mut Kernel, p: &mut Proc, set: u64, size: u64) -> SysResult {
+    if size != 8 {
+        return Err(libc::EINVAL);
+    }
+    let mut b = [0u8; 8];
+    if !p.mm.read(&k.ram, &mut k.frames, set, &mut b) {
+        return Err(libc::EFAULT);
+    }
+    let old = p.sig.mask;
+    let r = sigsuspend_mask(p, u64::from_le_bytes(b));
+    p.sig.saved_mask = Some(old);
+    r
+}
+
+/// Wait with signal mask `mask` until a signal it lets through is pending
+/// (`EINTR`; the mask stays `mask` until that signal is delivered).
+fn sigsuspend_mask(p: &mut Proc, mask: u64) -> SysResult {
+    let mask = mask & !(signal::bit(libc::SIGKILL) | signal::bit(libc::SIGSTOP));
+    while signal::pending() & !mask == 0 {
+        let m = mask;
+        // Waits until a host handler ran (EINTR) with the host mask `m`.
+        let _ = host(
+            libc::SYS_rt_sigsuspend as u64,
+            [&m as *const u64 as u64, 8, 0, 0, 0, 0],
+        );
+    }
+    p.sig.mask = mask;
+    Err(libc::EINTR)
+}
+
+/// `futex(uaddr, op, val, timeout, uaddr2, val3)` of a process with one
+/// thread: nobody else waits or wakes, so a wait whose word matches sleeps
+/// until its timeout or a signal, a wake wakes nobody.
+fn futex(k: &mut Kernel, p: &mut Proc, a: [u64; 6]) -> SysResult {
+    const PRIVATE: u64 = 128;
+    const CLOCK_REALTIME: u64 = 256;
+    let (uaddr, op, val, timeout) = (a[0], a[1], a[2] as u32, a[3]);
+    if !uaddr.is_multiple_of(4) {
+        return Err(libc::EINVAL);
+    }
+    let word = |k: &mut Kernel, p: &mut Proc, va: u64| -> Result<u32, i32> {
+        let mut b = [0u8; 4];
+        if p.mm.read(&k.ram, &mut k.frames, va, &mut b) {
+            Ok(u32::from_le_bytes(b))
+        } else {
+            Err(libc::EFAULT)
+        }
+    };
+    match op & !(PRIVATE | CLOCK_REALTIME) {
+        // FUTEX_WAIT, FUTEX_WAIT_BITSET
+        cmd @ (0 | 9) => {
+            if cmd == 9 && a[5] as u32 == 0 {
+                return Err(libc::EINVAL);
+            }
+            if word(k, p, uaddr)? != val {
+                return Err(libc::EAGAIN);
+            }
+            let mut ts = [0u8; 16];
+            let tsp = if timeout != 0 {
+                if !p.mm.read(&k.ram, &mut k.frames, timeout, &mut ts) {
+                    return Err(libc::EFAULT);
+                }
+                ts.as_ptr() as u64
+            } else {
+                0
+            };
+            // The host's own futex on a word of the minikernel's, which
+            // nobody wakes: it ends with the timeout or a signal.
+            let local = 0u32;
+            let host_op = (op & CLOCK_REALTIME) | 9;
+            host(
+                libc::SYS_futex as u64,
+                [
+                    &local as *const u32 as u64,
+                    host_op,
+                    0,
+                    tsp,
+                    0,
+                    u64::from(u32::MAX),
+                ],
+            )
+            .map(|_| 0)
+        }
+        // FUTEX_WAKE, FUTEX_WAKE_BITSET, FUTEX_REQUEUE
+        1 | 10 | 3 => Ok(0),
+        // FUTEX_CMP_REQUEUE
+        4 => {
+            if word(k, p, uaddr)? != a[5] as u32 {
+                return Err(libc::EAGAIN);
+            }
+            Ok(0)
+        }
+        _ => Err(libc::ENOSYS),
+    }
 }
 
 /// `arch_prctl`: the FS and GS bases live in the vextframe.
