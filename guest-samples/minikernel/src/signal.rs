@@ -211,6 +211,15 @@ pub fn next_handler(p: &Proc) -> Option<u64> {
 /// when it ends the process. Called before each RUN (and repeatedly: one
 /// signal per call, as each handler frame stacks on the previous).
 pub fn deliver(k: &mut Kernel, p: &mut Proc) -> Option<Exit> {
+    let exit = deliver_one(k, p);
+    // `rt_sigsuspend` ended without a handler frame to restore its mask.
+    if let Some(mask) = p.sig.saved_mask.take() {
+        set_mask(p, mask);
+    }
+    exit
+}
+
+fn deliver_one(k: &mut Kernel, p: &mut Proc) -> Option<Exit> {
     for _ in 0..64 {
         let ready = pending() & !p.sig.mask;
         if ready == 0 {
@@ -356,9 +365,11 @@ fn frame(
         put(&mut f, m + 20 * 8, linux_trapno(tf.tf_trapno));
         put(&mut f, m + 22 * 8, tf.tf_addr);
     }
-    put(&mut f, m + 21 * 8, p.sig.mask); // oldmask
+    // The mask to restore: the one before `rt_sigsuspend`, if it waited.
+    let restore = p.sig.saved_mask.take().unwrap_or(p.sig.mask);
+    put(&mut f, m + 21 * 8, restore); // oldmask
     put(&mut f, m + 23 * 8, fp);
-    put(&mut f, uc + SIGMASK, p.sig.mask);
+    put(&mut f, uc + SIGMASK, restore);
     let si = 8 + UCONTEXT;
     for (i, w) in info.iter().enumerate() {
         put(&mut f, si + i * 8, *w);
