@@ -7,21 +7,22 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use vkrun_tests::{bin, require, run, shell_code, skip, text, vkrun, workspace_root};
-
-/// Run `program args` under vkrun and the minikernel.
-fn inside(program: &Path, args: &[&str]) -> Output {
-    run(vkrun()
-        .args(["-q", "-m", "512M", "--"])
-        .arg(bin("minikernel"))
-        .arg(program)
-        .args(args))
-}
+use vkrun_tests::{bin, require, run, shell_code, text, vkrun, workspace_root};
 
 /// Run `program args` natively and inside; assert equal stdout and status.
 fn same(program: &Path, args: &[&str]) -> Output {
-    let native = run(Command::new(program).args(args));
-    let under = inside(program, args);
+    same_env(program, args, &[])
+}
+
+/// [`same`] with environment variables `env` set for both runs.
+fn same_env(program: &Path, args: &[&str], env: &[(&str, &str)]) -> Output {
+    let native = run(Command::new(program).args(args).envs(env.iter().copied()));
+    let under = run(vkrun()
+        .args(["-q", "-m", "512M", "--"])
+        .arg(bin("minikernel"))
+        .arg(program)
+        .args(args)
+        .envs(env.iter().copied()));
     assert_eq!(
         text(&under.stdout),
         text(&native.stdout),
@@ -66,7 +67,10 @@ fn signal_handlers_of_every_kind_run_as_natively_glibc() {
     };
     let under = same(&prog, &[]);
     let out = text(&under.stdout);
-    assert!(out.contains("8 segv in page 0 code 2 write-fault 1 value 42"), "{out}");
+    assert!(
+        out.contains("8 segv in page 0 code 2 write-fault 1 value 42"),
+        "{out}"
+    );
     assert!(out.contains("10 chld status 7 code 1 exit 7"), "{out}");
     assert_eq!(shell_code(under.status), 128 + libc::SIGUSR2);
 }
@@ -78,4 +82,44 @@ fn signal_handlers_of_every_kind_run_as_natively_musl() {
         return;
     };
     same(&prog, &[]);
+}
+
+/// A shell script using traps, `kill`, background jobs and `wait`,
+/// pipelines, `$(...)` and subshells; external commands are busybox
+/// applets (`BB`), which is static.
+const SCRIPT: &str = r#"
+trap 'echo got USR1' USR1
+kill -USR1 $$
+echo after
+BB sleep 0.1 & wait; echo waited $?
+x=$(echo sub | BB tr a-z A-Z); echo "$x"
+echo a b c | BB wc -w
+BB true; echo true $?
+( exit 3 ); echo sub $?
+trap 'echo term' TERM; kill -TERM $$; echo alive
+printf '%s\n' "h\303\251llo" | BB wc -c
+BB sh -c 'kill -USR1 $PPID'; echo after child signal
+(trap 'echo child got HUP; exit 4' HUP; BB sh -c 'kill -HUP $PPID'; BB sleep 1); echo sub $?
+for i in 1 2 3; do BB echo $i; done | BB sort -r | BB head -2
+BB sleep 5 & kill $!; wait $!; echo killed $?
+trap - USR1; kill -USR1 $$; echo not reached
+"#;
+
+#[test]
+fn bash_and_zsh_traps_jobs_and_pipelines_behave_as_natively_in_c_and_utf8_locales() {
+    let Some(bb) = require("busybox") else { return };
+    let script = SCRIPT.replace("BB", bb.to_str().expect("utf-8 path"));
+    for shell in ["bash-static", "zsh-static"] {
+        let Some(sh) = require(shell) else { return };
+        for lang in ["C", "C.UTF-8"] {
+            let under = same_env(&sh, &["-c", &script], &[("LANG", lang)]);
+            let out = text(&under.stdout);
+            assert!(
+                out.starts_with("got USR1\nafter\nwaited 0\nSUB\n"),
+                "{shell}: {out}"
+            );
+            assert!(out.contains("child got HUP\nsub 4\n"), "{shell}: {out}");
+            assert_eq!(shell_code(under.status), 128 + libc::SIGUSR1, "{shell}");
+        }
+    }
 }

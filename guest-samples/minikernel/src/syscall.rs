@@ -99,6 +99,8 @@ fn spec(nr: u64) -> Option<&'static [Arg]> {
         109 => &[Val, Val],                             // setpgid
         111 | 112 => &[],                               // getpgrp, setsid
         121 | 124 => &[Val],                            // getpgid, getsid
+        140 => &[Val, Val],                             // getpriority
+        141 => &[Val, Val, Val],                        // setpriority
         247 => &[Val, Val, Out(128), Val, Out(144)],    // waitid
         137 => &[Path, Out(120)],                       // statfs
         138 => &[Fd, Out(120)],                         // fstatfs
