@@ -123,3 +123,19 @@ fn bash_and_zsh_traps_jobs_and_pipelines_behave_as_natively_in_c_and_utf8_locale
         }
     }
 }
+
+#[test]
+fn asynchronous_signals_interrupt_running_and_sleeping_code_as_natively() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    for cc in ["gcc", "musl-gcc"] {
+        let Some(prog) = build(cc, dir.path(), "signals_async", &[]) else {
+            return;
+        };
+        let under = same(&prog, &[]);
+        assert!(
+            text(&under.stdout).contains("1 busy loop saw 1 ticks\n2 nanosleep -1 errno 4\n"),
+            "{cc}: {}",
+            text(&under.stdout)
+        );
+    }
+}
