@@ -103,16 +103,8 @@ fn main() -> ExitCode {
     }
     let result: Result<std::convert::Infallible, KernelError> =
         Kernel::boot(&info).and_then(|mut k| {
-            let mut p = k.spawn(path, &args, &envp)?;
-            let exit = trap::run(&mut k, &mut p);
-            if std::env::var("MINIKERNEL_STATS").is_ok_and(|v| v == "1") {
-                let s = k.stats;
-                eprintln!(
-                    "minikernel: {} runs, {} syscalls, {} page faults ({} stale), {} signals",
-                    s.runs, s.syscalls, s.page_faults, s.stale_faults, s.signals,
-                );
-            }
-            process::finish(&mut k, p, exit?)
+            let p = k.spawn(path, &args, &envp)?;
+            trap::run(k, p)
         });
     match result {
         Err(e @ KernelError::Exec { .. }) => {

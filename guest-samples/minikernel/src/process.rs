@@ -27,12 +27,13 @@ use std::path::PathBuf;
 use vkabi::{TrapFrame, VextFrame};
 
 use crate::exec;
-use crate::kernel::{Exit, Kernel, Proc, WINDOW_BASE};
+use crate::kernel::{Exit, Kernel, Proc, Thread, WINDOW_BASE};
 use crate::mm::Mm;
 
 const CLONE_VM: u64 = 0x100;
 const CLONE_VFORK: u64 = 0x4000;
-const CLONE_THREAD: u64 = 0x1_0000;
+/// `clone`'s flag for a thread of the caller's process.
+pub const CLONE_THREAD: u64 = 0x1_0000;
 const CLONE_SETTLS: u64 = 0x8_0000;
 const CLONE_PARENT_SETTID: u64 = 0x10_0000;
 const CLONE_CHILD_SETTID: u64 = 0x100_0000;
@@ -46,8 +47,9 @@ pub fn fork(k: &mut Kernel, p: &mut Proc, a: [u64; 6]) -> Result<u64, i32> {
         return Err(libc::ENOSYS);
     }
     let child_mm = p.mm.fork(&k.ram, &mut k.frames).map_err(|_| libc::ENOMEM)?;
-    // SAFETY: the minikernel is single-threaded, so the child is a complete
-    // copy; it touches no lock another thread could hold.
+    // SAFETY: the child touches no lock another host thread could hold:
+    // the guest's lock is held by this thread, and the C library makes
+    // malloc safe after fork.
     let pid = unsafe { libc::fork() };
     if pid < 0 {
         let e = std::io::Error::last_os_error()
@@ -80,6 +82,8 @@ pub fn fork(k: &mut Kernel, p: &mut Proc, a: [u64; 6]) -> Result<u64, i32> {
     p.mm = child_mm;
     // SAFETY: getpid and getppid cannot fail.
     (p.pid, p.ppid) = unsafe { (libc::getpid(), libc::getppid()) };
+    // The forking thread is the child's only one.
+    (p.tid, p.threads) = (p.pid, 1);
     if newsp != 0 {
         p.tf.tf_rsp = newsp;
     }
@@ -90,6 +94,49 @@ pub fn fork(k: &mut Kernel, p: &mut Proc, a: [u64; 6]) -> Result<u64, i32> {
         p.mm.write(&k.ram, &mut k.frames, ctid, &p.pid.to_le_bytes());
     }
     Ok(0)
+}
+
+/// `clone(CLONE_VM|CLONE_THREAD|..., newsp, ptid, ctid, tls)`: the state
+/// a new thread starts with (the thread loop starts its host thread, then
+/// [`thread_started`] answers the caller). `CLONE_THREAD` needs `CLONE_VM`
+/// and `CLONE_SIGHAND`, as on Linux.
+pub fn thread(p: &mut Proc, a: [u64; 6]) -> Result<Box<Thread>, i32> {
+    const CLONE_SIGHAND: u64 = 0x800;
+    const CLONE_CHILD_CLEARTID: u64 = 0x20_0000;
+    let (flags, newsp, ctid, tls) = (a[0], a[1], a[3], a[4]);
+    if flags & CLONE_VM == 0 || flags & CLONE_SIGHAND == 0 || flags & CLONE_VFORK != 0 {
+        return Err(libc::EINVAL);
+    }
+    let mut t = p.thread();
+    t.tf.tf_rax = 0;
+    if newsp != 0 {
+        t.tf.tf_rsp = newsp;
+    }
+    if flags & CLONE_SETTLS != 0 {
+        t.vf.vx_tls[0].base = tls;
+    }
+    t.altstack = [0, crate::signal::SS_DISABLE, 0];
+    t.saved_mask = None;
+    t.clear_tid = if flags & CLONE_CHILD_CLEARTID != 0 {
+        ctid
+    } else {
+        0
+    };
+    Ok(Box::new(t))
+}
+
+/// The caller of [`thread`]'s `clone`, now that the thread runs as host
+/// thread `tid`: the tid words are written and `clone` answers `tid`.
+pub fn thread_started(k: &mut Kernel, p: &mut Proc, tid: i32) {
+    let (flags, ptid, ctid) = (p.tf.tf_rdi, p.tf.tf_rdx, p.tf.tf_r10);
+    if flags & CLONE_PARENT_SETTID != 0 {
+        p.mm.write(&k.ram, &mut k.frames, ptid, &tid.to_le_bytes());
+    }
+    if flags & CLONE_CHILD_SETTID != 0 {
+        p.mm.write(&k.ram, &mut k.frames, ctid, &tid.to_le_bytes());
+    }
+    p.threads += 1;
+    p.tf.tf_rax = tid as u64;
 }
 
 /// The NULL-terminated array of strings at `va` (argv, envp).
@@ -166,10 +213,16 @@ pub fn execve(k: &mut Kernel, p: &mut Proc, a: [u64; 6]) -> Result<u64, i32> {
 /// End this process: destroy its vmspace, give its frames back, and exit
 /// with `exit` (dying of the signal for a killed child process).
 pub fn finish(k: &mut Kernel, p: Proc, exit: Exit) -> ! {
-    let Proc { vm, mm, .. } = p;
+    let Proc {
+        vm, mm, threads, ..
+    } = p;
     drop(vm);
-    mm.pt.destroy(&k.ram, &mut k.frames);
-    k.frames.release(&k.ram);
+    // Other threads may still run in the vmspace until this process
+    // exits: their frames stay out of the pool.
+    if threads == 1 {
+        mm.pt.destroy(&k.ram, &mut k.frames);
+        k.frames.release(&k.ram);
+    }
     match exit {
         Exit::Code(code) => std::process::exit(code & 0xff),
         Exit::Signal(sig) if k.top => std::process::exit(128 + sig),
