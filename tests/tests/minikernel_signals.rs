@@ -139,3 +139,19 @@ fn asynchronous_signals_interrupt_running_and_sleeping_code_as_natively() {
         );
     }
 }
+
+#[test]
+fn pthreads_mutexes_condvars_barriers_once_and_tls_run_as_natively() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    for (cc, extra) in [("gcc", &["-pthread"][..]), ("musl-gcc", &[][..])] {
+        let Some(prog) = build(cc, dir.path(), "threads", extra) else {
+            return;
+        };
+        let under = same(&prog, &[]);
+        assert!(
+            text(&under.stdout).contains("counter 40000 onces 1 main tls 7\nping-pong done\n"),
+            "{cc}: {}",
+            text(&under.stdout)
+        );
+    }
+}
