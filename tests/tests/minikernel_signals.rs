@@ -155,3 +155,27 @@ fn pthreads_mutexes_condvars_barriers_once_and_tls_run_as_natively() {
         );
     }
 }
+
+#[test]
+fn go_goroutines_channels_sleep_and_gc_run_as_natively() {
+    let Some(go) = require("go") else { return };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let prog = dir.path().join("gochan");
+    let r = run(Command::new(go)
+        .arg("build")
+        .arg("-o")
+        .arg(&prog)
+        .arg(workspace_root().join("tests/programs/gochan/main.go"))
+        .env("CGO_ENABLED", "0")
+        .env("GOCACHE", dir.path().join("cache"))
+        .env("GOPATH", dir.path().join("gopath"))
+        .env("HOME", dir.path()));
+    assert!(r.status.success(), "go build failed: {}", text(&r.stderr));
+    for _ in 0..3 {
+        let under = same(&prog, &[]);
+        assert_eq!(
+            text(&under.stdout),
+            "sum 499500\nn 8000\nslept true\nkept 200\n"
+        );
+    }
+}

@@ -11,6 +11,9 @@
 //!   the user program. Guest RAM and the vmspace registry are shared by the
 //!   host processes of a guest (ABI sections 2 and 7), and so is the frame
 //!   pool ([`crate::ram::Frames`]).
+//! - [`thread`] (`clone` with `CLONE_THREAD`): a new thread of the same
+//!   process, on a host thread of its own that RUNs the same vmspace (see
+//!   [`crate::trap`]).
 //! - [`execve`]: the new program is loaded into a new address space; on
 //!   success the old one is freed and the vmspace's window is pointed at the
 //!   new tables (`MADV_SETMAP` drops every host translation).
@@ -40,7 +43,8 @@ const CLONE_CHILD_SETTID: u64 = 0x100_0000;
 
 /// `clone(flags, newsp, ptid, ctid, tls)` (and `fork`/`vfork` with
 /// `flags = SIGCHLD`): a child process with a copy of the address space.
-/// Threads (`CLONE_VM` without `CLONE_VFORK`, `CLONE_THREAD`) are `ENOSYS`.
+/// Threads (`CLONE_THREAD`) are [`thread`]; `CLONE_VM` without
+/// `CLONE_VFORK` or `CLONE_THREAD` is `ENOSYS`.
 pub fn fork(k: &mut Kernel, p: &mut Proc, a: [u64; 6]) -> Result<u64, i32> {
     let (flags, newsp, ptid, ctid, tls) = (a[0], a[1], a[2], a[3], a[4]);
     if flags & CLONE_THREAD != 0 || (flags & CLONE_VM != 0 && flags & CLONE_VFORK == 0) {

@@ -52,9 +52,12 @@ enum Arg {
     /// A buffer written by the call whose size is argument `i`; the call
     /// returns the bytes written.
     OutN(usize),
+    /// A buffer of `.0` bytes written by the call, which returns how many
+    /// items of `.1` bytes it wrote.
+    OutItems(usize, usize),
 }
 
-use Arg::{Fd, In, InOut, Out, OutN, Path, Pid, Val};
+use Arg::{Fd, In, InOut, Out, OutItems, OutN, Path, Pid, Val};
 
 /// `struct stat`.
 const STAT: usize = 144;
@@ -100,6 +103,9 @@ fn spec(nr: u64) -> Option<&'static [Arg]> {
         111 | 112 => &[],                               // getpgrp, setsid
         121 | 124 => &[Val],                            // getpgid, getsid
         140 => &[Val, Val],                             // getpriority
+        213 | 291 => &[Val],                            // epoll_create, epoll_create1
+        233 => &[Fd, Val, Fd, In(12)],                  // epoll_ctl
+        290 => &[Val, Val],                             // eventfd2
         141 => &[Val, Val, Val],                        // setpriority
         247 => &[Val, Val, Out(128), Val, Out(144)],    // waitid
         137 => &[Path, Out(120)],                       // statfs
@@ -254,6 +260,22 @@ pub fn serve(k: &mut Kernel, p: &mut Proc) -> Result<Outcome, KernelError> {
             Ok(o) => return Ok(o),
             Err(e) => Err(e),
         },
+        // epoll_wait, epoll_pwait: may block
+        232 | 281 => {
+            if a[2] as i32 <= 0 || a[2] > 4096 {
+                return Ok(Outcome::Done(answer(k, p, nr, a, Err(libc::EINVAL))));
+            }
+            let events = OutItems(a[2] as usize * 12, 12);
+            let kinds = if nr == 232 {
+                vec![Fd, events, Val, Val]
+            } else {
+                vec![Fd, events, Val, Val, In(8), Val]
+            };
+            match block(prepare(k, p, nr, &a, kinds).map(Blocked::Forward)) {
+                Ok(o) => return Ok(o),
+                Err(e) => Err(e),
+            }
+        }
         // nanosleep, clock_nanosleep, wait4, waitid: may block
         35 | 230 | 61 | 247 => {
             let kinds = spec(nr).unwrap_or(&[]);
@@ -453,7 +475,7 @@ fn prepare(
                 s.push(0);
                 bufs[i] = Some(s);
             }
-            In(_) | InOut(_) | Out(_) if va == 0 => {}
+            In(_) | InOut(_) | Out(_) | OutItems(..) if va == 0 => {}
             In(n) | InOut(n) => {
                 let mut b = vec![0u8; n];
                 if !p.mm.read(&k.ram, &mut k.frames, va, &mut b) {
@@ -461,7 +483,7 @@ fn prepare(
                 }
                 bufs[i] = Some(b);
             }
-            Out(n) => bufs[i] = Some(vec![0u8; n]),
+            Out(n) | OutItems(n, _) => bufs[i] = Some(vec![0u8; n]),
             OutN(len) => bufs[i] = Some(vec![0u8; a[len].min(MAX_IO) as usize]),
         }
     }
@@ -493,6 +515,7 @@ fn complete_forward(k: &mut Kernel, p: &mut Proc, f: Prepared, ret: SysResult) -
         let bytes = match *kind {
             Out(_) | InOut(_) => &b[..],
             OutN(_) => &b[..(n as usize).min(b.len())],
+            OutItems(_, item) => &b[..(n as usize).saturating_mul(item).min(b.len())],
             _ => continue,
         };
         if !p.mm.write(&k.ram, &mut k.frames, f.a[i], bytes) {
