@@ -131,7 +131,17 @@ fn thread_loop(g: &Shared, t: &mut Thread) -> Result<(), KernelError> {
                 lock(g).k.stats.signals += 1;
                 continue;
             }
-            Err(e) => return Err(e.into()),
+            Err(e) => {
+                // The process may be ending (its vmspace gone): the
+                // ending thread holds the lock until the process exits.
+                let guard = lock(g);
+                if guard.p.is_none() {
+                    loop {
+                        std::thread::park();
+                    }
+                }
+                return Err(e.into());
+            }
         }
         let mut guard = lock(g);
         let step = {
