@@ -7,6 +7,8 @@
 #include <unistd.h>
 #include <signal.h>
 #include <sys/syscall.h>
+#include <errno.h>
+#include <string.h>
 
 static pthread_mutex_t m = PTHREAD_MUTEX_INITIALIZER;
 static pthread_cond_t c = PTHREAD_COND_INITIALIZER;
@@ -52,6 +54,19 @@ static void *sleeper(void *arg) {
     return (void *)1L;
 }
 
+/* Thread-directed signals: to a thread running user code, to one blocked
+ * in read(2) (EINTR: the handler has no SA_RESTART). */
+static __thread volatile sig_atomic_t mine;
+static int pfd[2];
+static void th(int s) { (void)s; mine = 1; }
+static void *spinner(void *a) { (void)a; while (!mine) {} return (void *)2L; }
+static void *reader(void *a) {
+    char ch;
+    (void)a;
+    int r = read(pfd[0], &ch, 1);
+    return (void *)(long)(r < 0 && errno == EINTR ? 3 : 4);
+}
+
 int main(void) {
     setvbuf(stdout, 0, _IONBF, 0);
     pthread_t t[4];
@@ -80,5 +95,20 @@ int main(void) {
     void *r;
     pthread_join(sl, &r);
     printf("thread got the process signal %ld usr1 %d\n", (long)r, usr1);
+    struct sigaction sa;
+    memset(&sa, 0, sizeof sa);
+    sa.sa_handler = th;
+    sigaction(SIGUSR2, &sa, 0);
+    if (pipe(pfd)) return 1;
+    pthread_t sp, rd;
+    pthread_create(&sp, 0, spinner, 0);
+    pthread_create(&rd, 0, reader, 0);
+    usleep(50000);
+    pthread_kill(sp, SIGUSR2);
+    pthread_join(sp, &r);
+    printf("spinner %ld\n", (long)r);
+    pthread_kill(rd, SIGUSR2);
+    pthread_join(rd, &r);
+    printf("reader %ld main untouched %d\n", (long)r, mine);
     return 0;
 }

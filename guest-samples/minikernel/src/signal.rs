@@ -71,12 +71,25 @@ const DEFAULT_IGNORE: u64 =
 const DEFAULT_STOP: u64 =
     bit(libc::SIGSTOP) | bit(libc::SIGTSTP) | bit(libc::SIGTTIN) | bit(libc::SIGTTOU);
 
-/// Pending signals (host ones recorded by [`host_handler`], the process's
-/// own), not yet delivered.
-static PENDING: AtomicU64 = AtomicU64::new(0);
+/// Signals recorded for the host thread (the guest thread) they arrived
+/// on, not yet delivered, with their `siginfo` (128 bytes, as 16 words):
+/// host ones recorded by [`host_handler`] (the host picked this thread for
+/// a process signal, or a `tgkill` named it), the thread's own `kill`s.
+struct Slots {
+    pending: AtomicU64,
+    info: [[AtomicU64; 16]; 64],
+}
 
-/// The `siginfo` (128 bytes, as 16 words) of each pending signal.
-static INFO: [[AtomicU64; 16]; 64] = [const { [const { AtomicU64::new(0) }; 16] }; 64];
+thread_local! {
+    // Constant-initialised and without a destructor: usable in a signal
+    // handler.
+    static SLOTS: Slots = const {
+        Slots {
+            pending: AtomicU64::new(0),
+            info: [const { [const { AtomicU64::new(0) }; 16] }; 64],
+        }
+    };
+}
 
 /// The host handler for signals the user program catches: record the
 /// signal and its `siginfo` (only atomics: async-signal-safe).
@@ -90,20 +103,17 @@ extern "C" fn host_handler(sig: i32, info: *mut libc::siginfo_t, _ctx: *mut libc
         // SA_SIGINFO handler; it is only read here.
         unsafe { std::ptr::copy_nonoverlapping(info.cast::<u64>(), words.as_mut_ptr(), 16) };
     }
-    store_info(sig, &words);
-    PENDING.fetch_or(bit(sig), Ordering::SeqCst);
+    queue(sig, &words);
 }
 
-fn store_info(sig: i32, words: &[u64; 16]) {
-    for (slot, w) in INFO[sig as usize - 1].iter().zip(words) {
-        slot.store(*w, Ordering::Relaxed);
-    }
-}
-
-/// Queue `sig` for the process with `siginfo` words `info`.
+/// Queue `sig` for the calling thread with `siginfo` words `info`.
 pub fn queue(sig: i32, info: &[u64; 16]) {
-    store_info(sig, info);
-    PENDING.fetch_or(bit(sig), Ordering::SeqCst);
+    SLOTS.with(|s| {
+        for (slot, w) in s.info[sig as usize - 1].iter().zip(info) {
+            slot.store(*w, Ordering::Relaxed);
+        }
+        s.pending.fetch_or(bit(sig), Ordering::SeqCst);
+    });
 }
 
 /// A `siginfo` for `sig` with `si_code` `code` sent by this process.
@@ -117,14 +127,26 @@ pub fn user_info(sig: i32, code: i32) -> [u64; 16] {
     w
 }
 
-/// Signals queued and not delivered yet.
+/// Signals queued for the calling thread and not delivered yet.
 pub fn pending() -> u64 {
-    PENDING.load(Ordering::SeqCst)
+    SLOTS.with(|s| s.pending.load(Ordering::SeqCst))
 }
 
 /// Forget every pending signal (a forked child starts with none).
 pub fn clear_pending() {
-    PENDING.store(0, Ordering::SeqCst);
+    SLOTS.with(|s| s.pending.store(0, Ordering::SeqCst));
+}
+
+/// Take `sig` off the calling thread's queue: its `siginfo`.
+fn take(sig: i32) -> [u64; 16] {
+    SLOTS.with(|s| {
+        s.pending.fetch_and(!bit(sig), Ordering::SeqCst);
+        let mut info = [0u64; 16];
+        for (w, slot) in info.iter_mut().zip(&s.info[sig as usize - 1]) {
+            *w = slot.load(Ordering::Relaxed);
+        }
+        info
+    })
 }
 
 /// Set the minikernel's host mask to the user mask `mask` (never the
@@ -226,11 +248,7 @@ fn deliver_one(k: &mut Kernel, p: &mut Proc) -> Option<Exit> {
             return None;
         }
         let sig = ready.trailing_zeros() as i32 + 1;
-        PENDING.fetch_and(!bit(sig), Ordering::SeqCst);
-        let mut info = [0u64; 16];
-        for (w, slot) in info.iter_mut().zip(&INFO[sig as usize - 1]) {
-            *w = slot.load(Ordering::Relaxed);
-        }
+        let info = take(sig);
         let act = p.sig.actions[sig as usize - 1];
         match act[0] {
             1 => continue,

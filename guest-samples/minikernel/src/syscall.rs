@@ -1018,13 +1018,12 @@ fn futex(k: &mut Kernel, p: &mut Proc, a: [u64; 6]) -> Result<Result<u64, Blocke
 /// zeroed and woken (`CLONE_CHILD_CLEARTID`, `set_tid_address`).
 fn thread_exit(k: &mut Kernel, p: &mut Proc) {
     p.threads -= 1;
-    if p.clear_tid != 0
-        && p.mm
-            .write(&k.ram, &mut k.frames, p.clear_tid, &0u32.to_le_bytes())
+    let word = p.clear_tid;
+    if word != 0
+        && p.mm.write(&k.ram, &mut k.frames, word, &0u32.to_le_bytes())
+        && let Ok(w) = futex_word(k, p, word)
     {
-        if let Ok(w) = futex_word(k, p, p.clear_tid) {
-            let _ = host(libc::SYS_futex as u64, [w, 1, 1, 0, 0, 0]);
-        }
+        let _ = host(libc::SYS_futex as u64, [w, 1, 1, 0, 0, 0]);
     }
 }
 
