@@ -179,3 +179,19 @@ fn go_goroutines_channels_sleep_and_gc_run_as_natively() {
         );
     }
 }
+
+#[test]
+fn sigwaitinfo_and_sigtimedwait_take_signals_as_natively() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    for cc in ["gcc", "musl-gcc"] {
+        let Some(prog) = build(cc, dir.path(), "sigwait", &[]) else {
+            return;
+        };
+        let under = same(&prog, &[]);
+        assert!(
+            text(&under.stdout).contains("chld 17 status 9 code 1\ntimeout -1\n"),
+            "{cc}: {}",
+            text(&under.stdout)
+        );
+    }
+}

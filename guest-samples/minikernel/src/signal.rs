@@ -138,7 +138,7 @@ pub fn clear_pending() {
 }
 
 /// Take `sig` off the calling thread's queue: its `siginfo`.
-fn take(sig: i32) -> [u64; 16] {
+pub fn take(sig: i32) -> [u64; 16] {
     SLOTS.with(|s| {
         s.pending.fetch_and(!bit(sig), Ordering::SeqCst);
         let mut info = [0u64; 16];

@@ -284,6 +284,11 @@ pub fn serve(k: &mut Kernel, p: &mut Proc) -> Result<Outcome, KernelError> {
                 Err(e) => Err(e),
             }
         }
+        128 => match sigtimedwait(k, p, a) {
+            Ok(Ok(sig)) => Ok(sig),
+            Ok(Err(b)) => return Ok(Outcome::Block(b)),
+            Err(e) => Err(e),
+        },
         130 => match block(sigsuspend(k, p, a[0], a[1])) {
             Ok(o) => return Ok(o),
             Err(e) => Err(e),
@@ -933,6 +938,34 @@ fn sigpending(k: &mut Kernel, p: &mut Proc, set: u64, size: u64) -> SysResult {
         return Err(libc::EFAULT);
     }
     Ok(0)
+}
+
+/// `rt_sigtimedwait(set, info, timeout, size)`: a signal of `set` queued
+/// for the thread at once, else the host's wait (which takes the signal
+/// from the host's queue, its handler not run).
+fn sigtimedwait(k: &mut Kernel, p: &mut Proc, a: [u64; 6]) -> Result<Result<u64, Blocked>, i32> {
+    if a[3] != 8 {
+        return Err(libc::EINVAL);
+    }
+    let mut b = [0u8; 8];
+    if !p.mm.read(&k.ram, &mut k.frames, a[0], &mut b) {
+        return Err(libc::EFAULT);
+    }
+    let set = u64::from_le_bytes(b);
+    let mine = signal::pending() & set;
+    if mine == 0 {
+        let kinds = vec![In(8), Out(128), In(16), Val];
+        return prepare(k, p, 128, &a, kinds).map(|f| Err(Blocked::Forward(f)));
+    }
+    let sig = mine.trailing_zeros() as i32 + 1;
+    let info: Vec<u8> = signal::take(sig)
+        .iter()
+        .flat_map(|w| w.to_le_bytes())
+        .collect();
+    if a[1] != 0 && !p.mm.write(&k.ram, &mut k.frames, a[1], &info) {
+        return Err(libc::EFAULT);
+    }
+    Ok(Ok(sig as u64))
 }
 
 /// `rt_sigsuspend(mask, size)`.
