@@ -13,7 +13,9 @@
 //! `vmspace_ctl(RUN)` ([`trap`]), serving its page faults (demand paging)
 //! and its Linux system calls ([`syscall`]), mostly by forwarding them to
 //! the host: the program's descriptors, working directory and environment
-//! are the minikernel's own.
+//! are the minikernel's own. Signals reach the program's handlers as on
+//! Linux ([`signal`]); each of its threads is a host thread of the
+//! minikernel RUNning the same vmspace ([`trap`]).
 //!
 //! Exit status: the program's exit code; 128 + signal when it is killed
 //! (139 for a segmentation fault, with nothing printed); 127 when the
