@@ -156,6 +156,13 @@ pub enum Outcome {
     ThreadExit,
 }
 
+/// A call answered at once, or to be made without the lock.
+#[derive(Debug)]
+enum Now {
+    Value(u64),
+    Later(Blocked),
+}
+
 /// A host call prepared under the guest's lock, made outside it.
 #[derive(Debug)]
 pub enum Blocked {
@@ -285,8 +292,8 @@ pub fn serve(k: &mut Kernel, p: &mut Proc) -> Result<Outcome, KernelError> {
             }
         }
         128 => match sigtimedwait(k, p, a) {
-            Ok(Ok(sig)) => Ok(sig),
-            Ok(Err(b)) => return Ok(Outcome::Block(b)),
+            Ok(Now::Value(sig)) => Ok(sig),
+            Ok(Now::Later(b)) => return Ok(Outcome::Block(b)),
             Err(e) => Err(e),
         },
         130 => match block(sigsuspend(k, p, a[0], a[1])) {
@@ -300,8 +307,8 @@ pub fn serve(k: &mut Kernel, p: &mut Proc) -> Result<Outcome, KernelError> {
             }));
         }
         202 => match futex(k, p, a) {
-            Ok(Ok(v)) => Ok(v),
-            Ok(Err(b)) => return Ok(Outcome::Block(b)),
+            Ok(Now::Value(v)) => Ok(v),
+            Ok(Now::Later(b)) => return Ok(Outcome::Block(b)),
             Err(e) => Err(e),
         },
         15 => {
@@ -943,7 +950,7 @@ fn sigpending(k: &mut Kernel, p: &mut Proc, set: u64, size: u64) -> SysResult {
 /// `rt_sigtimedwait(set, info, timeout, size)`: a signal of `set` queued
 /// for the thread at once, else the host's wait (which takes the signal
 /// from the host's queue, its handler not run).
-fn sigtimedwait(k: &mut Kernel, p: &mut Proc, a: [u64; 6]) -> Result<Result<u64, Blocked>, i32> {
+fn sigtimedwait(k: &mut Kernel, p: &mut Proc, a: [u64; 6]) -> Result<Now, i32> {
     if a[3] != 8 {
         return Err(libc::EINVAL);
     }
@@ -955,7 +962,7 @@ fn sigtimedwait(k: &mut Kernel, p: &mut Proc, a: [u64; 6]) -> Result<Result<u64,
     let mine = signal::pending() & set;
     if mine == 0 {
         let kinds = vec![In(8), Out(128), In(16), Val];
-        return prepare(k, p, 128, &a, kinds).map(|f| Err(Blocked::Forward(f)));
+        return prepare(k, p, 128, &a, kinds).map(|f| Now::Later(Blocked::Forward(f)));
     }
     let sig = mine.trailing_zeros() as i32 + 1;
     let info: Vec<u8> = signal::take(sig)
@@ -965,7 +972,7 @@ fn sigtimedwait(k: &mut Kernel, p: &mut Proc, a: [u64; 6]) -> Result<Result<u64,
     if a[1] != 0 && !p.mm.write(&k.ram, &mut k.frames, a[1], &info) {
         return Err(libc::EFAULT);
     }
-    Ok(Ok(sig as u64))
+    Ok(Now::Value(sig as u64))
 }
 
 /// `rt_sigsuspend(mask, size)`.
@@ -1001,8 +1008,8 @@ fn futex_word(k: &mut Kernel, p: &mut Proc, va: u64) -> Result<u64, i32> {
 
 /// `futex(uaddr, op, val, timeout, uaddr2, val3)`: the host's futex on the
 /// word in guest RAM (shared, as RAM is shared between the guest's host
-/// processes). A wait is `Ok(Err(blocked))`, made without the lock.
-fn futex(k: &mut Kernel, p: &mut Proc, a: [u64; 6]) -> Result<Result<u64, Blocked>, i32> {
+/// processes). A wait is [`Now::Later`], made without the lock.
+fn futex(k: &mut Kernel, p: &mut Proc, a: [u64; 6]) -> Result<Now, i32> {
     const PRIVATE: u64 = 128;
     const CLOCK_REALTIME: u64 = 256;
     let (uaddr, op, timeout) = (a[0], a[1], a[3]);
@@ -1021,7 +1028,7 @@ fn futex(k: &mut Kernel, p: &mut Proc, a: [u64; 6]) -> Result<Result<u64, Blocke
                 }
                 tsp = buf.as_ptr() as u64;
             }
-            Ok(Err(Blocked::Raw {
+            Ok(Now::Later(Blocked::Raw {
                 nr: libc::SYS_futex as u64,
                 args: [w, host_op, a[2] as u32 as u64, tsp, 0, a[5] as u32 as u64],
                 iov: Vec::new(),
@@ -1033,7 +1040,7 @@ fn futex(k: &mut Kernel, p: &mut Proc, a: [u64; 6]) -> Result<Result<u64, Blocke
             libc::SYS_futex as u64,
             [w, host_op, a[2] as u32 as u64, 0, 0, a[5] as u32 as u64],
         )
-        .map(Ok),
+        .map(Now::Value),
         // FUTEX_REQUEUE, FUTEX_CMP_REQUEUE, FUTEX_WAKE_OP
         3..=5 => {
             let w2 = futex_word(k, p, a[4])?;
@@ -1041,7 +1048,7 @@ fn futex(k: &mut Kernel, p: &mut Proc, a: [u64; 6]) -> Result<Result<u64, Blocke
                 libc::SYS_futex as u64,
                 [w, host_op, a[2] as u32 as u64, a[3], w2, a[5] as u32 as u64],
             )
-            .map(Ok)
+            .map(Now::Value)
         }
         _ => Err(libc::ENOSYS),
     }
