@@ -119,6 +119,16 @@ impl Vmspace {
         )
     }
 
+    /// [`Vmspace::run`] on the vmspace with id `id`, for a thread that
+    /// does not hold the [`Vmspace`] (another guest thread owns it and
+    /// keeps it alive while this one runs in it).
+    pub fn run_id(id: u64, tf: &mut TrapFrame, vf: &mut VextFrame) -> Result<(), HypercallError> {
+        named(
+            "vmspace_ctl(VMSPACE_CTL_RUN)",
+            hypercall::vmspace_ctl(id, VMSPACE_CTL_RUN, tf, vf),
+        )
+    }
+
     /// `vmspace_pread`: copy up to `buf.len()` bytes from user address
     /// `vaddr`; a short count means the next byte is not accessible.
     pub fn pread(&self, buf: &mut [u8], vaddr: u64) -> Result<usize, HypercallError> {

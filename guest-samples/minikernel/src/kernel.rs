@@ -61,7 +61,7 @@ impl From<OutOfMemory> for KernelError {
     }
 }
 
-/// Signal dispositions and masks (recorded; nothing is delivered yet).
+/// Signal dispositions, masks and the alternate stack ([`crate::signal`]).
 #[derive(Clone, Debug)]
 pub struct Signals {
     /// `struct sigaction` (kernel layout: handler, flags, restorer, mask)
@@ -71,6 +71,9 @@ pub struct Signals {
     pub mask: u64,
     /// `stack_t`: sp, flags, size.
     pub altstack: [u64; 3],
+    /// The mask to restore after `rt_sigsuspend` (what its handler's frame
+    /// saves).
+    pub saved_mask: Option<u64>,
 }
 
 impl Default for Signals {
@@ -79,6 +82,7 @@ impl Default for Signals {
             actions: [[0; 4]; 64],
             mask: 0,
             altstack: [0, 2, 0], // SS_DISABLE
+            saved_mask: None,
         }
     }
 }
@@ -94,14 +98,73 @@ pub struct Proc {
     pub tf: TrapFrame,
     /// Its FS and GS bases.
     pub vf: VextFrame,
-    /// Its pid (and tid).
+    /// Its pid (the host process's).
     pub pid: i32,
+    /// The thread being served (its host thread's tid).
+    pub tid: i32,
+    /// Its threads.
+    pub threads: usize,
+    /// The served thread's `set_tid_address` / `CLONE_CHILD_CLEARTID`
+    /// word (0: none), cleared and woken at the thread's exit.
+    pub clear_tid: u64,
     /// Its parent's pid.
     pub ppid: i32,
     /// Its signal state.
     pub sig: Signals,
     /// The program it runs (what `/proc/self/exe` names).
     pub exe: PathBuf,
+}
+
+/// What each thread of a process has of its own; the process's fields of
+/// the same names hold the served thread's while it is served
+/// ([`Proc::enter`], [`Proc::leave`]).
+#[derive(Clone, Debug)]
+pub struct Thread {
+    /// Registers.
+    pub tf: TrapFrame,
+    /// FS and GS bases.
+    pub vf: VextFrame,
+    /// Host tid.
+    pub tid: i32,
+    /// Blocked signals.
+    pub mask: u64,
+    /// `sigaltstack`.
+    pub altstack: [u64; 3],
+    /// `rt_sigsuspend`'s mask to restore.
+    pub saved_mask: Option<u64>,
+    /// The clear-tid word.
+    pub clear_tid: u64,
+}
+
+impl Proc {
+    /// The state of the thread being served.
+    pub fn thread(&self) -> Thread {
+        Thread {
+            tf: self.tf,
+            vf: self.vf,
+            tid: self.tid,
+            mask: self.sig.mask,
+            altstack: self.sig.altstack,
+            saved_mask: self.sig.saved_mask,
+            clear_tid: self.clear_tid,
+        }
+    }
+
+    /// Serve thread `t` (its host mask already is `t.mask`).
+    pub fn enter(&mut self, t: &Thread) {
+        self.tf = t.tf;
+        self.vf = t.vf;
+        self.tid = t.tid;
+        self.sig.mask = t.mask;
+        self.sig.altstack = t.altstack;
+        self.sig.saved_mask = t.saved_mask;
+        self.clear_tid = t.clear_tid;
+    }
+
+    /// Save the served thread's state to `t`.
+    pub fn leave(&self, t: &mut Thread) {
+        *t = self.thread();
+    }
 }
 
 /// How the user process ended.
@@ -241,6 +304,9 @@ impl Kernel {
             },
             vf: VextFrame::default(),
             pid,
+            tid: pid,
+            threads: 1,
+            clear_tid: 0,
             ppid,
             sig: Signals::default(),
             exe,

@@ -13,7 +13,9 @@
 //! `vmspace_ctl(RUN)` ([`trap`]), serving its page faults (demand paging)
 //! and its Linux system calls ([`syscall`]), mostly by forwarding them to
 //! the host: the program's descriptors, working directory and environment
-//! are the minikernel's own.
+//! are the minikernel's own. Signals reach the program's handlers as on
+//! Linux ([`signal`]); each of its threads is a host thread of the
+//! minikernel RUNning the same vmspace ([`trap`]).
 //!
 //! Exit status: the program's exit code; 128 + signal when it is killed
 //! (139 for a segmentation fault, with nothing printed); 127 when the
@@ -28,6 +30,7 @@ mod kernel;
 mod mm;
 mod process;
 mod ram;
+mod signal;
 mod syscall;
 mod trap;
 
@@ -102,16 +105,8 @@ fn main() -> ExitCode {
     }
     let result: Result<std::convert::Infallible, KernelError> =
         Kernel::boot(&info).and_then(|mut k| {
-            let mut p = k.spawn(path, &args, &envp)?;
-            let exit = trap::run(&mut k, &mut p);
-            if std::env::var("MINIKERNEL_STATS").is_ok_and(|v| v == "1") {
-                let s = k.stats;
-                eprintln!(
-                    "minikernel: {} runs, {} syscalls, {} page faults ({} stale), {} signals",
-                    s.runs, s.syscalls, s.page_faults, s.stale_faults, s.signals,
-                );
-            }
-            process::finish(&mut k, p, exit?)
+            let p = k.spawn(path, &args, &envp)?;
+            trap::run(k, p)
         });
     match result {
         Err(e @ KernelError::Exec { .. }) => {

@@ -11,6 +11,9 @@
 //!   the user program. Guest RAM and the vmspace registry are shared by the
 //!   host processes of a guest (ABI sections 2 and 7), and so is the frame
 //!   pool ([`crate::ram::Frames`]).
+//! - [`thread`] (`clone` with `CLONE_THREAD`): a new thread of the same
+//!   process, on a host thread of its own that RUNs the same vmspace (see
+//!   [`crate::trap`]).
 //! - [`execve`]: the new program is loaded into a new address space; on
 //!   success the old one is freed and the vmspace's window is pointed at the
 //!   new tables (`MADV_SETMAP` drops every host translation).
@@ -27,27 +30,30 @@ use std::path::PathBuf;
 use vkabi::{TrapFrame, VextFrame};
 
 use crate::exec;
-use crate::kernel::{Exit, Kernel, Proc, WINDOW_BASE};
+use crate::kernel::{Exit, Kernel, Proc, Thread, WINDOW_BASE};
 use crate::mm::Mm;
 
 const CLONE_VM: u64 = 0x100;
 const CLONE_VFORK: u64 = 0x4000;
-const CLONE_THREAD: u64 = 0x1_0000;
+/// `clone`'s flag for a thread of the caller's process.
+pub const CLONE_THREAD: u64 = 0x1_0000;
 const CLONE_SETTLS: u64 = 0x8_0000;
 const CLONE_PARENT_SETTID: u64 = 0x10_0000;
 const CLONE_CHILD_SETTID: u64 = 0x100_0000;
 
 /// `clone(flags, newsp, ptid, ctid, tls)` (and `fork`/`vfork` with
 /// `flags = SIGCHLD`): a child process with a copy of the address space.
-/// Threads (`CLONE_VM` without `CLONE_VFORK`, `CLONE_THREAD`) are `ENOSYS`.
+/// Threads (`CLONE_THREAD`) are [`thread`]; `CLONE_VM` without
+/// `CLONE_VFORK` or `CLONE_THREAD` is `ENOSYS`.
 pub fn fork(k: &mut Kernel, p: &mut Proc, a: [u64; 6]) -> Result<u64, i32> {
     let (flags, newsp, ptid, ctid, tls) = (a[0], a[1], a[2], a[3], a[4]);
     if flags & CLONE_THREAD != 0 || (flags & CLONE_VM != 0 && flags & CLONE_VFORK == 0) {
         return Err(libc::ENOSYS);
     }
     let child_mm = p.mm.fork(&k.ram, &mut k.frames).map_err(|_| libc::ENOMEM)?;
-    // SAFETY: the minikernel is single-threaded, so the child is a complete
-    // copy; it touches no lock another thread could hold.
+    // SAFETY: the child touches no lock another host thread could hold:
+    // the guest's lock is held by this thread, and the C library makes
+    // malloc safe after fork.
     let pid = unsafe { libc::fork() };
     if pid < 0 {
         let e = std::io::Error::last_os_error()
@@ -63,8 +69,10 @@ pub fn fork(k: &mut Kernel, p: &mut Proc, a: [u64; 6]) -> Result<u64, i32> {
         }
         return Ok(pid as u64);
     }
-    // The child: the frames this process held are its parent's.
+    // The child: the frames this process held are its parent's; no
+    // signal is pending for it.
     k.frames.forget_local();
+    crate::signal::clear_pending();
     k.top = false;
     let vm = match k.vmspace(&child_mm) {
         Ok(vm) => vm,
@@ -78,6 +86,8 @@ pub fn fork(k: &mut Kernel, p: &mut Proc, a: [u64; 6]) -> Result<u64, i32> {
     p.mm = child_mm;
     // SAFETY: getpid and getppid cannot fail.
     (p.pid, p.ppid) = unsafe { (libc::getpid(), libc::getppid()) };
+    // The forking thread is the child's only one.
+    (p.tid, p.threads) = (p.pid, 1);
     if newsp != 0 {
         p.tf.tf_rsp = newsp;
     }
@@ -88,6 +98,49 @@ pub fn fork(k: &mut Kernel, p: &mut Proc, a: [u64; 6]) -> Result<u64, i32> {
         p.mm.write(&k.ram, &mut k.frames, ctid, &p.pid.to_le_bytes());
     }
     Ok(0)
+}
+
+/// `clone(CLONE_VM|CLONE_THREAD|..., newsp, ptid, ctid, tls)`: the state
+/// a new thread starts with (the thread loop starts its host thread, then
+/// [`thread_started`] answers the caller). `CLONE_THREAD` needs `CLONE_VM`
+/// and `CLONE_SIGHAND`, as on Linux.
+pub fn thread(p: &mut Proc, a: [u64; 6]) -> Result<Box<Thread>, i32> {
+    const CLONE_SIGHAND: u64 = 0x800;
+    const CLONE_CHILD_CLEARTID: u64 = 0x20_0000;
+    let (flags, newsp, ctid, tls) = (a[0], a[1], a[3], a[4]);
+    if flags & CLONE_VM == 0 || flags & CLONE_SIGHAND == 0 || flags & CLONE_VFORK != 0 {
+        return Err(libc::EINVAL);
+    }
+    let mut t = p.thread();
+    t.tf.tf_rax = 0;
+    if newsp != 0 {
+        t.tf.tf_rsp = newsp;
+    }
+    if flags & CLONE_SETTLS != 0 {
+        t.vf.vx_tls[0].base = tls;
+    }
+    t.altstack = [0, crate::signal::SS_DISABLE, 0];
+    t.saved_mask = None;
+    t.clear_tid = if flags & CLONE_CHILD_CLEARTID != 0 {
+        ctid
+    } else {
+        0
+    };
+    Ok(Box::new(t))
+}
+
+/// The caller of [`thread`]'s `clone`, now that the thread runs as host
+/// thread `tid`: the tid words are written and `clone` answers `tid`.
+pub fn thread_started(k: &mut Kernel, p: &mut Proc, tid: i32) {
+    let (flags, ptid, ctid) = (p.tf.tf_rdi, p.tf.tf_rdx, p.tf.tf_r10);
+    if flags & CLONE_PARENT_SETTID != 0 {
+        p.mm.write(&k.ram, &mut k.frames, ptid, &tid.to_le_bytes());
+    }
+    if flags & CLONE_CHILD_SETTID != 0 {
+        p.mm.write(&k.ram, &mut k.frames, ctid, &tid.to_le_bytes());
+    }
+    p.threads += 1;
+    p.tf.tf_rax = tid as u64;
 }
 
 /// The NULL-terminated array of strings at `va` (argv, envp).
@@ -149,9 +202,11 @@ pub fn execve(k: &mut Kernel, p: &mut Proc, a: [u64; 6]) -> Result<u64, i32> {
     };
     p.vf = VextFrame::default();
     let old_sig = std::mem::take(&mut p.sig);
-    for (new, old) in p.sig.actions.iter_mut().zip(old_sig.actions) {
+    for (i, (new, old)) in p.sig.actions.iter_mut().zip(old_sig.actions).enumerate() {
         if old[0] == 1 {
             *new = old; // SIG_IGN survives exec
+        } else if old[0] > 1 {
+            crate::signal::set_host_action(i as i32 + 1, 0); // handlers do not
         }
     }
     p.sig.mask = old_sig.mask;
@@ -159,30 +214,19 @@ pub fn execve(k: &mut Kernel, p: &mut Proc, a: [u64; 6]) -> Result<u64, i32> {
     Ok(0)
 }
 
-/// Mirror the disposition the user program gave `sig` on the minikernel
-/// itself when it is `SIG_IGN` or `SIG_DFL`, so that signals the host
-/// delivers (SIGPIPE on a closed pipe, SIGINT, a `kill` from another
-/// process) act on the minikernel as they would on the program. A handler
-/// leaves the host's default (no delivery yet).
-pub fn mirror_disposition(sig: i32, handler: u64) {
-    let host = if handler == 1 {
-        libc::SIG_IGN
-    } else {
-        libc::SIG_DFL
-    };
-    // SAFETY: installs SIG_IGN or SIG_DFL, no handler code.
-    unsafe {
-        libc::signal(sig, host);
-    }
-}
-
 /// End this process: destroy its vmspace, give its frames back, and exit
 /// with `exit` (dying of the signal for a killed child process).
 pub fn finish(k: &mut Kernel, p: Proc, exit: Exit) -> ! {
-    let Proc { vm, mm, .. } = p;
+    let Proc {
+        vm, mm, threads, ..
+    } = p;
     drop(vm);
-    mm.pt.destroy(&k.ram, &mut k.frames);
-    k.frames.release(&k.ram);
+    // Other threads may still run in the vmspace until this process
+    // exits: their frames stay out of the pool.
+    if threads == 1 {
+        mm.pt.destroy(&k.ram, &mut k.frames);
+        k.frames.release(&k.ram);
+    }
     match exit {
         Exit::Code(code) => std::process::exit(code & 0xff),
         Exit::Signal(sig) if k.top => std::process::exit(128 + sig),

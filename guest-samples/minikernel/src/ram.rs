@@ -21,10 +21,12 @@ const FIRST_FRAME: u64 = 1 << 20;
 const TABLE_BITS: u64 = VPTE_V | VPTE_RW | VPTE_U;
 
 /// Guest RAM mapped `MAP_SHARED` into the minikernel: physical address `pa`
-/// is byte `pa` of the mapping.
+/// is byte `pa` of the mapping. The mapping's address is kept as an
+/// integer (its provenance exposed) so that the host threads of the
+/// process's threads can share the map.
 #[derive(Debug)]
 pub struct Ram {
-    base: *mut u8,
+    base: usize,
     size: u64,
 }
 
@@ -36,7 +38,7 @@ impl Ram {
         // pointer derived from them is allowed; the mapping lives for the
         // rest of the program.
         Ok(Ram {
-            base: words.as_ptr().cast_mut().cast(),
+            base: words.as_ptr().expose_provenance(),
             size,
         })
     }
@@ -52,8 +54,7 @@ impl Ram {
             pa.checked_add(len).is_some_and(|end| end <= self.size),
             "physical range {pa:#x}+{len:#x} outside RAM"
         );
-        // SAFETY: in bounds of the mapping (checked above).
-        unsafe { self.base.add(pa as usize) }
+        std::ptr::with_exposed_provenance_mut(self.base + pa as usize)
     }
 
     /// The 64-bit word at `pa` (8-aligned), as an atomic: page-table

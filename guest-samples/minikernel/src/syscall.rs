@@ -13,9 +13,11 @@
 //! host's `readv`/`writev`/`preadv`/`pwritev`, without a copy.
 //!
 //! Served by the minikernel itself: memory (`brk mmap munmap mprotect
-//! madvise mremap`), `arch_prctl`, signal state (`rt_sigaction
-//! rt_sigprocmask sigaltstack`, recorded only), process identity and
-//! `kill` of itself, `exit`/`exit_group`, `ioctl` (terminal queries only),
+//! madvise mremap`), `arch_prctl`, signals (`rt_sigaction rt_sigprocmask
+//! sigaltstack rt_sigreturn rt_sigsuspend pause rt_sigpending`, see
+//! [`crate::signal`]; a call the host interrupted for a handler restarts or
+//! fails with `EINTR` as Linux decides), `futex` (one thread), process
+//! identity and `kill` of itself, `exit`/`exit_group`, `ioctl` (terminal queries only),
 //! `readlink("/proc/self/exe")`. Anything else answers `-ENOSYS`
 //! (listed on stderr with `MINIKERNEL_TRACE=1`).
 //!
@@ -25,9 +27,10 @@
 
 use vkabi::hypercall::syscall6;
 
-use crate::kernel::{Exit, Kernel, KernelError, Proc, Trace};
+use crate::kernel::{Exit, Kernel, KernelError, Proc, Thread, Trace};
 use crate::mm::{MAX_IO, MIN_ADDR, PROT_EXEC, PROT_READ, PROT_WRITE, page_up};
 use crate::process;
+use crate::signal;
 
 /// How a forwarded call's argument is passed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -49,9 +52,12 @@ enum Arg {
     /// A buffer written by the call whose size is argument `i`; the call
     /// returns the bytes written.
     OutN(usize),
+    /// A buffer of `.0` bytes written by the call, which returns how many
+    /// items of `.1` bytes it wrote.
+    OutItems(usize, usize),
 }
 
-use Arg::{Fd, In, InOut, Out, OutN, Path, Pid, Val};
+use Arg::{Fd, In, InOut, Out, OutItems, OutN, Path, Pid, Val};
 
 /// `struct stat`.
 const STAT: usize = 144;
@@ -96,6 +102,11 @@ fn spec(nr: u64) -> Option<&'static [Arg]> {
         109 => &[Val, Val],                             // setpgid
         111 | 112 => &[],                               // getpgrp, setsid
         121 | 124 => &[Val],                            // getpgid, getsid
+        140 => &[Val, Val],                             // getpriority
+        213 | 291 => &[Val],                            // epoll_create, epoll_create1
+        233 => &[Fd, Val, Fd, In(12)],                  // epoll_ctl
+        290 => &[Val, Val],                             // eventfd2
+        141 => &[Val, Val, Val],                        // setpriority
         247 => &[Val, Val, Out(128), Val, Out(144)],    // waitid
         137 => &[Path, Out(120)],                       // statfs
         138 => &[Fd, Out(120)],                         // fstatfs
@@ -130,26 +141,186 @@ fn spec(nr: u64) -> Option<&'static [Arg]> {
 /// The result of a system call: a value, or `Err(errno)`.
 type SysResult = Result<u64, i32>;
 
-/// Serve the system call in `p.tf`; `Some(exit)` when the process ends.
-pub fn serve(k: &mut Kernel, p: &mut Proc) -> Result<Option<Exit>, KernelError> {
-    let nr = p.tf.tf_rax;
-    let a = [
+/// What serving a system call asks of the thread loop.
+#[derive(Debug)]
+pub enum Outcome {
+    /// Served (`Some(exit)` when the process ends): run the thread again.
+    Done(Option<Exit>),
+    /// A host call that may block: made without the guest's lock, then
+    /// [`complete`]d.
+    Block(Blocked),
+    /// `clone` of a thread: start it with this state (tid to fill in),
+    /// then answer with its tid.
+    Spawn(Box<Thread>),
+    /// The thread ended (`exit` with other threads left).
+    ThreadExit,
+}
+
+/// A call answered at once, or to be made without the lock.
+#[derive(Debug)]
+enum Now {
+    Value(u64),
+    Later(Blocked),
+}
+
+/// A host call prepared under the guest's lock, made outside it.
+#[derive(Debug)]
+pub enum Blocked {
+    /// A forwarded call.
+    Forward(Prepared),
+    /// A call on guest RAM itself (`read`/`write` into it, `futex` on it);
+    /// `iov` and `buf` hold what `args` point to.
+    Raw {
+        nr: u64,
+        args: [u64; 6],
+        iov: Vec<libc::iovec>,
+        buf: Vec<u8>,
+    },
+    /// `rt_sigsuspend`/`pause` with this mask (and the mask to restore).
+    Suspend { mask: u64, old: Option<u64> },
+}
+
+impl Blocked {
+    /// Make the call (without the lock: it touches no guest state but the
+    /// signal atomics and RAM words).
+    pub fn call(&self) -> SysResult {
+        match self {
+            Blocked::Forward(f) => host(f.nr, f.host_args),
+            Blocked::Raw { nr, args, iov, buf } => {
+                let _ = (iov, buf);
+                host(*nr, *args)
+            }
+            Blocked::Suspend { mask, .. } => {
+                let m = *mask;
+                while signal::pending() & !m == 0 {
+                    // Ends when a host handler ran (EINTR) with mask `m`.
+                    let _ = host(
+                        libc::SYS_rt_sigsuspend as u64,
+                        [&m as *const u64 as u64, 8, 0, 0, 0, 0],
+                    );
+                }
+                Err(libc::EINTR)
+            }
+        }
+    }
+}
+
+/// The arguments of the system call in `p.tf`.
+fn args(p: &Proc) -> [u64; 6] {
+    [
         p.tf.tf_rdi,
         p.tf.tf_rsi,
         p.tf.tf_rdx,
         p.tf.tf_r10,
         p.tf.tf_r8,
         p.tf.tf_r9,
-    ];
+    ]
+}
+
+/// Finish the blocked call `b` of the served thread, which returned `ret`.
+pub fn complete(k: &mut Kernel, p: &mut Proc, b: Blocked, ret: SysResult) -> Option<Exit> {
+    let ret = match b {
+        Blocked::Forward(f) => complete_forward(k, p, f, ret),
+        Blocked::Raw { .. } => ret,
+        Blocked::Suspend { mask, old } => {
+            p.sig.mask = mask;
+            p.sig.saved_mask = old;
+            ret
+        }
+    };
+    let nr = p.tf.tf_rax;
+    let a = args(p);
+    answer(k, p, nr, a, ret)
+}
+
+/// Serve the system call in `p.tf`.
+pub fn serve(k: &mut Kernel, p: &mut Proc) -> Result<Outcome, KernelError> {
+    let nr = p.tf.tf_rax;
+    let a = args(p);
+    let block = |r: Result<Blocked, i32>| match r {
+        Ok(b) => Ok(Outcome::Block(b)),
+        Err(e) => Err(e),
+    };
     let ret: SysResult = match nr {
-        60 | 231 => return Ok(Some(Exit::Code(a[0] as i32 & 0xff))),
+        231 => return Ok(Outcome::Done(Some(Exit::Code(a[0] as i32 & 0xff)))),
+        60 if p.threads > 1 => {
+            thread_exit(k, p);
+            return Ok(Outcome::ThreadExit);
+        }
+        60 => return Ok(Outcome::Done(Some(Exit::Code(a[0] as i32 & 0xff)))),
+        56 if a[0] & process::CLONE_THREAD != 0 => match process::thread(p, a) {
+            Ok(t) => return Ok(Outcome::Spawn(t)),
+            Err(e) => Err(e),
+        },
         0 | 1 | 17 | 18 => {
             let off = (nr >= 17).then_some(a[3]);
-            rw(k, p, nr == 0 || nr == 17, a[0], &[(a[1], a[2])], off)
+            match block(rw(k, p, nr == 0 || nr == 17, a[0], &[(a[1], a[2])], off)) {
+                Ok(o) => return Ok(o),
+                Err(e) => Err(e),
+            }
         }
-        19 | 20 | 295 | 296 => vector_rw(k, p, nr, a),
-        7 => poll(k, p, a[0], a[1], a[2], None),
-        271 => poll(k, p, a[0], a[1], a[2], Some((a[2], a[3]))),
+        19 | 20 | 295 | 296 => match block(vector_rw(k, p, nr, a)) {
+            Ok(o) => return Ok(o),
+            Err(e) => Err(e),
+        },
+        7 | 271 => match block(poll(k, p, nr, a)) {
+            Ok(o) => return Ok(o),
+            Err(e) => Err(e),
+        },
+        // epoll_wait, epoll_pwait: may block
+        232 | 281 => {
+            if a[2] as i32 <= 0 || a[2] > 4096 {
+                return Ok(Outcome::Done(answer(k, p, nr, a, Err(libc::EINVAL))));
+            }
+            let events = OutItems(a[2] as usize * 12, 12);
+            let kinds = if nr == 232 {
+                vec![Fd, events, Val, Val]
+            } else {
+                vec![Fd, events, Val, Val, In(8), Val]
+            };
+            match block(prepare(k, p, nr, &a, kinds).map(Blocked::Forward)) {
+                Ok(o) => return Ok(o),
+                Err(e) => Err(e),
+            }
+        }
+        // nanosleep, clock_nanosleep, wait4, waitid: may block
+        35 | 230 | 61 | 247 => {
+            let kinds = spec(nr).unwrap_or(&[]);
+            match block(prepare(k, p, nr, &a, kinds.to_vec()).map(Blocked::Forward)) {
+                Ok(o) => return Ok(o),
+                Err(e) => Err(e),
+            }
+        }
+        128 => match sigtimedwait(k, p, a) {
+            Ok(Now::Value(sig)) => Ok(sig),
+            Ok(Now::Later(b)) => return Ok(Outcome::Block(b)),
+            Err(e) => Err(e),
+        },
+        130 => match block(sigsuspend(k, p, a[0], a[1])) {
+            Ok(o) => return Ok(o),
+            Err(e) => Err(e),
+        },
+        34 => {
+            return Ok(Outcome::Block(Blocked::Suspend {
+                mask: p.sig.mask,
+                old: None,
+            }));
+        }
+        202 => match futex(k, p, a) {
+            Ok(Now::Value(v)) => Ok(v),
+            Ok(Now::Later(b)) => return Ok(Outcome::Block(b)),
+            Err(e) => Err(e),
+        },
+        15 => {
+            if k.trace == Trace::All {
+                eprintln!("minikernel: [{}] syscall 15 (rt_sigreturn)", p.pid);
+            }
+            return Ok(Outcome::Done(signal::sigreturn(k, p).err()));
+        }
+        127 => sigpending(k, p, a[0], a[1]),
+        37 => forward(k, p, nr, &a, &[Val]),          // alarm
+        36 => forward(k, p, nr, &a, &[Val, Out(32)]), // getitimer
+        38 => forward(k, p, nr, &a, &[Val, In(32), Out(32)]), // setitimer
         9 => mmap(k, p, a),
         10 => mprotect(k, p, a[0], a[1], a[2] as i32),
         11 => munmap(k, p, a[0], a[1]),
@@ -166,16 +337,29 @@ pub fn serve(k: &mut Kernel, p: &mut Proc) -> Result<Option<Exit>, KernelError> 
             16 => forward(k, p, nr, &a, &[Val, Out(16)]), // PR_GET_NAME
             _ => Err(libc::EINVAL),
         },
-        39 | 186 => Ok(p.pid as u64), // getpid, gettid
-        110 => Ok(p.ppid as u64),     // getppid
+        39 => Ok(p.pid as u64),   // getpid
+        186 => Ok(p.tid as u64),  // gettid
+        110 => Ok(p.ppid as u64), // getppid
         57 | 58 => process::fork(k, p, [libc::SIGCHLD as u64, 0, 0, 0, 0, 0]),
         56 => process::fork(k, p, a),
         59 => process::execve(k, p, a),
-        62 if a[0] as i32 == p.pid => kill(p, a[0] as i32, a[1] as i32),
-        200 => kill(p, a[0] as i32, a[1] as i32), // tkill
-        234 => kill(p, a[1] as i32, a[2] as i32), // tgkill
+        // With other threads, the host picks the thread that takes it.
+        62 if a[0] as i32 == p.pid && p.threads > 1 => forward(k, p, nr, &a, &[Val, Val]),
+        62 if a[0] as i32 == p.pid => kill(p, a[0] as i32, a[1] as i32, signal::SI_USER),
+        200 if a[0] as i32 == p.tid => kill(p, p.pid, a[1] as i32, signal::SI_TKILL),
+        234 if a[0] as i32 == p.pid && a[1] as i32 == p.tid => {
+            kill(p, p.pid, a[2] as i32, signal::SI_TKILL)
+        }
+        // Another thread of the process: the host's tgkill reaches its host
+        // thread.
+        200 => host(libc::SYS_tgkill as u64, [p.pid as u64, a[0], a[1], 0, 0, 0]),
+        234 if a[0] as i32 == p.pid => host(libc::SYS_tgkill as u64, [a[0], a[1], a[2], 0, 0, 0]),
+        234 => Err(libc::ESRCH), // tgkill
         158 => arch_prctl(k, p, a[0], a[1]),
-        218 => Ok(p.pid as u64),  // set_tid_address
+        218 => {
+            p.clear_tid = a[0];
+            Ok(p.tid as u64)
+        } // set_tid_address
         273 => Ok(0),             // set_robust_list
         334 => Err(libc::ENOSYS), // rseq
         89 | 267 if is_proc_self_exe(k, p, if nr == 89 { a[0] } else { a[1] }) => {
@@ -201,8 +385,28 @@ pub fn serve(k: &mut Kernel, p: &mut Proc) -> Result<Option<Exit>, KernelError> 
             }
         },
     };
-    if let Some(exit) = p_killed(&ret) {
-        return Ok(Some(exit));
+    Ok(Outcome::Done(answer(k, p, nr, a, ret)))
+}
+
+/// Answer system call `nr` (arguments `a`) with `ret`: restart it, or put
+/// the result in `rax`.
+fn answer(k: &mut Kernel, p: &mut Proc, nr: u64, a: [u64; 6], ret: SysResult) -> Option<Exit> {
+    if ret == Err(libc::EINTR) && nr != 130 && nr != 34 {
+        let restart = match signal::next_handler(p) {
+            // A handler runs: Linux restarts only ERESTARTSYS calls of an
+            // SA_RESTART handler.
+            Some(flags) => {
+                flags & signal::SA_RESTART != 0 && signal::restart_kind(nr) == signal::Restart::Sys
+            }
+            // No handler to run (the signal was ignored after all): the
+            // call restarts.
+            None => true,
+        };
+        if restart {
+            p.tf.tf_rip -= 2;
+            p.tf.tf_rax = nr;
+            return None;
+        }
     }
     let raw = match ret {
         Ok(v) => v,
@@ -215,19 +419,7 @@ pub fn serve(k: &mut Kernel, p: &mut Proc) -> Result<Option<Exit>, KernelError> 
         );
     }
     p.tf.tf_rax = raw;
-    Ok(None)
-}
-
-/// `kill` answers this errno when the process killed itself with `sig`
-/// (the minikernel then ends with 128 + `sig`).
-const KILLED_BASE: i32 = 0x1000;
-
-/// The exit a `kill` of itself asks for.
-fn p_killed(ret: &SysResult) -> Option<Exit> {
-    match ret {
-        Err(e) if *e > KILLED_BASE => Some(Exit::Signal(e - KILLED_BASE)),
-        _ => None,
-    }
+    None
 }
 
 /// Whether the path at `va` is `/proc/self/exe`.
@@ -251,6 +443,29 @@ fn host(nr: u64, a: [u64; 6]) -> SysResult {
 
 /// Forward `nr` with arguments `a` of kinds `kinds`.
 fn forward(k: &mut Kernel, p: &mut Proc, nr: u64, a: &[u64; 6], kinds: &[Arg]) -> SysResult {
+    let f = prepare(k, p, nr, a, kinds.to_vec())?;
+    let ret = host(f.nr, f.host_args);
+    complete_forward(k, p, f, ret)
+}
+
+/// A forwarded call with its user buffers copied in.
+#[derive(Debug)]
+pub struct Prepared {
+    nr: u64,
+    a: [u64; 6],
+    kinds: Vec<Arg>,
+    bufs: Vec<Option<Vec<u8>>>,
+    host_args: [u64; 6],
+}
+
+/// Copy in the buffers of `nr` with arguments `a` of kinds `kinds`.
+fn prepare(
+    k: &mut Kernel,
+    p: &mut Proc,
+    nr: u64,
+    a: &[u64; 6],
+    kinds: Vec<Arg>,
+) -> Result<Prepared, i32> {
     let mut bufs: Vec<Option<Vec<u8>>> = vec![None; 6];
     let mut host_args = *a;
     for (i, kind) in kinds.iter().enumerate() {
@@ -272,7 +487,7 @@ fn forward(k: &mut Kernel, p: &mut Proc, nr: u64, a: &[u64; 6], kinds: &[Arg]) -
                 s.push(0);
                 bufs[i] = Some(s);
             }
-            In(_) | InOut(_) | Out(_) if va == 0 => {}
+            In(_) | InOut(_) | Out(_) | OutItems(..) if va == 0 => {}
             In(n) | InOut(n) => {
                 let mut b = vec![0u8; n];
                 if !p.mm.read(&k.ram, &mut k.frames, va, &mut b) {
@@ -280,7 +495,7 @@ fn forward(k: &mut Kernel, p: &mut Proc, nr: u64, a: &[u64; 6], kinds: &[Arg]) -
                 }
                 bufs[i] = Some(b);
             }
-            Out(n) => bufs[i] = Some(vec![0u8; n]),
+            Out(n) | OutItems(n, _) => bufs[i] = Some(vec![0u8; n]),
             OutN(len) => bufs[i] = Some(vec![0u8; a[len].min(MAX_IO) as usize]),
         }
     }
@@ -289,19 +504,37 @@ fn forward(k: &mut Kernel, p: &mut Proc, nr: u64, a: &[u64; 6], kinds: &[Arg]) -
             host_args[i] = b.as_mut_ptr() as u64;
         }
     }
-    let ret = host(nr, host_args)?;
-    for (i, kind) in kinds.iter().enumerate() {
-        let Some(b) = &bufs[i] else { continue };
+    Ok(Prepared {
+        nr,
+        a: *a,
+        kinds,
+        bufs,
+        host_args,
+    })
+}
+
+/// Copy out the results of the forwarded call `f`, which returned `ret`
+/// (`nanosleep`'s remaining time also after `EINTR`).
+fn complete_forward(k: &mut Kernel, p: &mut Proc, f: Prepared, ret: SysResult) -> SysResult {
+    let sleep_eintr = ret == Err(libc::EINTR) && (f.nr == 35 || f.nr == 230);
+    let n = match ret {
+        Ok(n) => n,
+        Err(_) if sleep_eintr => 0,
+        Err(e) => return Err(e),
+    };
+    for (i, kind) in f.kinds.iter().enumerate() {
+        let Some(b) = &f.bufs[i] else { continue };
         let bytes = match *kind {
             Out(_) | InOut(_) => &b[..],
-            OutN(_) => &b[..(ret as usize).min(b.len())],
+            OutN(_) => &b[..(n as usize).min(b.len())],
+            OutItems(_, item) => &b[..(n as usize).saturating_mul(item).min(b.len())],
             _ => continue,
         };
-        if !p.mm.write(&k.ram, &mut k.frames, a[i], bytes) {
+        if !p.mm.write(&k.ram, &mut k.frames, f.a[i], bytes) {
             return Err(libc::EFAULT);
         }
     }
-    Ok(ret)
+    ret
 }
 
 /// `read`/`write` (`pread64`/`pwrite64` with `off`) of the user buffers
@@ -314,7 +547,7 @@ fn rw(
     fd: u64,
     segs: &[(u64, u64)],
     off: Option<u64>,
-) -> SysResult {
+) -> Result<Blocked, i32> {
     if k.reserved_fd(fd) {
         return Err(libc::EBADF);
     }
@@ -354,11 +587,16 @@ fn rw(
         (true, Some(o)) => (libc::SYS_preadv, [fd, iovp, cnt, o, 0, 0]),
         (false, Some(o)) => (libc::SYS_pwritev, [fd, iovp, cnt, o, 0, 0]),
     };
-    host(nr as u64, args)
+    Ok(Blocked::Raw {
+        nr: nr as u64,
+        args,
+        iov,
+        buf: Vec::new(),
+    })
 }
 
 /// `readv`/`writev`/`preadv`/`pwritev`: the user's iovec array, then [`rw`].
-fn vector_rw(k: &mut Kernel, p: &mut Proc, nr: u64, a: [u64; 6]) -> SysResult {
+fn vector_rw(k: &mut Kernel, p: &mut Proc, nr: u64, a: [u64; 6]) -> Result<Blocked, i32> {
     let cnt = a[2];
     if cnt > 1024 {
         return Err(libc::EINVAL);
@@ -383,50 +621,19 @@ fn word(b: &[u8], at: usize) -> u64 {
     u64::from_le_bytes(w)
 }
 
-/// `poll(fds, nfds, timeout)` and `ppoll(fds, nfds, tsp, sigmask)`.
-fn poll(
-    k: &mut Kernel,
-    p: &mut Proc,
-    fds: u64,
-    nfds: u64,
-    timeout: u64,
-    ppoll: Option<(u64, u64)>,
-) -> SysResult {
+/// `poll(fds, nfds, timeout)` and `ppoll(fds, nfds, tsp, sigmask, size)`.
+fn poll(k: &mut Kernel, p: &mut Proc, nr: u64, a: [u64; 6]) -> Result<Blocked, i32> {
+    let nfds = a[1];
     if nfds > 1024 {
         return Err(libc::EINVAL);
     }
-    let mut b = vec![0u8; nfds as usize * 8];
-    if !p.mm.read(&k.ram, &mut k.frames, fds, &mut b) {
-        return Err(libc::EFAULT);
-    }
-    let ret = match ppoll {
-        None => host(
-            libc::SYS_poll as u64,
-            [b.as_mut_ptr() as u64, nfds, timeout, 0, 0, 0],
-        )?,
-        Some((tsp, mask)) => {
-            let mut ts = [0u8; 16];
-            let mut m = [0u8; 8];
-            let mut args = [b.as_mut_ptr() as u64, nfds, 0, 0, 8, 0];
-            if tsp != 0 {
-                if !p.mm.read(&k.ram, &mut k.frames, tsp, &mut ts) {
-                    return Err(libc::EFAULT);
-                }
-                args[2] = ts.as_ptr() as u64;
-            }
-            if mask != 0 {
-                if !p.mm.read(&k.ram, &mut k.frames, mask, &mut m) {
-                    return Err(libc::EFAULT);
-                }
-                args[3] = m.as_ptr() as u64;
-            }
-            host(libc::SYS_ppoll as u64, args)?
-        }
+    let fds = InOut(nfds as usize * 8);
+    let kinds = if nr == 7 {
+        vec![fds, Val, Val]
+    } else {
+        vec![fds, Val, In(16), In(8), Val]
     };
-    if !p.mm.write(&k.ram, &mut k.frames, fds, &b) {
-        return Err(libc::EFAULT);
-    }
-    Ok(ret)
+    prepare(k, p, nr, &a, kinds).map(Blocked::Forward)
 }
 
 /// `MADV_INVAL` after a change that removed pages or rights.
@@ -586,7 +793,7 @@ fn brk(k: &mut Kernel, p: &mut Proc, addr: u64) -> Result<u64, KernelError> {
     Ok(addr)
 }
 
-/// `rt_sigaction(sig, act, oact, sigsetsize)`: recorded.
+/// `rt_sigaction(sig, act, oact, sigsetsize)`, mirrored on the host.
 fn sigaction(k: &mut Kernel, p: &mut Proc, a: [u64; 6]) -> SysResult {
     let (sig, act, oact) = (a[0], a[1], a[2]);
     if a[3] != 8 || !(1..=64).contains(&sig) {
@@ -615,12 +822,12 @@ fn sigaction(k: &mut Kernel, p: &mut Proc, a: [u64; 6]) -> SysResult {
     }
     if let Some(new) = new {
         p.sig.actions[slot] = new;
-        process::mirror_disposition(sig as i32, new[0]);
+        signal::set_host_action(sig as i32, new[0]);
     }
     Ok(0)
 }
 
-/// `rt_sigprocmask(how, set, oset, sigsetsize)`: recorded.
+/// `rt_sigprocmask(how, set, oset, sigsetsize)`, mirrored on the host.
 fn sigprocmask(k: &mut Kernel, p: &mut Proc, a: [u64; 6]) -> SysResult {
     let (how, set, oset) = (a[0], a[1], a[2]);
     if a[3] != 8 {
@@ -633,12 +840,13 @@ fn sigprocmask(k: &mut Kernel, p: &mut Proc, a: [u64; 6]) -> SysResult {
             return Err(libc::EFAULT);
         }
         let s = u64::from_le_bytes(b);
-        p.sig.mask = match how {
+        let mask = match how {
             0 => old | s,
             1 => old & !s,
             2 => s,
             _ => return Err(libc::EINVAL),
-        } & !((1 << 8) | (1 << 18)); // never SIGKILL, SIGSTOP
+        };
+        signal::set_mask(p, mask);
     }
     if oset != 0 && !p.mm.write(&k.ram, &mut k.frames, oset, &old.to_le_bytes()) {
         return Err(libc::EFAULT);
@@ -646,7 +854,7 @@ fn sigprocmask(k: &mut Kernel, p: &mut Proc, a: [u64; 6]) -> SysResult {
     Ok(0)
 }
 
-/// `sigaltstack(ss, oss)`: recorded.
+/// `sigaltstack(ss, oss)`.
 fn sigaltstack(k: &mut Kernel, p: &mut Proc, ss: u64, oss: u64) -> SysResult {
     let old: Vec<u8> = p
         .sig
@@ -696,10 +904,10 @@ fn fcntl(k: &mut Kernel, p: &mut Proc, a: [u64; 6]) -> SysResult {
     forward(k, p, 72, &a, kinds)
 }
 
-/// `kill`/`tkill`/`tgkill` of the process itself: signals whose default
-/// action is to ignore (or that are ignored) do nothing, any other ends the
-/// process with that signal (no handlers run yet). Other pids: `ESRCH`.
-fn kill(p: &mut Proc, pid: i32, sig: i32) -> SysResult {
+/// `kill`/`tkill`/`tgkill` of the process itself: the signal is queued
+/// (unless ignored) and acted on before the program runs again. Other pids:
+/// `ESRCH`.
+fn kill(p: &mut Proc, pid: i32, sig: i32, code: i32) -> SysResult {
     if !(0..=64).contains(&sig) {
         return Err(libc::EINVAL);
     }
@@ -714,10 +922,149 @@ fn kill(p: &mut Proc, pid: i32, sig: i32) -> SysResult {
         sig,
         libc::SIGCHLD | libc::SIGURG | libc::SIGWINCH | libc::SIGCONT
     );
-    if handler == 1 || (handler == 0 && ignored_by_default) {
+    if p.sig.mask & signal::bit(sig) == 0 && (handler == 1 || (handler == 0 && ignored_by_default))
+    {
         return Ok(0);
     }
-    Err(KILLED_BASE + sig)
+    signal::queue(sig, &signal::user_info(sig, code));
+    Ok(0)
+}
+
+/// `rt_sigpending(set, size)`: queued signals and the host's pending ones.
+fn sigpending(k: &mut Kernel, p: &mut Proc, set: u64, size: u64) -> SysResult {
+    if size != 8 {
+        return Err(libc::EINVAL);
+    }
+    let mut host_set = 0u64;
+    host(
+        libc::SYS_rt_sigpending as u64,
+        [&mut host_set as *mut u64 as u64, 8, 0, 0, 0, 0],
+    )?;
+    let v = (signal::pending() | host_set) & p.sig.mask;
+    if !p.mm.write(&k.ram, &mut k.frames, set, &v.to_le_bytes()) {
+        return Err(libc::EFAULT);
+    }
+    Ok(0)
+}
+
+/// `rt_sigtimedwait(set, info, timeout, size)`: a signal of `set` queued
+/// for the thread at once, else the host's wait (which takes the signal
+/// from the host's queue, its handler not run).
+fn sigtimedwait(k: &mut Kernel, p: &mut Proc, a: [u64; 6]) -> Result<Now, i32> {
+    if a[3] != 8 {
+        return Err(libc::EINVAL);
+    }
+    let mut b = [0u8; 8];
+    if !p.mm.read(&k.ram, &mut k.frames, a[0], &mut b) {
+        return Err(libc::EFAULT);
+    }
+    let set = u64::from_le_bytes(b);
+    let mine = signal::pending() & set;
+    if mine == 0 {
+        let kinds = vec![In(8), Out(128), In(16), Val];
+        return prepare(k, p, 128, &a, kinds).map(|f| Now::Later(Blocked::Forward(f)));
+    }
+    let sig = mine.trailing_zeros() as i32 + 1;
+    let info: Vec<u8> = signal::take(sig)
+        .iter()
+        .flat_map(|w| w.to_le_bytes())
+        .collect();
+    if a[1] != 0 && !p.mm.write(&k.ram, &mut k.frames, a[1], &info) {
+        return Err(libc::EFAULT);
+    }
+    Ok(Now::Value(sig as u64))
+}
+
+/// `rt_sigsuspend(mask, size)`.
+fn sigsuspend(k: &mut Kernel, p: &mut Proc, set: u64, size: u64) -> Result<Blocked, i32> {
+    if size != 8 {
+        return Err(libc::EINVAL);
+    }
+    let mut b = [0u8; 8];
+    if !p.mm.read(&k.ram, &mut k.frames, set, &mut b) {
+        return Err(libc::EFAULT);
+    }
+    let mask = u64::from_le_bytes(b) & !(signal::bit(libc::SIGKILL) | signal::bit(libc::SIGSTOP));
+    Ok(Blocked::Suspend {
+        mask,
+        old: Some(p.sig.mask),
+    })
+}
+
+/// The host address of the user's 4-byte futex word at `va` (in guest
+/// RAM, which every host thread and process of the guest maps), or EFAULT.
+fn futex_word(k: &mut Kernel, p: &mut Proc, va: u64) -> Result<u64, i32> {
+    if !va.is_multiple_of(4) {
+        return Err(libc::EINVAL);
+    }
+    let pieces =
+        p.mm.translate(&k.ram, &mut k.frames, va, 4, false)
+            .map_err(|_| libc::EFAULT)?;
+    match pieces.as_slice() {
+        [(pa, 4)] => Ok(k.ram.ptr(*pa, 4) as u64),
+        _ => Err(libc::EFAULT),
+    }
+}
+
+/// `futex(uaddr, op, val, timeout, uaddr2, val3)`: the host's futex on the
+/// word in guest RAM (shared, as RAM is shared between the guest's host
+/// processes). A wait is [`Now::Later`], made without the lock.
+fn futex(k: &mut Kernel, p: &mut Proc, a: [u64; 6]) -> Result<Now, i32> {
+    const PRIVATE: u64 = 128;
+    const CLOCK_REALTIME: u64 = 256;
+    let (uaddr, op, timeout) = (a[0], a[1], a[3]);
+    let cmd = op & !(PRIVATE | CLOCK_REALTIME);
+    let w = futex_word(k, p, uaddr)?;
+    let host_op = cmd | (op & CLOCK_REALTIME);
+    match cmd {
+        // FUTEX_WAIT, FUTEX_WAIT_BITSET
+        0 | 9 => {
+            let mut buf = Vec::new();
+            let mut tsp = 0;
+            if timeout != 0 {
+                buf = vec![0u8; 16];
+                if !p.mm.read(&k.ram, &mut k.frames, timeout, &mut buf) {
+                    return Err(libc::EFAULT);
+                }
+                tsp = buf.as_ptr() as u64;
+            }
+            Ok(Now::Later(Blocked::Raw {
+                nr: libc::SYS_futex as u64,
+                args: [w, host_op, a[2] as u32 as u64, tsp, 0, a[5] as u32 as u64],
+                iov: Vec::new(),
+                buf,
+            }))
+        }
+        // FUTEX_WAKE, FUTEX_WAKE_BITSET
+        1 | 10 => host(
+            libc::SYS_futex as u64,
+            [w, host_op, a[2] as u32 as u64, 0, 0, a[5] as u32 as u64],
+        )
+        .map(Now::Value),
+        // FUTEX_REQUEUE, FUTEX_CMP_REQUEUE, FUTEX_WAKE_OP
+        3..=5 => {
+            let w2 = futex_word(k, p, a[4])?;
+            host(
+                libc::SYS_futex as u64,
+                [w, host_op, a[2] as u32 as u64, a[3], w2, a[5] as u32 as u64],
+            )
+            .map(Now::Value)
+        }
+        _ => Err(libc::ENOSYS),
+    }
+}
+
+/// The end of a thread that is not the last: its clear-tid word is
+/// zeroed and woken (`CLONE_CHILD_CLEARTID`, `set_tid_address`).
+fn thread_exit(k: &mut Kernel, p: &mut Proc) {
+    p.threads -= 1;
+    let word = p.clear_tid;
+    if word != 0
+        && p.mm.write(&k.ram, &mut k.frames, word, &0u32.to_le_bytes())
+        && let Ok(w) = futex_word(k, p, word)
+    {
+        let _ = host(libc::SYS_futex as u64, [w, 1, 1, 0, 0, 0]);
+    }
 }
 
 /// `arch_prctl`: the FS and GS bases live in the vextframe.
