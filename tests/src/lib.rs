@@ -212,3 +212,23 @@ pub fn eventually(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
     }
     cond()
 }
+
+/// Assert that `under` (a run inside vkrun) printed what `native` did and
+/// ended with the same status, naming `program args` and the inside run's
+/// stderr when not.
+pub fn assert_same_output(program: &Path, args: &[&str], under: &Output, native: &Output) {
+    assert_eq!(
+        text(&under.stdout),
+        text(&native.stdout),
+        "stdout differs for {} {args:?}; stderr inside: {}",
+        program.display(),
+        text(&under.stderr)
+    );
+    assert_eq!(
+        shell_code(under.status),
+        shell_code(native.status),
+        "exit status differs for {} {args:?}; stderr inside: {}",
+        program.display(),
+        text(&under.stderr)
+    );
+}

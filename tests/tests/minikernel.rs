@@ -9,7 +9,9 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use vkrun_tests::{bin, compile_c, require, run, shell_code, skip, text, vkrun};
+use vkrun_tests::{
+    assert_same_output, bin, compile_c, require, run, shell_code, skip, text, vkrun,
+};
 
 /// Run `program args` under vkrun and the minikernel.
 fn inside(program: &Path, args: &[&str]) -> Output {
@@ -25,20 +27,7 @@ fn inside(program: &Path, args: &[&str]) -> Output {
 fn same(program: &Path, args: &[&str]) -> Output {
     let native = run(Command::new(program).args(args));
     let under = inside(program, args);
-    assert_eq!(
-        text(&under.stdout),
-        text(&native.stdout),
-        "stdout differs for {} {args:?}; stderr inside: {}",
-        program.display(),
-        text(&under.stderr)
-    );
-    assert_eq!(
-        shell_code(under.status),
-        shell_code(native.status),
-        "exit status differs for {} {args:?}; stderr inside: {}",
-        program.display(),
-        text(&under.stderr)
-    );
+    assert_same_output(program, args, &under, &native);
     under
 }
 

@@ -7,7 +7,7 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use vkrun_tests::{bin, require, run, shell_code, text, vkrun, workspace_root};
+use vkrun_tests::{assert_same_output, bin, require, run, shell_code, text, vkrun, workspace_root};
 
 /// Run `program args` natively and inside; assert equal stdout and status.
 fn same(program: &Path, args: &[&str]) -> Output {
@@ -23,20 +23,7 @@ fn same_env(program: &Path, args: &[&str], env: &[(&str, &str)]) -> Output {
         .arg(program)
         .args(args)
         .envs(env.iter().copied()));
-    assert_eq!(
-        text(&under.stdout),
-        text(&native.stdout),
-        "stdout differs for {} {args:?}; stderr inside: {}",
-        program.display(),
-        text(&under.stderr)
-    );
-    assert_eq!(
-        shell_code(under.status),
-        shell_code(native.status),
-        "exit status differs for {} {args:?}; stderr inside: {}",
-        program.display(),
-        text(&under.stderr)
-    );
+    assert_same_output(program, args, &under, &native);
     under
 }
 

@@ -75,28 +75,20 @@ pub fn run(env: &mut Env, rep: &mut Report) -> Outcome {
         let id = other.id();
         std::thread::spawn(move || -> Result<u64, String> {
             let mut runs = 0u64;
+            // One RUN that must come back at its `syscall`.
+            let run = |mut tf: vkabi::TrapFrame| -> Result<(), String> {
+                let mut vf = vkabi::VextFrame::default();
+                hypercall::vmspace_ctl(id, vkabi::VMSPACE_CTL_RUN, &mut tf, &mut vf)
+                    .map_err(|e| format!("bystander RUN: {}", errno_text(e)))?;
+                trap(&tf, T_FAST_SYSCALL, None).map_err(|e| format!("bystander: {e}"))
+            };
             while !stop.load(Ordering::Relaxed) {
-                let mut tf = sum;
-                tf.tf_rbx = data;
-                tf.tf_rcx = 2;
-                hypercall::vmspace_ctl(
-                    id,
-                    vkabi::VMSPACE_CTL_RUN,
-                    &mut tf,
-                    &mut vkabi::VextFrame::default(),
-                )
-                .map_err(|e| format!("bystander RUN: {}", errno_text(e)))?;
-                trap(&tf, T_FAST_SYSCALL, None).map_err(|e| format!("bystander: {e}"))?;
-                let mut tf = sys;
-                tf.tf_rax = 39;
-                hypercall::vmspace_ctl(
-                    id,
-                    vkabi::VMSPACE_CTL_RUN,
-                    &mut tf,
-                    &mut vkabi::VextFrame::default(),
-                )
-                .map_err(|e| format!("bystander RUN: {}", errno_text(e)))?;
-                trap(&tf, T_FAST_SYSCALL, None).map_err(|e| format!("bystander: {e}"))?;
+                run(vkabi::TrapFrame {
+                    tf_rbx: data,
+                    tf_rcx: 2,
+                    ..sum
+                })?;
+                run(vkabi::TrapFrame { tf_rax: 39, ..sys })?;
                 runs += 2;
             }
             Ok(runs)
