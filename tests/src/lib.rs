@@ -12,6 +12,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::time::{Duration, Instant};
 
+pub mod uml;
+
 /// How long any single command may run before the test fails.
 pub const DEADLINE: Duration = Duration::from_secs(120);
 
