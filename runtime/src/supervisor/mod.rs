@@ -47,7 +47,7 @@ use crate::trace::TraceWriter;
 use crate::trace::format::{format_exec, format_new_task, format_signal};
 use crate::tracee::Tracer;
 use crate::vmspace::{Interrupted, Vmspaces};
-use crate::vpt::{ContextFaults, SegvAction, Vpt};
+use crate::vpt::{ContextFaults, SegvAction, StopDone, Vpt};
 use crate::{Config, Outcome, resolve_program};
 
 /// Signals sent to vkrun (by `kill`, not by the terminal) that it passes on
@@ -147,11 +147,14 @@ pub fn run(config: Config) -> Result<Outcome, Error> {
             vmspaces: None,
             stop_calls: None,
         };
-        let vpt = Arc::new(Vpt::new(
-            Arc::clone(&sup.ram),
-            Arc::clone(&sup.stats),
-            Arc::clone(&sup.out),
-        ));
+        let vpt = Arc::new(
+            Vpt::new(
+                Arc::clone(&sup.ram),
+                Arc::clone(&sup.stats),
+                Arc::clone(&sup.out),
+            )
+            .map_err(Error::sys("eventfd"))?,
+        );
         sup.vmspaces = Some(Arc::new(
             Vmspaces::new(
                 Arc::clone(&sup.stats),
@@ -229,9 +232,11 @@ impl Supervisor {
     fn event_loop(&mut self) -> Result<Outcome, Error> {
         loop {
             let vmspaces = Arc::clone(self.vmspaces());
+            let vpt = Arc::clone(self.vpt());
             let mut fds = [
                 PollFd::new(self.sigfd.as_fd(), PollFlags::POLLIN),
                 PollFd::new(vmspaces.jobs_fd(), PollFlags::POLLIN),
+                PollFd::new(vpt.finishes_fd(), PollFlags::POLLIN),
             ];
             match poll(&mut fds, PollTimeout::NONE) {
                 Ok(_) | Err(Errno::EINTR) => {}
@@ -240,6 +245,9 @@ impl Supervisor {
             crate::sys::fatal::test_panic_point("tracer");
             if fds[1].any().unwrap_or(false) {
                 vmspaces.run_jobs(&self.tracer);
+            }
+            if fds[2].any().unwrap_or(false) {
+                self.finish_stops(&vpt)?;
             }
             if self.on_signals()? {
                 break;
@@ -334,6 +342,21 @@ impl Supervisor {
         }
     }
 
+    /// End the stops whose agent work a stop worker finished.
+    fn finish_stops(&mut self, vpt: &Vpt) -> Result<(), Error> {
+        for (tid, finish) in vpt.take_finishes() {
+            match finish(&self.tracer) {
+                StopDone::Resumed => {}
+                StopDone::Gone(status) => self.on_wait_status(status)?,
+                StopDone::Deliver(sig) => {
+                    trace_signal(&self.out, tid);
+                    resume(tid, Some(sig));
+                }
+            }
+        }
+        Ok(())
+    }
+
     fn on_wait_status(&mut self, status: WaitStatus) -> Result<(), Error> {
         match status {
             WaitStatus::Exited(pid, code) => self.on_exit(pid, Outcome::Exited(code)),
@@ -347,13 +370,12 @@ impl Supervisor {
             WaitStatus::Stopped(pid, Signal::SIGSEGV) => {
                 self.tracees.insert(pid);
                 let tgid = proc::tgid_of(pid).unwrap_or(pid);
-                match self.vpt().on_sigsegv(&self.tracer, pid, tgid) {
+                match self.vpt().on_sigsegv(pid, tgid) {
                     SegvAction::Deliver => {
                         trace_signal(&self.out, pid);
                         resume(pid, Some(Signal::SIGSEGV));
                     }
-                    SegvAction::Handled(Some(status)) => self.on_wait_status(status)?,
-                    SegvAction::Handled(None) => {}
+                    SegvAction::Deferred => {}
                 }
             }
             WaitStatus::Stopped(pid, sig) => {

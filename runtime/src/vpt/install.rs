@@ -111,6 +111,7 @@ impl Vpt {
             a.res_qword(slot + 24).store(w.master, Ordering::Relaxed);
         }
         a.res_word(RES_NWIN).store(n as u32, Ordering::Release);
+        *lock(&p.ranges) = mm.windows.values().map(|w| (w.start, w.len)).collect();
     }
 
     /// Install RAM `[pa, pa+len)` at `va` in `p`'s guest, keeping the VMA

@@ -18,12 +18,13 @@ use std::time::{Duration, Instant, SystemTime};
 
 use nix::errno::Errno;
 use nix::sys::ptrace;
-use nix::sys::wait::WaitStatus;
+use nix::sys::signal::Signal;
 use nix::unistd::Pid;
 use vkabi::{PGEX_I, PGEX_W};
 use vpte::{Access, GuestVirtAddr, PageIndex, Translation, Vpte, WalkError};
 
 use super::agent::RamRun;
+use super::deferred::StopDone;
 use super::windows::{MmState, PREFAULT_MAX, Poison, Window};
 use super::{PAGE, Process, Space, Vpt, page_down, segv};
 use crate::sys::agent_code::{
@@ -39,8 +40,9 @@ use crate::tracee::Tracer;
 pub enum SegvAction {
     /// Not ours: deliver it unchanged.
     Deliver,
-    /// Handled here (the thread was resumed, or died: the status is given).
-    Handled(Option<WaitStatus>),
+    /// Ours: the thread stays stopped; a finish from
+    /// [`Vpt::take_finishes`](super::Vpt::take_finishes) ends the stop.
+    Deferred,
 }
 
 /// What a fault in a vmspace's context comes to.
@@ -247,8 +249,11 @@ impl Vpt {
 
     /// A `SIGSEGV` stop of `tid`: a write to a read-only install (upgrade it),
     /// an access to a page whose walk failed (deliver the ABI's fault), or
-    /// not ours.
-    pub fn on_sigsegv(&self, tracer: &Tracer, tid: Pid, tgid: Pid) -> SegvAction {
+    /// not ours. On the tracer: it reads the fault (kernel calls only) and
+    /// hands the walk and install, which may wait on the process's agent,
+    /// to the process's stop worker; the thread stays stopped until the
+    /// tracer runs the finish ([`deferred`](super::deferred)).
+    pub fn on_sigsegv(self: &Arc<Self>, tid: Pid, tgid: Pid) -> SegvAction {
         let Some(p) = self.process_of(tgid) else {
             return SegvAction::Deliver;
         };
@@ -266,17 +271,34 @@ impl Vpt {
             mode: Mode::Refused,
             tid,
         };
-        match self.resolve_page(&p, fault) {
+        let me = Arc::clone(self);
+        self.deferred.submit(
+            tgid,
+            tid,
+            Box::new(move || {
+                let resolved = me.resolve_page(&p, fault);
+                Box::new(move |tracer: &Tracer| me.finish_sigsegv(tracer, tid, info.addr, resolved))
+            }),
+        );
+        SegvAction::Deferred
+    }
+
+    /// The tracer's end of a `SIGSEGV` stop, once the walk is done.
+    fn finish_sigsegv(&self, tracer: &Tracer, tid: Pid, addr: u64, resolved: Resolved) -> StopDone {
+        match resolved {
             Resolved::Installed(..) => {
                 // The instruction restarts and now succeeds.
                 let _ = ptrace::cont(tid, None);
-                SegvAction::Handled(None)
+                StopDone::Resumed
             }
             Resolved::Poisoned(poison) | Resolved::Failed(poison) => {
-                self.trace_segv(tid, info.addr, poison.si_code);
-                SegvAction::Handled(segv::deliver_page_fault(tracer, tid, info.addr, poison))
+                self.trace_segv(tid, addr, poison.si_code);
+                match segv::deliver_page_fault(tracer, tid, addr, poison) {
+                    Some(status) => StopDone::Gone(status),
+                    None => StopDone::Resumed,
+                }
             }
-            _ => SegvAction::Deliver,
+            _ => StopDone::Deliver(Signal::SIGSEGV),
         }
     }
 
