@@ -28,7 +28,8 @@ Files: /proc/sys/vm/max_map_count (bounds the host mappings of windows);
 /proc/sys/vm/unprivileged_userfaultfd (kernel-mode faults without root).
 
 Limits: RAM is a multiple of 4096 bytes up to 256T and must fit the host's
-address space; vmspaces need FSGSBASE; at most 56 threads RUN one vmspace.
+address space (checked as the command line is read: 128T of user addresses
+on a 48-bit CPU, less what is mapped already); vmspaces need FSGSBASE; at most 56 threads RUN one vmspace.
 The ABI is docs/ABI.md; `vkrun --version` shows what this host offers.
 
 Diagnostics: -v, -vv, or RUST_LOG=vkrun_runtime=debug.";
@@ -110,8 +111,13 @@ pub struct Cli {
     pub command: Vec<OsString>,
 }
 
+/// A RAM size as `size::parse_size` reads it that this host can also map
+/// (checked now, so a size too large fails as a bad command line, not
+/// after the guest was set up).
 fn parse_ram_size(text: &str) -> Result<u64, size::SizeError> {
-    size::parse_size(text)
+    let size = size::parse_size(text)?;
+    vkrun_runtime::host::ram_fits(size).map_err(size::SizeError::Host)?;
+    Ok(size)
 }
 
 /// The clap definition, for the man page and completions.
