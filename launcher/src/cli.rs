@@ -75,15 +75,26 @@ pub struct Cli {
     #[arg(short = 'o', long = "output", value_name = "FILE")]
     pub output: Option<PathBuf>,
 
-    /// Prefix trace lines with the time of day (-tt: with microseconds).
+    /// Prefix trace lines with the time of day (-tt: with microseconds;
+    /// -ttt: seconds since the epoch, with microseconds).
     #[arg(short = 't', action = ArgAction::Count)]
     pub timestamps: u8,
+
+    /// Prefix trace lines with the time since the previous line.
+    #[arg(short = 'r')]
+    pub relative: bool,
+
+    /// Follow forks and threads (always on, as strace -f); -ff with -o
+    /// FILE writes each task's trace to FILE.TID.
+    #[arg(short = 'f', action = ArgAction::Count)]
+    pub follow: u8,
 
     /// Show the time spent in each traced call.
     #[arg(short = 'T')]
     pub durations: bool,
 
-    /// Print the counters (vm.vpagetable_*, vkrun.*) when the guest ends.
+    /// Print the counters (vm.vpagetable_*, vkrun.*) when the guest ends;
+    /// those that stayed zero only with -v.
     #[arg(long)]
     pub stats: bool,
 

@@ -45,6 +45,8 @@ pub struct Config {
     pub output: Box<dyn Write + Send>,
     /// Print the counters at exit.
     pub stats: bool,
+    /// With `stats`: list the counters that stayed zero too (`-v`).
+    pub stats_zeros: bool,
 }
 
 impl std::fmt::Debug for Config {

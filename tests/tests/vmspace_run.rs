@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
-use vkrun_tests::{DEADLINE, alive, bin, eventually, run, text, vkrun, wait_deadline};
+use vkrun_tests::{DEADLINE, alive, bin, counter, eventually, run, text, vkrun, wait_deadline};
 
 /// Run `vmspace-check area` under vkrun.
 fn vmspace_check(area: &str) -> Output {
@@ -729,15 +729,6 @@ fn runs_with_faults_inside_trace_as_unfinished_and_resumed() {
     }
     assert!(unfinished > 0, "no RUN with a fault inside:\n{err}");
     assert_eq!(unfinished, resumed, "{err}");
-}
-
-/// The value of counter `name` in `--stats` output.
-fn counter(stats: &str, name: &str) -> u64 {
-    stats
-        .lines()
-        .find_map(|l| l.strip_prefix(&format!("{name}: ")))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no counter {name}:\n{stats}"))
 }
 
 #[test]

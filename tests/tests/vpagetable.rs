@@ -7,7 +7,7 @@
 use std::path::Path;
 use std::process::Command;
 
-use vkrun_tests::{bin, compile_c, run, text, vkrun, workspace_root};
+use vkrun_tests::{bin, compile_c, counter, run, text, vkrun, workspace_root};
 
 /// Run `vpt-demo ARGS` under `vkrun -m MEM`; assert exit 0 and no FAIL line;
 /// return stdout.
@@ -354,15 +354,6 @@ fn hex_numbers(line: &str) -> impl Iterator<Item = u64> + '_ {
     })
 }
 
-/// The value of counter `name` in `--stats` output.
-fn stat(log: &str, name: &str) -> u64 {
-    let prefix = format!("{name}: ");
-    log.lines()
-        .find_map(|l| l.strip_prefix(&prefix))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no counter {name} in:\n{log}"))
-}
-
 #[test]
 
 fn alias_counts_and_traces_its_faults() {
@@ -385,9 +376,9 @@ fn alias_counts_and_traces_its_faults() {
         .unwrap_or_else(|| panic!("no window address in:\n{stdout}"));
     let log = std::fs::read_to_string(Path::new(&log_path)).expect("trace file");
 
-    assert!(stat(&log, "vm.vpagetable_mmap") >= 1, "{log}");
-    assert!(stat(&log, "vm.vpagetable_setmap") >= 1, "{log}");
-    let faults = stat(&log, "vm.vpagetable_faults");
+    assert!(counter(&log, "vm.vpagetable_mmap") >= 1, "{log}");
+    assert!(counter(&log, "vm.vpagetable_setmap") >= 1, "{log}");
+    let faults = counter(&log, "vm.vpagetable_faults");
     assert!(faults >= 16, "16 pages, each touched: {log}");
 
     // One trace line per fault, naming the faulting address.

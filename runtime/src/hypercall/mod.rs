@@ -27,7 +27,7 @@ use crate::error::{CallError, TraceeError, raw_result};
 use crate::stats::Stats;
 use crate::sys::{kcmp, lock, proc};
 use crate::trace::TraceWriter;
-use crate::trace::format::format_call_result;
+use crate::trace::format::{format_call_result, format_result, returns_address};
 use crate::tracee::Tracer;
 use crate::tracee::inject::Injector;
 use crate::vmspace::Vmspaces;
@@ -151,6 +151,7 @@ fn account(
     result: Result<i64, Errno>,
     when: Option<SystemTime>,
     took: Option<std::time::Duration>,
+    shown: Option<&str>,
 ) {
     stats.count_hypercall(h, result.is_err());
     let Some(when) = when else {
@@ -158,7 +159,10 @@ fn account(
     };
     let mut trace = lock(trace);
     if trace.set().hypercall(h) {
-        let text = format_call_result(h, nr, args, result);
+        let text = match shown {
+            Some(call) => format!("{call} {}", format_result(result, returns_address(h))),
+            None => format_call_result(h, nr, args, result),
+        };
         trace.line(tid, when, &text, took);
     }
 }
@@ -230,6 +234,7 @@ impl StopCalls {
             result,
             Some(when),
             None,
+            None,
         );
         match inj.finish(raw_result(result)) {
             Ok(()) => StopOutcome {
@@ -286,6 +291,7 @@ impl StopCalls {
                         args,
                         result,
                         Some(when),
+                        None,
                         None,
                     );
                     match inj.finish(raw_result(result)) {

@@ -74,6 +74,7 @@ pub fn run(config: Config) -> Result<Outcome, Error> {
         trace: trace_options,
         output,
         stats: want_stats,
+        stats_zeros,
     } = config;
     crate::sys::fatal::install_panic_hook();
     let path = resolve_program(&program)?;
@@ -180,7 +181,7 @@ pub fn run(config: Config) -> Result<Outcome, Error> {
         }
         let mut out = lock(&sup.out);
         if want_stats {
-            out.write(sup.stats.render().as_bytes());
+            out.write(sup.stats.render(stats_zeros).as_bytes());
         }
         out.flush();
         result
