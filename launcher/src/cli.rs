@@ -94,6 +94,25 @@ pub struct Cli {
     #[arg(short = 'v', long, action = ArgAction::Count)]
     pub verbose: u8,
 
+    /// Serve gdb on ADDR: 127.0.0.1:PORT, :PORT or PORT (loopback only;
+    /// port 0 picks a free one), or a Unix socket path (anything with a
+    /// /). The guest waits at its first instruction until gdb attaches
+    /// (`target remote ADDR`); vkrun prints where it listens.
+    #[arg(long = "gdb", value_name = "ADDR", value_parser = parse_gdb_addr)]
+    pub gdb: Option<vkrun_runtime::GdbAddr>,
+
+    /// With --gdb: yes (the default) holds the guest at its start until gdb
+    /// attaches; no lets it run, and gdb stops it when it attaches.
+    #[arg(
+        long = "gdb-wait",
+        value_name = "WHEN",
+        default_value = "yes",
+        hide_default_value = true,
+        value_parser = ["yes", "no"],
+        requires = "gdb"
+    )]
+    pub gdb_wait: String,
+
     /// Print the version, the git commit, the ABI version and what this
     /// host offers vkrun (FSGSBASE, SYNC_WAKE_UP, userfaultfd kernel
     /// faults, vm.max_map_count), then exit.
@@ -108,6 +127,10 @@ pub struct Cli {
         trailing_var_arg = true
     )]
     pub command: Vec<OsString>,
+}
+
+fn parse_gdb_addr(text: &str) -> Result<vkrun_runtime::GdbAddr, String> {
+    vkrun_runtime::GdbAddr::parse(text)
 }
 
 fn parse_ram_size(text: &str) -> Result<u64, size::SizeError> {

@@ -214,6 +214,10 @@ fn run(cli: Cli) -> ExitStatus {
         },
         output,
         stats: cli.stats,
+        gdb: cli.gdb.map(|addr| vkrun_runtime::GdbOptions {
+            addr,
+            wait: cli.gdb_wait == "yes",
+        }),
     };
     match vkrun_runtime::run(config) {
         Ok(outcome) => {

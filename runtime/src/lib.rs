@@ -9,6 +9,7 @@
 #![deny(unsafe_code)]
 
 mod error;
+mod gdb;
 pub mod host;
 mod hypercall;
 pub mod ram;
@@ -28,6 +29,7 @@ use std::path::PathBuf;
 use nix::sys::signal::Signal;
 
 pub use error::Error;
+pub use gdb::{GdbAddr, GdbOptions};
 pub use supervisor::run;
 pub use tracee::remote;
 
@@ -45,6 +47,8 @@ pub struct Config {
     pub output: Box<dyn Write + Send>,
     /// Print the counters at exit.
     pub stats: bool,
+    /// Serve gdb (`--gdb`); `None` costs nothing.
+    pub gdb: Option<GdbOptions>,
 }
 
 impl std::fmt::Debug for Config {
@@ -55,6 +59,7 @@ impl std::fmt::Debug for Config {
             .field("ram_size", &self.ram_size)
             .field("trace", &self.trace)
             .field("stats", &self.stats)
+            .field("gdb", &self.gdb)
             .finish_non_exhaustive()
     }
 }
