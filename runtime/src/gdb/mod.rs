@@ -441,8 +441,10 @@ impl Gdb {
         self.phase = Phase::Detached;
         match reason {
             DisconnectReason::Kill => {
-                self.inf.remove_all_breakpoints();
-                self.inf.orders.push(Order::KillAll);
+                if !self.inf.orders.contains(&Order::KillAll) {
+                    self.inf.remove_all_breakpoints();
+                    self.inf.orders.push(Order::KillAll);
+                }
             }
             DisconnectReason::Disconnect => self.inf.release_all(),
             DisconnectReason::TargetExited(_) | DisconnectReason::TargetTerminated(_) => {

@@ -22,6 +22,10 @@ use gdbstub::target::ext::breakpoints::{
     Breakpoints, BreakpointsOps, SwBreakpoint, SwBreakpointOps,
 };
 use gdbstub::target::ext::exec_file::{ExecFile, ExecFileOps};
+use gdbstub::target::ext::extended_mode::{
+    Args, AttachKind, CurrentActivePid, CurrentActivePidOps, ExtendedMode, ExtendedModeOps,
+    ShouldTerminate,
+};
 use gdbstub::target::ext::monitor_cmd::{ConsoleOutput, MonitorCmd, MonitorCmdOps};
 use gdbstub::target::{Target, TargetError, TargetResult};
 use nix::errno::Errno;
@@ -265,6 +269,10 @@ impl Target for Inferior {
     fn support_monitor_cmd(&mut self) -> Option<MonitorCmdOps<'_, Self>> {
         Some(self)
     }
+
+    fn support_extended_mode(&mut self) -> Option<ExtendedModeOps<'_, Self>> {
+        Some(self)
+    }
 }
 
 impl MultiThreadBase for Inferior {
@@ -466,6 +474,49 @@ impl Auxv for Inferior {
     fn get_auxv(&self, offset: u64, length: usize, buf: &mut [u8]) -> TargetResult<usize, Self> {
         let auxv = std::fs::read(format!("/proc/{}/auxv", self.main)).map_err(TargetError::Io)?;
         Ok(window(&auxv, offset, length, buf))
+    }
+}
+
+/// Only for what it brings to `target remote`: the guest's real pid in
+/// thread ids, and `kill` answered as gdb expects. vkrun runs one guest,
+/// so `run` and `attach` are refused.
+impl ExtendedMode for Inferior {
+    fn run(
+        &mut self,
+        _file: Option<&[u8]>,
+        _args: Args<'_, '_>,
+    ) -> TargetResult<gdbstub::common::Pid, Self> {
+        Err(TargetError::Errno(libc::EPERM as u8))
+    }
+
+    fn attach(&mut self, _pid: gdbstub::common::Pid) -> TargetResult<(), Self> {
+        Err(TargetError::Errno(libc::EPERM as u8))
+    }
+
+    /// "Attached": quitting gdb detaches and the guest runs on under
+    /// vkrun, as a machine under QEMU's `-s` does.
+    fn query_if_attached(&mut self, _pid: gdbstub::common::Pid) -> TargetResult<AttachKind, Self> {
+        Ok(AttachKind::Attach)
+    }
+
+    fn kill(&mut self, _pid: Option<gdbstub::common::Pid>) -> TargetResult<ShouldTerminate, Self> {
+        self.remove_all_breakpoints();
+        self.orders.push(Order::KillAll);
+        Ok(ShouldTerminate::Yes)
+    }
+
+    fn restart(&mut self) -> Result<(), Self::Error> {
+        Err("vkrun cannot restart the guest")
+    }
+
+    fn support_current_active_pid(&mut self) -> Option<CurrentActivePidOps<'_, Self>> {
+        Some(self)
+    }
+}
+
+impl CurrentActivePid for Inferior {
+    fn current_active_pid(&mut self) -> Result<gdbstub::common::Pid, Self::Error> {
+        NonZeroUsize::new(self.main.as_raw() as usize).ok_or("no main process")
     }
 }
 
