@@ -21,6 +21,11 @@ mcontrol, vmspace_create, ...), %vkernel (every hypercall), faults, runs,
 process (fork, vfork, clone, execve),
 all, none; comma-separated; a leading ! inverts the set.
 
+Debugging: --gdb 127.0.0.1:1234 (or a socket path) serves gdb's remote
+protocol; the guest waits at its first instruction for
+`gdb -ex 'target remote :1234'`. All guest threads and processes are
+shown; when one stops, all stop. Quitting gdb detaches. Loopback only.
+
 Environment: RUST_LOG (diagnostics filter, e.g. vkrun_runtime=debug);
 PATH (where a GUEST without a / is looked up).
 
