@@ -216,6 +216,49 @@ fn info_threads_lists_every_guest_thread() {
 }
 
 #[test]
+fn a_breakpoint_while_another_thread_runs_stops_it_and_its_run_restarts() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let Some(prog) = guest(dir.path()) else {
+        return;
+    };
+    let served = serve("127.0.0.1:0", &[], &prog, &["run"]);
+    let gdb = served.gdb(&[
+        "break bump",
+        "continue",
+        "thread 2",
+        "bt 1",
+        "print runs",
+        "shell sleep 0.5",
+        "print runs",
+        "delete",
+        "continue",
+    ]);
+    let log = both(&gdb);
+    let (out, err) = served.finish();
+    assert!(log.contains("hit Breakpoint 1, bump (n=1)"), "{log}");
+    // The runner sits in its RUN hypercall, stopped with everyone.
+    assert!(log.contains("in vk_syscall6 ("), "{log}");
+    let value = |name: &str| {
+        log.lines()
+            .find_map(|l| l.strip_prefix(&format!("{name} = ")))
+            .unwrap_or_else(|| panic!("{name} in {log}"))
+            .to_owned()
+    };
+    assert_eq!(
+        value("$1"),
+        value("$2"),
+        "no RUN completes while stopped: {log}"
+    );
+    // Every RUN, the interrupted one included, returned what its user code did.
+    assert!(
+        text(&out.stdout).contains("runs ok"),
+        "{}{err}",
+        text(&out.stdout)
+    );
+    assert_eq!(shell_code(out.status), 7);
+}
+
+#[test]
 fn signals_stop_or_pass_as_gdb_is_told() {
     let dir = tempfile::tempdir().expect("tempdir");
     let Some(prog) = guest(dir.path()) else {
