@@ -139,6 +139,37 @@ fn break_read_step_write_and_continue_to_exit() {
 }
 
 #[test]
+fn a_hardware_watchpoint_stops_where_the_variable_changes() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let Some(prog) = guest(dir.path()) else {
+        return;
+    };
+    let served = serve("127.0.0.1:0", &[], &prog, &[]);
+    let gdb = served.gdb(&[
+        "break main",
+        "continue",
+        "watch counter",
+        "continue",
+        "continue",
+        "delete",
+        "continue",
+    ]);
+    let log = both(&gdb);
+    let (out, _) = served.finish();
+    assert!(log.contains("Hardware watchpoint 2: counter"), "{log}");
+    assert!(
+        log.contains("Old value = 0\nNew value = 2\nbump (n=1)"),
+        "{log}"
+    );
+    assert!(
+        log.contains("Old value = 2\nNew value = 6\nbump (n=2)"),
+        "{log}"
+    );
+    assert!(log.contains("exited with code 07"), "{log}");
+    assert_eq!(shell_code(out.status), 7);
+}
+
+#[test]
 fn unix_socket_finds_the_executable_and_registers_agree_with_ptrace() {
     let dir = tempfile::tempdir().expect("tempdir");
     let Some(prog) = guest(dir.path()) else {

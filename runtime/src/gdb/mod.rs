@@ -17,6 +17,7 @@
 
 mod regs;
 mod target;
+mod watch;
 
 use std::io::{ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -557,6 +558,15 @@ impl Gdb {
                 if ptrace::setregs(pid, regs).is_ok() {
                     return Some(MultiThreadStopReason::SwBreak(t));
                 }
+            }
+            if code == libc::TRAP_HWBKPT
+                && let Some(w) = self.inf.watch.hit(pid)
+            {
+                return Some(MultiThreadStopReason::Watch {
+                    tid: t,
+                    kind: w.kind,
+                    addr: w.addr,
+                });
             }
             if self.inf.stepping.contains(&pid) {
                 return Some(MultiThreadStopReason::SignalWithThread {

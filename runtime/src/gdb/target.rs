@@ -19,7 +19,8 @@ use gdbstub::target::ext::base::multithread::{
     MultiThreadSchedulerLockingOps, MultiThreadSingleStep, MultiThreadSingleStepOps,
 };
 use gdbstub::target::ext::breakpoints::{
-    Breakpoints, BreakpointsOps, SwBreakpoint, SwBreakpointOps,
+    Breakpoints, BreakpointsOps, HwWatchpoint, HwWatchpointOps, SwBreakpoint, SwBreakpointOps,
+    WatchKind,
 };
 use gdbstub::target::ext::exec_file::{ExecFile, ExecFileOps};
 use gdbstub::target::ext::extended_mode::{
@@ -34,6 +35,7 @@ use nix::sys::signal::Signal;
 use nix::unistd::Pid;
 
 use super::regs::{Amd64Linux, ThreadRegs, from_gdb};
+use super::watch::{Watch, Watchpoints};
 use crate::sys::proc;
 use crate::tracee::Tracer;
 
@@ -100,6 +102,11 @@ pub struct Inferior {
     pub stepping: BTreeSet<Pid>,
     /// Inserted software breakpoints: address and the byte under the `int3`.
     pub breakpoints: BTreeMap<u64, u8>,
+    /// Hardware watchpoints, set in every guest thread of the main process.
+    pub watch: Watchpoints,
+    /// Whether a watchpoint was ever set: then each resumed thread gets
+    /// the debug registers of now (new threads included).
+    watch_used: bool,
     actions: BTreeMap<Pid, Action>,
     /// gdb's scheduler-locking: threads without an action stay stopped.
     lock_others: bool,
@@ -130,6 +137,8 @@ impl Inferior {
             stopping: BTreeSet::new(),
             stepping: BTreeSet::new(),
             breakpoints: BTreeMap::new(),
+            watch: Watchpoints::default(),
+            watch_used: false,
             actions: BTreeMap::new(),
             lock_others: false,
             orders: Vec::new(),
@@ -171,6 +180,8 @@ impl Inferior {
     /// one gdb would pass (not its own `SIGTRAP`, not the `SIGINT` of ^C).
     pub fn release_all(&mut self) {
         self.remove_all_breakpoints();
+        self.watch = Watchpoints::default();
+        self.apply_watch();
         self.stepping.clear();
         for (pid, held) in std::mem::take(&mut self.held) {
             let (signal, at_signal) = match held {
@@ -204,6 +215,22 @@ impl Inferior {
         for (addr, byte) in &self.breakpoints {
             let _ = poke(child, *addr, &[*byte]);
         }
+    }
+
+    /// Give every held thread of the main process the debug registers of
+    /// now. Returns false if a thread refused them.
+    fn apply_watch(&self) -> bool {
+        if !self.watch_used {
+            return true;
+        }
+        let mut ok = true;
+        for t in self.held.keys().filter(|t| self.same_mm_as_main(**t)) {
+            if let Err(errno) = self.watch.apply(*t) {
+                tracing::debug!(%t, %errno, "setting debug registers failed");
+                ok = false;
+            }
+        }
+        ok
     }
 
     fn same_mm_as_main(&self, t: Pid) -> bool {
@@ -331,6 +358,7 @@ impl MultiThreadBase for Inferior {
 
 impl MultiThreadResume for Inferior {
     fn resume(&mut self) -> Result<(), Self::Error> {
+        self.apply_watch();
         let actions = std::mem::take(&mut self.actions);
         let held: Vec<(Pid, Held)> = self.held.iter().map(|(p, h)| (*p, *h)).collect();
         for (t, h) in held {
@@ -413,6 +441,43 @@ impl MultiThreadSchedulerLocking for Inferior {
 impl Breakpoints for Inferior {
     fn support_sw_breakpoint(&mut self) -> Option<SwBreakpointOps<'_, Self>> {
         Some(self)
+    }
+
+    fn support_hw_watchpoint(&mut self) -> Option<HwWatchpointOps<'_, Self>> {
+        Some(self)
+    }
+}
+
+impl HwWatchpoint for Inferior {
+    fn add_hw_watchpoint(
+        &mut self,
+        addr: u64,
+        len: u64,
+        kind: WatchKind,
+    ) -> TargetResult<bool, Self> {
+        let w = Watch { addr, len, kind };
+        if !self.watch.insert(w) {
+            return Ok(false);
+        }
+        self.watch_used = true;
+        if !self.apply_watch() {
+            // The kernel refused it (an address it will not watch).
+            self.watch.remove(w);
+            self.apply_watch();
+            return Ok(false);
+        }
+        Ok(true)
+    }
+
+    fn remove_hw_watchpoint(
+        &mut self,
+        addr: u64,
+        len: u64,
+        kind: WatchKind,
+    ) -> TargetResult<bool, Self> {
+        let removed = self.watch.remove(Watch { addr, len, kind });
+        self.apply_watch();
+        Ok(removed)
     }
 }
 
