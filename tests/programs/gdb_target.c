@@ -6,6 +6,7 @@
  * has a thread RUN user code in a vmspace, back to back, while main
  * reaches bump. */
 #define _GNU_SOURCE
+#include <errno.h>
 #include <pthread.h>
 #include <signal.h>
 #include <stdio.h>
@@ -87,6 +88,12 @@ static void *runner(void *arg) {
     return ok;
 }
 
+/* A hypercall vkrun serves at a tracer stop (vmspace_destroy of a vmspace
+ * that does not exist: ENOENT), for single-stepping over. */
+int probe(void) {
+    return vmspace_destroy(&vmspace_token);
+}
+
 static void on_segv(int sig, siginfo_t *info, void *uc) {
     (void)sig; (void)uc;
     faults++;
@@ -133,6 +140,9 @@ int main(int argc, char **argv) {
         if (!ok)
             return 3;
         printf("runs ok\n");
+    } else if (strcmp(mode, "probe") == 0) {
+        if (probe() == 0 || errno != ENOENT)
+            return 4;
     } else if (strcmp(mode, "spin") == 0) {
         for (;;)
             bump(0);

@@ -170,6 +170,31 @@ fn a_hardware_watchpoint_stops_where_the_variable_changes() {
 }
 
 #[test]
+fn stepping_over_a_hypercall_served_at_a_tracer_stop_stays_a_step() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let Some(prog) = guest(dir.path()) else {
+        return;
+    };
+    // 300 single steps from probe(): through vmspace_destroy's `syscall`
+    // (served at a seccomp stop) and on; a lost step would let the guest
+    // run to its end before the loop does.
+    let script = dir.path().join("steps.gdb");
+    std::fs::write(
+        &script,
+        "break probe\ncontinue\nset $i = 0\nwhile $i < 300\nstepi\nset $i = $i + 1\nend\nprint $i\ndelete\ncontinue\n",
+    )
+    .expect("write the script");
+    let served = serve("127.0.0.1:0", &[], &prog, &["probe"]);
+    let gdb = served.gdb(&[&format!("source {}", script.display())]);
+    let log = both(&gdb);
+    let (out, _) = served.finish();
+    assert!(log.contains("$1 = 300\n"), "{log}");
+    assert!(!log.contains("not being run"), "{log}");
+    assert!(log.contains("exited with code 07"), "{log}");
+    assert_eq!(shell_code(out.status), 7, "probe() got ENOENT");
+}
+
+#[test]
 fn unix_socket_finds_the_executable_and_registers_agree_with_ptrace() {
     let dir = tempfile::tempdir().expect("tempdir");
     let Some(prog) = guest(dir.path()) else {

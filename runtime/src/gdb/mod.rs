@@ -588,6 +588,18 @@ impl Gdb {
         if !self.inf.threads.contains(&pid) {
             return Verdict::Pass;
         }
+        if matches!(self.phase, Phase::Running) && self.inf.stepping.remove(&pid) {
+            // A step over a hypercall served at a tracer stop ends here
+            // (the supervisor interrupted the thread as it resumed it).
+            self.inf.held.insert(pid, Held::Event);
+            self.phase = Phase::Stopping(MultiThreadStopReason::SignalWithThread {
+                tid: tid(pid),
+                signal: regs::to_gdb(Signal::SIGTRAP),
+            });
+            self.inf.stop_all();
+            self.progress();
+            return Verdict::Held;
+        }
         match self.phase {
             Phase::Detached | Phase::Running if !self.inf.stopping.contains(&pid) => {
                 return Verdict::Pass;
@@ -598,6 +610,11 @@ impl Gdb {
         self.inf.held.insert(pid, Held::Event);
         self.progress();
         Verdict::Held
+    }
+
+    /// Whether gdb single-steps `pid` now.
+    pub fn is_stepping(&self, pid: Pid) -> bool {
+        self.inf.stepping.contains(&pid)
     }
 
     /// A forked child: take the stub's breakpoints out of its copy of the

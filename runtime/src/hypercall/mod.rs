@@ -184,7 +184,11 @@ pub struct StopCalls {
 impl StopCalls {
     /// Serve the hypercall `pid` is stopped at (`PTRACE_EVENT_SECCOMP`) and
     /// resume it with the result.
-    pub fn at_stop(&self, tracer: &Tracer, pid: Pid) -> StopOutcome {
+    ///
+    /// With `then_stop` (gdb single-steps the thread over the call) the
+    /// thread is interrupted before it is resumed: it stops
+    /// (`PTRACE_EVENT_STOP`) right after the `syscall`, as the step would.
+    pub fn at_stop(&self, tracer: &Tracer, pid: Pid, then_stop: bool) -> StopOutcome {
         let outcome = |e: TraceeError, new_threads| match e {
             TraceeError::Gone(gone) => StopOutcome {
                 new_threads,
@@ -225,6 +229,9 @@ impl StopCalls {
             Some(when),
             None,
         );
+        if then_stop && let Err(errno) = nix::sys::ptrace::interrupt(pid) {
+            tracing::debug!(%pid, %errno, "PTRACE_INTERRUPT after a stepped hypercall failed");
+        }
         match inj.finish(raw_result(result)) {
             Ok(()) => StopOutcome {
                 new_threads,

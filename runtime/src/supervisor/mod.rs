@@ -420,7 +420,8 @@ impl Supervisor {
             e if e == Event::PTRACE_EVENT_SECCOMP as i32 => {
                 // A `TracerStop` hypercall (see the hypercall table).
                 let calls = self.stop_calls.as_ref().expect("set before the event loop");
-                let outcome = calls.at_stop(&self.tracer, pid);
+                let stepping = self.gdb.as_ref().is_some_and(|g| g.is_stepping(pid));
+                let outcome = calls.at_stop(&self.tracer, pid, stepping);
                 self.tracees.extend(outcome.new_threads);
                 if let Some(status) = outcome.gone {
                     self.on_wait_status(status)?;
