@@ -107,7 +107,9 @@ pub struct Cli {
     pub gdb: Option<vkrun_runtime::GdbAddr>,
 
     /// With --gdb: yes (the default) holds the guest at its start until gdb
-    /// attaches; no lets it run, and gdb stops it when it attaches.
+    /// attaches; no lets it run, and gdb stops it when it attaches. With no
+    /// gdb attached, a thread about to crash (SIGSEGV, SIGABRT, ...) waits
+    /// for gdb; ^C or a kill of vkrun ends any wait.
     #[arg(
         long = "gdb-wait",
         value_name = "WHEN",

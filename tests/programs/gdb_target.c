@@ -143,6 +143,8 @@ int main(int argc, char **argv) {
     } else if (strcmp(mode, "probe") == 0) {
         if (probe() == 0 || errno != ENOENT)
             return 4;
+    } else if (strcmp(mode, "crash") == 0) {
+        *(volatile int *)page = 1; /* page is NULL: SIGSEGV, no handler */
     } else if (strcmp(mode, "spin") == 0) {
         for (;;)
             bump(0);

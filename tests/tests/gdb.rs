@@ -444,6 +444,59 @@ fn gdb_wait_no_runs_the_guest_until_gdb_attaches() {
 }
 
 #[test]
+fn a_fatal_signal_without_gdb_waits_for_gdb_post_mortem() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let Some(prog) = guest(dir.path()) else {
+        return;
+    };
+    let served = serve("127.0.0.1:0", &["--gdb-wait=no"], &prog, &["crash"]);
+    let line = served
+        .stderr
+        .recv_timeout(Duration::from_secs(30))
+        .expect("vkrun says the guest waits");
+    assert!(
+        line.starts_with("vkrun: gdb: SIGSEGV in thread ") && line.contains("waiting for gdb"),
+        "{line}"
+    );
+    let gdb = served.gdb(&["bt 1", "print page", "continue"]);
+    let log = both(&gdb);
+    let (out, err) = served.finish();
+    assert!(log.contains("page is NULL"), "the faulting line: {log}");
+    assert!(log.contains("$1 = 0x0"), "{log}");
+    assert!(
+        log.contains("Program terminated with signal SIGSEGV"),
+        "{log}"
+    );
+    assert_eq!(shell_code(out.status), 128 + 11);
+    assert!(err.contains("guest killed by SIGSEGV"), "{err}");
+}
+
+#[test]
+fn a_guest_waiting_for_gdb_still_ends_on_a_signal_to_vkrun() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let Some(prog) = guest(dir.path()) else {
+        return;
+    };
+    let served = serve("127.0.0.1:0", &[], &prog, &["spin"]);
+    let pid = nix::unistd::Pid::from_raw(served.vkrun.id() as i32);
+    // Once the guest waits at its first instruction (it has exec'd).
+    let children = format!("/proc/{pid}/task/{pid}/children");
+    assert!(
+        eventually(Duration::from_secs(30), || {
+            std::fs::read_to_string(&children)
+                .unwrap_or_default()
+                .split_whitespace()
+                .any(|c| std::fs::read_link(format!("/proc/{c}/exe")).is_ok_and(|e| e == prog))
+        }),
+        "the guest started"
+    );
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).expect("kill vkrun");
+    let (out, err) = served.finish();
+    assert_eq!(shell_code(out.status), 128 + 15, "{err}");
+    assert!(err.contains("no longer waiting for gdb"), "{err}");
+}
+
+#[test]
 fn gdb_addresses_are_loopback_only() {
     let out = run(vkrun().args(["--gdb", "0.0.0.0:1234", "/bin/true"]));
     assert_eq!(shell_code(out.status), 2);

@@ -182,6 +182,8 @@ pub struct Gdb {
     phase: Phase,
     /// `--gdb-wait`: hold the guest at its start until gdb attaches.
     wait: bool,
+    /// Where the stub listens, for messages.
+    addr: String,
 }
 
 impl std::fmt::Debug for Gdb {
@@ -201,6 +203,18 @@ pub enum Verdict {
     Pass,
 }
 
+/// Whether `sig` is a crash that ends `pid`'s process: a fault or an
+/// abort (a core-dumping signal a program raises on itself, not one sent
+/// to stop it), neither caught nor ignored (signal(7)).
+fn is_fatal(pid: Pid, sig: Signal) -> bool {
+    use Signal::*;
+    matches!(
+        sig,
+        SIGSEGV | SIGBUS | SIGILL | SIGFPE | SIGABRT | SIGSYS | SIGTRAP
+    ) && !crate::sys::proc::catches(pid, sig as i32)
+        && !crate::sys::proc::ignores(pid, sig as i32)
+}
+
 fn say(text: &str) {
     let _ = std::io::stderr().write_all(format!("vkrun: {text}\n").as_bytes());
 }
@@ -215,18 +229,18 @@ impl Gdb {
         main: Pid,
         exe: PathBuf,
     ) -> std::io::Result<Gdb> {
-        let listener = match &opts.addr {
+        let (listener, addr) = match &opts.addr {
             GdbAddr::Tcp(addr) => {
                 let l = TcpListener::bind(addr)?;
-                say(&format!("gdb: listening on {}", l.local_addr()?));
-                Listener::Tcp(l)
+                let addr = l.local_addr()?.to_string();
+                (Listener::Tcp(l), addr)
             }
             GdbAddr::Unix(path) => {
                 let l = UnixListener::bind(path)?;
-                say(&format!("gdb: listening on {}", path.display()));
-                Listener::Unix(l, path.clone())
+                (Listener::Unix(l, path.clone()), path.display().to_string())
             }
         };
+        say(&format!("gdb: listening on {addr}"));
         match &listener {
             Listener::Tcp(l) => l.set_nonblocking(true)?,
             Listener::Unix(l, _) => l.set_nonblocking(true)?,
@@ -238,6 +252,7 @@ impl Gdb {
             peer: None,
             phase: Phase::Detached,
             wait: opts.wait,
+            addr,
         })
     }
 
@@ -496,6 +511,23 @@ impl Gdb {
             return Verdict::Pass;
         }
         let reason = match self.phase {
+            Phase::Detached if is_fatal(pid, sig) => {
+                // Post mortem: the thread waits at its fatal signal for gdb,
+                // which finds it there; continuing delivers the signal.
+                say(&format!(
+                    "gdb: {} in thread {pid}: waiting for gdb on {}",
+                    sig.as_str(),
+                    self.addr
+                ));
+                self.inf.held.insert(
+                    pid,
+                    Held::Signal {
+                        sig,
+                        reported: false,
+                    },
+                );
+                return Verdict::Held;
+            }
             Phase::Detached => return Verdict::Pass,
             Phase::Stopped => {
                 // Cannot happen (all are held), but never lose a signal.
@@ -610,6 +642,21 @@ impl Gdb {
         self.inf.held.insert(pid, Held::Event);
         self.progress();
         Verdict::Held
+    }
+
+    /// vkrun got a signal it passes to the guest (^C, `kill`): a guest
+    /// waiting for gdb (at its start, or at a fatal signal) stops waiting,
+    /// so that the signal can act and nothing hangs.
+    pub fn on_signal_to_vkrun(&mut self) {
+        if !matches!(self.phase, Phase::Detached) {
+            return;
+        }
+        if !self.inf.held.is_empty() || self.wait {
+            say("gdb: no longer waiting for gdb");
+        }
+        // A guest not at its start yet does not wait there either.
+        self.wait = false;
+        self.inf.release_all();
     }
 
     /// Whether gdb single-steps `pid` now.

@@ -309,6 +309,10 @@ impl Supervisor {
             match self.sigfd.read_signal() {
                 Ok(Some(info)) => {
                     let sig = Signal::try_from(info.ssi_signo as i32).ok();
+                    if sig.is_some_and(|s| s != Signal::SIGCHLD) {
+                        // ^C or kill of vkrun while the guest waits for gdb.
+                        self.with_gdb(Gdb::on_signal_to_vkrun);
+                    }
                     match sig {
                         Some(Signal::SIGCHLD) => reap = true,
                         Some(sig) if info.ssi_code != SI_KERNEL => self.forward(sig),
