@@ -14,6 +14,7 @@
 #include <string.h>
 #include <stdint.h>
 #include <sys/mman.h>
+#include <sys/wait.h>
 #include <unistd.h>
 #include "vkernel.h"
 
@@ -143,6 +144,17 @@ int main(int argc, char **argv) {
     } else if (strcmp(mode, "probe") == 0) {
         if (probe() == 0 || errno != ENOENT)
             return 4;
+    } else if (strcmp(mode, "fork") == 0) {
+        pid_t child = fork();
+        if (child == 0) {
+            bump(100); /* the child's copy of the breakpoint is gone */
+            _exit(counter == 200 ? 0 : 1);
+        }
+        int status;
+        waitpid(child, &status, 0);
+        if (!WIFEXITED(status) || WEXITSTATUS(status) != 0)
+            return 5;
+        printf("child ok\n");
     } else if (strcmp(mode, "crash") == 0) {
         *(volatile int *)page = 1; /* page is NULL: SIGSEGV, no handler */
     } else if (strcmp(mode, "spin") == 0) {

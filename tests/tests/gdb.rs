@@ -444,6 +444,35 @@ fn gdb_wait_no_runs_the_guest_until_gdb_attaches() {
 }
 
 #[test]
+fn a_forked_child_runs_free_of_the_parents_breakpoints() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let Some(prog) = guest(dir.path()) else {
+        return;
+    };
+    let served = serve("127.0.0.1:0", &[], &prog, &["fork"]);
+    let gdb = served.gdb(&[
+        "break bump",
+        "continue",
+        "continue",
+        "print n",
+        "delete",
+        "continue",
+    ]);
+    let log = both(&gdb);
+    let (out, _) = served.finish();
+    // gdb follows the parent: the child's bump(100) does not stop, and
+    // the child's memory has no int3 left in it (it checks its counter).
+    assert!(!log.contains("bump (n=100)"), "{log}");
+    assert!(log.contains("Breakpoint 1, bump (n=2)"), "{log}");
+    assert!(
+        text(&out.stdout).contains("child ok"),
+        "{}",
+        text(&out.stdout)
+    );
+    assert_eq!(shell_code(out.status), 7);
+}
+
+#[test]
 fn a_fatal_signal_without_gdb_waits_for_gdb_post_mortem() {
     let dir = tempfile::tempdir().expect("tempdir");
     let Some(prog) = guest(dir.path()) else {
