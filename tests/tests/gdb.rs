@@ -472,6 +472,54 @@ fn a_forked_child_runs_free_of_the_parents_breakpoints() {
     assert_eq!(shell_code(out.status), 7);
 }
 
+/// The guest's pid, once it has exec'd `prog`.
+fn guest_pid(served: &Served, prog: &Path) -> i32 {
+    let vkrun = served.vkrun.id();
+    let children = format!("/proc/{vkrun}/task/{vkrun}/children");
+    let mut pid = None;
+    assert!(
+        eventually(Duration::from_secs(30), || {
+            pid = std::fs::read_to_string(&children)
+                .unwrap_or_default()
+                .split_whitespace()
+                .filter_map(|c| c.parse::<i32>().ok())
+                .find(|c| std::fs::read_link(format!("/proc/{c}/exe")).is_ok_and(|e| e == prog));
+            pid.is_some()
+        }),
+        "the guest started"
+    );
+    pid.expect("found above")
+}
+
+#[test]
+fn a_guest_stopped_by_sigstop_is_shown_and_stays_stopped_after_detach() {
+    use nix::sys::signal::{Signal, kill};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let Some(prog) = guest(dir.path()) else {
+        return;
+    };
+    let served = serve("127.0.0.1:0", &["--gdb-wait=no"], &prog, &["spin"]);
+    let guest = nix::unistd::Pid::from_raw(guest_pid(&served, &prog));
+    kill(guest, Signal::SIGSTOP).expect("SIGSTOP");
+    let state = || {
+        std::fs::read_to_string(format!("/proc/{guest}/stat"))
+            .ok()
+            .and_then(|s| s.rsplit_once(") ").map(|(_, r)| r.chars().next()))
+            .flatten()
+    };
+    assert!(eventually(Duration::from_secs(10), || state() == Some('t')));
+    let gdb = served.gdb(&["print counter", "detach"]);
+    let log = both(&gdb);
+    assert!(log.contains("$1 = 0\n"), "{log}");
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(state(), Some('t'), "still in its group-stop after detach");
+    kill(guest, Signal::SIGCONT).expect("SIGCONT");
+    assert!(eventually(Duration::from_secs(10), || state() == Some('R')));
+    kill(guest, Signal::SIGKILL).expect("SIGKILL");
+    let (out, _) = served.finish();
+    assert_eq!(shell_code(out.status), 128 + 9);
+}
+
 #[test]
 fn a_fatal_signal_without_gdb_waits_for_gdb_post_mortem() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -509,16 +557,7 @@ fn a_guest_waiting_for_gdb_still_ends_on_a_signal_to_vkrun() {
     let served = serve("127.0.0.1:0", &[], &prog, &["spin"]);
     let pid = nix::unistd::Pid::from_raw(served.vkrun.id() as i32);
     // Once the guest waits at its first instruction (it has exec'd).
-    let children = format!("/proc/{pid}/task/{pid}/children");
-    assert!(
-        eventually(Duration::from_secs(30), || {
-            std::fs::read_to_string(&children)
-                .unwrap_or_default()
-                .split_whitespace()
-                .any(|c| std::fs::read_link(format!("/proc/{c}/exe")).is_ok_and(|e| e == prog))
-        }),
-        "the guest started"
-    );
+    guest_pid(&served, &prog);
     nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).expect("kill vkrun");
     let (out, err) = served.finish();
     assert_eq!(shell_code(out.status), 128 + 15, "{err}");

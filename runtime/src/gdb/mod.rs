@@ -15,144 +15,29 @@
 //!
 //! Off by default: without `--gdb` nothing of this exists.
 
+mod conn;
 mod regs;
 mod target;
 mod watch;
 
-use std::io::{ErrorKind, Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::os::fd::{AsFd, BorrowedFd};
-use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::PathBuf;
-use std::time::Duration;
-
-use gdbstub::conn::Connection;
 use gdbstub::stub::state_machine::GdbStubStateMachine;
 use gdbstub::stub::{DisconnectReason, GdbStub, MultiThreadStopReason};
 use nix::sys::ptrace;
 use nix::sys::signal::Signal;
 use nix::unistd::Pid;
+use std::io::{ErrorKind, Write};
+use std::net::TcpListener;
+use std::os::fd::{AsFd, BorrowedFd};
+use std::os::unix::net::UnixListener;
+use std::path::PathBuf;
 
+use conn::{Conn, Listener, Stream, WRITE_TIMEOUT};
+pub use conn::{GdbAddr, GdbOptions};
 use target::{Held, Inferior, tid};
 pub use target::{Order, Resumption};
 
 use crate::Outcome;
 use crate::tracee::Tracer;
-
-/// Where the stub listens: loopback TCP or a Unix socket.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum GdbAddr {
-    Tcp(SocketAddr),
-    Unix(PathBuf),
-}
-
-impl GdbAddr {
-    /// `HOST:PORT` with a loopback host (`127.0.0.1`, `[::1]`,
-    /// `localhost`), `:PORT` or `PORT` (127.0.0.1), or a Unix socket path
-    /// (anything with a `/`). Port 0 picks a free port (vkrun prints it).
-    pub fn parse(text: &str) -> Result<GdbAddr, String> {
-        if text.contains('/') {
-            return Ok(GdbAddr::Unix(PathBuf::from(text)));
-        }
-        let (host, port) = match text.rsplit_once(':') {
-            Some((host, port)) => (host, port),
-            None => ("", text),
-        };
-        let port: u16 = port
-            .parse()
-            .map_err(|_| format!("'{text}' is neither HOST:PORT nor a socket path"))?;
-        let host = host.trim_start_matches('[').trim_end_matches(']');
-        let ip = match host {
-            "" | "localhost" => std::net::IpAddr::from([127, 0, 0, 1]),
-            h => h
-                .parse()
-                .map_err(|_| format!("'{h}' is not an IP address (only loopback is served)"))?,
-        };
-        if !ip.is_loopback() {
-            return Err(format!(
-                "{ip} is not a loopback address: the stub serves 127.0.0.1 or ::1 only"
-            ));
-        }
-        Ok(GdbAddr::Tcp(SocketAddr::new(ip, port)))
-    }
-}
-
-/// `--gdb` and `--gdb-wait`.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct GdbOptions {
-    pub addr: GdbAddr,
-    /// Hold the guest at its first instruction until gdb attaches.
-    pub wait: bool,
-}
-
-enum Listener {
-    Tcp(TcpListener),
-    Unix(UnixListener, PathBuf),
-}
-
-impl Drop for Listener {
-    fn drop(&mut self) {
-        if let Listener::Unix(_, path) = self {
-            let _ = std::fs::remove_file(path);
-        }
-    }
-}
-
-/// The connection to gdb: blocking writes bounded by a timeout (a gdb
-/// that stops reading ends the session, it does not stall the tracer).
-#[derive(Debug)]
-pub struct Conn(Stream);
-
-#[derive(Debug)]
-enum Stream {
-    Tcp(TcpStream),
-    Unix(UnixStream),
-}
-
-/// How long one write to gdb may block.
-const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
-
-impl Conn {
-    fn stream(&mut self) -> &mut dyn ReadWrite {
-        match &mut self.0 {
-            Stream::Tcp(s) => s,
-            Stream::Unix(s) => s,
-        }
-    }
-
-    fn fd(&self) -> BorrowedFd<'_> {
-        match &self.0 {
-            Stream::Tcp(s) => s.as_fd(),
-            Stream::Unix(s) => s.as_fd(),
-        }
-    }
-}
-
-trait ReadWrite: Read + Write {}
-impl<T: Read + Write> ReadWrite for T {}
-
-impl Connection for Conn {
-    type Error = std::io::Error;
-
-    fn write(&mut self, byte: u8) -> Result<(), Self::Error> {
-        self.stream().write_all(&[byte])
-    }
-
-    fn write_all(&mut self, buf: &[u8]) -> Result<(), Self::Error> {
-        self.stream().write_all(buf)
-    }
-
-    fn flush(&mut self) -> Result<(), Self::Error> {
-        self.stream().flush()
-    }
-
-    fn on_session_start(&mut self) -> Result<(), Self::Error> {
-        if let Stream::Tcp(s) = &self.0 {
-            s.set_nodelay(true)?;
-        }
-        Ok(())
-    }
-}
 
 type Machine = GdbStubStateMachine<'static, Inferior, Conn>;
 
@@ -659,6 +544,28 @@ impl Gdb {
         self.inf.release_all();
     }
 
+    /// A `PTRACE_EVENT_STOP` of `pid` in a group-stop (job control): the
+    /// answer to an interrupt of a thread stopped by `SIGSTOP`. The stub
+    /// holds it (gdb reads it); resumed, it goes back to its group-stop.
+    pub fn on_group_stop(&mut self, pid: Pid) -> Verdict {
+        if !self.inf.stopping.remove(&pid) {
+            return Verdict::Pass;
+        }
+        self.inf.held.insert(pid, Held::GroupStop);
+        self.progress();
+        Verdict::Held
+    }
+
+    /// Process `pid` ran `execve`: if it is the main process, its old
+    /// image and the stub's int3s in it are gone (the kernel clears debug
+    /// registers too).
+    pub fn on_exec(&mut self, pid: Pid) {
+        if pid == self.inf.main {
+            self.inf.breakpoints.clear();
+            self.inf.watch = Default::default();
+        }
+    }
+
     /// Whether gdb single-steps `pid` now.
     pub fn is_stepping(&self, pid: Pid) -> bool {
         self.inf.stepping.contains(&pid)
@@ -705,41 +612,5 @@ impl Gdb {
         self.machine = None;
         self.peer = None;
         self.phase = Phase::Detached;
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn addresses_are_loopback_or_a_socket_path() {
-        let tcp = |s: &str| GdbAddr::Tcp(s.parse().expect("socket address"));
-        assert_eq!(GdbAddr::parse("127.0.0.1:1234"), Ok(tcp("127.0.0.1:1234")));
-        assert_eq!(GdbAddr::parse(":1234"), Ok(tcp("127.0.0.1:1234")));
-        assert_eq!(GdbAddr::parse("1234"), Ok(tcp("127.0.0.1:1234")));
-        assert_eq!(GdbAddr::parse("localhost:0"), Ok(tcp("127.0.0.1:0")));
-        assert_eq!(GdbAddr::parse("[::1]:9"), Ok(tcp("[::1]:9")));
-        assert_eq!(
-            GdbAddr::parse("/tmp/vk.sock"),
-            Ok(GdbAddr::Unix("/tmp/vk.sock".into()))
-        );
-        assert_eq!(
-            GdbAddr::parse("./vk.sock"),
-            Ok(GdbAddr::Unix("./vk.sock".into()))
-        );
-        assert!(
-            GdbAddr::parse("0.0.0.0:1234")
-                .expect_err("refused")
-                .contains("loopback")
-        );
-        assert!(
-            GdbAddr::parse("10.1.2.3:1234")
-                .expect_err("refused")
-                .contains("loopback")
-        );
-        assert!(GdbAddr::parse("127.0.0.1:99999").is_err());
-        assert!(GdbAddr::parse("example.org:1").is_err());
-        assert!(GdbAddr::parse("").is_err());
     }
 }

@@ -53,6 +53,9 @@ pub enum Held {
     /// thread's stop was reported first) the signal is delivered on resume
     /// unless gdb names another.
     Signal { sig: Signal, reported: bool },
+    /// In a group-stop (job control): on resume it goes back to it
+    /// (`PTRACE_LISTEN`), to run at `SIGCONT`.
+    GroupStop,
 }
 
 /// What the supervisor must do for gdb.
@@ -75,6 +78,8 @@ pub struct Resumption {
     /// The thread is at a signal-delivery-stop (only there can a signal be
     /// delivered, or one be suppressed).
     pub at_signal: bool,
+    /// Back to a group-stop (`PTRACE_LISTEN`) instead.
+    pub listen: bool,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -185,7 +190,7 @@ impl Inferior {
         self.stepping.clear();
         for (pid, held) in std::mem::take(&mut self.held) {
             let (signal, at_signal) = match held {
-                Held::Event => (None, false),
+                Held::Event | Held::GroupStop => (None, false),
                 Held::Signal { sig, reported } => {
                     let quiet = reported && matches!(sig, Signal::SIGTRAP | Signal::SIGINT);
                     ((!quiet).then_some(sig), true)
@@ -196,6 +201,7 @@ impl Inferior {
                 step: false,
                 signal,
                 at_signal,
+                listen: held == Held::GroupStop,
             }));
         }
     }
@@ -388,9 +394,10 @@ impl MultiThreadResume for Inferior {
             }
             self.orders.push(Order::Resume(Resumption {
                 pid: t,
-                step,
+                step: step && h != Held::GroupStop,
                 signal,
                 at_signal: matches!(h, Held::Signal { .. }),
+                listen: h == Held::GroupStop,
             }));
         }
         Ok(())
@@ -598,6 +605,7 @@ impl MonitorCmd for Inferior {
                     let tgid = proc::tgid_of(*t).unwrap_or(*t);
                     let state = match self.held.get(t) {
                         Some(Held::Event) => "stopped".to_owned(),
+                        Some(Held::GroupStop) => "stopped (job control)".to_owned(),
                         Some(Held::Signal { sig, .. }) => format!("stopped by {}", sig.as_str()),
                         None => "running".to_owned(),
                     };

@@ -68,16 +68,26 @@ impl Supervisor {
     fn gdb_resume(&mut self, r: Resumption) {
         match r {
             Resumption {
+                pid, listen: true, ..
+            } => {
+                // Back to its group-stop, as job control left it.
+                if let Err(errno) = crate::sys::ptrace::listen(pid) {
+                    tracing::debug!(%pid, %errno, "PTRACE_LISTEN failed");
+                }
+            }
+            Resumption {
                 pid,
                 step: false,
                 signal: Some(sig),
                 at_signal: true,
+                ..
             } => self.deliver_signal(pid, sig),
             Resumption {
                 pid,
                 step,
                 signal,
                 at_signal,
+                ..
             } => {
                 if signal.is_some() && at_signal {
                     trace_signal(&self.out, pid);

@@ -416,6 +416,9 @@ impl Supervisor {
             }
             STOP if is_stop_signal(sig) => {
                 // Group-stop: stay stopped, keep reporting (job control).
+                if self.gdb_holds(|g| g.on_group_stop(pid)) {
+                    return Ok(());
+                }
                 if let Err(errno) = crate::sys::ptrace::listen(pid) {
                     tracing::debug!(%pid, %errno, "PTRACE_LISTEN failed");
                 }
@@ -443,6 +446,9 @@ impl Supervisor {
                     }
                 }
                 let first = pid == self.main && !self.exec_seen;
+                if !first {
+                    self.with_gdb(|g| g.on_exec(pid));
+                }
                 if first {
                     self.exec_seen = true;
                     self.on_guest_started()?;
