@@ -21,6 +21,11 @@ mcontrol, vmspace_create, ...), %vkernel (every hypercall), faults, runs,
 process (fork, vfork, clone, execve),
 all, none; comma-separated; a leading ! inverts the set.
 
+Debugging: --gdb 127.0.0.1:1234 (or a socket path) serves gdb's remote
+protocol; the guest waits at its first instruction for
+`gdb -ex 'target remote :1234'`. All guest threads and processes are
+shown; when one stops, all stop. Quitting gdb detaches. Loopback only.
+
 Environment: RUST_LOG (diagnostics filter, e.g. vkrun_runtime=debug);
 PATH (where a GUEST without a / is looked up).
 
@@ -106,6 +111,27 @@ pub struct Cli {
     #[arg(short = 'v', long, action = ArgAction::Count)]
     pub verbose: u8,
 
+    /// Serve gdb on ADDR: 127.0.0.1:PORT, :PORT or PORT (loopback only;
+    /// port 0 picks a free one), or a Unix socket path (anything with a
+    /// /). The guest waits at its first instruction until gdb attaches
+    /// (`target remote ADDR`); vkrun prints where it listens.
+    #[arg(long = "gdb", value_name = "ADDR", value_parser = parse_gdb_addr)]
+    pub gdb: Option<vkrun_runtime::GdbAddr>,
+
+    /// With --gdb: yes (the default) holds the guest at its start until gdb
+    /// attaches; no lets it run, and gdb stops it when it attaches. With no
+    /// gdb attached, a thread about to crash (SIGSEGV, SIGABRT, ...) waits
+    /// for gdb; ^C or a kill of vkrun ends any wait.
+    #[arg(
+        long = "gdb-wait",
+        value_name = "WHEN",
+        default_value = "yes",
+        hide_default_value = true,
+        value_parser = ["yes", "no"],
+        requires = "gdb"
+    )]
+    pub gdb_wait: String,
+
     /// Print the version, the git commit, the ABI version and what this
     /// host offers vkrun (FSGSBASE, SYNC_WAKE_UP, userfaultfd kernel
     /// faults, vm.max_map_count), then exit.
@@ -120,6 +146,10 @@ pub struct Cli {
         trailing_var_arg = true
     )]
     pub command: Vec<OsString>,
+}
+
+fn parse_gdb_addr(text: &str) -> Result<vkrun_runtime::GdbAddr, String> {
+    vkrun_runtime::GdbAddr::parse(text)
 }
 
 /// A RAM size as `size::parse_size` reads it that this host can also map

@@ -222,6 +222,10 @@ fn run(cli: Cli) -> ExitStatus {
         output,
         stats: cli.stats,
         stats_zeros: cli.verbose > 0,
+        gdb: cli.gdb.map(|addr| vkrun_runtime::GdbOptions {
+            addr,
+            wait: cli.gdb_wait == "yes",
+        }),
     };
     match vkrun_runtime::run(config) {
         Ok(outcome) => {

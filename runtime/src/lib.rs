@@ -9,6 +9,7 @@
 #![deny(unsafe_code)]
 
 mod error;
+mod gdb;
 pub mod host;
 mod hypercall;
 pub mod ram;
@@ -28,6 +29,7 @@ use std::path::PathBuf;
 use nix::sys::signal::Signal;
 
 pub use error::Error;
+pub use gdb::{GdbAddr, GdbOptions};
 pub use supervisor::run;
 pub use tracee::remote;
 
@@ -47,6 +49,8 @@ pub struct Config {
     pub stats: bool,
     /// With `stats`: list the counters that stayed zero too (`-v`).
     pub stats_zeros: bool,
+    /// Serve gdb (`--gdb`); `None` costs nothing.
+    pub gdb: Option<GdbOptions>,
 }
 
 impl std::fmt::Debug for Config {
@@ -57,6 +61,7 @@ impl std::fmt::Debug for Config {
             .field("ram_size", &self.ram_size)
             .field("trace", &self.trace)
             .field("stats", &self.stats)
+            .field("gdb", &self.gdb)
             .finish_non_exhaustive()
     }
 }

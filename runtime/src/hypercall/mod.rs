@@ -188,7 +188,11 @@ pub struct StopCalls {
 impl StopCalls {
     /// Serve the hypercall `pid` is stopped at (`PTRACE_EVENT_SECCOMP`) and
     /// resume it with the result.
-    pub fn at_stop(&self, tracer: &Tracer, pid: Pid) -> StopOutcome {
+    ///
+    /// With `then_stop` (gdb single-steps the thread over the call) the
+    /// thread is interrupted before it is resumed: it stops
+    /// (`PTRACE_EVENT_STOP`) right after the `syscall`, as the step would.
+    pub fn at_stop(&self, tracer: &Tracer, pid: Pid, then_stop: bool) -> StopOutcome {
         let outcome = |e: TraceeError, new_threads| match e {
             TraceeError::Gone(gone) => StopOutcome {
                 new_threads,
@@ -210,7 +214,7 @@ impl StopCalls {
         let args = [r.rdi, r.rsi, r.rdx, r.r10, r.r8, r.r9];
         let h = Hypercall::from_nr(r.orig_rax);
         let when = SystemTime::now();
-        let Some(mut inj) = self.defer_window(pid, inj, h, args, when) else {
+        let Some(mut inj) = self.defer_window(pid, inj, h, args, when, then_stop) else {
             return StopOutcome {
                 new_threads: Vec::new(),
                 gone: None,
@@ -236,6 +240,9 @@ impl StopCalls {
             None,
             None,
         );
+        if then_stop && let Err(errno) = nix::sys::ptrace::interrupt(pid) {
+            tracing::debug!(%pid, %errno, "PTRACE_INTERRUPT after a stepped hypercall failed");
+        }
         match inj.finish(raw_result(result)) {
             Ok(()) => StopOutcome {
                 new_threads,
@@ -257,6 +264,7 @@ impl StopCalls {
         h: Option<Hypercall>,
         args: [u64; 6],
         when: SystemTime,
+        then_stop: bool,
     ) -> Option<Injector> {
         let tgid = proc::tgid_of(pid).unwrap_or(pid);
         let window = args[3] as i32 & vkabi::MAP_VPAGETABLE != 0;
@@ -294,6 +302,10 @@ impl StopCalls {
                         None,
                         None,
                     );
+                    // A gdb single step over the call ends as it returns.
+                    if then_stop && let Err(errno) = nix::sys::ptrace::interrupt(pid) {
+                        tracing::debug!(%pid, %errno, "PTRACE_INTERRUPT after a stepped hypercall failed");
+                    }
                     match inj.finish(raw_result(result)) {
                         Ok(()) => StopDone::Resumed,
                         Err(TraceeError::Gone(gone)) => StopDone::Gone(gone.status),

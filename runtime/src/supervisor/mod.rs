@@ -35,6 +35,7 @@ use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
 use nix::unistd::Pid;
 
 use crate::error::Error;
+use crate::gdb::Gdb;
 use crate::hypercall::{self, Pool, Server, StopCalls};
 use crate::ram::GuestRam;
 use crate::stats::Stats;
@@ -49,6 +50,9 @@ use crate::tracee::Tracer;
 use crate::vmspace::{Interrupted, Vmspaces};
 use crate::vpt::{ContextFaults, SegvAction, StopDone, Vpt};
 use crate::{Config, Outcome, resolve_program};
+
+mod gdb;
+use gdb::listen_for_gdb;
 
 /// Signals sent to vkrun (by `kill`, not by the terminal) that it passes on
 /// to the guest.
@@ -75,6 +79,7 @@ pub fn run(config: Config) -> Result<Outcome, Error> {
         output,
         stats: want_stats,
         stats_zeros,
+        gdb,
     } = config;
     crate::sys::fatal::install_panic_hook();
     let path = resolve_program(&program)?;
@@ -98,6 +103,7 @@ pub fn run(config: Config) -> Result<Outcome, Error> {
                 k
             })
             .collect();
+        let exe = path.clone();
         let plan = ChildPlan::new(
             path.into_os_string(),
             argv,
@@ -127,6 +133,10 @@ pub fn run(config: Config) -> Result<Outcome, Error> {
         }
         child.release().map_err(Error::sys("releasing the guest"))?;
         let tracer = Tracer::this_thread();
+        let gdb = match gdb {
+            Some(opts) => Some(listen_for_gdb(&opts, &tracer, &child, exe)?),
+            None => None,
+        };
         let mut sup = Supervisor {
             tracer,
             ram_fd_guess: ram.raw_fd(),
@@ -147,6 +157,7 @@ pub fn run(config: Config) -> Result<Outcome, Error> {
             vpt: None,
             vmspaces: None,
             stop_calls: None,
+            gdb,
         };
         let vpt = Arc::new(
             Vpt::new(
@@ -226,6 +237,8 @@ struct Supervisor {
     vmspaces: Option<Arc<Vmspaces>>,
     /// The hypercalls served at a seccomp stop.
     stop_calls: Option<StopCalls>,
+    /// The GDB stub (`--gdb`).
+    gdb: Option<Gdb>,
 }
 
 impl Supervisor {
@@ -234,21 +247,34 @@ impl Supervisor {
         loop {
             let vmspaces = Arc::clone(self.vmspaces());
             let vpt = Arc::clone(self.vpt());
-            let mut fds = [
-                PollFd::new(self.sigfd.as_fd(), PollFlags::POLLIN),
-                PollFd::new(vmspaces.jobs_fd(), PollFlags::POLLIN),
-                PollFd::new(vpt.finishes_fd(), PollFlags::POLLIN),
-            ];
-            match poll(&mut fds, PollTimeout::NONE) {
-                Ok(_) | Err(Errno::EINTR) => {}
-                Err(errno) => return Err(self.abort(Error::sys("poll")(errno))),
-            }
+            let polled = {
+                // The stub's socket is a fourth descriptor only with --gdb.
+                let gdb_fd = self.gdb.as_ref().and_then(Gdb::fd);
+                let n = if gdb_fd.is_some() { 4 } else { 3 };
+                let mut fds = [
+                    PollFd::new(self.sigfd.as_fd(), PollFlags::POLLIN),
+                    PollFd::new(vmspaces.jobs_fd(), PollFlags::POLLIN),
+                    PollFd::new(vpt.finishes_fd(), PollFlags::POLLIN),
+                    PollFd::new(gdb_fd.unwrap_or(self.sigfd.as_fd()), PollFlags::POLLIN),
+                ];
+                let ready = |fd: &PollFd<'_>| fd.any().unwrap_or(false);
+                match poll(&mut fds[..n], PollTimeout::NONE) {
+                    Ok(_) => Ok((ready(&fds[1]), ready(&fds[2]), n == 4 && ready(&fds[3]))),
+                    Err(Errno::EINTR) => Ok((false, false, false)),
+                    Err(errno) => Err(errno),
+                }
+            };
+            let (jobs_ready, finishes_ready, gdb_ready) =
+                polled.map_err(|errno| self.abort(Error::sys("poll")(errno)))?;
             crate::sys::fatal::test_panic_point("tracer");
-            if fds[1].any().unwrap_or(false) {
+            if jobs_ready {
                 vmspaces.run_jobs(&self.tracer);
             }
-            if fds[2].any().unwrap_or(false) {
+            if finishes_ready {
                 self.finish_stops(&vpt)?;
+            }
+            if gdb_ready {
+                self.with_gdb(|g| g.on_readable());
             }
             if self.on_signals()? {
                 break;
@@ -292,6 +318,10 @@ impl Supervisor {
             match self.sigfd.read_signal() {
                 Ok(Some(info)) => {
                     let sig = Signal::try_from(info.ssi_signo as i32).ok();
+                    if sig.is_some_and(|s| s != Signal::SIGCHLD) {
+                        // ^C or kill of vkrun while the guest waits for gdb.
+                        self.with_gdb(Gdb::on_signal_to_vkrun);
+                    }
                     match sig {
                         Some(Signal::SIGCHLD) => reap = true,
                         Some(sig) if info.ssi_code != SI_KERNEL => self.forward(sig),
@@ -349,6 +379,7 @@ impl Supervisor {
             match finish(&self.tracer) {
                 StopDone::Resumed => {}
                 StopDone::Gone(status) => self.on_wait_status(status)?,
+                StopDone::Deliver(sig) if self.gdb_holds(|g| g.on_signal_stop(tid, sig)) => {}
                 StopDone::Deliver(sig) => {
                     trace_signal(&self.out, tid);
                     resume(tid, Some(sig));
@@ -372,6 +403,8 @@ impl Supervisor {
                 self.tracees.insert(pid);
                 let tgid = proc::tgid_of(pid).unwrap_or(pid);
                 match self.vpt().on_sigsegv(pid, tgid) {
+                    SegvAction::Deliver
+                        if self.gdb_holds(|g| g.on_signal_stop(pid, Signal::SIGSEGV)) => {}
                     SegvAction::Deliver => {
                         trace_signal(&self.out, pid);
                         resume(pid, Some(Signal::SIGSEGV));
@@ -385,7 +418,9 @@ impl Supervisor {
                 if let Some(server) = &self.server {
                     server.on_guest_tasks(self.tracees.len(), true);
                 }
-                self.deliver_signal(pid, sig);
+                if !self.gdb_holds(|g| g.on_signal_stop(pid, sig)) {
+                    self.deliver_signal(pid, sig);
+                }
             }
             WaitStatus::PtraceEvent(pid, sig, event) => {
                 self.tracees.insert(pid);
@@ -400,8 +435,14 @@ impl Supervisor {
     fn on_ptrace_event(&mut self, pid: Pid, sig: Signal, event: i32) -> Result<(), Error> {
         const STOP: i32 = libc::PTRACE_EVENT_STOP;
         match event {
+            STOP if !is_stop_signal(sig) && self.gdb_holds(|g| g.on_event_stop(pid)) => {
+                return Ok(());
+            }
             STOP if is_stop_signal(sig) => {
                 // Group-stop: stay stopped, keep reporting (job control).
+                if self.gdb_holds(|g| g.on_group_stop(pid)) {
+                    return Ok(());
+                }
                 if let Err(errno) = crate::sys::ptrace::listen(pid) {
                     tracing::debug!(%pid, %errno, "PTRACE_LISTEN failed");
                 }
@@ -410,7 +451,8 @@ impl Supervisor {
             e if e == Event::PTRACE_EVENT_SECCOMP as i32 => {
                 // A `TracerStop` hypercall (see the hypercall table).
                 let calls = self.stop_calls.as_ref().expect("set before the event loop");
-                let outcome = calls.at_stop(&self.tracer, pid);
+                let stepping = self.gdb.as_ref().is_some_and(|g| g.is_stepping(pid));
+                let outcome = calls.at_stop(&self.tracer, pid, stepping);
                 self.tracees.extend(outcome.new_threads);
                 if let Some(status) = outcome.gone {
                     self.on_wait_status(status)?;
@@ -427,13 +469,20 @@ impl Supervisor {
                         self.tracees.remove(&former);
                     }
                 }
-                if pid == self.main && !self.exec_seen {
+                let first = pid == self.main && !self.exec_seen;
+                if !first {
+                    self.with_gdb(|g| g.on_exec(pid));
+                }
+                if first {
                     self.exec_seen = true;
                     self.on_guest_started()?;
                 }
                 self.trace_process(pid, || {
                     crate::sys::proc::program(pid).map(|(exe, args)| format_exec(&exe, &args))
                 });
+                if first && self.gdb_holds(|g| g.hold_at_start(pid)) {
+                    return Ok(());
+                }
             }
             e if e == Event::PTRACE_EVENT_FORK as i32
                 || e == Event::PTRACE_EVENT_VFORK as i32
@@ -452,6 +501,9 @@ impl Supervisor {
                     });
                     self.tracees.insert(child);
                     self.announced.insert(child);
+                    if e == Event::PTRACE_EVENT_FORK as i32 {
+                        self.with_gdb(|g| g.on_fork(child));
+                    }
                     if e != Event::PTRACE_EVENT_VFORK as i32 {
                         self.strip_windows(pid, child)?;
                     }
@@ -587,6 +639,8 @@ impl Supervisor {
         if !self.announced.remove(&pid) && pid != self.main {
             self.early_exits.insert(pid);
         }
+        let main = pid == self.main;
+        self.with_gdb(|g| g.on_exit(pid, outcome, main));
         self.vpt().forget(pid);
         let mut out = lock(&self.out);
         if !out.set().is_empty() {

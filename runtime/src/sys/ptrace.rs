@@ -83,6 +83,14 @@ pub fn signal_info(pid: Pid) -> Result<SignalInfo, Errno> {
     })
 }
 
+/// An all-zero `user_fpregs_struct` (libc gives it a private padding
+/// field, so it cannot be written as a literal).
+pub fn zeroed_fpregs() -> libc::user_fpregs_struct {
+    // SAFETY: the struct holds only integers and integer arrays, for
+    // which all-zero bytes are a valid value.
+    unsafe { std::mem::zeroed() }
+}
+
 /// For tests: fork a child that asks to be traced by this process, stops
 /// itself with `SIGSTOP` and then pauses for ever.
 #[cfg(test)]

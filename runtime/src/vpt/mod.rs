@@ -255,6 +255,11 @@ impl Vpt {
         lock(&self.procs).get(&tgid).cloned()
     }
 
+    /// Whether `tid` is one of vkrun's own threads in a guest process.
+    pub fn is_agent(&self, tid: Pid) -> bool {
+        lock(&self.agents).contains(&tid) || lock(&self.resolvers).contains_key(&tid)
+    }
+
     /// Whether `tid` is one of vkrun's agent threads; forgets it if so
     /// (call when it exits).
     pub fn take_agent(&self, tid: Pid) -> bool {
