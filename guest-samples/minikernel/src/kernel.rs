@@ -113,6 +113,16 @@ pub struct Proc {
     pub sig: Signals,
     /// The program it runs (what `/proc/self/exe` names).
     pub exe: PathBuf,
+    /// Its arguments, each NUL-terminated (what `/proc/self/cmdline`
+    /// holds).
+    pub cmdline: Vec<u8>,
+}
+
+/// `argv` as `/proc/PID/cmdline` shows it.
+pub fn cmdline(argv: &[Vec<u8>]) -> Vec<u8> {
+    argv.iter()
+        .flat_map(|a| a.iter().copied().chain([0]))
+        .collect()
 }
 
 /// What each thread of a process has of its own; the process's fields of
@@ -310,6 +320,7 @@ impl Kernel {
             ppid,
             sig: Signals::default(),
             exe,
+            cmdline: cmdline(argv),
         })
     }
 }

@@ -207,6 +207,20 @@ impl Mm {
         }
         self.vmas.extend(new);
         self.vmas.sort_by_key(|v| v.start);
+        self.merge();
+    }
+
+    /// Join neighbouring areas of the same protection (as Linux merges
+    /// `vm_area_struct`s), so that a range mapped in pieces is one area.
+    fn merge(&mut self) {
+        let mut out: Vec<Vma> = Vec::with_capacity(self.vmas.len());
+        for v in self.vmas.drain(..) {
+            match out.last_mut() {
+                Some(last) if last.end == v.start && last.prot == v.prot => last.end = v.end,
+                _ => out.push(v),
+            }
+        }
+        self.vmas = out;
     }
 
     /// Remove the areas and pages in `[start, end)`; returns whether a page
@@ -230,17 +244,47 @@ impl Mm {
         any
     }
 
-    /// `mprotect`: every page of `[start, end)` must be in an area
-    /// (`Err(())` for ENOMEM otherwise). Returns whether a leaf changed.
-    pub fn protect(&mut self, ram: &Ram, start: u64, end: u64, prot: i32) -> Result<bool, ()> {
+    /// Move the pages of `[from, from + len)` to `[to, to + len)` (a free
+    /// range): a new area of protection `prot` there gets the old leaves,
+    /// the old entries are cleared (the old areas stay: the caller removes
+    /// them and invalidates).
+    pub fn move_pages(
+        &mut self,
+        ram: &Ram,
+        frames: &mut Frames,
+        from: u64,
+        to: u64,
+        len: u64,
+        prot: i32,
+    ) -> Result<(), OutOfMemory> {
+        let mut leaves = Vec::new();
+        self.pt.visit(ram, from, from + len, &mut |va, e_pa, leaf| {
+            leaves.push((va, e_pa, leaf));
+        });
+        self.add(to, to + len, prot);
+        for (va, e_pa, leaf) in leaves {
+            self.pt.set(ram, frames, va - from + to, leaf)?;
+            ram.store(e_pa, 0);
+        }
+        Ok(())
+    }
+
+    /// Whether every page of `[start, end)` lies in an area.
+    pub fn covered(&self, start: u64, end: u64) -> bool {
         let mut at = start;
         for v in self.vmas.iter().filter(|v| v.start < end && start < v.end) {
             if v.start > at {
-                return Err(());
+                return false;
             }
             at = v.end;
         }
-        if at < end {
+        at >= end
+    }
+
+    /// `mprotect`: every page of `[start, end)` must be in an area
+    /// (`Err(())` for ENOMEM otherwise). Returns whether a leaf changed.
+    pub fn protect(&mut self, ram: &Ram, start: u64, end: u64, prot: i32) -> Result<bool, ()> {
+        if !self.covered(start, end) {
             return Err(());
         }
         self.carve(start, end);
@@ -251,6 +295,7 @@ impl Mm {
         {
             v.prot = prot;
         }
+        self.merge();
         let bits = leaf_bits(prot);
         let mut changed = false;
         self.pt.visit(ram, start, end, &mut |_, e_pa, leaf| {

@@ -211,6 +211,7 @@ pub fn execve(k: &mut Kernel, p: &mut Proc, a: [u64; 6]) -> Result<u64, i32> {
     }
     p.sig.mask = old_sig.mask;
     p.exe = std::fs::canonicalize(&path).unwrap_or(path);
+    p.cmdline = crate::kernel::cmdline(&argv);
     Ok(0)
 }
 
