@@ -191,3 +191,57 @@ fn sash_scripts_behave_as_natively() {
     }
     assert_eq!(shell_code(under.status), 3);
 }
+
+/// `cow.c` natively and inside: every check passes in both. Inside, the
+/// counters show that fork shared the pages (copies on write, pages taken
+/// over by their last user) and that children reuse idle vmspaces.
+fn cow_matches(prog: &Path) {
+    let under = same(prog, &[]);
+    let out = text(&under.stdout);
+    assert!(!out.contains("FAILED"), "{out}");
+    assert!(
+        out.contains("20 children wrote everything: 0 failed"),
+        "{out}"
+    );
+    let counted = run(vkrun()
+        .args(["--stats", "-q", "-m", "512M", "--"])
+        .arg(bin("minikernel"))
+        .arg(prog)
+        .env("MINIKERNEL_STATS", "1"));
+    let err = text(&counted.stderr);
+    let number_before = |line: &str, what: &str| -> u64 {
+        line.split(", ")
+            .find_map(|part| part.trim().strip_suffix(what)?.trim().parse().ok())
+            .unwrap_or(0)
+    };
+    let lines: Vec<&str> = err.lines().filter(|l| l.contains(" forks (")).collect();
+    let copies: u64 = lines.iter().map(|l| number_before(l, "cow copies")).sum();
+    let reuses: u64 = lines.iter().map(|l| number_before(l, "cow reuses")).sum();
+    assert!(copies > 20 * 300, "copies {copies}: {err}");
+    assert!(reuses > 0, "reuses {reuses}: {err}");
+    let created = err
+        .lines()
+        .find_map(|l| l.strip_prefix("vkrun.vmspaces_created: "))
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .expect("vkrun --stats counts vmspaces");
+    // 26 processes; the sequential ones take their predecessor's vmspace.
+    assert!(created <= 6, "{created} vmspaces created: {err}");
+}
+
+#[test]
+fn fork_copies_on_write_as_natively_glibc() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let Some(prog) = build("gcc", dir.path(), "cow", &["-static"]) else {
+        return;
+    };
+    cow_matches(&prog);
+}
+
+#[test]
+fn fork_copies_on_write_as_natively_musl() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let Some(prog) = build("musl-gcc", dir.path(), "cow", &["-static"]) else {
+        return;
+    };
+    cow_matches(&prog);
+}

@@ -78,10 +78,14 @@ fn fixed_tree(dir: &Path) {
 
 #[test]
 fn dynamically_linked_usr_bin_programs_behave_as_natively() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    fixed_tree(dir.path());
-    let d = dir.path().to_str().expect("utf-8 path");
-    let numbers = dir.path().join("numbers");
+    // The tree one level down: its ".." is this test's own directory,
+    // which nothing else changes.
+    let top = tempfile::tempdir().expect("tempdir");
+    let tree = top.path().join("tree");
+    std::fs::create_dir(&tree).expect("mkdir");
+    fixed_tree(&tree);
+    let d = tree.to_str().expect("utf-8 path");
+    let numbers = tree.join("numbers");
     let n = numbers.to_str().expect("utf-8 path");
     let cases: [(&str, Vec<&str>); 8] = [
         ("ls", vec!["-la", d]),
@@ -206,7 +210,10 @@ fn a_missing_interpreter_is_enoent_and_a_static_shell_execs_dynamic_programs() {
     let under = same(&exec, &[e]);
     assert_eq!(text(&under.stdout), "from-exec\n");
     let Some(bb) = require("busybox") else { return };
-    let script = format!("{m}; echo missing $?; {e} dynamic from static; ls / | sort | head -3");
+    let script = format!(
+        "{m}; echo missing $?; {e} dynamic from static; ls {d} | sort | head -3",
+        d = dir.path().display()
+    );
     let under = same(&bb, &["sh", "-c", &script]);
     assert!(
         text(&under.stdout).starts_with("missing 127\ndynamic from static\n"),

@@ -71,6 +71,18 @@ pub enum Fault {
     Stale,
     /// No area, or the area forbids the access: `SIGSEGV`.
     Segv,
+    /// A write to copy-on-write pages: `[start, end)` (the faulting page
+    /// and its copy-on-write neighbours) are now this address space's own
+    /// and writable; `copied` of them are copies (new frames), so the
+    /// caller invalidates the range before RUNning again.
+    Cow {
+        /// First page.
+        start: u64,
+        /// After the last page.
+        end: u64,
+        /// Pages copied (the rest were taken over).
+        copied: u64,
+    },
 }
 
 /// The leaf bits for a page of an area with protection `prot`.
@@ -104,6 +116,10 @@ pub struct Mm {
     pub brk: u64,
     /// The top of the stack.
     pub stack_top: u64,
+    /// Pages whose frame the minikernel replaced while serving a system
+    /// call (a copy-on-write copy): the caller invalidates them before
+    /// the program runs again ([`Mm::take_stale`]).
+    stale: Vec<u64>,
 }
 
 impl Mm {
@@ -115,32 +131,94 @@ impl Mm {
             brk_start: 0,
             brk: 0,
             stack_top,
+            stale: Vec::new(),
         };
         mm.add(stack_top - STACK_SIZE, stack_top, PROT_READ | PROT_WRITE);
         Ok(mm)
     }
 
-    /// A copy of this address space for a child (`fork`): the same areas,
-    /// every page copied into a fresh frame.
-    pub fn fork(&self, ram: &Ram, frames: &mut Frames) -> Result<Mm, OutOfMemory> {
+    /// A copy of this address space for a child (`fork`), copy-on-write:
+    /// the child's table maps the same frames, each frame's share count
+    /// goes up, and every leaf loses `RW` in both tables (a write faults and
+    /// [`Mm::fault`] copies the page, or takes it over when it is the last
+    /// user). The caller invalidates its own range afterwards (its leaves
+    /// lost rights), also when this fails.
+    pub fn fork(&mut self, ram: &Ram, frames: &mut Frames) -> Result<Mm, OutOfMemory> {
         let child = Mm {
             pt: PageTable::new(ram, frames)?,
             vmas: self.vmas.clone(),
             brk_start: self.brk_start,
             brk: self.brk,
             stack_top: self.stack_top,
+            stale: Vec::new(),
         };
         let mut pages = Vec::new();
-        self.pt.visit(ram, 0, u64::MAX, &mut |va, _, leaf| {
-            pages.push((va, leaf));
+        self.pt.visit(ram, 0, u64::MAX, &mut |va, e_pa, leaf| {
+            pages.push((va, e_pa, leaf));
         });
-        for (va, leaf) in pages {
-            let frame = frames.alloc(ram).ok_or(OutOfMemory)?;
-            ram.copy_page(frame, leaf & VPTE_FRAME);
-            let bits = leaf & !VPTE_FRAME & (VPTE_V | VPTE_RW | VPTE_U | VPTE_NX | VPTE_A | VPTE_M);
-            child.pt.set(ram, frames, va, frame | bits)?;
+        for (va, e_pa, leaf) in pages {
+            let frame = leaf & VPTE_FRAME;
+            if frame == 0 {
+                continue;
+            }
+            let shared = leaf & !VPTE_RW;
+            if shared != leaf {
+                ram.store(e_pa, shared);
+            }
+            ram.share(frame);
+            if let Err(e) = child.pt.set(ram, frames, va, shared) {
+                // Not in the child's table: its destroy does not count it.
+                ram.unshare(frame);
+                child.pt.destroy(ram, frames);
+                return Err(e);
+            }
         }
         Ok(child)
+    }
+
+    /// The range covering the pages whose frames changed under the
+    /// program since the last call (see [`Mm::stale`]), emptied.
+    pub fn take_stale(&mut self) -> Option<(u64, u64)> {
+        let lo = self.stale.iter().min().copied()?;
+        let hi = self.stale.iter().max().copied()? + PAGE_SIZE;
+        self.stale.clear();
+        Some((lo, hi))
+    }
+
+    /// Whether the leaf `leaf` of a page in area `v` is copy-on-write: it
+    /// has a frame, the area is writable, the leaf is not.
+    fn is_cow(v: &Vma, leaf: u64) -> bool {
+        leaf & VPTE_FRAME != 0 && v.prot & PROT_WRITE != 0 && leaf & VPTE_RW == 0
+    }
+
+    /// Make the copy-on-write page at `page` (leaf `leaf`, area `v`) this
+    /// address space's own and writable: its frame when no other address
+    /// space maps it any more, else a copy. Returns the frame and whether it
+    /// changed (then the host's translation of the old one must go).
+    fn break_cow(
+        &mut self,
+        ram: &Ram,
+        frames: &mut Frames,
+        page: u64,
+        leaf: u64,
+        v: &Vma,
+    ) -> Result<(u64, bool), OutOfMemory> {
+        let old = leaf & VPTE_FRAME;
+        let bits = leaf_bits(v.prot);
+        if !ram.is_shared(old) {
+            self.pt.set(ram, frames, page, old | bits)?;
+            return Ok((old, false));
+        }
+        let new = frames.alloc(ram).ok_or(OutOfMemory)?;
+        ram.copy_page(new, old);
+        self.pt.set(ram, frames, page, new | bits)?;
+        // Copied before letting go: a last user that takes the frame over
+        // writes to it only after this.
+        if !ram.unshare(old) {
+            // The others left meanwhile: the old frame is nobody's.
+            frames.free(ram, old);
+        }
+        Ok((new, true))
     }
 
     /// The area holding `addr`.
@@ -237,7 +315,7 @@ impl Mm {
         self.pt.visit(ram, start, end, &mut |_, e_pa, leaf| {
             ram.store(e_pa, 0);
             if leaf & VPTE_FRAME != 0 {
-                frames.free(leaf & VPTE_FRAME);
+                frames.free(ram, leaf & VPTE_FRAME);
             }
             any = true;
         });
@@ -299,7 +377,14 @@ impl Mm {
         let bits = leaf_bits(prot);
         let mut changed = false;
         self.pt.visit(ram, start, end, &mut |_, e_pa, leaf| {
-            let new = (leaf & VPTE_FRAME) | bits;
+            let frame = leaf & VPTE_FRAME;
+            // A frame another address space maps stays read-only: a write
+            // copies it first.
+            let new = if frame != 0 && ram.is_shared(frame) {
+                frame | (bits & !VPTE_RW)
+            } else {
+                frame | bits
+            };
             if new != leaf & (VPTE_FRAME | VPTE_V | VPTE_RW | VPTE_U | VPTE_NX | VPTE_A | VPTE_M) {
                 ram.store(e_pa, new);
                 changed = true;
@@ -347,7 +432,11 @@ impl Mm {
             return Ok(Fault::Segv);
         }
         let page = page_down(addr);
-        if self.pt.get(ram, page) & VPTE_FRAME != 0 {
+        let leaf = self.pt.get(ram, page);
+        if err & PGEX_W != 0 && Self::is_cow(&v, leaf) {
+            return self.cow_fault(ram, frames, page, leaf, &v);
+        }
+        if leaf & VPTE_FRAME != 0 {
             return Ok(Fault::Stale);
         }
         self.populate(ram, frames, page, v.prot)?;
@@ -371,6 +460,47 @@ impl Mm {
             }
         }
         Ok(Fault::Mapped)
+    }
+
+    /// A write fault on the copy-on-write page at `page`: it and the next
+    /// copy-on-write pages of its area (up to [`FAULT_AROUND`], in the
+    /// direction the area is used: down in the stack) become this address
+    /// space's own, as one fault would make them on Linux one by one.
+    fn cow_fault(
+        &mut self,
+        ram: &Ram,
+        frames: &mut Frames,
+        page: u64,
+        leaf: u64,
+        v: &Vma,
+    ) -> Result<Fault, OutOfMemory> {
+        let mut copied = u64::from(self.break_cow(ram, frames, page, leaf, v)?.1);
+        let (mut lo, mut hi) = (page, page + PAGE_SIZE);
+        let down = (self.stack_top - STACK_SIZE..self.stack_top).contains(&page);
+        for i in 1..FAULT_AROUND {
+            let near = if down {
+                page.checked_sub(i * PAGE_SIZE)
+            } else {
+                page.checked_add(i * PAGE_SIZE)
+            };
+            let Some(near) = near.filter(|n| (v.start..v.end).contains(n)) else {
+                break;
+            };
+            let l = self.pt.get(ram, near);
+            if !Self::is_cow(v, l) {
+                break;
+            }
+            match self.break_cow(ram, frames, near, l, v) {
+                Ok((_, c)) => copied += u64::from(c),
+                Err(_) => break,
+            }
+            (lo, hi) = (lo.min(near), hi.max(near + PAGE_SIZE));
+        }
+        Ok(Fault::Cow {
+            start: lo,
+            end: hi,
+            copied,
+        })
     }
 
     /// Give the (absent) page at `page` a zeroed frame with the leaf bits of
@@ -405,7 +535,13 @@ impl Mm {
             };
             let page = page_down(addr);
             let leaf = self.pt.get(ram, page);
-            let frame = if leaf & VPTE_FRAME != 0 {
+            let frame = if leaf & VPTE_FRAME != 0 && ram.is_shared(leaf & VPTE_FRAME) {
+                // Loading writes whatever the protection: never into a
+                // frame another address space maps.
+                let (frame, _) = self.break_cow(ram, frames, page, leaf, &v)?;
+                self.stale.push(page);
+                frame
+            } else if leaf & VPTE_FRAME != 0 {
                 leaf & VPTE_FRAME
             } else {
                 self.populate(ram, frames, page, v.prot)?
@@ -452,7 +588,13 @@ impl Mm {
             }
             let page = page_down(at);
             let leaf = self.pt.get(ram, page);
-            let frame = if leaf & VPTE_FRAME != 0 {
+            let frame = if write && Self::is_cow(&v, leaf) {
+                let (frame, copied) = self.break_cow(ram, frames, page, leaf, &v)?;
+                if copied {
+                    self.stale.push(page);
+                }
+                frame
+            } else if leaf & VPTE_FRAME != 0 {
                 leaf & VPTE_FRAME
             } else {
                 self.populate(ram, frames, page, v.prot)?
