@@ -25,6 +25,9 @@ use crate::ram::{Frames, OutOfMemory, Ram};
 /// region).
 pub const PIE_BASE: u64 = 0x5555_5555_4000;
 
+/// Pages of a writable segment's bss given frames at load.
+const BSS_NOW: u64 = 16;
+
 const PT_LOAD: u32 = 1;
 const PT_INTERP: u32 = 3;
 const PT_PHDR: u32 = 6;
@@ -267,7 +270,18 @@ fn place(
             return Err(ExecError::BadSegment);
         }
         // The bss part of the first and last pages is zero already (fresh
-        // frames); pages wholly in bss are demand-zero.
+        // frames); the next pages wholly in bss get zeroed frames now, up
+        // to BSS_NOW of them (a program writes its small bss at once, and a
+        // frame now costs far less than a fault later); the rest are
+        // demand-zero.
+        let file_end = page_up(start + p.filesz);
+        let bss_now = page_up(end).min(file_end + BSS_NOW * PAGE_SIZE);
+        if p.flags & 2 != 0 && bss_now > file_end {
+            let zeros = vec![0u8; (bss_now - file_end) as usize];
+            if !mm.load(ram, frames, file_end, &zeros)? {
+                return Err(ExecError::BadSegment);
+            }
+        }
         top = top.max(page_up(end));
     }
     mm.refresh(ram, lowest.wrapping_add(bias), top);

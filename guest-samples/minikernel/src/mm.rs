@@ -37,6 +37,12 @@ pub const STACK_SIZE: u64 = 8 << 20;
 /// Pages a demand fault maps at once (the faulting one and its next
 /// neighbours in the area).
 pub const FAULT_AROUND: u64 = 16;
+/// Most writable pages a fork copies at once rather than sharing them
+/// copy-on-write (a copy costs about a microsecond, a copy-on-write fault
+/// tens of them).
+pub const EAGER_COPY_MAX: u64 = 64;
+/// Pages of a growing heap (`brk`) given frames at once.
+pub const BRK_NOW: u64 = 4;
 /// Most bytes one system call moves through user memory in one go.
 pub const MAX_IO: u64 = 1 << 24;
 
@@ -143,7 +149,20 @@ impl Mm {
     /// [`Mm::fault`] copies the page, or takes it over when it is the last
     /// user). The caller invalidates its own range afterwards (its leaves
     /// lost rights), also when this fails.
-    pub fn fork(&mut self, ram: &Ram, frames: &mut Frames) -> Result<Mm, OutOfMemory> {
+    ///
+    /// The pages of `hot` (the stack around the forking thread's `rsp`,
+    /// which both sides write at once) are copied for the child straight
+    /// away instead, saving a fault on each side; so are all writable pages
+    /// when there are at most [`EAGER_COPY_MAX`] (copying them costs less
+    /// than the faults sharing them would: a small program that forks and
+    /// execs, as a shell does). Returns the child and
+    /// the ranges whose leaves lost `RW` (coalesced, in address order).
+    pub fn fork(
+        &mut self,
+        ram: &Ram,
+        frames: &mut Frames,
+        hot: std::ops::Range<u64>,
+    ) -> Result<(Mm, Vec<(u64, u64)>), OutOfMemory> {
         let child = Mm {
             pt: PageTable::new(ram, frames)?,
             vmas: self.vmas.clone(),
@@ -156,14 +175,37 @@ impl Mm {
         self.pt.visit(ram, 0, u64::MAX, &mut |va, e_pa, leaf| {
             pages.push((va, e_pa, leaf));
         });
+        let writable = pages.iter().filter(|(_, _, l)| l & VPTE_RW != 0).count();
+        let eager = writable as u64 <= EAGER_COPY_MAX;
+        let mut lost: Vec<(u64, u64)> = Vec::new();
         for (va, e_pa, leaf) in pages {
             let frame = leaf & VPTE_FRAME;
             if frame == 0 {
                 continue;
             }
+            if (eager || hot.contains(&va)) && leaf & VPTE_RW != 0 && !ram.is_shared(frame) {
+                let copy = match frames.alloc(ram) {
+                    Some(c) => c,
+                    None => {
+                        child.pt.destroy(ram, frames);
+                        return Err(OutOfMemory);
+                    }
+                };
+                ram.copy_page(copy, frame);
+                if let Err(e) = child.pt.set(ram, frames, va, copy | (leaf & !VPTE_FRAME)) {
+                    frames.free(ram, copy);
+                    child.pt.destroy(ram, frames);
+                    return Err(e);
+                }
+                continue;
+            }
             let shared = leaf & !VPTE_RW;
             if shared != leaf {
                 ram.store(e_pa, shared);
+                match lost.last_mut() {
+                    Some((_, end)) if *end == va => *end = va + PAGE_SIZE,
+                    _ => lost.push((va, va + PAGE_SIZE)),
+                }
             }
             ram.share(frame);
             if let Err(e) = child.pt.set(ram, frames, va, shared) {
@@ -173,7 +215,7 @@ impl Mm {
                 return Err(e);
             }
         }
-        Ok(child)
+        Ok((child, lost))
     }
 
     /// The range covering the pages whose frames changed under the
@@ -501,6 +543,21 @@ impl Mm {
             end: hi,
             copied,
         })
+    }
+
+    /// Give the absent pages of `[start, end)` (in one area) zeroed frames,
+    /// while RAM lasts.
+    pub fn populate_range(&mut self, ram: &Ram, frames: &mut Frames, start: u64, end: u64) {
+        let Some(v) = self.find(start) else { return };
+        let mut page = page_down(start);
+        while page < end.min(v.end) {
+            if self.pt.get(ram, page) & VPTE_FRAME == 0
+                && self.populate(ram, frames, page, v.prot).is_err()
+            {
+                return;
+            }
+            page += PAGE_SIZE;
+        }
     }
 
     /// Give the (absent) page at `page` a zeroed frame with the leaf bits of

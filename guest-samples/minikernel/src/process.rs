@@ -53,10 +53,18 @@ pub fn fork(k: &mut Kernel, p: &mut Proc, a: [u64; 6]) -> Result<u64, i32> {
         return Err(libc::ENOSYS);
     }
     let t0 = std::time::Instant::now();
-    let child_mm = p.mm.fork(&k.ram, &mut k.frames);
-    // The parent's leaves lost RW: its host translations must go.
-    let inval = p.vm.inval(WINDOW_BASE, k.user_max - WINDOW_BASE);
-    let child_mm = child_mm.map_err(|_| libc::ENOMEM)?;
+    let sp = vkabi::PAGE_SIZE * (p.tf.tf_rsp / vkabi::PAGE_SIZE);
+    let hot = sp.saturating_sub(vkabi::PAGE_SIZE)..sp.saturating_add(vkabi::PAGE_SIZE);
+    let forked = p.mm.fork(&k.ram, &mut k.frames, hot);
+    // The parent's writable leaves lost RW: their host translations must
+    // go (a few ranges one by one, many at once; on failure, everything).
+    let inval = match &forked {
+        Ok((_, lost)) if lost.len() <= 8 => {
+            lost.iter().try_for_each(|&(s, e)| p.vm.inval(s, e - s))
+        }
+        _ => p.vm.inval(WINDOW_BASE, k.user_max - WINDOW_BASE),
+    };
+    let (child_mm, _) = forked.map_err(|_| libc::ENOMEM)?;
     inval.map_err(|e| e.errno.0)?;
     let t1 = std::time::Instant::now();
     // SAFETY: the child touches no lock another host thread could hold:

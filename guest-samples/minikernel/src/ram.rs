@@ -241,6 +241,10 @@ impl Frames {
             head = ram.load(head);
         }
         ram.store(POOL_HEAD, head);
+        // Handed out lowest first: frames freed together (a process's, in
+        // address order) come back as consecutive runs where they were,
+        // which lets the host install neighbours together (prefault).
+        self.dirty.sort_unstable_by(|a, b| b.cmp(a));
         if self.dirty.is_empty() {
             let next = ram.load(POOL_NEXT).max(self.first);
             if next < self.limit {

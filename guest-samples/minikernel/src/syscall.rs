@@ -1263,6 +1263,10 @@ fn brk(k: &mut Kernel, p: &mut Proc, addr: u64) -> Result<u64, KernelError> {
             return Ok(mm.brk);
         }
         mm.add(old, new, PROT_READ | PROT_WRITE);
+        // The first pages of the growth are written at once (a C library
+        // puts its thread block there): frames now save the faults.
+        let now = new.min(old + crate::mm::BRK_NOW * vkabi::PAGE_SIZE);
+        mm.populate_range(&k.ram, &mut k.frames, old, now);
     } else if new < old && mm.remove(&k.ram, &mut k.frames, new, old) {
         p.vm.inval(new, old - new)?;
     }
