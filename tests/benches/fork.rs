@@ -209,23 +209,62 @@ fn where_the_time_goes(bench: &Path, work: &[Workload]) {
                 .env("MINIKERNEL_STATS", "1"),
         );
         let err = text(&out.stderr);
-        // The first process's lines come last (it exits last); its
-        // children's lines say what a child costs.
+        // The first process's lines come last (it exits last); each child
+        // prints its own (what it cost to start: the vmspace, its exec).
         let forks: Vec<&str> = err
             .lines()
             .filter(|l| l.starts_with("minikernel: ") && l.contains(" forks "))
             .collect();
         let parent = forks.last().copied().unwrap_or("(no counters)");
-        let child = forks.first().copied().unwrap_or("(no counters)");
-        let vkrun = err
-            .lines()
-            .find(|l| l.starts_with("vkrun: "))
-            .unwrap_or("vkrun: (no summary)");
+        let children = &forks[..forks.len().saturating_sub(1)];
+        let vmspace: Vec<f64> = children
+            .iter()
+            .filter_map(|l| after(l, "vmspace "))
+            .collect();
+        let exec: Vec<f64> = children
+            .iter()
+            .filter(|l| !l.contains(" 0 execs"))
+            .filter_map(|l| after(l, "execs ("))
+            .collect();
+        let med = |v: Vec<f64>| if v.is_empty() { 0.0 } else { median(v) };
+        let n = f64::from(w.n[1]);
+        let per = |name: &str| vkrun_stat(&err, name) as f64 / n;
         println!(
-            "{}:\n    parent: {parent}\n    a child: {child}\n    {vkrun}",
-            w.label
+            "{}:\n    parent: {parent}\n    children (median): vmspace {:.0} µs (the first: {:.0} µs, a new one), exec {:.0} µs\n    \
+             per fork: {:.1} RUNs, {:.1} page faults RUN returned, {:.1} faults vkrun resolved, {:.1} vmspaces created",
+            w.label,
+            med(vmspace.clone()),
+            vmspace.first().copied().unwrap_or(0.0),
+            med(exec),
+            per("vkrun.runs"),
+            per("vkrun.run_exits.pagefault"),
+            per("vm.vpagetable_faults"),
+            per("vkrun.vmspaces_created"),
         );
     }
+}
+
+/// The number (µs) right after `key` in `line`.
+fn after(line: &str, key: &str) -> Option<f64> {
+    let rest = &line[line.find(key)? + key.len()..];
+    rest.split(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .next()?
+        .parse()
+        .ok()
+}
+
+/// `name: value` from vkrun's `--stats` lines.
+fn vkrun_stat(stderr: &str, name: &str) -> u64 {
+    stderr
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix(name)?
+                .strip_prefix(": ")?
+                .trim()
+                .parse()
+                .ok()
+        })
+        .unwrap_or(0)
 }
 
 fn main() {

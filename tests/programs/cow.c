@@ -108,6 +108,20 @@ int main(void) {
     printf("munmap and mremap in the child: %s, parent intact: %s\n", st == 0 ? "ok" : "FAILED",
            all(a, PAGES, 'P') ? "ok" : "FAILED");
 
+    /* MAP_SHARED memory is not copied: each side sees the other's writes. */
+    volatile int *shm = mmap(NULL, 3 * PG, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
+    shm[0] = 1;
+    pid = fork();
+    if (pid == 0) {
+        shm[1] = shm[0] + 41;          /* the parent reads it after wait */
+        for (int i = 0; i < 3000 && shm[2] != 7; i++) usleep(1000); /* the parent's write */
+        _exit(shm[2] == 7 ? 0 : 1);
+    }
+    shm[2] = 7;
+    st = child_status(pid);
+    printf("MAP_SHARED memory is shared after fork: %s\n", st == 0 && shm[1] == 42 ? "ok" : "FAILED");
+    munmap((void *)shm, 3 * PG);
+
     /* Many children in a row, each writing everything. */
     int fails = 0;
     for (int i = 0; i < 20; i++) {

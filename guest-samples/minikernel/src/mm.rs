@@ -65,6 +65,9 @@ pub struct Vma {
     pub end: u64,
     /// `PROT_*` bits.
     pub prot: i32,
+    /// `MAP_SHARED`: a fork shares its pages (the same frames, writable
+    /// in both) instead of copying them on write.
+    pub shared: bool,
 }
 
 /// What a `T_PAGEFLT` turned out to be.
@@ -171,16 +174,32 @@ impl Mm {
             stack_top: self.stack_top,
             stale: Vec::new(),
         };
+        // (va, entry, leaf, in a MAP_SHARED area)
         let mut pages = Vec::new();
-        self.pt.visit(ram, 0, u64::MAX, &mut |va, e_pa, leaf| {
-            pages.push((va, e_pa, leaf));
-        });
-        let writable = pages.iter().filter(|(_, _, l)| l & VPTE_RW != 0).count();
+        for v in &self.vmas {
+            self.pt.visit(ram, v.start, v.end, &mut |va, e_pa, leaf| {
+                pages.push((va, e_pa, leaf, v.shared));
+            });
+        }
+        let writable = pages
+            .iter()
+            .filter(|(_, _, l, shared)| l & VPTE_RW != 0 && !shared)
+            .count();
         let eager = writable as u64 <= EAGER_COPY_MAX;
         let mut lost: Vec<(u64, u64)> = Vec::new();
-        for (va, e_pa, leaf) in pages {
+        for (va, e_pa, leaf, shared_area) in pages {
             let frame = leaf & VPTE_FRAME;
             if frame == 0 {
+                continue;
+            }
+            if shared_area {
+                // MAP_SHARED: both map the frame as it is.
+                ram.share(frame);
+                if let Err(e) = child.pt.set(ram, frames, va, leaf) {
+                    ram.unshare(frame);
+                    child.pt.destroy(ram, frames);
+                    return Err(e);
+                }
                 continue;
             }
             if (eager || hot.contains(&va)) && leaf & VPTE_RW != 0 && !ram.is_shared(frame) {
@@ -230,7 +249,7 @@ impl Mm {
     /// Whether the leaf `leaf` of a page in area `v` is copy-on-write: it
     /// has a frame, the area is writable, the leaf is not.
     fn is_cow(v: &Vma, leaf: u64) -> bool {
-        leaf & VPTE_FRAME != 0 && v.prot & PROT_WRITE != 0 && leaf & VPTE_RW == 0
+        !v.shared && leaf & VPTE_FRAME != 0 && v.prot & PROT_WRITE != 0 && leaf & VPTE_RW == 0
     }
 
     /// Make the copy-on-write page at `page` (leaf `leaf`, area `v`) this
@@ -289,7 +308,7 @@ impl Mm {
                 out.push(Vma {
                     start: w[0],
                     end: w[1],
-                    prot: v.prot,
+                    ..v
                 });
             }
         }
@@ -300,6 +319,11 @@ impl Mm {
     /// covered keep their pages and get `prot` added (program segments
     /// sharing a page); the rest is a new area.
     pub fn add(&mut self, start: u64, end: u64, prot: i32) {
+        self.add_area(start, end, prot, false);
+    }
+
+    /// [`Mm::add`], the new parts `MAP_SHARED` when `shared`.
+    pub fn add_area(&mut self, start: u64, end: u64, prot: i32, shared: bool) {
         self.carve(start, end);
         let mut at = start;
         let mut new = Vec::new();
@@ -313,6 +337,7 @@ impl Mm {
                     start: at,
                     end: v.start,
                     prot,
+                    shared,
                 });
             }
             v.prot |= prot;
@@ -323,6 +348,7 @@ impl Mm {
                 start: at,
                 end,
                 prot,
+                shared,
             });
         }
         self.vmas.extend(new);
@@ -336,7 +362,11 @@ impl Mm {
         let mut out: Vec<Vma> = Vec::with_capacity(self.vmas.len());
         for v in self.vmas.drain(..) {
             match out.last_mut() {
-                Some(last) if last.end == v.start && last.prot == v.prot => last.end = v.end,
+                Some(last)
+                    if last.end == v.start && last.prot == v.prot && last.shared == v.shared =>
+                {
+                    last.end = v.end
+                }
                 _ => out.push(v),
             }
         }
@@ -365,7 +395,7 @@ impl Mm {
     }
 
     /// Move the pages of `[from, from + len)` to `[to, to + len)` (a free
-    /// range): a new area of protection `prot` there gets the old leaves,
+    /// range): a new area like `like` (protection, sharing) gets the old leaves,
     /// the old entries are cleared (the old areas stay: the caller removes
     /// them and invalidates).
     pub fn move_pages(
@@ -375,13 +405,13 @@ impl Mm {
         from: u64,
         to: u64,
         len: u64,
-        prot: i32,
+        like: &Vma,
     ) -> Result<(), OutOfMemory> {
         let mut leaves = Vec::new();
         self.pt.visit(ram, from, from + len, &mut |va, e_pa, leaf| {
             leaves.push((va, e_pa, leaf));
         });
-        self.add(to, to + len, prot);
+        self.add_area(to, to + len, like.prot, like.shared);
         for (va, e_pa, leaf) in leaves {
             self.pt.set(ram, frames, va - from + to, leaf)?;
             ram.store(e_pa, 0);
@@ -418,20 +448,26 @@ impl Mm {
         self.merge();
         let bits = leaf_bits(prot);
         let mut changed = false;
-        self.pt.visit(ram, start, end, &mut |_, e_pa, leaf| {
-            let frame = leaf & VPTE_FRAME;
-            // A frame another address space maps stays read-only: a write
-            // copies it first.
-            let new = if frame != 0 && ram.is_shared(frame) {
-                frame | (bits & !VPTE_RW)
-            } else {
-                frame | bits
-            };
-            if new != leaf & (VPTE_FRAME | VPTE_V | VPTE_RW | VPTE_U | VPTE_NX | VPTE_A | VPTE_M) {
-                ram.store(e_pa, new);
-                changed = true;
-            }
-        });
+        for v in self.vmas.iter().filter(|v| v.start < end && start < v.end) {
+            let (lo, hi) = (v.start.max(start), v.end.min(end));
+            self.pt.visit(ram, lo, hi, &mut |_, e_pa, leaf| {
+                let frame = leaf & VPTE_FRAME;
+                // A frame another address space maps copy-on-write stays
+                // read-only: a write copies it first. MAP_SHARED frames
+                // are writable in all.
+                let new = if frame != 0 && !v.shared && ram.is_shared(frame) {
+                    frame | (bits & !VPTE_RW)
+                } else {
+                    frame | bits
+                };
+                if new
+                    != leaf & (VPTE_FRAME | VPTE_V | VPTE_RW | VPTE_U | VPTE_NX | VPTE_A | VPTE_M)
+                {
+                    ram.store(e_pa, new);
+                    changed = true;
+                }
+            });
+        }
         Ok(changed)
     }
 
@@ -592,7 +628,7 @@ impl Mm {
             };
             let page = page_down(addr);
             let leaf = self.pt.get(ram, page);
-            let frame = if leaf & VPTE_FRAME != 0 && ram.is_shared(leaf & VPTE_FRAME) {
+            let frame = if leaf & VPTE_FRAME != 0 && !v.shared && ram.is_shared(leaf & VPTE_FRAME) {
                 // Loading writes whatever the protection: never into a
                 // frame another address space maps.
                 let (frame, _) = self.break_cow(ram, frames, page, leaf, &v)?;

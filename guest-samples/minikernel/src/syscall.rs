@@ -1061,7 +1061,7 @@ fn mremap(k: &mut Kernel, p: &mut Proc, a: [u64; 6]) -> SysResult {
         }
         let grown = old.checked_add(new_len).ok_or(libc::ENOMEM)?;
         if grown <= k.user_max && !p.mm.overlaps(old_end, grown) {
-            p.mm.add(old_end, grown, area.prot);
+            p.mm.add_area(old_end, grown, area.prot, area.shared);
             return Ok(old);
         }
         if flags & MAYMOVE == 0 {
@@ -1085,10 +1085,10 @@ fn mremap(k: &mut Kernel, p: &mut Proc, a: [u64; 6]) -> SysResult {
         p.mm.free_range(new_len).ok_or(libc::ENOMEM)?
     };
     let moved = old_len.min(new_len);
-    p.mm.move_pages(&k.ram, &mut k.frames, old, to, moved, area.prot)
+    p.mm.move_pages(&k.ram, &mut k.frames, old, to, moved, &area)
         .map_err(|_| libc::ENOMEM)?;
     if new_len > moved {
-        p.mm.add(to + moved, to + new_len, area.prot);
+        p.mm.add_area(to + moved, to + new_len, area.prot, area.shared);
     }
     p.mm.remove(&k.ram, &mut k.frames, old, old_end);
     inval(p, old, old_end)?;
@@ -1168,7 +1168,7 @@ fn mmap(k: &mut Kernel, p: &mut Proc, a: [u64; 6]) -> SysResult {
         p.mm.free_range(len).ok_or(libc::ENOMEM)?
     };
     let prot = prot & (PROT_READ | PROT_WRITE | PROT_EXEC);
-    p.mm.add(start, start + len, prot);
+    p.mm.add_area(start, start + len, prot, flags & MAP_SHARED != 0);
     if !anon {
         let mut data = vec![0u8; len as usize];
         let mut got = 0usize;
