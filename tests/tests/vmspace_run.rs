@@ -476,6 +476,83 @@ fn assert_stubs_gone(stubs: &[i32], what: &str) {
     );
 }
 
+/// The host mappings of `[va, va + len)` in process `pid`: `(start, end,
+/// perms)` per line of `/proc/PID/maps`, clipped to the range.
+fn maps_in(pid: i32, va: u64, len: u64) -> Vec<(u64, u64, String)> {
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).expect("stub maps");
+    maps.lines()
+        .filter_map(|l| {
+            let mut f = l.split_whitespace();
+            let (s, e) = f.next()?.split_once('-')?;
+            let (s, e) = (
+                u64::from_str_radix(s, 16).ok()?,
+                u64::from_str_radix(e, 16).ok()?,
+            );
+            let (s, e) = (s.max(va), e.min(va + len));
+            (s < e).then(|| (s, e, f.next().unwrap_or_default().to_owned()))
+        })
+        .collect()
+}
+
+/// A vmspace's window pages are `PROT_NONE` in its stub until installed,
+/// so that a first touch raises `SIGSEGV` in the execution context itself
+/// (which reports it, as it reports a system call) instead of waiting in a
+/// userfaultfd for another vkrun thread: the page whose VPTE was valid is
+/// a shared mapping of RAM, the one whose walk failed (RUN returned
+/// `T_PAGEFLT`) and the untouched ones are inaccessible.
+#[test]
+fn a_vmspace_window_is_inaccessible_in_its_stub_until_installed() {
+    let mut child = vkrun()
+        .args(["-q", "--"])
+        .arg(bin("vmspace-check"))
+        .arg("hold-window")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn vkrun");
+    let stdout = child.stdout.take().expect("stdout");
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let mut line = String::new();
+        let _ = BufReader::new(stdout).read_line(&mut line);
+        let _ = tx.send(line);
+    });
+    let line = rx.recv_timeout(Duration::from_secs(30)).unwrap_or_default();
+    let stubs = stubs(child.id());
+    let seen = line
+        .strip_prefix("window ")
+        .and_then(|w| w.trim().split_once(' '))
+        .and_then(|(va, pages)| {
+            let va = u64::from_str_radix(va.strip_prefix("0x")?, 16).ok()?;
+            Some((va, pages.parse::<u64>().ok()? * 4096))
+        })
+        .zip(stubs.first())
+        .map(|((va, len), stub)| (va, maps_in(*stub, va, len)));
+    drop(child.stdin.take());
+    let status = wait_deadline(&mut child, DEADLINE);
+    let (va, maps) = seen.unwrap_or_else(|| panic!("hold-window: {line:?}, stubs {stubs:?}"));
+    assert_eq!(status.code(), Some(0), "vmspace-check hold-window");
+    let installed = (va + 0x2000, va + 0x3000);
+    for (s, e, perms) in &maps {
+        if (*s, *e) == installed {
+            assert_eq!(perms, "rwxs", "the page installed (RW, no NX): {maps:x?}");
+        } else {
+            assert!(
+                *e <= installed.0 || *s >= installed.1,
+                "the installed page is one mapping: {maps:x?}"
+            );
+            assert_eq!(perms, "---p", "pages not installed: {maps:x?}");
+        }
+    }
+    let covered: u64 = maps.iter().map(|(s, e, _)| e - s).sum();
+    assert_eq!(covered, 8 * 4096, "the whole window is mapped: {maps:x?}");
+    assert!(
+        maps.iter().any(|m| (m.0, m.1) == installed),
+        "page 2 installed: {maps:x?}"
+    );
+}
+
 #[test]
 fn sigkill_of_the_guest_inside_run_leaves_no_stub() {
     let (mut child, guest, stubs) = hold("hold-run");

@@ -4,8 +4,8 @@
 //! its run state says which RUN is in flight ([`crate::vmspace::run`]
 //! drives it).
 //!
-//! Lock order: a context's `state` before its `fault`; neither is held
-//! while waiting on the context's thread except through a bounded wait.
+//! Lock order: a context's `state` is not held while waiting on the
+//! context's thread except through a bounded wait.
 
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -93,8 +93,6 @@ pub struct Context {
     pub(super) seen: AtomicU32,
     /// The context is being destroyed: its waiter ends.
     pub(super) closed: AtomicBool,
-    /// A fault whose walk failed, for the kick it sent: (address, `PGEX`).
-    pub(super) fault: Mutex<Option<(u64, u64)>>,
 }
 
 impl Context {
@@ -108,7 +106,6 @@ impl Context {
             state: Mutex::new(RunState::default()),
             seen: AtomicU32::new(seen),
             closed: AtomicBool::new(false),
-            fault: Mutex::new(None),
         }
     }
 
@@ -141,14 +138,6 @@ impl Context {
         let _ = futex::wake(self.word(CX_SEQ));
         // If its user code is running (its guest thread died inside RUN),
         // kick it into the handler, which then sees EXIT.
-        self.word(CX_KICK).store(1, Ordering::Release);
-        let _ = self.vm.kick(self.tid);
-    }
-
-    /// The context's user code is waiting on a fault whose walk failed:
-    /// interrupt it to report `T_PAGEFLT` at `addr` with `pgex`.
-    pub fn fault(&self, addr: u64, pgex: u64) {
-        *lock(&self.fault) = Some((addr, pgex));
         self.word(CX_KICK).store(1, Ordering::Release);
         let _ = self.vm.kick(self.tid);
     }

@@ -515,18 +515,6 @@ impl Vmspaces {
 impl ContextFaults for Vmspaces {
     /// A walk failed for context thread `ctid` at `addr`: end its RUN with
     /// `T_PAGEFLT`. False if `ctid` is no context.
-    fn walk_failed(&self, ctid: Pid, addr: u64, pgex: u64) -> bool {
-        let vms: Vec<Arc<Vmspace>> = lock(&self.by_id).values().cloned().collect();
-        for vm in vms {
-            let ctx = lock(&vm.contexts).values().find(|c| c.tid == ctid).cloned();
-            if let Some(ctx) = ctx {
-                ctx.fault(addr, pgex);
-                return true;
-            }
-        }
-        false
-    }
-
     /// The guest thread whose context runs in stub thread `ctid`.
     fn guest_of(&self, ctid: Pid) -> Option<Pid> {
         let vms: Vec<Arc<Vmspace>> = lock(&self.by_id).values().cloned().collect();

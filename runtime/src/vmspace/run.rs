@@ -246,26 +246,16 @@ impl Waiter {
             return; // a report nobody asked for (user code jumping around)
         };
         let mut trap = trap_of(&r);
-        if r.sig as i32 == KICK_SIGNAL {
-            if let Some((addr, err)) = lock(&ctx.fault).take() {
-                // Kicked out of a fault the walk could not resolve.
-                trap = Trap {
-                    trapno: T_PAGEFLT,
-                    err,
-                    addr,
-                };
-                if !st.interrupted() {
-                    ctx.word(CX_KICK).store(0, Ordering::Release);
-                }
-            } else if !st.interrupted() {
-                // A kick meant for an earlier run: carry on.
-                ctx.post(&in_regs(&r), r.fs, r.gs);
-                return;
-            }
+        if r.sig as i32 == KICK_SIGNAL && !st.interrupted() {
+            // A kick meant for an earlier run: carry on.
+            ctx.post(&in_regs(&r), r.fs, r.gs);
+            return;
         }
         if trap.trapno == T_PAGEFLT && r.sig as i32 == libc::SIGSEGV && !st.interrupted() {
-            // A window fault the host resolves (read-only page written,
-            // page being re-armed), or a failed walk with its own error bits.
+            // A window fault (the page is PROT_NONE until installed): the
+            // host resolves it if the walk allows the access (a first touch,
+            // a read-only page written), else it is the vkernel's, with the
+            // walk's error bits.
             match self
                 .env
                 .vpt

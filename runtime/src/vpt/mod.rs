@@ -83,11 +83,10 @@ const ANON: u64 = (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE
 
 /// What the execution side does for the address spaces of vmspaces: the
 /// seam between address spaces (here) and execution contexts (`vmspace`).
+/// (A fault in a vmspace's window reaches the execution side by itself: the
+/// page is `PROT_NONE` until installed, so the context takes the `SIGSEGV`
+/// and reports it; RUN's waiter asks [`Vpt::on_stub_fault`].)
 pub trait ContextFaults: Send + Sync {
-    /// A walk failed for a fault of context thread `ctid` at `addr`: end its
-    /// RUN with `T_PAGEFLT` and these `PGEX` bits (the thread waits in the
-    /// userfaultfd; the page stays missing). False if `ctid` is no context.
-    fn walk_failed(&self, ctid: Pid, addr: u64, pgex: u64) -> bool;
     /// The guest thread whose context runs in stub thread `ctid` (trace
     /// lines name it, as RUN's lines do).
     fn guest_of(&self, ctid: Pid) -> Option<Pid>;
@@ -240,9 +239,7 @@ impl Vpt {
         self.deferred.take()
     }
 
-    /// Let `contexts` take the faults whose walk fails in a vmspace: it ends
-    /// the faulting context's RUN with `T_PAGEFLT` directly, instead of the
-    /// guest's way (poison the page, let the retry raise `SIGSEGV`, re-arm).
+    /// Let `contexts` name the guest threads of vmspace faults in the trace.
     pub fn set_context_faults(&self, contexts: Weak<dyn ContextFaults>) {
         let _ = self.contexts.set(contexts);
     }
@@ -401,13 +398,18 @@ impl Vpt {
             call(libc::SYS_munmap, [start, len, 0, 0, 0, 0])?;
             return Err(Errno::ENOMEM.into());
         }
-        if let Err(e) = proc_.uffd.register_missing(start, len) {
-            call(libc::SYS_munmap, [start, len, 0, 0, 0, 0])?;
-            return Err(e.into());
-        }
-        if let Err(e) = errno_or(call(libc::SYS_mprotect, [start, len, rw, 0, 0, 0])?) {
-            call(libc::SYS_munmap, [start, len, 0, 0, 0, 0])?;
-            return Err(e.into());
+        // A vmspace's window stays PROT_NONE: a first touch raises SIGSEGV
+        // in the execution context itself, which reports it (the one
+        // hand-off a system call's exit takes); see `Vpt::on_stub_fault`.
+        if proc_.space == Space::Guest {
+            if let Err(e) = proc_.uffd.register_missing(start, len) {
+                call(libc::SYS_munmap, [start, len, 0, 0, 0, 0])?;
+                return Err(e.into());
+            }
+            if let Err(e) = errno_or(call(libc::SYS_mprotect, [start, len, rw, 0, 0, 0])?) {
+                call(libc::SYS_munmap, [start, len, 0, 0, 0, 0])?;
+                return Err(e.into());
+            }
         }
         mm.forget_range(start, start + len);
         let w = Window {

@@ -95,8 +95,6 @@ enum Resolved {
     /// The walk failed: this fault is to be delivered (`Mode::Missing`:
     /// the page is poisoned for the retry).
     Failed(Poison),
-    /// The walk failed in a vmspace and the context took the fault.
-    TakenByContext,
     /// Installing (or poisoning) failed.
     Error(Errno),
 }
@@ -145,7 +143,10 @@ impl Vpt {
         let walk = self.walk_window(&w, page, access);
         let resolved = match &walk {
             Ok(t) => {
-                let run = if f.mode == Mode::Refused {
+                // A host mapping that refused the access is replaced alone
+                // (its new protection); a page not installed yet (a
+                // vmspace's first touch) comes with its neighbours.
+                let run = if f.mode == Mode::Refused && mm.is_installed(page) {
                     RamRun {
                         va: page,
                         len: PAGE,
@@ -165,16 +166,6 @@ impl Vpt {
                 let (si_code, pgex) = segv::poison_of(e.as_ref(), access);
                 let poison = Poison { si_code, pgex };
                 match f.mode {
-                    Mode::Missing
-                        if p.space == Space::Vmspace
-                            && self
-                                .context_faults()
-                                .is_some_and(|c| c.walk_failed(f.tid, f.addr, pgex)) =>
-                    {
-                        // The context leaves its wait for the vkernel; the
-                        // page stays missing and walks again next time.
-                        Resolved::TakenByContext
-                    }
                     Mode::Missing => {
                         mm.poisoned.insert(page, poison);
                         match self.poison(p, page) {
@@ -199,7 +190,7 @@ impl Vpt {
     }
 
     /// A missing-page fault read from `p`'s uffd: resolve it, then wake the
-    /// faulting thread (unless its execution context took the fault).
+    /// faulting thread.
     fn on_missing(&self, p: &Process, f: &PageFault) {
         let page = page_down(f.address);
         let access = if f.write { Access::Write } else { Access::Read };
@@ -210,7 +201,6 @@ impl Vpt {
             tid: Pid::from_raw(f.tid),
         };
         let wake = match self.resolve_page(p, fault) {
-            Resolved::TakenByContext => return,
             Resolved::Installed(va, len) => (va, len),
             Resolved::Error(Errno::ESRCH) => {
                 // The process is going away (its agent died with it).
