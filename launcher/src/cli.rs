@@ -86,6 +86,14 @@ pub struct Cli {
     #[arg(long)]
     pub stats: bool,
 
+    /// How vmspace_ctl(RUN) reaches the execution context: fast (the
+    /// guest's vmspace_ctl() in vkernel.h and vkabi hands off to it
+    /// directly; the default) or hypercall (every RUN through vkrun, as a
+    /// raw hypercall). Traced RUNs (-e trace=runs, all) always take the
+    /// hypercall.
+    #[arg(long = "run", value_name = "PATH", value_enum, default_value_t = RunPath::Fast)]
+    pub run: RunPath,
+
     /// Do not report a guest killed by a signal on stderr.
     #[arg(short = 'q', long)]
     pub quiet: bool,
@@ -108,6 +116,15 @@ pub struct Cli {
         trailing_var_arg = true
     )]
     pub command: Vec<OsString>,
+}
+
+/// `--run`: the path of a RUN.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum RunPath {
+    /// The guest library hands off to the context itself.
+    Fast,
+    /// Every RUN is a hypercall served by vkrun.
+    Hypercall,
 }
 
 fn parse_ram_size(text: &str) -> Result<u64, size::SizeError> {

@@ -214,6 +214,7 @@ fn run(cli: Cli) -> ExitStatus {
         },
         output,
         stats: cli.stats,
+        fast_run: cli.run == vkrun::cli::RunPath::Fast,
     };
     match vkrun_runtime::run(config) {
         Ok(outcome) => {

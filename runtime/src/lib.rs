@@ -45,6 +45,9 @@ pub struct Config {
     pub output: Box<dyn Write + Send>,
     /// Print the counters at exit.
     pub stats: bool,
+    /// Offer the fast RUN (the guest library hands off to its execution
+    /// context directly) when RUNs are not traced.
+    pub fast_run: bool,
 }
 
 impl std::fmt::Debug for Config {
@@ -55,6 +58,7 @@ impl std::fmt::Debug for Config {
             .field("ram_size", &self.ram_size)
             .field("trace", &self.trace)
             .field("stats", &self.stats)
+            .field("fast_run", &self.fast_run)
             .finish_non_exhaustive()
     }
 }

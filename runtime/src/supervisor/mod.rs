@@ -74,6 +74,7 @@ pub fn run(config: Config) -> Result<Outcome, Error> {
         trace: trace_options,
         output,
         stats: want_stats,
+        fast_run,
     } = config;
     crate::sys::fatal::install_panic_hook();
     let path = resolve_program(&program)?;
@@ -143,6 +144,7 @@ pub fn run(config: Config) -> Result<Outcome, Error> {
             failure: None,
             out: Arc::new(Mutex::new(TraceWriter::new(output, trace_options))),
             stats: Arc::new(Stats::default()),
+            fast_run,
             vpt: None,
             vmspaces: None,
             stop_calls: None,
@@ -215,6 +217,8 @@ struct Supervisor {
     failure: Option<Error>,
     out: Arc<Mutex<TraceWriter>>,
     stats: Arc<Stats>,
+    /// `Config::fast_run`.
+    fast_run: bool,
     ram_fd_guess: i32,
     /// MAP_VPAGETABLE state of the guest's processes.
     vpt: Option<Arc<Vpt>>,
@@ -474,6 +478,16 @@ impl Supervisor {
             trace_signal(&trace, pid);
             resume(pid, Some(sig));
         };
+        if !self.vmspaces().is_empty()
+            && proc::catches(pid, sig as i32)
+            && self.vmspaces().hold_for_fast_run(&self.tracer, pid)
+        {
+            // Inside a fast RUN: the signal waits (blocked) until RUN has
+            // returned; the kernel queues it again now. It is traced when
+            // it stops the thread again, at its delivery.
+            resume(pid, Some(sig));
+            return;
+        }
         let rax = match ptrace::getregs(pid) {
             Ok(regs)
                 if !self.vmspaces().is_empty()
@@ -538,7 +552,13 @@ impl Supervisor {
             ram_fd_guess: AtomicI32::new(self.ram_fd_guess),
             pool: Pool::default(),
         });
+        // Traced RUNs take the hypercall, where they can be traced.
+        let traced = {
+            let out = lock(&self.out);
+            out.set().runs || out.set().hypercall(Some(Hypercall::VmspaceCtl))
+        };
         self.vmspaces().set_env(Arc::new(crate::vmspace::RunEnv {
+            fast: self.fast_run && !traced,
             notify: Arc::clone(&server.notify),
             stats: Arc::clone(&self.stats),
             trace: Arc::clone(&self.out),
