@@ -369,7 +369,7 @@ static inline int vmspace_destroy(void *id)
  * raw hypercall is taken otherwise. The layout below is vkabi's
  * (vkabi::fastrun); c_header.rs checks it.
  */
-#define VMSPACE_CTL_FASTINFO 0x100 /* vkrun's: fd | page << 32 of the block */
+#define VMSPACE_CTL_FASTINFO 0x564B0001 /* vkrun's ("VK" 1): fd | page << 32 of the block */
 #define VK_FAST_OPEN_MAGIC UINT32_C(0x31435552)
 #define VK_FAST_CX_STATE 0x000
 #define VK_FAST_CX_SEQ 0x004

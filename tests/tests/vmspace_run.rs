@@ -14,25 +14,37 @@ use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use vkrun_tests::{DEADLINE, alive, bin, eventually, run, text, vkrun, wait_deadline};
 
-/// Run `vmspace-check area` under vkrun.
-fn vmspace_check(area: &str) -> Output {
+/// How RUN reaches the context: `vkrun --run=PATH`.
+const PATHS: [&str; 2] = ["fast", "hypercall"];
+
+/// Run `vmspace-check area` under vkrun with `--run=path`.
+fn vmspace_check(area: &str, path: &str) -> Output {
     run(vkrun()
         .arg("-q")
+        .arg(format!("--run={path}"))
         .arg("--")
         .arg(bin("vmspace-check"))
         .arg(area))
 }
 
-/// `vmspace-check area` passes: exit 0, no FAIL line, and `ok area.NAME`
+/// `vmspace-check area` passes on both paths of RUN (the guest library's
+/// fast RUN and the hypercall): exit 0, no FAIL line, and `ok area.NAME`
 /// for every name in `expected`.
 fn check(area: &str, expected: &[&str]) {
-    let out = vmspace_check(area);
+    for path in PATHS {
+        check_path(area, path, expected);
+    }
+}
+
+fn check_path(area: &str, path: &str, expected: &[&str]) {
+    let area_path = format!("{area} (--run={path})");
+    let out = vmspace_check(area, path);
     let stdout = text(&out.stdout);
     let stderr = text(&out.stderr);
     let fails: Vec<&str> = stdout.lines().filter(|l| l.starts_with("FAIL")).collect();
     assert!(
         fails.is_empty(),
-        "vmspace-check {area} failed:\n{}\nstderr:\n{stderr}",
+        "vmspace-check {area_path} failed:\n{}\nstderr:\n{stderr}",
         fails.join("\n")
     );
     let missing: Vec<String> = expected
@@ -42,7 +54,7 @@ fn check(area: &str, expected: &[&str]) {
         .collect();
     assert!(
         missing.is_empty(),
-        "vmspace-check {area}: missing lines:\n{}\nstdout:\n{stdout}\nstderr:\n{stderr}",
+        "vmspace-check {area_path}: missing lines:\n{}\nstdout:\n{stdout}\nstderr:\n{stderr}",
         missing.join("\n")
     );
     let prefix = format!("ok {area}.");
@@ -55,13 +67,13 @@ fn check(area: &str, expected: &[&str]) {
         .collect();
     assert!(
         extra.is_empty(),
-        "vmspace-check {area}: lines this test does not know:\n{}",
+        "vmspace-check {area_path}: lines this test does not know:\n{}",
         extra.join("\n")
     );
     assert_eq!(
         out.status.code(),
         Some(0),
-        "vmspace-check {area} exit status; stdout:\n{stdout}\nstderr:\n{stderr}"
+        "vmspace-check {area_path} exit status; stdout:\n{stdout}\nstderr:\n{stderr}"
     );
 }
 
@@ -349,7 +361,13 @@ fn a_forked_guest_shares_the_registry() {
 
 #[test]
 fn all_areas_pass_in_one_guest() {
-    let out = vmspace_check("all");
+    for path in PATHS {
+        all_areas_pass_on(path);
+    }
+}
+
+fn all_areas_pass_on(path: &str) {
+    let out = vmspace_check("all", path);
     let stdout = text(&out.stdout);
     let summary = stdout
         .lines()
@@ -364,7 +382,7 @@ fn all_areas_pass_in_one_guest() {
     assert!(oks > 0, "no check ran: {summary}");
     assert!(
         summary.ends_with(" ok, 0 failed"),
-        "{summary}\n{}",
+        "--run={path}: {summary}\n{}",
         stdout
             .lines()
             .filter(|l| l.starts_with("FAIL"))

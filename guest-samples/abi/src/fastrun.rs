@@ -33,13 +33,13 @@ use crate::{
 };
 
 /// `vmspace_ctl(id, VMSPACE_CTL_FASTINFO, NULL, NULL)`: vkrun's own command
-/// (not DragonFly's). Returns `fd | (page << 32)`: a new close-on-exec
+/// (not DragonFly's; a number no DragonFly command uses). Returns `fd | (page << 32)`: a new close-on-exec
 /// descriptor of the file holding the calling thread's execution context
 /// for vmspace `id`, and the page of that file where its block is. The
 /// caller maps that one page shared and closes the descriptor.
 /// `EOPNOTSUPP` when vkrun does not offer the fast path (RUNs traced,
 /// `vkrun --run=hypercall`), and the errors of RUN otherwise.
-pub const VMSPACE_CTL_FASTINFO: i32 = 0x100;
+pub const VMSPACE_CTL_FASTINFO: i32 = 0x564B_0001;
 
 /// `CX_OPEN` while vkrun offers the fast path on the context ("RUN1").
 pub const OPEN_MAGIC: u32 = 0x3143_5552;
