@@ -788,6 +788,55 @@ fn stats_count_runs_and_their_exits() {
     assert!(counter(&stats, "vkrun.run_exits.signal") >= 4, "{stats}");
 }
 
+/// The library's `vmspace_ctl()` takes the fast RUN by default (vkrun is
+/// asked once per thread and vmspace, so the RUNs far outnumber the
+/// `vmspace_ctl` hypercalls), and the RUNs it makes are still counted, with
+/// their exits; `--run=hypercall` and a trace of RUNs make every RUN a
+/// hypercall again (one more `vmspace_ctl` per process: the library's
+/// question, refused).
+#[test]
+fn the_fast_run_is_taken_unless_runs_are_traced_or_refused() {
+    let stats_of = |options: &[&str]| {
+        let out = run(vkrun()
+            .args(["-q", "--stats"])
+            .args(options)
+            .arg("--")
+            .arg(bin("vmspace-check"))
+            .arg("traps"));
+        assert_eq!(out.status.code(), Some(0), "{}", text(&out.stdout));
+        let stats = text(&out.stderr);
+        let runs = counter(&stats, "vkrun.runs");
+        let exits: u64 = ["syscall", "pagefault", "trap", "signal"]
+            .iter()
+            .map(|k| counter(&stats, &format!("vkrun.run_exits.{k}")))
+            .sum();
+        (
+            runs,
+            exits,
+            counter(&stats, "vkrun.hypercalls.vmspace_ctl"),
+            stats,
+        )
+    };
+    let (fast_runs, fast_exits, fast_calls, stats) = stats_of(&[]);
+    assert!(
+        fast_runs >= 10 && fast_calls * 2 < fast_runs,
+        "the fast RUN was not taken: {fast_runs} RUNs, {fast_calls} vmspace_ctl hypercalls\n{stats}"
+    );
+    assert_eq!(
+        fast_exits, fast_runs,
+        "every fast RUN's exit counted:\n{stats}"
+    );
+    for options in [&["--run=hypercall"][..], &["-e", "trace=runs"][..]] {
+        let (runs, exits, calls, stats) = stats_of(options);
+        assert_eq!(runs, fast_runs, "{options:?}: the same RUNs\n{stats}");
+        assert_eq!(exits, runs, "{options:?}\n{stats}");
+        assert!(
+            calls > runs,
+            "{options:?}: every RUN a hypercall: {runs} RUNs, {calls} vmspace_ctl\n{stats}"
+        );
+    }
+}
+
 /// Under a signal storm every RUN's trace line says how the call ended, in
 /// strace's words: a trap, `-1 EINTR` (taken back before the user code
 /// started), or `? ERESTARTSYS` (withdrawn before vkrun posted it).
