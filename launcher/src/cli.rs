@@ -103,6 +103,14 @@ pub struct Cli {
     #[arg(long)]
     pub stats: bool,
 
+    /// How vmspace_ctl(RUN) reaches the execution context: fast (the
+    /// guest's vmspace_ctl() in vkernel.h and vkabi hands off to it
+    /// directly; the default) or hypercall (every RUN through vkrun, as a
+    /// raw hypercall). Traced RUNs (-e trace=runs, all) always take the
+    /// hypercall.
+    #[arg(long = "run", value_name = "PATH", value_enum, default_value_t = RunPath::Fast)]
+    pub run: RunPath,
+
     /// Do not report a guest killed by a signal on stderr.
     #[arg(short = 'q', long)]
     pub quiet: bool,
@@ -150,6 +158,15 @@ pub struct Cli {
 
 fn parse_gdb_addr(text: &str) -> Result<vkrun_runtime::GdbAddr, String> {
     vkrun_runtime::GdbAddr::parse(text)
+}
+
+/// `--run`: the path of a RUN.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum RunPath {
+    /// The guest library hands off to the context itself.
+    Fast,
+    /// Every RUN is a hypercall served by vkrun.
+    Hypercall,
 }
 
 /// A RAM size as `size::parse_size` reads it that this host can also map

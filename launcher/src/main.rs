@@ -226,6 +226,7 @@ fn run(cli: Cli) -> ExitStatus {
             addr,
             wait: cli.gdb_wait == "yes",
         }),
+        fast_run: cli.run == vkrun::cli::RunPath::Fast,
     };
     match vkrun_runtime::run(config) {
         Ok(outcome) => {

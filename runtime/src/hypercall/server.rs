@@ -349,7 +349,7 @@ impl Server {
         let fd = match found {
             Some(fd) => fd,
             None => {
-                let fd = self.notify.add_fd(id, ours)?;
+                let fd = self.notify.add_fd(id, ours, false)?;
                 tracing::debug!(%tid, fd, "installed the RAM memfd in a guest that had none");
                 fd
             }

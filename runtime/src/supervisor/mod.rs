@@ -80,6 +80,7 @@ pub fn run(config: Config) -> Result<Outcome, Error> {
         stats: want_stats,
         stats_zeros,
         gdb,
+        fast_run,
     } = config;
     crate::sys::fatal::install_panic_hook();
     let path = resolve_program(&program)?;
@@ -154,6 +155,7 @@ pub fn run(config: Config) -> Result<Outcome, Error> {
             failure: None,
             out: Arc::new(Mutex::new(TraceWriter::new(output, trace_options))),
             stats: Arc::new(Stats::default()),
+            fast_run,
             vpt: None,
             vmspaces: None,
             stop_calls: None,
@@ -230,6 +232,8 @@ struct Supervisor {
     failure: Option<Error>,
     out: Arc<Mutex<TraceWriter>>,
     stats: Arc<Stats>,
+    /// `Config::fast_run`.
+    fast_run: bool,
     ram_fd_guess: i32,
     /// MAP_VPAGETABLE state of the guest's processes.
     vpt: Option<Arc<Vpt>>,
@@ -549,6 +553,16 @@ impl Supervisor {
             trace_signal(&trace, pid);
             resume(pid, Some(sig));
         };
+        if !self.vmspaces().is_empty()
+            && proc::catches(pid, sig as i32)
+            && self.vmspaces().hold_for_fast_run(&self.tracer, pid)
+        {
+            // Inside a fast RUN: the signal waits (blocked) until RUN has
+            // returned; the kernel queues it again now. It is traced when
+            // it stops the thread again, at its delivery.
+            resume(pid, Some(sig));
+            return;
+        }
         let rax = match ptrace::getregs(pid) {
             Ok(regs)
                 if !self.vmspaces().is_empty()
@@ -613,7 +627,13 @@ impl Supervisor {
             ram_fd_guess: AtomicI32::new(self.ram_fd_guess),
             pool: Pool::default(),
         });
+        // Traced RUNs take the hypercall, where they can be traced.
+        let traced = {
+            let out = lock(&self.out);
+            out.set().runs || out.set().hypercall(Some(Hypercall::VmspaceCtl))
+        };
         self.vmspaces().set_env(Arc::new(crate::vmspace::RunEnv {
+            fast: self.fast_run && !traced,
             notify: Arc::clone(&server.notify),
             stats: Arc::clone(&self.stats),
             trace: Arc::clone(&self.out),

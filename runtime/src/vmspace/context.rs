@@ -17,7 +17,8 @@ use vkabi::{TrapFrame, VextFrame};
 
 use super::space::Vmspace;
 use crate::sys::stub::{
-    CX_FS_IN, CX_GS_IN, CX_IN, CX_KICK, CX_SEQ, CX_STATE, GREGS_IN, STATE_EXIT, STATE_GO,
+    CX_BUSY, CX_FS_IN, CX_GS_IN, CX_IN, CX_KICK, CX_N_PAGEFAULT, CX_N_RUNS, CX_N_SIGNAL,
+    CX_N_SYSCALL, CX_N_TRAP, CX_OPEN, CX_SEQ, CX_STATE, FAST_OPEN, GREGS_IN, STATE_EXIT, STATE_GO,
 };
 use crate::sys::{futex, lock};
 
@@ -129,8 +130,50 @@ impl Context {
         st.run.is_some() || st.completed.is_some()
     }
 
+    /// Whether the guest thread is inside a fast RUN of this context (its
+    /// wrapper says so in the block: the guest's word, trusted only for
+    /// what it harms, the guest itself).
+    pub fn fast_busy(&self) -> bool {
+        self.word(CX_BUSY).load(Ordering::SeqCst) != 0
+    }
+
+    /// Add the fast RUNs the guest's wrapper counted in the block to the
+    /// counters (at most once each: the counts are taken).
+    pub fn sum_fast_counts(&self) {
+        let stats = self.vm.stats();
+        let take = |off| self.qword(off).swap(0, Ordering::Relaxed);
+        stats.runs.fetch_add(take(CX_N_RUNS), Ordering::Relaxed);
+        stats
+            .run_exits_syscall
+            .fetch_add(take(CX_N_SYSCALL), Ordering::Relaxed);
+        stats
+            .run_exits_pagefault
+            .fetch_add(take(CX_N_PAGEFAULT), Ordering::Relaxed);
+        stats
+            .run_exits_trap
+            .fetch_add(take(CX_N_TRAP), Ordering::Relaxed);
+        stats
+            .run_exits_signal
+            .fetch_add(take(CX_N_SIGNAL), Ordering::Relaxed);
+    }
+
+    /// Withdraw the fast path (for a destroy that may still fail): whether
+    /// it was offered.
+    pub(super) fn close_fast(&self) -> bool {
+        self.word(CX_OPEN).swap(0, Ordering::SeqCst) == FAST_OPEN
+    }
+
+    /// Offer the fast path (again).
+    pub(super) fn open_fast(&self) {
+        self.word(CX_OPEN).store(FAST_OPEN, Ordering::SeqCst);
+    }
+
     /// End the context: its thread exits, its waiter returns.
     pub fn close(&self) {
+        // A fast RUN's wrapper sees the block closed and gives up (`EIO`),
+        // or takes the hypercall next time.
+        self.word(CX_OPEN).store(0, Ordering::SeqCst);
+        self.sum_fast_counts();
         self.closed.store(true, Ordering::Release);
         lock(&self.state).end_interrupt(-(Errno::EIO as i64));
         self.word(CX_STATE).store(STATE_EXIT, Ordering::Release);
