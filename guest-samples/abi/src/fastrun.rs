@@ -747,8 +747,10 @@ mod tests {
 
     #[test]
     fn the_block_layout_fits_one_page() {
-        assert!(CX_OUT + 8 * GREGS <= 0x300);
-        assert!(CX_IN + 8 * GREGS_IN <= CX_OUT);
-        assert!(CX_N_SIGNAL + 8 <= CX_IN);
+        const {
+            assert!(CX_OUT + 8 * GREGS <= 0x300);
+            assert!(CX_IN + 8 * GREGS_IN <= CX_OUT);
+            assert!(CX_N_SIGNAL + 8 <= CX_IN);
+        }
     }
 }
