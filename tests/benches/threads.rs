@@ -25,8 +25,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use nix::sched::{CpuSet, sched_setaffinity};
-use nix::unistd::Pid;
+use vkrun_tests::bench::{median, pin, unpin};
 use vkrun_tests::uml::Uml;
 use vkrun_tests::{bin, compile_c, require, text, wait_output, workspace_root};
 
@@ -38,19 +37,6 @@ const INSIDE_TRIPS: &str = "20000";
 /// How long one run may take before the bench fails.
 const DEADLINE: Duration = Duration::from_secs(120);
 const KEY: &str = "round trip ns:";
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
-}
-
-fn pin(cpus: &[usize]) {
-    let mut set = CpuSet::new();
-    for &c in cpus {
-        set.set(c).expect("cpu index");
-    }
-    sched_setaffinity(Pid::from_raw(0), &set).expect("sched_setaffinity");
-}
 
 /// The figure after [`KEY`] in what a program printed.
 fn figure(printed: &str, what: &str) -> f64 {
@@ -177,14 +163,13 @@ fn main() {
     if uml.is_none() {
         println!("(user-mode-linux is not installed: no UML column; apt install user-mode-linux)");
     }
-    let ncpu = std::thread::available_parallelism().map_or(1, |n| n.get());
     pin(&[0]);
     report(
         "pinned: bench, vkrun (all threads), minikernel, stub, UML and native programs on CPU 0",
         &programs,
         uml.as_ref(),
     );
-    pin(&(0..ncpu).collect::<Vec<_>>());
+    let ncpu = unpin();
     report(
         &format!("unpinned: {ncpu} CPUs, scheduler's choice"),
         &programs,
