@@ -139,3 +139,17 @@ fn a_guest_holding_its_resolver_lock_stalls_only_itself() {
     assert_eq!(stdout, "hold-lock: ok\n", "{stderr}");
     assert!(stderr.contains("forks while held"), "{stderr}");
 }
+
+/// A guest that writes its resolver's lock word from the moment vkrun maps
+/// it does not stall its first `vk_mmap`: the set-up injects its calls
+/// through the stopped caller and takes no lock (the new resolver has no
+/// window yet). Before, the tracer waited in the lock for 10 s and killed
+/// the guest.
+#[test]
+fn a_guest_grabbing_the_lock_during_its_set_up_does_not_stall_it() {
+    let Some((code, stdout, stderr)) = hostile("early-lock") else {
+        return;
+    };
+    assert_eq!(code, 0, "{stdout}{stderr}");
+    assert_eq!(stdout, "early-lock: ok\n", "{stderr}");
+}

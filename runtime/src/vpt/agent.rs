@@ -233,36 +233,34 @@ impl Agent {
         self.guest_base + off as u64
     }
 
+    /// One system call in the guest's mm made by the agent (its raw
+    /// result), as a [`Call`].
+    fn by_agent(&self, tgid: Pid) -> impl FnMut(i64, [u64; 6]) -> Result<i64, CallError> + '_ {
+        move |nr, a| Ok(self.run(tgid, &[(nr, a)])?[0])
+    }
+
     /// Open the supervisor's RAM memfd for the agent, via `/proc`.
     fn open_ram(&self, ram_fd: i32, tgid: Pid) -> Result<(), Errno> {
+        self.open_ram_with(ram_fd, &mut self.by_agent(tgid))
+            .map_err(|e| match e {
+                CallError::Guest(errno) => errno,
+                // The agent's calls fail only with an errno.
+                CallError::Tracee(_) => Errno::ESRCH,
+            })
+    }
+
+    /// [`Agent::open_ram`] with `call` making the system calls.
+    fn open_ram_with(&self, ram_fd: i32, call: &mut Call<'_>) -> Result<(), CallError> {
         let path = format!("/proc/{}/fd/{ram_fd}\0", std::process::id());
         self.region
             .write((AGENT_SCRATCH + SCRATCH_PATH) as usize, path.as_bytes());
         let ptr = self.guest_base + AGENT_SCRATCH + SCRATCH_PATH;
         let flags = (libc::O_RDWR | libc::O_CLOEXEC) as u64;
-        let r = self.run(tgid, &[(libc::SYS_open, [ptr, flags, 0, 0, 0, 0])])?;
-        let fd = self.raise_fd(tgid, errno_or(r[0])?)?;
+        let r = call(libc::SYS_open, [ptr, flags, 0, 0, 0, 0])?;
+        let fd = raise_fd(errno_or(r)?, call)?;
         self.ram_fd.store(fd as u32, Ordering::Relaxed);
         self.res_qword(RES_RAM_FD).store(fd, Ordering::Relaxed);
         Ok(())
-    }
-
-    /// Move an agent descriptor to a high number, out of the way of the
-    /// guest's own (programs reuse low numbers); keep it where it is if that
-    /// fails.
-    pub fn raise_fd(&self, tgid: Pid, fd: i64) -> Result<u64, Errno> {
-        let dupfd = libc::F_DUPFD_CLOEXEC as u64;
-        let r = self.run(
-            tgid,
-            &[(libc::SYS_fcntl, [fd as u64, dupfd, AGENT_FD_FLOOR, 0, 0, 0])],
-        )?;
-        match errno_or(r[0]) {
-            Ok(high) => {
-                self.run(tgid, &[(libc::SYS_close, [fd as u64, 0, 0, 0, 0, 0])])?;
-                Ok(high as u64)
-            }
-            Err(_) => Ok(fd as u64),
-        }
     }
 
     /// `mmap` a run of RAM at `va` in the guest (reopening the agent's RAM
@@ -298,7 +296,7 @@ impl Agent {
 impl Vpt {
     /// Create the agent in the process of `inj`'s thread (ABI-invisible:
     /// its region lies above `USER_MAX`).
-    pub(super) fn start_agent(&self, inj: &mut Injector) -> Result<Agent, CallError> {
+    pub(super) fn start_agent(&self, inj: &mut Injector, space: Space) -> Result<Agent, CallError> {
         let (memfd, region) = SharedRegion::create(c"vkrun-agent", AGENT_PAGES * PAGE)?;
         // A scratch page in the guest for the path of our memfd.
         let rw = (libc::PROT_READ | libc::PROT_WRITE) as u64;
@@ -353,24 +351,35 @@ impl Vpt {
             allowed: sched_getaffinity(tid).ok(),
             cpu: AtomicI64::new(-1),
         };
-        // The agent's own descriptor for RAM.
-        let tgid = proc::tgid_of(inj.tid()).unwrap_or(inj.tid());
-        agent.open_ram(self.ram.raw_fd(), tgid)?;
+        // The agent's own descriptor for RAM: opened by the stopped thread
+        // in a guest process (see `set_up_agent`), by the agent in a stub.
+        match space {
+            Space::Guest => agent.open_ram_with(self.ram.raw_fd(), &mut by_injection(inj))?,
+            Space::Vmspace => {
+                let tgid = proc::tgid_of(inj.tid()).unwrap_or(inj.tid());
+                agent.open_ram(self.ram.raw_fd(), tgid)?;
+            }
+        }
         lock(&self.agents).insert(tid);
         tracing::debug!(tid = %inj.tid(), agent = %tid, base = format_args!("{base:#x}"), "agent started");
         Ok(agent)
     }
 
-    /// The uffd of process `tgid`: created in the guest by the agent (bound
+    /// The uffd of process `tgid`: created in the guest by `call` (so bound
     /// to its mm), moved to a high descriptor there (the agent registers
     /// with it) and copied to vkrun, which reads it.
-    pub(super) fn make_uffd(&self, agent: &Agent, tgid: Pid) -> Result<Userfault, Errno> {
+    pub(super) fn make_uffd(
+        &self,
+        agent: &Agent,
+        tgid: Pid,
+        call: &mut Call<'_>,
+    ) -> Result<Userfault, CallError> {
         let flags = (libc::O_CLOEXEC | libc::O_NONBLOCK) as u64;
-        let r = agent.run(tgid, &[(libc::SYS_userfaultfd, [flags, 0, 0, 0, 0, 0])])?;
-        let guest_fd = agent.raise_fd(tgid, errno_or(r[0])?)? as i32;
+        let r = call(libc::SYS_userfaultfd, [flags, 0, 0, 0, 0, 0])?;
+        let guest_fd = raise_fd(errno_or(r)?, call)? as i32;
         let stolen = crate::sys::uffd::steal_fd(tgid.as_raw(), guest_fd);
         agent.uffd_fd.store(guest_fd as u32, Ordering::Relaxed);
-        stolen.and_then(Userfault::new)
+        Ok(stolen.and_then(Userfault::new)?)
     }
 
     /// In a vmspace stub the agent's region is within reach of the user
@@ -439,8 +448,8 @@ impl Vpt {
         // The fast path walks RAM through its own mapping; without it the
         // resolver only forwards faults and needs none.
         let ram_base = if enabled {
-            let r = agent.run(tgid, &[(libc::SYS_mmap, [0, size, rw, shared, ram_fd, 0])])?;
-            errno_or(r[0])? as u64
+            let r = by_injection(inj)(libc::SYS_mmap, [0, size, rw, shared, ram_fd, 0])?;
+            errno_or(r)? as u64
         } else {
             0
         };
@@ -503,8 +512,16 @@ impl Vpt {
         tgid: Pid,
         space: Space,
     ) -> Result<(Agent, Userfault), CallError> {
-        let agent = self.start_agent(inj)?;
-        let uffd = self.make_uffd(&agent, tgid)?;
+        let agent = self.start_agent(inj, space)?;
+        // A guest process's own threads run on meanwhile and could stall
+        // the new agent (stop it, unmap its pages): its set-up calls are
+        // injected through the stopped thread, which runs only them. A
+        // stub's main thread only runs vkrun's gadget calls that its filter
+        // allows, so there the agent makes them (user code cannot reach it).
+        let uffd = match space {
+            Space::Guest => self.make_uffd(&agent, tgid, &mut by_injection(inj))?,
+            Space::Vmspace => self.make_uffd(&agent, tgid, &mut agent.by_agent(tgid))?,
+        };
         match space {
             // In a vmspace, all of [0, USER_MAX) is the vkernel's: the
             // resolver could not map RAM there to walk it, only forward
@@ -517,6 +534,34 @@ impl Vpt {
             }
         }
         Ok((agent, uffd))
+    }
+}
+
+/// A system call in the mm of the process being set up, returning its raw
+/// result: an injection through the stopped thread that asked (while a
+/// guest process's agent is made, so the tracer waits on nothing the guest
+/// can stall), or the agent ([`Agent::by_agent`]).
+pub(super) type Call<'a> = dyn FnMut(i64, [u64; 6]) -> Result<i64, CallError> + 'a;
+
+/// The injector's thread as a [`Call`].
+pub(super) fn by_injection(
+    inj: &mut Injector,
+) -> impl FnMut(i64, [u64; 6]) -> Result<i64, CallError> + '_ {
+    move |nr, a| Ok(inj.syscall(nr, a)?)
+}
+
+/// Move a descriptor of vkrun's to a high number, out of the way of the
+/// guest's own (programs reuse low numbers); keep it where it is if that
+/// fails.
+fn raise_fd(fd: i64, call: &mut Call<'_>) -> Result<u64, CallError> {
+    let dupfd = libc::F_DUPFD_CLOEXEC as u64;
+    let r = call(libc::SYS_fcntl, [fd as u64, dupfd, AGENT_FD_FLOOR, 0, 0, 0])?;
+    match errno_or(r) {
+        Ok(high) => {
+            call(libc::SYS_close, [fd as u64, 0, 0, 0, 0, 0])?;
+            Ok(high as u64)
+        }
+        Err(_) => Ok(fd as u64),
     }
 }
 

@@ -49,6 +49,15 @@ impl Vpt {
         Ok(locked)
     }
 
+    /// [`Vpt::enter`] for a process set up just now, whose resolver has no
+    /// window, so takes no lock and has installed nothing: only `mm`.
+    pub(super) fn enter_fresh<'a>(&self, p: &'a Process) -> Locked<'a> {
+        Locked {
+            mm: lock(&p.mm),
+            agent: None,
+        }
+    }
+
     /// Take in the resolver's installs (VMA bookkeeping and counters) and
     /// give it a fresh budget, evicting old runs first if needed. Caller
     /// holds both locks. The ring is in the guest's memory: at most one

@@ -260,7 +260,15 @@ impl Vpt {
     /// Whether `tid` is one of vkrun's agent threads; forgets it if so
     /// (call when it exits).
     pub fn take_agent(&self, tid: Pid) -> bool {
-        if let Some(tgid) = lock(&self.resolvers).remove(&tid) {
+        let mut resolvers = lock(&self.resolvers);
+        let gone = resolvers.remove(&tid);
+        // The process's last resolver: another one may still be blocked
+        // reading the uffd (the file lives on in its read), and it takes
+        // the next fault and forwards what it cannot install through the
+        // ring, which the fault thread must go on reading until then.
+        let last = gone.filter(|tgid| !resolvers.values().any(|t| t == tgid));
+        drop(resolvers);
+        if let Some(tgid) = last {
             // A resolver ends early only when its uffd descriptor is gone;
             // faults must still be served: by the fault thread itself.
             if let Some(p) = self.process_of(tgid) {
@@ -321,15 +329,10 @@ impl Vpt {
         space: Space,
     ) -> Result<u64, CallError> {
         let (len, fixed) = window_args(addr, len, prot, flags, off)?;
+        let fresh = self.process_of(tgid).is_none();
         let proc_ = self.process(inj, tgid, space)?;
-        self.map_window_with(
-            &proc_,
-            &mut |nr, a| Ok(inj.syscall(nr, a)?),
-            addr,
-            len,
-            fixed,
-            off,
-        )
+        let call = &mut |nr, a| Ok(inj.syscall(nr, a)?);
+        self.map_window_with(&proc_, call, addr, len, fixed, off, fresh)
     }
 
     /// [`Vpt::vk_mmap`] of a window in guest process `tgid` whose agent is
@@ -347,7 +350,7 @@ impl Vpt {
             let agent_call = &mut |nr: i64, args: [u64; 6]| -> Result<i64, CallError> {
                 Ok(p.agent.run(tgid, &[(nr, args)])?[0])
             };
-            self.map_window_with(&p, agent_call, addr, len, fixed, off)
+            self.map_window_with(&p, agent_call, addr, len, fixed, off, false)
                 .map(|start| start as i64)
                 .map_err(|e| match e {
                     CallError::Guest(errno) => errno,
@@ -373,6 +376,10 @@ impl Vpt {
 
     /// The window itself, in process `p`, with `call` making the system
     /// calls in its mm (an injection into a stopped thread, or the agent).
+    /// `fresh`: `p` was set up for this window, so its resolver has none
+    /// yet and takes no lock: only `mm` is taken (a guest that wrote the
+    /// shared lock's word cannot stall the set-up on the tracer).
+    #[allow(clippy::too_many_arguments)]
     fn map_window_with(
         &self,
         proc_: &Process,
@@ -381,8 +388,13 @@ impl Vpt {
         len: u64,
         fixed: bool,
         off: u64,
+        fresh: bool,
     ) -> Result<u64, CallError> {
-        let mut mm = self.enter(proc_)?;
+        let mut mm = if fresh {
+            self.enter_fresh(proc_)
+        } else {
+            self.enter(proc_)?
+        };
         let map_flags = ANON | if fixed { libc::MAP_FIXED as u64 } else { 0 };
         let hint = if fixed { addr } else { 0 };
         // PROT_NONE until registered: another guest thread touching the
