@@ -983,6 +983,16 @@ fn user_code_ignoring_the_kick_stalls_nothing_else() {
     check("kick-ignore", &names);
 }
 
+/// User code that keeps storing 0 over the word by which its stub's agent
+/// says a batch is done, while another context touches window pages vkrun
+/// must install: vkrun asks the kernel whether the agent waits for the next
+/// batch, so every install still comes back within 1 s (before: 10 s, then
+/// the stub was killed).
+#[test]
+fn user_code_forging_the_agents_answer_delays_installs_by_one_poll_at_most() {
+    check("agent-forge", &["attacking", "installs"]);
+}
+
 /// A hostile guest: thousands of hypercalls with random hostile arguments
 /// from two threads at once, under a rain of signals (`vmspace-check fuzz`,
 /// three seeds). Every call returns an expected

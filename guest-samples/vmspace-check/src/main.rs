@@ -41,7 +41,7 @@ use std::time::Duration;
 use crate::env::Env;
 use crate::report::Report;
 
-const USAGE: &str = "usage: vmspace-check [errors|regs|traps|paging|isolation|signals|threads|prw|fork|all|hold-run|exit-running|hold-window|stub-death|hostile-stub|hostile-scribble|kick-ignore|fuzz SEED N]";
+const USAGE: &str = "usage: vmspace-check [errors|regs|traps|paging|isolation|signals|threads|prw|fork|all|hold-run|exit-running|hold-window|stub-death|hostile-stub|hostile-scribble|kick-ignore|agent-forge|fuzz SEED N]";
 
 /// What the command line asked for.
 enum Plan {
@@ -68,6 +68,7 @@ fn parse(args: &[String]) -> Option<Plan> {
             "hostile-stub" => Some(Plan::One(&checks::HOSTILE_STUB)),
             "hostile-scribble" => Some(Plan::One(&checks::HOSTILE_SCRIBBLE)),
             "kick-ignore" => Some(Plan::One(&checks::KICK_IGNORE)),
+            "agent-forge" => Some(Plan::One(&checks::AGENT_FORGE)),
             name => checks::AREAS.iter().find(|a| a.name == name).map(Plan::One),
         },
         _ => None,

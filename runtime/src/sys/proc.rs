@@ -48,6 +48,28 @@ pub fn task_stopped(tgid: Pid, tid: Pid) -> bool {
         .is_some_and(|c| c == 'T' || c == 't')
 }
 
+/// The system call thread `tid` of `tgid` is blocked in, with its six
+/// arguments (`/proc/PID/task/TID/syscall`), or `None` if it is running,
+/// not in a system call, or gone.
+pub fn task_syscall(tgid: Pid, tid: Pid) -> Option<(i64, [u64; 6])> {
+    let text = std::fs::read_to_string(format!("/proc/{tgid}/task/{tid}/syscall")).ok()?;
+    parse_syscall(&text)
+}
+
+/// `NR ARG1 .. ARG6 SP PC` as `/proc/PID/syscall` prints them (hex args).
+fn parse_syscall(text: &str) -> Option<(i64, [u64; 6])> {
+    let mut words = text.split_whitespace();
+    let nr: i64 = words.next()?.parse().ok()?;
+    if nr < 0 {
+        return None;
+    }
+    let mut args = [0u64; 6];
+    for a in &mut args {
+        *a = u64::from_str_radix(words.next()?.strip_prefix("0x")?, 16).ok()?;
+    }
+    Some((nr, args))
+}
+
 /// The address ranges `[start, end)` mapped in process `tgid`.
 pub fn mapped_ranges(tgid: Pid) -> Vec<(u64, u64)> {
     std::fs::read_to_string(format!("/proc/{tgid}/maps"))
@@ -114,6 +136,18 @@ pub fn program(tgid: Pid) -> Option<(String, Vec<String>)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn syscall_lines_parse_and_running_or_outside_is_none() {
+        let line = "202 0x7ffffff00000 0x0 0x5 0x0 0x0 0x0 0x7ffc1000 0x7ffffff01030\n";
+        assert_eq!(
+            parse_syscall(line),
+            Some((202, [0x7fff_fff0_0000, 0, 5, 0, 0, 0]))
+        );
+        assert_eq!(parse_syscall("running\n"), None);
+        assert_eq!(parse_syscall("-1 0x7ffc1000 0x401000\n"), None);
+        assert_eq!(parse_syscall("202 0x1 0x2\n"), None);
+    }
 
     #[test]
     fn parsers_read_the_kernels_formats() {

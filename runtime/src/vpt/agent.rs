@@ -149,6 +149,13 @@ impl Agent {
             if self.word(CTL_DONE).load(Ordering::Acquire) == req {
                 break;
             }
+            // The word is in memory the guest (or a stub's user code) can
+            // write, so it is not trusted alone: the agent waiting for the
+            // request after ours (`futex(&req, FUTEX_WAIT, req)`, which the
+            // kernel shows) has done ours, whatever the word says.
+            if self.waits_after(tgid, req) {
+                break;
+            }
             // A dead agent (its process killed) must not hang the supervisor.
             if !proc::task_alive(tgid, self.tid) {
                 return Err(Errno::ESRCH);
@@ -164,6 +171,19 @@ impl Agent {
         Ok((0..ops.len())
             .map(|i| self.qword(CTL_RET + 8 * i).load(Ordering::Relaxed) as i64)
             .collect())
+    }
+
+    /// Whether the agent sleeps waiting for the request after `req` (its
+    /// loop's `futex(&req, FUTEX_WAIT, last)` with `last == req`): then it
+    /// has run batch `req`.
+    fn waits_after(&self, tgid: Pid, req: u32) -> bool {
+        let wait = (
+            libc::SYS_futex,
+            self.guest_base + CTL_REQ as u64,
+            libc::FUTEX_WAIT as u64,
+            u64::from(req),
+        );
+        proc::task_syscall(tgid, self.tid).is_some_and(|(nr, a)| (nr, a[0], a[1], a[2]) == wait)
     }
 
     /// Keep the installer on the CPU of the thread that asks for a batch

@@ -2,6 +2,7 @@
 //! checks it prints.
 
 mod errors;
+mod forge;
 mod fork;
 pub mod hold;
 mod hostile;
@@ -77,6 +78,12 @@ pub const HOSTILE_STUB: Area = Area {
 pub const KICK_IGNORE: Area = Area {
     name: "kick-ignore",
     run: kick::run,
+};
+
+/// Not part of `all`: user code forging the stub agent's answers.
+pub const AGENT_FORGE: Area = Area {
+    name: "agent-forge",
+    run: forge::run,
 };
 
 /// Not part of `all`: user code scribbling over vkrun's pages in its stub.
