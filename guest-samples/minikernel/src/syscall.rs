@@ -1052,16 +1052,28 @@ fn mremap(k: &mut Kernel, p: &mut Proc, a: [u64; 6]) -> SysResult {
     if old_end > area.end || new_len > k.user_max {
         return Err(libc::EFAULT);
     }
+    // A shared file mapping is written back first; its new range is
+    // backed by the same file from the same offset.
+    process::writeback(k, p, old, old_end, true)?;
+    let rebacked = |k: &mut Kernel, p: &mut Proc, at: u64, len: u64| {
+        if let Some(b) = area.file {
+            let off = b.off + (old - area.start);
+            p.mm.back_with(&k.ram, at, at + len, b.fd, off);
+        }
+        process::sync_map_fds(k, p);
+    };
     if flags & FIXED == 0 {
         if new_len <= old_len {
             if new_len < old_len && p.mm.remove(&k.ram, &mut k.frames, old + new_len, old_end) {
                 inval(p, old + new_len, old_end)?;
             }
+            process::sync_map_fds(k, p);
             return Ok(old);
         }
         let grown = old.checked_add(new_len).ok_or(libc::ENOMEM)?;
         if grown <= k.user_max && !p.mm.overlaps(old_end, grown) {
             p.mm.add_area(old_end, grown, area.prot, area.shared);
+            rebacked(k, p, old, new_len);
             return Ok(old);
         }
         if flags & MAYMOVE == 0 {
@@ -1077,6 +1089,7 @@ fn mremap(k: &mut Kernel, p: &mut Proc, a: [u64; 6]) -> SysResult {
         {
             return Err(libc::EINVAL);
         }
+        process::writeback(k, p, new_addr, end, false)?;
         if p.mm.remove(&k.ram, &mut k.frames, new_addr, end) {
             inval(p, new_addr, end)?;
         }
@@ -1092,11 +1105,13 @@ fn mremap(k: &mut Kernel, p: &mut Proc, a: [u64; 6]) -> SysResult {
     }
     p.mm.remove(&k.ram, &mut k.frames, old, old_end);
     inval(p, old, old_end)?;
+    rebacked(k, p, to, new_len);
     Ok(to)
 }
 
-/// `msync(addr, len, flags)`: the range must be mapped (`ENOMEM`).
-fn msync(_k: &mut Kernel, p: &mut Proc, addr: u64, len: u64, flags: u64) -> SysResult {
+/// `msync(addr, len, flags)`: the range must be mapped (`ENOMEM`); the
+/// dirty pages of its shared file mappings are written back.
+fn msync(k: &mut Kernel, p: &mut Proc, addr: u64, len: u64, flags: u64) -> SysResult {
     const MS_ASYNC: u64 = 1;
     const MS_INVALIDATE: u64 = 2;
     const MS_SYNC: u64 = 4;
@@ -1110,6 +1125,7 @@ fn msync(_k: &mut Kernel, p: &mut Proc, addr: u64, len: u64, flags: u64) -> SysR
     if !p.mm.covered(addr, end) {
         return Err(libc::ENOMEM);
     }
+    process::writeback(k, p, addr, end, true)?;
     Ok(0)
 }
 
@@ -1118,8 +1134,14 @@ fn inval(p: &Proc, start: u64, end: u64) -> Result<(), i32> {
     p.vm.inval(start, end - start).map_err(|e| e.errno.0)
 }
 
+/// Where the minikernel's duplicates of mapped files' descriptors go.
+const MAP_FD_MIN: u64 = 1001;
+
 /// `mmap(addr, len, prot, flags, fd, off)`: anonymous memory (demand-zero),
-/// or a private copy of a file's bytes.
+/// or a copy of a file's bytes: private, or shared and written back to
+/// the file when the file is open for writing (only the pages written, as
+/// far as the file reaches, on `msync`, `munmap`, exit and `execve`; the
+/// copy does not see later writes to the file by other means).
 fn mmap(k: &mut Kernel, p: &mut Proc, a: [u64; 6]) -> SysResult {
     const MAP_SHARED: u64 = 0x01;
     const MAP_FIXED: u64 = 0x10;
@@ -1134,12 +1156,24 @@ fn mmap(k: &mut Kernel, p: &mut Proc, a: [u64; 6]) -> SysResult {
         return Err(libc::ENOMEM);
     }
     let anon = flags & MAP_ANONYMOUS != 0;
+    // A shared mapping of a file open for reading and writing is written
+    // back (msync, munmap, exit, execve); one open read-only cannot be
+    // writable.
+    let mut backed = false;
     if !anon {
         if k.reserved_fd(fd) {
             return Err(libc::EBADF);
         }
-        if flags & MAP_SHARED != 0 && prot & PROT_WRITE != 0 {
-            return Err(libc::ENODEV);
+        let fl = host(
+            libc::SYS_fcntl as u64,
+            [fd, libc::F_GETFL as u64, 0, 0, 0, 0],
+        )? as i32;
+        if flags & MAP_SHARED != 0 {
+            let rdwr = fl & libc::O_ACCMODE == libc::O_RDWR;
+            if prot & PROT_WRITE != 0 && !rdwr {
+                return Err(libc::EACCES);
+            }
+            backed = rdwr;
         }
     }
     let fixed = flags & (MAP_FIXED | MAP_FIXED_NOREPLACE) != 0;
@@ -1154,6 +1188,7 @@ fn mmap(k: &mut Kernel, p: &mut Proc, a: [u64; 6]) -> SysResult {
         if flags & MAP_FIXED_NOREPLACE != 0 && p.mm.overlaps(addr, addr + len) {
             return Err(libc::EEXIST);
         }
+        process::writeback(k, p, addr, addr + len, false)?;
         if p.mm.remove(&k.ram, &mut k.frames, addr, addr + len) {
             inval(p, addr, addr + len)?;
         }
@@ -1199,7 +1234,23 @@ fn mmap(k: &mut Kernel, p: &mut Proc, a: [u64; 6]) -> SysResult {
             p.mm.load(&k.ram, &mut k.frames, start, &data[..got])
                 .map_err(|_| libc::ENOMEM)?;
         debug_assert!(loaded, "the area was just added");
+        if backed {
+            let dup = host(
+                libc::SYS_fcntl as u64,
+                [fd, libc::F_DUPFD_CLOEXEC as u64, MAP_FD_MIN, 0, 0, 0],
+            );
+            let dup = match dup {
+                Ok(d) => d as i32,
+                Err(e) => {
+                    p.mm.remove(&k.ram, &mut k.frames, start, start + len);
+                    return Err(e);
+                }
+            };
+            k.map_fds.push(dup);
+            p.mm.back_with(&k.ram, start, start + len, dup, off);
+        }
     }
+    process::sync_map_fds(k, p);
     Ok(start)
 }
 
@@ -1212,9 +1263,11 @@ fn munmap(k: &mut Kernel, p: &mut Proc, addr: u64, len: u64) -> SysResult {
     if end > k.user_max {
         return Err(libc::EINVAL);
     }
+    process::writeback(k, p, addr, end, false)?;
     if p.mm.remove(&k.ram, &mut k.frames, addr, end) {
         inval(p, addr, end)?;
     }
+    process::sync_map_fds(k, p);
     Ok(0)
 }
 
@@ -1235,15 +1288,16 @@ fn mprotect(k: &mut Kernel, p: &mut Proc, addr: u64, len: u64, prot: i32) -> Sys
     }
 }
 
-/// `madvise`: `MADV_DONTNEED` and `MADV_FREE` drop the pages (they read
-/// back as zero); other advice is accepted and ignored.
+/// `madvise`: `MADV_DONTNEED` and `MADV_FREE` drop the pages of private
+/// areas (they read back as zero; shared ones keep their contents, as
+/// Linux's page cache does); other advice is accepted and ignored.
 fn madvise(k: &mut Kernel, p: &mut Proc, addr: u64, len: u64, advice: i32) -> SysResult {
     if !addr.is_multiple_of(vkabi::PAGE_SIZE) {
         return Err(libc::EINVAL);
     }
     let end = addr.checked_add(page_up(len)).ok_or(libc::EINVAL)?;
     if (advice == libc::MADV_DONTNEED || advice == libc::MADV_FREE)
-        && p.mm.drop_pages(&k.ram, &mut k.frames, addr, end)
+        && p.mm.drop_private_pages(&k.ram, &mut k.frames, addr, end)
     {
         inval(p, addr, end)?;
     }
