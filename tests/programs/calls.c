@@ -294,8 +294,10 @@ static void test_bad_arguments(void) {
     int sv[2];
     socketpair(AF_UNIX, SOCK_STREAM, 0, sv);
     void *bad = (void *)8;
+#ifdef __GLIBC__ /* musl's sendmsg reads the msghdr itself */
     errno = 0;
     CHECK("sendmsg of an unreadable msghdr is EFAULT", sendmsg(sv[0], bad, 0) == -1 && errno == EFAULT);
+#endif
     char buf[8];
     struct iovec iov = {bad, 8};
     struct msghdr m = {0};
