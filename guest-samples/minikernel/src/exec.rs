@@ -21,7 +21,7 @@ use vkabi::PAGE_SIZE;
 use crate::mm::{Mm, PROT_EXEC, PROT_READ, PROT_WRITE, page_down, page_up};
 use crate::ram::{Frames, OutOfMemory, Ram};
 
-/// Where a static-pie program's lowest segment goes (Linux's ELF_ET_DYN_BASE
+/// Where a PIE program's (static or dynamic) lowest segment goes (Linux's ELF_ET_DYN_BASE
 /// region).
 pub const PIE_BASE: u64 = 0x5555_5555_4000;
 

@@ -19,8 +19,10 @@
 //! - [`execve`]: the new program is loaded into a new address space; on
 //!   success the old one is freed and the vmspace's window is pointed at the
 //!   new tables (`MADV_SETMAP` drops every host translation).
-//! - [`finish`]: at exit the vmspace is destroyed and every frame goes back
-//!   to the pool; a process killed by a signal dies of that signal on the
+//! - [`finish`]: at exit shared file mappings are written back, the vmspace
+//!   goes to the idle pool (destroyed when the pool is full or other threads
+//!   may still run in it) and every frame goes back to the frame pool (or
+//!   loses a sharer); a process killed by a signal dies of that signal on the
 //!   host, so its parent's `wait4` sees it (the first process exits with
 //!   128 + signal instead, as a shell reports it).
 //!
