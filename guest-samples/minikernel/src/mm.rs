@@ -749,11 +749,34 @@ impl Mm {
         va: u64,
         bytes: &[u8],
     ) -> Result<bool, OutOfMemory> {
+        let Some(pieces) = self.load_pieces(ram, frames, va, bytes.len() as u64)? else {
+            return Ok(false);
+        };
         let mut at = 0usize;
-        while at < bytes.len() {
-            let addr = va + at as u64;
+        for (pa, n) in pieces {
+            ram.write(pa, &bytes[at..at + n as usize]);
+            at += n as usize;
+        }
+        Ok(true)
+    }
+
+    /// The physical pieces (merged where frames are consecutive) of
+    /// `[va, va + len)` for loading bytes there whatever the protection,
+    /// populating pages of the areas there (never a frame another address
+    /// space maps); `None` if a byte lies outside every area.
+    pub fn load_pieces(
+        &mut self,
+        ram: &Ram,
+        frames: &mut Frames,
+        va: u64,
+        len: u64,
+    ) -> Result<Option<Vec<(u64, u64)>>, OutOfMemory> {
+        let mut out: Vec<(u64, u64)> = Vec::new();
+        let mut at = 0u64;
+        while at < len {
+            let addr = va + at;
             let Some(v) = self.find(addr) else {
-                return Ok(false);
+                return Ok(None);
             };
             let page = page_down(addr);
             let leaf = self.pt.get(ram, page);
@@ -768,11 +791,15 @@ impl Mm {
             } else {
                 self.populate(ram, frames, page, v.prot)?
             };
-            let n = ((page + PAGE_SIZE - addr) as usize).min(bytes.len() - at);
-            ram.write(frame + (addr - page), &bytes[at..at + n]);
+            let n = (page + PAGE_SIZE - addr).min(len - at);
+            let pa = frame + (addr - page);
+            match out.last_mut() {
+                Some((p, l)) if *p + *l == pa => *l += n,
+                _ => out.push((pa, n)),
+            }
             at += n;
         }
-        Ok(true)
+        Ok(Some(out))
     }
 
     /// Give every present leaf in `[start, end)` the bits of its area's
