@@ -21,6 +21,11 @@ mcontrol, vmspace_create, ...), %vkernel (every hypercall), faults, runs,
 process (fork, vfork, clone, execve),
 all, none; comma-separated; a leading ! inverts the set.
 
+Debugging: --gdb 127.0.0.1:1234 (or a socket path) serves gdb's remote
+protocol; the guest waits at its first instruction for
+`gdb -ex 'target remote :1234'`. All guest threads and processes are
+shown; when one stops, all stop. Quitting gdb detaches. Loopback only.
+
 Environment: RUST_LOG (diagnostics filter, e.g. vkrun_runtime=debug);
 PATH (where a GUEST without a / is looked up).
 
@@ -28,7 +33,8 @@ Files: /proc/sys/vm/max_map_count (bounds the host mappings of windows);
 /proc/sys/vm/unprivileged_userfaultfd (kernel-mode faults without root).
 
 Limits: RAM is a multiple of 4096 bytes up to 256T and must fit the host's
-address space; vmspaces need FSGSBASE; at most 56 threads RUN one vmspace.
+address space (checked as the command line is read: 128T of user addresses
+on a 48-bit CPU, less what is mapped already); vmspaces need FSGSBASE; at most 56 threads RUN one vmspace.
 The ABI is docs/ABI.md; `vkrun --version` shows what this host offers.
 
 Diagnostics: -v, -vv, or RUST_LOG=vkrun_runtime=debug.";
@@ -74,17 +80,36 @@ pub struct Cli {
     #[arg(short = 'o', long = "output", value_name = "FILE")]
     pub output: Option<PathBuf>,
 
-    /// Prefix trace lines with the time of day (-tt: with microseconds).
+    /// Prefix trace lines with the time of day (-tt: with microseconds;
+    /// -ttt: seconds since the epoch, with microseconds).
     #[arg(short = 't', action = ArgAction::Count)]
     pub timestamps: u8,
+
+    /// Prefix trace lines with the time since the previous line.
+    #[arg(short = 'r')]
+    pub relative: bool,
+
+    /// Follow forks and threads (always on, as strace -f); -ff with -o
+    /// FILE writes each task's trace to FILE.TID.
+    #[arg(short = 'f', action = ArgAction::Count)]
+    pub follow: u8,
 
     /// Show the time spent in each traced call.
     #[arg(short = 'T')]
     pub durations: bool,
 
-    /// Print the counters (vm.vpagetable_*, vkrun.*) when the guest ends.
+    /// Print the counters (vm.vpagetable_*, vkrun.*) when the guest ends;
+    /// those that stayed zero only with -v.
     #[arg(long)]
     pub stats: bool,
+
+    /// How vmspace_ctl(RUN) reaches the execution context: fast (the
+    /// guest's vmspace_ctl() in vkernel.h and vkabi hands off to it
+    /// directly; the default) or hypercall (every RUN through vkrun, as a
+    /// raw hypercall). Traced RUNs (-e trace=runs, all) always take the
+    /// hypercall.
+    #[arg(long = "run", value_name = "PATH", value_enum, default_value_t = RunPath::Fast)]
+    pub run: RunPath,
 
     /// Do not report a guest killed by a signal on stderr.
     #[arg(short = 'q', long)]
@@ -93,6 +118,27 @@ pub struct Cli {
     /// More diagnostics on stderr (-v info, -vv debug, -vvv trace).
     #[arg(short = 'v', long, action = ArgAction::Count)]
     pub verbose: u8,
+
+    /// Serve gdb on ADDR: 127.0.0.1:PORT, :PORT or PORT (loopback only;
+    /// port 0 picks a free one), or a Unix socket path (anything with a
+    /// /). The guest waits at its first instruction until gdb attaches
+    /// (`target remote ADDR`); vkrun prints where it listens.
+    #[arg(long = "gdb", value_name = "ADDR", value_parser = parse_gdb_addr)]
+    pub gdb: Option<vkrun_runtime::GdbAddr>,
+
+    /// With --gdb: yes (the default) holds the guest at its start until gdb
+    /// attaches; no lets it run, and gdb stops it when it attaches. With no
+    /// gdb attached, a thread about to crash (SIGSEGV, SIGABRT, ...) waits
+    /// for gdb; ^C or a kill of vkrun ends any wait.
+    #[arg(
+        long = "gdb-wait",
+        value_name = "WHEN",
+        default_value = "yes",
+        hide_default_value = true,
+        value_parser = ["yes", "no"],
+        requires = "gdb"
+    )]
+    pub gdb_wait: String,
 
     /// Print the version, the git commit, the ABI version and what this
     /// host offers vkrun (FSGSBASE, SYNC_WAKE_UP, userfaultfd kernel
@@ -110,8 +156,26 @@ pub struct Cli {
     pub command: Vec<OsString>,
 }
 
+fn parse_gdb_addr(text: &str) -> Result<vkrun_runtime::GdbAddr, String> {
+    vkrun_runtime::GdbAddr::parse(text)
+}
+
+/// `--run`: the path of a RUN.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum RunPath {
+    /// The guest library hands off to the context itself.
+    Fast,
+    /// Every RUN is a hypercall served by vkrun.
+    Hypercall,
+}
+
+/// A RAM size as `size::parse_size` reads it that this host can also map
+/// (checked now, so a size too large fails as a bad command line, not
+/// after the guest was set up).
 fn parse_ram_size(text: &str) -> Result<u64, size::SizeError> {
-    size::parse_size(text)
+    let size = size::parse_size(text)?;
+    vkrun_runtime::host::ram_fits(size).map_err(size::SizeError::Host)?;
+    Ok(size)
 }
 
 /// The clap definition, for the man page and completions.

@@ -9,6 +9,7 @@
 #![deny(unsafe_code)]
 
 mod error;
+mod gdb;
 pub mod host;
 mod hypercall;
 pub mod ram;
@@ -28,6 +29,7 @@ use std::path::PathBuf;
 use nix::sys::signal::Signal;
 
 pub use error::Error;
+pub use gdb::{GdbAddr, GdbOptions};
 pub use supervisor::run;
 pub use tracee::remote;
 
@@ -45,6 +47,13 @@ pub struct Config {
     pub output: Box<dyn Write + Send>,
     /// Print the counters at exit.
     pub stats: bool,
+    /// With `stats`: list the counters that stayed zero too (`-v`).
+    pub stats_zeros: bool,
+    /// Serve gdb (`--gdb`); `None` costs nothing.
+    pub gdb: Option<GdbOptions>,
+    /// Offer the fast RUN (the guest library hands off to its execution
+    /// context directly) when RUNs are not traced.
+    pub fast_run: bool,
 }
 
 impl std::fmt::Debug for Config {
@@ -55,6 +64,8 @@ impl std::fmt::Debug for Config {
             .field("ram_size", &self.ram_size)
             .field("trace", &self.trace)
             .field("stats", &self.stats)
+            .field("gdb", &self.gdb)
+            .field("fast_run", &self.fast_run)
             .finish_non_exhaustive()
     }
 }

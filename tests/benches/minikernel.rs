@@ -24,8 +24,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use nix::sched::{CpuSet, sched_setaffinity};
-use nix::unistd::Pid;
+use vkrun_tests::bench::{median, pin, unpin};
 use vkrun_tests::{bin, skip, text, wait_output};
 
 const REPEATS: usize = 5;
@@ -43,19 +42,6 @@ const HASH_BYTES: usize = 64 << 20;
 const RAM: &str = "512M";
 /// How long one run may take before the bench fails.
 const DEADLINE: Duration = Duration::from_secs(120);
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
-}
-
-fn pin(cpus: &[usize]) {
-    let mut set = CpuSet::new();
-    for &c in cpus {
-        set.set(c).expect("cpu index");
-    }
-    sched_setaffinity(Pid::from_raw(0), &set).expect("sched_setaffinity");
-}
 
 fn which(tool: &str) -> Option<PathBuf> {
     let path = std::env::var_os("PATH")?;
@@ -321,7 +307,6 @@ fn main() {
     let bb = busybox();
     let dir = tempfile::tempdir().expect("tempdir");
     let input = hash_input(dir.path());
-    let ncpu = std::thread::available_parallelism().map_or(1, |n| n.get());
     pin(&[0]);
     measure(
         "pinned: bench, vkrun (all threads), minikernel, stub and native programs on CPU 0",
@@ -330,7 +315,7 @@ fn main() {
         &input,
     );
     where_the_time_goes(&hello, bb.as_deref(), &input);
-    pin(&(0..ncpu).collect::<Vec<_>>());
+    let ncpu = unpin();
     measure(
         &format!("unpinned: {ncpu} CPUs, scheduler's choice"),
         &hello,

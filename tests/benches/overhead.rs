@@ -10,16 +10,10 @@
 use std::process::Command;
 use std::time::Instant;
 
-use nix::sched::{CpuSet, sched_setaffinity};
-use nix::unistd::Pid;
+use vkrun_tests::bench::{median, pin, unpin};
 use vkrun_tests::{bin, run, text};
 
 const REPEATS: usize = 5;
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
-}
 
 /// ns per call printed by `vkcall loop WHAT N`, optionally under a wrapper.
 fn loop_ns(wrapper: &[&str], what: &str, n: u64) -> f64 {
@@ -61,14 +55,6 @@ fn start_ms(cmd: &[&str], runs: usize) -> f64 {
         })
         .collect();
     median(samples)
-}
-
-fn pin(cpus: &[usize]) {
-    let mut set = CpuSet::new();
-    for &c in cpus {
-        set.set(c).expect("cpu index");
-    }
-    sched_setaffinity(Pid::from_raw(0), &set).expect("sched_setaffinity");
 }
 
 fn measure(label: &str) {
@@ -120,9 +106,8 @@ fn which(tool: &str) -> Option<String> {
 
 fn main() {
     // `cargo bench` passes --bench; `cargo test --benches` passes nothing we need.
-    let ncpu = std::thread::available_parallelism().map_or(1, |n| n.get());
     pin(&[0]);
     measure("pinned: bench, vkrun and guest all on CPU 0");
-    pin(&(0..ncpu).collect::<Vec<_>>());
+    let ncpu = unpin();
     measure(&format!("unpinned: {ncpu} CPUs, scheduler's choice"));
 }

@@ -11,19 +11,10 @@
 use std::collections::BTreeMap;
 use std::process::Command;
 
-use nix::sched::{CpuSet, sched_setaffinity};
-use nix::unistd::Pid;
+use vkrun_tests::bench::{pin, unpin};
 use vkrun_tests::{bin, compile_c, run, text, workspace_root};
 
 const REPEATS: usize = 5;
-
-fn pin(cpus: &[usize]) {
-    let mut set = CpuSet::new();
-    for &c in cpus {
-        set.set(c).expect("cpu index");
-    }
-    sched_setaffinity(Pid::from_raw(0), &set).expect("sched_setaffinity");
-}
 
 /// Medians of the `name value` lines of `REPEATS` runs of `vpt_bench args`.
 fn figures(bench: &std::path::Path, ram: &str, args: &[&str]) -> BTreeMap<String, f64> {
@@ -93,13 +84,12 @@ fn main() {
     let Some(bench) = compile_c(&src, dir.path(), &[]) else {
         return;
     };
-    let ncpu = std::thread::available_parallelism().map_or(1, |n| n.get());
     pin(&[0]);
     measure(
         &bench,
         "pinned: bench, vkrun (all threads) and guest on CPU 0",
     );
-    pin(&(0..ncpu).collect::<Vec<_>>());
+    let ncpu = unpin();
     measure(
         &bench,
         &format!("unpinned: {ncpu} CPUs, scheduler's choice"),

@@ -189,6 +189,7 @@ mod tests {
             [
                 "EXIT STATUS",
                 "TRACE SETS",
+                "DEBUGGING",
                 "ENVIRONMENT",
                 "FILES",
                 "LIMITS",

@@ -107,6 +107,9 @@ pub struct Proc {
     /// The served thread's `set_tid_address` / `CLONE_CHILD_CLEARTID`
     /// word (0: none), cleared and woken at the thread's exit.
     pub clear_tid: u64,
+    /// The served thread's `set_robust_list` head (0: none), walked at
+    /// the thread's exit.
+    pub robust_list: u64,
     /// Its parent's pid.
     pub ppid: i32,
     /// Its signal state.
@@ -144,6 +147,8 @@ pub struct Thread {
     pub saved_mask: Option<u64>,
     /// The clear-tid word.
     pub clear_tid: u64,
+    /// The robust-futex list head.
+    pub robust_list: u64,
 }
 
 impl Proc {
@@ -157,6 +162,7 @@ impl Proc {
             altstack: self.sig.altstack,
             saved_mask: self.sig.saved_mask,
             clear_tid: self.clear_tid,
+            robust_list: self.robust_list,
         }
     }
 
@@ -169,6 +175,7 @@ impl Proc {
         self.sig.altstack = t.altstack;
         self.sig.saved_mask = t.saved_mask;
         self.clear_tid = t.clear_tid;
+        self.robust_list = t.robust_list;
     }
 
     /// Save the served thread's state to `t`.
@@ -375,6 +382,7 @@ impl Kernel {
             tid: pid,
             threads: 1,
             clear_tid: 0,
+            robust_list: 0,
             ppid,
             sig: Signals::default(),
             exe,

@@ -94,6 +94,9 @@ pub fn fork(k: &mut Kernel, p: &mut Proc, a: [u64; 6]) -> Result<u64, i32> {
     // signal is pending for it.
     k.frames.forget_local();
     crate::signal::clear_pending();
+    // As Linux's fork: the child starts with no robust list (its C library
+    // registers its own).
+    p.robust_list = 0;
     k.top = false;
     // Each process counts what it does itself.
     k.stats = crate::kernel::Stats::default();
@@ -146,6 +149,7 @@ pub fn thread(p: &mut Proc, a: [u64; 6]) -> Result<Box<Thread>, i32> {
     }
     t.altstack = [0, crate::signal::SS_DISABLE, 0];
     t.saved_mask = None;
+    t.robust_list = 0;
     t.clear_tid = if flags & CLONE_CHILD_CLEARTID != 0 {
         ctid
     } else {

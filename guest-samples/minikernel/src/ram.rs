@@ -11,7 +11,7 @@
 
 use std::io;
 use std::ptr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
 use vkabi::{PAGE_SIZE, VPTE_FRAME, VPTE_RW, VPTE_U, VPTE_V};
 
@@ -94,6 +94,21 @@ impl Ram {
     /// Replace the entry at `pa`, returning the old value.
     pub fn swap(&self, pa: u64, v: u64) -> u64 {
         self.word(pa).swap(v, Ordering::AcqRel)
+    }
+
+    /// Compare-and-swap the user's 32-bit word at `pa` (4-aligned), as a
+    /// futex word is changed: user threads change it atomically at the
+    /// same time. Returns the value found (`old` if it was swapped).
+    pub fn cmpxchg_u32(&self, pa: u64, old: u32, new: u32) -> u32 {
+        assert!(pa.is_multiple_of(4), "unaligned futex word {pa:#x}");
+        let p = self.ptr(pa, 4);
+        // SAFETY: in RAM (checked by ptr), 4-aligned (checked; the mapping
+        // is page aligned), RAM is never unmapped, and every other access
+        // to a futex word (user code, the host's futex) is atomic.
+        let word = unsafe { &*p.cast::<AtomicU32>() };
+        match word.compare_exchange(old, new, Ordering::AcqRel, Ordering::Acquire) {
+            Ok(v) | Err(v) => v,
+        }
     }
 
     /// Copy `bytes` to RAM at `pa`.

@@ -35,6 +35,7 @@ use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
 use nix::unistd::Pid;
 
 use crate::error::Error;
+use crate::gdb::Gdb;
 use crate::hypercall::{self, Pool, Server, StopCalls};
 use crate::ram::GuestRam;
 use crate::stats::Stats;
@@ -47,8 +48,11 @@ use crate::trace::TraceWriter;
 use crate::trace::format::{format_exec, format_new_task, format_signal};
 use crate::tracee::Tracer;
 use crate::vmspace::{Interrupted, Vmspaces};
-use crate::vpt::{ContextFaults, SegvAction, Vpt};
+use crate::vpt::{ContextFaults, SegvAction, StopDone, Vpt};
 use crate::{Config, Outcome, resolve_program};
+
+mod gdb;
+use gdb::listen_for_gdb;
 
 /// Signals sent to vkrun (by `kill`, not by the terminal) that it passes on
 /// to the guest.
@@ -74,6 +78,9 @@ pub fn run(config: Config) -> Result<Outcome, Error> {
         trace: trace_options,
         output,
         stats: want_stats,
+        stats_zeros,
+        gdb,
+        fast_run,
     } = config;
     crate::sys::fatal::install_panic_hook();
     let path = resolve_program(&program)?;
@@ -97,6 +104,7 @@ pub fn run(config: Config) -> Result<Outcome, Error> {
                 k
             })
             .collect();
+        let exe = path.clone();
         let plan = ChildPlan::new(
             path.into_os_string(),
             argv,
@@ -126,6 +134,10 @@ pub fn run(config: Config) -> Result<Outcome, Error> {
         }
         child.release().map_err(Error::sys("releasing the guest"))?;
         let tracer = Tracer::this_thread();
+        let gdb = match gdb {
+            Some(opts) => Some(listen_for_gdb(&opts, &tracer, &child, exe)?),
+            None => None,
+        };
         let mut sup = Supervisor {
             tracer,
             ram_fd_guess: ram.raw_fd(),
@@ -143,15 +155,20 @@ pub fn run(config: Config) -> Result<Outcome, Error> {
             failure: None,
             out: Arc::new(Mutex::new(TraceWriter::new(output, trace_options))),
             stats: Arc::new(Stats::default()),
+            fast_run,
             vpt: None,
             vmspaces: None,
             stop_calls: None,
+            gdb,
         };
-        let vpt = Arc::new(Vpt::new(
-            Arc::clone(&sup.ram),
-            Arc::clone(&sup.stats),
-            Arc::clone(&sup.out),
-        ));
+        let vpt = Arc::new(
+            Vpt::new(
+                Arc::clone(&sup.ram),
+                Arc::clone(&sup.stats),
+                Arc::clone(&sup.out),
+            )
+            .map_err(Error::sys("eventfd"))?,
+        );
         sup.vmspaces = Some(Arc::new(
             Vmspaces::new(
                 Arc::clone(&sup.stats),
@@ -177,7 +194,7 @@ pub fn run(config: Config) -> Result<Outcome, Error> {
         }
         let mut out = lock(&sup.out);
         if want_stats {
-            out.write(sup.stats.render().as_bytes());
+            out.write(sup.stats.render(stats_zeros).as_bytes());
         }
         out.flush();
         result
@@ -215,6 +232,8 @@ struct Supervisor {
     failure: Option<Error>,
     out: Arc<Mutex<TraceWriter>>,
     stats: Arc<Stats>,
+    /// `Config::fast_run`.
+    fast_run: bool,
     ram_fd_guess: i32,
     /// MAP_VPAGETABLE state of the guest's processes.
     vpt: Option<Arc<Vpt>>,
@@ -222,6 +241,8 @@ struct Supervisor {
     vmspaces: Option<Arc<Vmspaces>>,
     /// The hypercalls served at a seccomp stop.
     stop_calls: Option<StopCalls>,
+    /// The GDB stub (`--gdb`).
+    gdb: Option<Gdb>,
 }
 
 impl Supervisor {
@@ -229,17 +250,35 @@ impl Supervisor {
     fn event_loop(&mut self) -> Result<Outcome, Error> {
         loop {
             let vmspaces = Arc::clone(self.vmspaces());
-            let mut fds = [
-                PollFd::new(self.sigfd.as_fd(), PollFlags::POLLIN),
-                PollFd::new(vmspaces.jobs_fd(), PollFlags::POLLIN),
-            ];
-            match poll(&mut fds, PollTimeout::NONE) {
-                Ok(_) | Err(Errno::EINTR) => {}
-                Err(errno) => return Err(self.abort(Error::sys("poll")(errno))),
-            }
+            let vpt = Arc::clone(self.vpt());
+            let polled = {
+                // The stub's socket is a fourth descriptor only with --gdb.
+                let gdb_fd = self.gdb.as_ref().and_then(Gdb::fd);
+                let n = if gdb_fd.is_some() { 4 } else { 3 };
+                let mut fds = [
+                    PollFd::new(self.sigfd.as_fd(), PollFlags::POLLIN),
+                    PollFd::new(vmspaces.jobs_fd(), PollFlags::POLLIN),
+                    PollFd::new(vpt.finishes_fd(), PollFlags::POLLIN),
+                    PollFd::new(gdb_fd.unwrap_or(self.sigfd.as_fd()), PollFlags::POLLIN),
+                ];
+                let ready = |fd: &PollFd<'_>| fd.any().unwrap_or(false);
+                match poll(&mut fds[..n], PollTimeout::NONE) {
+                    Ok(_) => Ok((ready(&fds[1]), ready(&fds[2]), n == 4 && ready(&fds[3]))),
+                    Err(Errno::EINTR) => Ok((false, false, false)),
+                    Err(errno) => Err(errno),
+                }
+            };
+            let (jobs_ready, finishes_ready, gdb_ready) =
+                polled.map_err(|errno| self.abort(Error::sys("poll")(errno)))?;
             crate::sys::fatal::test_panic_point("tracer");
-            if fds[1].any().unwrap_or(false) {
+            if jobs_ready {
                 vmspaces.run_jobs(&self.tracer);
+            }
+            if finishes_ready {
+                self.finish_stops(&vpt)?;
+            }
+            if gdb_ready {
+                self.with_gdb(|g| g.on_readable());
             }
             if self.on_signals()? {
                 break;
@@ -283,6 +322,10 @@ impl Supervisor {
             match self.sigfd.read_signal() {
                 Ok(Some(info)) => {
                     let sig = Signal::try_from(info.ssi_signo as i32).ok();
+                    if sig.is_some_and(|s| s != Signal::SIGCHLD) {
+                        // ^C or kill of vkrun while the guest waits for gdb.
+                        self.with_gdb(Gdb::on_signal_to_vkrun);
+                    }
                     match sig {
                         Some(Signal::SIGCHLD) => reap = true,
                         Some(sig) if info.ssi_code != SI_KERNEL => self.forward(sig),
@@ -334,6 +377,22 @@ impl Supervisor {
         }
     }
 
+    /// End the stops whose agent work a stop worker finished.
+    fn finish_stops(&mut self, vpt: &Vpt) -> Result<(), Error> {
+        for (tid, finish) in vpt.take_finishes() {
+            match finish(&self.tracer) {
+                StopDone::Resumed => {}
+                StopDone::Gone(status) => self.on_wait_status(status)?,
+                StopDone::Deliver(sig) if self.gdb_holds(|g| g.on_signal_stop(tid, sig)) => {}
+                StopDone::Deliver(sig) => {
+                    trace_signal(&self.out, tid);
+                    resume(tid, Some(sig));
+                }
+            }
+        }
+        Ok(())
+    }
+
     fn on_wait_status(&mut self, status: WaitStatus) -> Result<(), Error> {
         match status {
             WaitStatus::Exited(pid, code) => self.on_exit(pid, Outcome::Exited(code)),
@@ -347,13 +406,14 @@ impl Supervisor {
             WaitStatus::Stopped(pid, Signal::SIGSEGV) => {
                 self.tracees.insert(pid);
                 let tgid = proc::tgid_of(pid).unwrap_or(pid);
-                match self.vpt().on_sigsegv(&self.tracer, pid, tgid) {
+                match self.vpt().on_sigsegv(pid, tgid) {
+                    SegvAction::Deliver
+                        if self.gdb_holds(|g| g.on_signal_stop(pid, Signal::SIGSEGV)) => {}
                     SegvAction::Deliver => {
                         trace_signal(&self.out, pid);
                         resume(pid, Some(Signal::SIGSEGV));
                     }
-                    SegvAction::Handled(Some(status)) => self.on_wait_status(status)?,
-                    SegvAction::Handled(None) => {}
+                    SegvAction::Deferred => {}
                 }
             }
             WaitStatus::Stopped(pid, sig) => {
@@ -362,7 +422,9 @@ impl Supervisor {
                 if let Some(server) = &self.server {
                     server.on_guest_tasks(self.tracees.len(), true);
                 }
-                self.deliver_signal(pid, sig);
+                if !self.gdb_holds(|g| g.on_signal_stop(pid, sig)) {
+                    self.deliver_signal(pid, sig);
+                }
             }
             WaitStatus::PtraceEvent(pid, sig, event) => {
                 self.tracees.insert(pid);
@@ -377,8 +439,14 @@ impl Supervisor {
     fn on_ptrace_event(&mut self, pid: Pid, sig: Signal, event: i32) -> Result<(), Error> {
         const STOP: i32 = libc::PTRACE_EVENT_STOP;
         match event {
+            STOP if !is_stop_signal(sig) && self.gdb_holds(|g| g.on_event_stop(pid)) => {
+                return Ok(());
+            }
             STOP if is_stop_signal(sig) => {
                 // Group-stop: stay stopped, keep reporting (job control).
+                if self.gdb_holds(|g| g.on_group_stop(pid)) {
+                    return Ok(());
+                }
                 if let Err(errno) = crate::sys::ptrace::listen(pid) {
                     tracing::debug!(%pid, %errno, "PTRACE_LISTEN failed");
                 }
@@ -387,7 +455,8 @@ impl Supervisor {
             e if e == Event::PTRACE_EVENT_SECCOMP as i32 => {
                 // A `TracerStop` hypercall (see the hypercall table).
                 let calls = self.stop_calls.as_ref().expect("set before the event loop");
-                let outcome = calls.at_stop(&self.tracer, pid);
+                let stepping = self.gdb.as_ref().is_some_and(|g| g.is_stepping(pid));
+                let outcome = calls.at_stop(&self.tracer, pid, stepping);
                 self.tracees.extend(outcome.new_threads);
                 if let Some(status) = outcome.gone {
                     self.on_wait_status(status)?;
@@ -404,13 +473,20 @@ impl Supervisor {
                         self.tracees.remove(&former);
                     }
                 }
-                if pid == self.main && !self.exec_seen {
+                let first = pid == self.main && !self.exec_seen;
+                if !first {
+                    self.with_gdb(|g| g.on_exec(pid));
+                }
+                if first {
                     self.exec_seen = true;
                     self.on_guest_started()?;
                 }
                 self.trace_process(pid, || {
                     crate::sys::proc::program(pid).map(|(exe, args)| format_exec(&exe, &args))
                 });
+                if first && self.gdb_holds(|g| g.hold_at_start(pid)) {
+                    return Ok(());
+                }
             }
             e if e == Event::PTRACE_EVENT_FORK as i32
                 || e == Event::PTRACE_EVENT_VFORK as i32
@@ -429,6 +505,9 @@ impl Supervisor {
                     });
                     self.tracees.insert(child);
                     self.announced.insert(child);
+                    if e == Event::PTRACE_EVENT_FORK as i32 {
+                        self.with_gdb(|g| g.on_fork(child));
+                    }
                     if e != Event::PTRACE_EVENT_VFORK as i32 {
                         self.strip_windows(pid, child)?;
                     }
@@ -474,6 +553,16 @@ impl Supervisor {
             trace_signal(&trace, pid);
             resume(pid, Some(sig));
         };
+        if !self.vmspaces().is_empty()
+            && proc::catches(pid, sig as i32)
+            && self.vmspaces().hold_for_fast_run(&self.tracer, pid)
+        {
+            // Inside a fast RUN: the signal waits (blocked) until RUN has
+            // returned; the kernel queues it again now. It is traced when
+            // it stops the thread again, at its delivery.
+            resume(pid, Some(sig));
+            return;
+        }
         let rax = match ptrace::getregs(pid) {
             Ok(regs)
                 if !self.vmspaces().is_empty()
@@ -538,7 +627,13 @@ impl Supervisor {
             ram_fd_guess: AtomicI32::new(self.ram_fd_guess),
             pool: Pool::default(),
         });
+        // Traced RUNs take the hypercall, where they can be traced.
+        let traced = {
+            let out = lock(&self.out);
+            out.set().runs || out.set().hypercall(Some(Hypercall::VmspaceCtl))
+        };
         self.vmspaces().set_env(Arc::new(crate::vmspace::RunEnv {
+            fast: self.fast_run && !traced,
             notify: Arc::clone(&server.notify),
             stats: Arc::clone(&self.stats),
             trace: Arc::clone(&self.out),
@@ -564,6 +659,8 @@ impl Supervisor {
         if !self.announced.remove(&pid) && pid != self.main {
             self.early_exits.insert(pid);
         }
+        let main = pid == self.main;
+        self.with_gdb(|g| g.on_exit(pid, outcome, main));
         self.vpt().forget(pid);
         let mut out = lock(&self.out);
         if !out.set().is_empty() {

@@ -25,6 +25,16 @@ pub fn catches(tid: Pid, sig: i32) -> bool {
         .is_some_and(|mask| (1..=64).contains(&sig) && mask & (1 << (sig - 1)) != 0)
 }
 
+/// Whether the process of `tid` ignores signal `sig` (`SigIgn`).
+pub fn ignores(tid: Pid, sig: i32) -> bool {
+    let Ok(status) = std::fs::read_to_string(format!("/proc/{tid}/status")) else {
+        return false;
+    };
+    status_field(&status, "SigIgn:")
+        .and_then(|hex| u64::from_str_radix(hex, 16).ok())
+        .is_some_and(|mask| (1..=64).contains(&sig) && mask & (1 << (sig - 1)) != 0)
+}
+
 /// Whether thread `tid` of `tgid` still exists.
 pub fn task_alive(tgid: Pid, tid: Pid) -> bool {
     std::path::Path::new(&format!("/proc/{tgid}/task/{tid}")).exists()

@@ -83,6 +83,14 @@ pub fn signal_info(pid: Pid) -> Result<SignalInfo, Errno> {
     })
 }
 
+/// An all-zero `user_fpregs_struct` (libc gives it a private padding
+/// field, so it cannot be written as a literal).
+pub fn zeroed_fpregs() -> libc::user_fpregs_struct {
+    // SAFETY: the struct holds only integers and integer arrays, for
+    // which all-zero bytes are a valid value.
+    unsafe { std::mem::zeroed() }
+}
+
 /// For tests: fork a child that asks to be traced by this process, stops
 /// itself with `SIGSTOP` and then pauses for ever.
 #[cfg(test)]
@@ -102,4 +110,34 @@ pub fn fork_traced_pausing_child() -> Result<Pid, Errno> {
         -1 => Err(Errno::last()),
         pid => Ok(Pid::from_raw(pid)),
     }
+}
+
+/// `PTRACE_GETSIGMASK`: the signal mask of stopped tracee `pid`.
+pub fn get_sigmask(pid: Pid) -> Result<u64, Errno> {
+    let mut mask = 0u64;
+    // SAFETY: the kernel writes 8 bytes (the size passed in addr) to `mask`.
+    let ret = unsafe {
+        libc::ptrace(
+            libc::PTRACE_GETSIGMASK,
+            pid.as_raw(),
+            size_of::<u64>(),
+            &mut mask as *mut u64,
+        )
+    };
+    Errno::result(ret).map(|_| mask)
+}
+
+/// `PTRACE_SETSIGMASK`: set the signal mask of stopped tracee `pid`
+/// (`SIGKILL` and `SIGSTOP` stay unblockable).
+pub fn set_sigmask(pid: Pid, mask: u64) -> Result<(), Errno> {
+    // SAFETY: the kernel reads 8 bytes (the size passed in addr) from `mask`.
+    let ret = unsafe {
+        libc::ptrace(
+            libc::PTRACE_SETSIGMASK,
+            pid.as_raw(),
+            size_of::<u64>(),
+            &mask as *const u64,
+        )
+    };
+    Errno::result(ret).map(drop)
 }

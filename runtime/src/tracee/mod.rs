@@ -27,4 +27,14 @@ impl Tracer {
             _this_thread: PhantomData,
         }
     }
+
+    /// A second token for a part of the supervisor that lives on the
+    /// tracer thread and must ptrace from inside a callback that cannot be
+    /// lent one (the GDB stub's target). Holding `self` proves the caller
+    /// is the tracer thread; the copy cannot leave it either.
+    pub(crate) fn share(&self) -> Tracer {
+        Tracer {
+            _this_thread: PhantomData,
+        }
+    }
 }

@@ -438,7 +438,8 @@ pub fn serve(k: &mut Kernel, p: &mut Proc) -> Result<Outcome, KernelError> {
             p.clear_tid = a[0];
             Ok(p.tid as u64)
         } // set_tid_address
-        273 => Ok(0),             // set_robust_list
+        273 => set_robust_list(p, a[0], a[1]),
+        274 => get_robust_list(k, p, a[0], a[1], a[2]),
         334 => Err(libc::ENOSYS), // rseq
         2 | 257 if is_proc_self_cmdline(k, p, if nr == 2 { a[0] } else { a[1] }) => {
             open_cmdline(p, if nr == 2 { a[1] } else { a[2] })
@@ -1010,14 +1011,21 @@ fn sigsuspend(k: &mut Kernel, p: &mut Proc, set: u64, size: u64) -> Result<Block
 /// The host address of the user's 4-byte futex word at `va` (in guest
 /// RAM, which every host thread and process of the guest maps), or EFAULT.
 fn futex_word(k: &mut Kernel, p: &mut Proc, va: u64) -> Result<u64, i32> {
+    let pa = futex_pa(k, p, va, false)?;
+    Ok(k.ram.ptr(pa, 4) as u64)
+}
+
+/// The physical address of the user's 4-byte futex word at `va` (readable,
+/// or writable when `write`), EINVAL if unaligned, EFAULT if inaccessible.
+fn futex_pa(k: &mut Kernel, p: &mut Proc, va: u64, write: bool) -> Result<u64, i32> {
     if !va.is_multiple_of(4) {
         return Err(libc::EINVAL);
     }
     let pieces =
-        p.mm.translate(&k.ram, &mut k.frames, va, 4, false)
+        p.mm.translate(&k.ram, &mut k.frames, va, 4, write)
             .map_err(|_| libc::EFAULT)?;
     match pieces.as_slice() {
-        [(pa, 4)] => Ok(k.ram.ptr(*pa, 4) as u64),
+        [(pa, 4)] => Ok(*pa),
         _ => Err(libc::EFAULT),
     }
 }
@@ -1070,10 +1078,103 @@ fn futex(k: &mut Kernel, p: &mut Proc, a: [u64; 6]) -> Result<Now, i32> {
     }
 }
 
-/// The end of a thread that is not the last: its clear-tid word is
-/// zeroed and woken (`CLONE_CHILD_CLEARTID`, `set_tid_address`).
+/// `set_robust_list(head, len)`: `len` is the size of Linux's
+/// `struct robust_list_head` or EINVAL.
+fn set_robust_list(p: &mut Proc, head: u64, len: u64) -> SysResult {
+    if len != ROBUST_HEAD_LEN {
+        return Err(libc::EINVAL);
+    }
+    p.robust_list = head;
+    Ok(0)
+}
+
+/// `get_robust_list(pid, head_ptr, len_ptr)` for the calling thread (pid 0
+/// or its own tid); another thread's list is not kept where this thread
+/// can read it, so that answers ESRCH.
+fn get_robust_list(k: &mut Kernel, p: &mut Proc, pid: u64, head: u64, len: u64) -> SysResult {
+    if pid != 0 && pid != p.tid as u64 {
+        return Err(libc::ESRCH);
+    }
+    let ok =
+        p.mm.write(&k.ram, &mut k.frames, head, &p.robust_list.to_le_bytes())
+            && p.mm
+                .write(&k.ram, &mut k.frames, len, &ROBUST_HEAD_LEN.to_le_bytes());
+    if ok { Ok(0) } else { Err(libc::EFAULT) }
+}
+
+/// `sizeof(struct robust_list_head)`: `{ next, futex_offset, list_op_pending }`.
+const ROBUST_HEAD_LEN: u64 = 24;
+
+/// A robust futex word's owner-TID bits, and the flags Linux sets in it.
+const FUTEX_TID_MASK: u32 = 0x3fff_ffff;
+const FUTEX_OWNER_DIED: u32 = 0x4000_0000;
+const FUTEX_WAITERS: u32 = 0x8000_0000;
+
+/// Linux's walk of an exiting thread's robust list (`exit_robust_list`):
+/// every futex on it (and the one whose operation was pending) that this
+/// thread still owns gets `FUTEX_OWNER_DIED`, keeps `FUTEX_WAITERS`, and
+/// one waiter is woken, so the next `pthread_mutex_lock` answers
+/// EOWNERDEAD. The list is the user's memory: at most [`ROBUST_LIMIT`]
+/// entries are visited (Linux's bound), and an unreadable one ends it.
+fn exit_robust_list(k: &mut Kernel, p: &mut Proc) {
+    const ROBUST_LIMIT: usize = 2048;
+    let head = p.robust_list;
+    let mut h = [0u8; 24];
+    if head == 0 || !p.mm.read(&k.ram, &mut k.frames, head, &mut h) {
+        return;
+    }
+    let word = |b: &[u8]| u64::from_le_bytes(b.try_into().expect("8 bytes"));
+    let (first, offset, pending) = (word(&h[0..8]), word(&h[8..16]), word(&h[16..24]) & !1);
+    let mut entry = first & !1;
+    for _ in 0..ROBUST_LIMIT {
+        if entry == head || entry == 0 {
+            break;
+        }
+        let mut next = [0u8; 8];
+        if !p.mm.read(&k.ram, &mut k.frames, entry, &mut next) {
+            break;
+        }
+        if entry != pending {
+            futex_owner_died(k, p, entry.wrapping_add(offset));
+        }
+        entry = u64::from_le_bytes(next) & !1;
+    }
+    if pending != 0 {
+        futex_owner_died(k, p, pending.wrapping_add(offset));
+    }
+}
+
+/// Linux's `handle_futex_death` for the word at `va`, if this thread owns it.
+fn futex_owner_died(k: &mut Kernel, p: &mut Proc, va: u64) {
+    let Ok(pa) = futex_pa(k, p, va, true) else {
+        return;
+    };
+    let mut seen = k.ram.cmpxchg_u32(pa, 0, 0);
+    // User threads may set FUTEX_WAITERS meanwhile; a few tries, as each
+    // failure means the word changed under us.
+    for _ in 0..16 {
+        if seen & FUTEX_TID_MASK != p.tid as u32 {
+            return;
+        }
+        let new = (seen & FUTEX_WAITERS) | FUTEX_OWNER_DIED;
+        let found = k.ram.cmpxchg_u32(pa, seen, new);
+        if found == seen {
+            if seen & FUTEX_WAITERS != 0 {
+                let w = k.ram.ptr(pa, 4) as u64;
+                let _ = host(libc::SYS_futex as u64, [w, 1, 1, 0, 0, 0]);
+            }
+            return;
+        }
+        seen = found;
+    }
+}
+
+/// The end of a thread that is not the last: its robust futexes are
+/// released as Linux releases them, then its clear-tid word is zeroed and
+/// woken (`CLONE_CHILD_CLEARTID`, `set_tid_address`).
 fn thread_exit(k: &mut Kernel, p: &mut Proc) {
     p.threads -= 1;
+    exit_robust_list(k, p);
     let word = p.clear_tid;
     if word != 0
         && p.mm.write(&k.ram, &mut k.frames, word, &0u32.to_le_bytes())
