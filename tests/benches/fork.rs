@@ -231,7 +231,8 @@ fn where_the_time_goes(bench: &Path, work: &[Workload]) {
         let per = |name: &str| vkrun_stat(&err, name) as f64 / n;
         println!(
             "{}:\n    parent: {parent}\n    children (median): vmspace {:.0} µs (the first: {:.0} µs, a new one), exec {:.0} µs\n    \
-             per fork: {:.1} RUNs, {:.1} page faults RUN returned, {:.1} faults vkrun resolved, {:.1} vmspaces created",
+             the run's totals / forks (with the first touch of the 64 MiB, where there is one): \
+             {:.1} RUNs, {:.1} page faults RUN returned, {:.1} faults vkrun resolved, {:.1} vmspaces created",
             w.label,
             med(vmspace.clone()),
             vmspace.first().copied().unwrap_or(0.0),

@@ -289,6 +289,55 @@ static void test_proc_self(char **argv) {
     CHECK("stat of /proc/self/exe is this program", stat("/proc/self/exe", &st) == 0 && S_ISREG(st.st_mode));
 }
 
+/* Bad arguments get the errno Linux gives, never a crash. */
+static void test_bad_arguments(void) {
+    int sv[2];
+    socketpair(AF_UNIX, SOCK_STREAM, 0, sv);
+    void *bad = (void *)8;
+#ifdef __GLIBC__ /* musl's sendmsg reads the msghdr itself */
+    errno = 0;
+    CHECK("sendmsg of an unreadable msghdr is EFAULT", sendmsg(sv[0], bad, 0) == -1 && errno == EFAULT);
+#endif
+    char buf[8];
+    struct iovec iov = {bad, 8};
+    struct msghdr m = {0};
+    m.msg_iov = &iov;
+    m.msg_iovlen = 1;
+    write(sv[0], "12345678", 8);
+    errno = 0;
+    CHECK("recvmsg into unmapped memory is EFAULT", recvmsg(sv[1], &m, 0) == -1 && errno == EFAULT);
+    read(sv[1], buf, 8);
+    m.msg_iovlen = 5000;
+    m.msg_iov = &iov;
+    errno = 0;
+    CHECK("sendmsg with 5000 iovecs is EMSGSIZE", sendmsg(sv[0], &m, 0) == -1 && errno == EMSGSIZE);
+    struct sockaddr_un un;
+    errno = 0;
+    CHECK("getsockname with a NULL length is EFAULT", getsockname(sv[0], (struct sockaddr *)&un, NULL) == -1 && errno == EFAULT);
+    int v;
+    errno = 0;
+    CHECK("getsockopt with a NULL length is EFAULT", getsockopt(sv[0], SOL_SOCKET, SO_TYPE, &v, NULL) == -1 && errno == EFAULT);
+    errno = 0;
+    CHECK("select with an unreadable set is EFAULT", select(4, bad, NULL, NULL, NULL) == -1 && errno == EFAULT);
+    errno = 0;
+    CHECK("bind with an unreadable address is EFAULT", bind(socket(AF_UNIX, SOCK_STREAM, 0), bad, 16) == -1 && errno == EFAULT);
+    errno = 0;
+    CHECK("mremap with unknown flags is EINVAL", mremap(buf, 4096, 8192, 0x80) == MAP_FAILED && errno == EINVAL);
+    /* Control data whose lengths lie: refused or ignored, not followed. */
+    char cbuf[64];
+    memset(cbuf, 0xff, sizeof cbuf);
+    struct iovec one = {"x", 1};
+    struct msghdr lie = {0};
+    lie.msg_iov = &one;
+    lie.msg_iovlen = 1;
+    lie.msg_control = cbuf;
+    lie.msg_controllen = sizeof cbuf;
+    errno = 0;
+    CHECK("sendmsg with lying control lengths is EINVAL", sendmsg(sv[0], &lie, 0) == -1 && errno == EINVAL);
+    close(sv[0]);
+    close(sv[1]);
+}
+
 int main(int argc, char **argv) {
     setvbuf(stdout, NULL, _IONBF, 0);
     if (argc >= 3 && strcmp(argv[2], "chain") == 0) {
@@ -314,5 +363,6 @@ int main(int argc, char **argv) {
     test_scm_rights(argv[1]);
     test_tcp();
     test_proc_self(argv);
+    test_bad_arguments();
     return 0;
 }

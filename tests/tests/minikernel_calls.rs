@@ -245,3 +245,46 @@ fn fork_copies_on_write_as_natively_musl() {
     };
     cow_matches(&prog);
 }
+
+/// `shmap.c` natively and inside, each with a fresh DIR: every check
+/// passes in both.
+fn shmap_matches(prog: &Path) {
+    let native_dir = tempfile::tempdir().expect("tempdir");
+    let inside_dir = tempfile::tempdir().expect("tempdir");
+    let native = run(Command::new(prog).arg(native_dir.path()));
+    let under = inside(prog, &[inside_dir.path().to_str().expect("utf-8 path")]);
+    let (n, u) = (text(&native.stdout), text(&under.stdout));
+    assert!(
+        !n.contains("FAILED") && native.status.success(),
+        "natively: {n}"
+    );
+    assert_eq!(u, n, "stderr inside: {}", text(&under.stderr));
+    assert_eq!(shell_code(under.status), 0, "{}", text(&under.stderr));
+    assert!(
+        u.contains("an exiting process writes its mapping back"),
+        "{u}"
+    );
+    // The file itself, as both left it.
+    assert_eq!(
+        std::fs::read(inside_dir.path().join("mapped")).expect("the mapped file"),
+        std::fs::read(native_dir.path().join("mapped")).expect("the mapped file")
+    );
+}
+
+#[test]
+fn writable_shared_file_mappings_reach_the_file_as_natively_glibc() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let Some(prog) = build("gcc", dir.path(), "shmap", &["-static"]) else {
+        return;
+    };
+    shmap_matches(&prog);
+}
+
+#[test]
+fn writable_shared_file_mappings_reach_the_file_as_natively_musl() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let Some(prog) = build("musl-gcc", dir.path(), "shmap", &["-static"]) else {
+        return;
+    };
+    shmap_matches(&prog);
+}

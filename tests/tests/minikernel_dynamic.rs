@@ -221,3 +221,46 @@ fn a_missing_interpreter_is_enoent_and_a_static_shell_execs_dynamic_programs() {
         text(&under.stdout)
     );
 }
+
+#[test]
+fn dynamic_shells_python_subprocesses_and_threads_and_perl_behave_as_natively() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    fixed_tree(dir.path());
+    let d = dir.path().to_str().expect("utf-8 path");
+    // The host's dynamically linked shells: pipelines, $(...), loops, each
+    // external command a fork and an exec of a dynamic program.
+    for shell in ["/bin/sh", "/bin/bash"] {
+        let Some(sh) = dynamic(shell) else { return };
+        let script = format!(
+            "x=$(echo sub | tr a-z A-Z); echo \"$x\"; for i in 1 2 3; do /bin/echo $i; done | wc -l; \
+             ls {d} | sort -r; cat {d}/numbers | sha256sum; (exit 3); echo status $?"
+        );
+        let under = same(&sh, &["-c", &script]);
+        assert!(
+            text(&under.stdout).starts_with("SUB\n3\n"),
+            "{}",
+            text(&under.stdout)
+        );
+    }
+    // python3 starting a subprocess (posix_spawn: clone(CLONE_VM|CLONE_VFORK))
+    // and a thread (both parts of the minikernel: this issue's and the
+    // threads issue's).
+    let Some(python) = dynamic("/usr/bin/python3") else {
+        return;
+    };
+    let under = same(
+        &python,
+        &[
+            "-c",
+            "import subprocess, threading\n\
+             print(subprocess.run(['/bin/echo', 'child'], capture_output=True).stdout.decode(), end='')\n\
+             t = threading.Thread(target=print, args=('thread',)); t.start(); t.join()\n\
+             print(subprocess.call(['/bin/sh', '-c', 'exit 5']))",
+        ],
+    );
+    assert_eq!(text(&under.stdout), "child\nthread\n5\n");
+    let Some(perl) = dynamic("/usr/bin/perl") else {
+        return;
+    };
+    same(&perl, &["-e", "print 'perl ', 2**10, qq(\\n); exit 4"]);
+}

@@ -6,7 +6,8 @@
 //! interpreter's entry, which finds the program through `AT_PHDR`,
 //! `AT_PHNUM`, `AT_ENTRY` and itself through `AT_BASE`.
 //! Each `PT_LOAD` segment becomes an area with the segment's protection
-//! (`PF_R/PF_W/PF_X`), its file bytes are copied into frames and the rest of
+//! (`PF_R/PF_W/PF_X`), its file bytes are read straight into frames (only
+//! the headers pass through a buffer) and the rest of
 //! its memory (bss) is zero; the program break starts on the page after the
 //! highest segment. The initial stack holds, from the top: the strings
 //! (argv, envp, the program's path, `AT_RANDOM`'s 16 bytes, "x86_64"), then
@@ -21,7 +22,7 @@ use vkabi::PAGE_SIZE;
 use crate::mm::{Mm, PROT_EXEC, PROT_READ, PROT_WRITE, page_down, page_up};
 use crate::ram::{Frames, OutOfMemory, Ram};
 
-/// Where a static-pie program's lowest segment goes (Linux's ELF_ET_DYN_BASE
+/// Where a PIE program's (static or dynamic) lowest segment goes (Linux's ELF_ET_DYN_BASE
 /// region).
 pub const PIE_BASE: u64 = 0x5555_5555_4000;
 
@@ -183,18 +184,104 @@ fn parse(file: &[u8]) -> Result<Elf, ExecError> {
     })
 }
 
-/// The `PT_INTERP` path of `elf` in `file`, if any.
-fn interp_path(file: &[u8], elf: &Elf) -> Result<Option<PathBuf>, ExecError> {
+/// An ELF file being loaded: its first bytes (headers) and the open file
+/// its segments are read from.
+struct Source {
+    file: std::fs::File,
+    len: u64,
+    head: Vec<u8>,
+}
+
+/// Bytes of a file read up front: the ELF header and, in any file a linker
+/// made, the program headers and the interpreter's path.
+const HEAD: u64 = 64 << 10;
+
+impl Source {
+    /// Open `path` and read its head (all of it when the program headers
+    /// lie further on).
+    fn open(path: &Path) -> std::io::Result<Source> {
+        let file = std::fs::File::open(path)?;
+        let len = file.metadata()?.len();
+        let mut src = Source {
+            file,
+            len,
+            head: Vec::new(),
+        };
+        src.head = src.bytes(0, len.min(HEAD))?;
+        let phdrs_end = u64_at(&src.head, 32)
+            .zip(u16_at(&src.head, 54).zip(u16_at(&src.head, 56)))
+            .map(|(off, (size, n))| off.saturating_add(u64::from(size) * u64::from(n)));
+        if phdrs_end.is_some_and(|e| e > src.head.len() as u64 && e <= len) {
+            src.head = src.bytes(0, len)?;
+        }
+        Ok(src)
+    }
+
+    /// `n` bytes at `off` (fewer if the file is shorter).
+    fn bytes(&self, off: u64, n: u64) -> std::io::Result<Vec<u8>> {
+        use std::os::unix::fs::FileExt;
+        let mut buf = vec![0u8; n as usize];
+        let mut got = 0;
+        while got < buf.len() {
+            match self.file.read_at(&mut buf[got..], off + got as u64)? {
+                0 => break,
+                k => got += k,
+            }
+        }
+        buf.truncate(got);
+        Ok(buf)
+    }
+
+    /// Read the file from `off` into the RAM `pieces` (a file that shrank
+    /// meanwhile leaves zeros).
+    fn read_into(&self, ram: &Ram, pieces: &[(u64, u64)], mut off: u64) -> std::io::Result<()> {
+        use std::os::fd::AsRawFd;
+        for &(pa, n) in pieces {
+            let mut done = 0u64;
+            while done < n {
+                let dst = ram.ptr(pa + done, n - done);
+                // SAFETY: pread writes at most `n - done` bytes at `dst`,
+                // a range of guest RAM checked by `ptr`, into frames this
+                // address space owns (load_pieces) that no user code runs on
+                // yet.
+                let r = unsafe {
+                    libc::pread(
+                        self.file.as_raw_fd(),
+                        dst.cast(),
+                        (n - done) as usize,
+                        (off + done) as i64,
+                    )
+                };
+                if r < 0 {
+                    let e = std::io::Error::last_os_error();
+                    if e.kind() == std::io::ErrorKind::Interrupted {
+                        continue;
+                    }
+                    return Err(e);
+                }
+                if r == 0 {
+                    break;
+                }
+                done += r as u64;
+            }
+            off += n;
+        }
+        Ok(())
+    }
+}
+
+/// The `PT_INTERP` path of `elf` in `src`, if any.
+fn interp_path(src: &Source, elf: &Elf) -> Result<Option<PathBuf>, ExecError> {
     let Some(p) = elf.phdrs.iter().find(|p| p.kind == PT_INTERP) else {
         return Ok(None);
     };
     if p.filesz < 2 || p.filesz > 4096 {
         return Err(ExecError::NotElf);
     }
-    let bytes = usize::try_from(p.offset)
-        .ok()
-        .and_then(|o| file.get(o..)?.get(..p.filesz as usize))
-        .ok_or(ExecError::NotElf)?;
+    let bytes = src.bytes(p.offset, p.filesz)?;
+    if bytes.len() as u64 != p.filesz {
+        return Err(ExecError::NotElf);
+    }
     let path = bytes.split(|b| *b == 0).next().unwrap_or(&[]);
     if path.is_empty() {
         return Err(ExecError::NotElf);
@@ -212,7 +299,7 @@ fn place(
     ram: &Ram,
     frames: &mut Frames,
     mm: &mut Mm,
-    file: &[u8],
+    src: &Source,
     elf: &Elf,
     dyn_base: Option<u64>,
 ) -> Result<Image, ExecError> {
@@ -247,11 +334,9 @@ fn place(
     for p in &loads {
         let start = p.vaddr.wrapping_add(bias);
         let end = start.checked_add(p.memsz).ok_or(ExecError::BadSegment)?;
-        let data = usize::try_from(p.offset)
-            .ok()
-            .and_then(|o| file.get(o..))
-            .and_then(|d| d.get(..p.filesz as usize))
-            .ok_or(ExecError::BadSegment)?;
+        if p.offset.checked_add(p.filesz).is_none_or(|e| e > src.len) {
+            return Err(ExecError::BadSegment);
+        }
         if p.filesz > p.memsz || page_down(start) < crate::mm::MIN_ADDR || end > mm.stack_top {
             return Err(ExecError::BadSegment);
         }
@@ -266,9 +351,11 @@ fn place(
             prot |= PROT_EXEC;
         }
         mm.add(page_down(start), page_up(end), prot);
-        if !mm.load(ram, frames, start, data)? {
-            return Err(ExecError::BadSegment);
-        }
+        // The file's bytes go straight from the file into the frames.
+        let pieces = mm
+            .load_pieces(ram, frames, start, p.filesz)?
+            .ok_or(ExecError::BadSegment)?;
+        src.read_into(ram, &pieces, p.offset)?;
         // The bss part of the first and last pages is zero already (fresh
         // frames); the next pages wholly in bss get zeroed frames now, up
         // to BSS_NOW of them (a program writes its small bss at once, and a
@@ -323,18 +410,18 @@ pub fn load(
     argv: &[Vec<u8>],
     envp: &[Vec<u8>],
 ) -> Result<Start, ExecError> {
-    let file = std::fs::read(path)?;
-    let elf = parse(&file)?;
+    let file = Source::open(path)?;
+    let elf = parse(&file.head)?;
     let interp = interp_path(&file, &elf)?;
     let interp_file = match &interp {
-        Some(i) => Some(std::fs::read(i).map_err(|e| ExecError::Interp {
+        Some(i) => Some(Source::open(i).map_err(|e| ExecError::Interp {
             path: i.clone(),
             source: e,
         })?),
         None => None,
     };
     let interp_elf = match &interp_file {
-        Some(f) => Some(parse(f).map_err(|_| ExecError::BadInterp)?),
+        Some(f) => Some(parse(&f.head).map_err(|_| ExecError::BadInterp)?),
         None => None,
     };
     let mut main = place(ram, frames, mm, &file, &elf, Some(PIE_BASE))?;
@@ -463,4 +550,38 @@ fn build_stack(
         return Err(ExecError::BadSegment);
     }
     Ok(rsp)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A 64-byte x86-64 ELF header with `phoff`, `phentsize`, `phnum`.
+    fn header(phoff: u64, phentsize: u16, phnum: u16) -> Vec<u8> {
+        let mut h = vec![0u8; 64];
+        h[..4].copy_from_slice(b"\x7fELF");
+        h[4] = 2;
+        h[5] = 1;
+        h[16..18].copy_from_slice(&ET_DYN.to_le_bytes());
+        h[18..20].copy_from_slice(&EM_X86_64.to_le_bytes());
+        h[32..40].copy_from_slice(&phoff.to_le_bytes());
+        h[54..56].copy_from_slice(&phentsize.to_le_bytes());
+        h[56..58].copy_from_slice(&phnum.to_le_bytes());
+        h
+    }
+
+    #[test]
+    fn hostile_headers_are_not_elf_and_never_panic() {
+        assert!(matches!(parse(&[]), Err(ExecError::NotElf)));
+        assert!(matches!(parse(b"\x7fELF"), Err(ExecError::NotElf)));
+        // Program headers past the end, a huge count, an offset that wraps.
+        for (off, n) in [(64, 1), (64, u16::MAX), (u64::MAX - 8, 2), (1 << 40, 1)] {
+            assert!(matches!(parse(&header(off, 56, n)), Err(ExecError::NotElf)));
+        }
+        // Entries too small to be program headers.
+        assert!(matches!(parse(&header(64, 8, 1)), Err(ExecError::NotElf)));
+        // No program headers at all parses (and later has no PT_LOAD).
+        let elf = parse(&header(64, 56, 0)).expect("an empty table");
+        assert!(elf.phdrs.is_empty());
+    }
 }

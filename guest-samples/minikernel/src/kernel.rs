@@ -280,6 +280,10 @@ pub struct Kernel {
     pub trace: Trace,
     /// Whether this is the first process (not a forked child).
     pub top: bool,
+    /// The minikernel's duplicates of the descriptors behind shared file
+    /// mappings ([`crate::mm::Backing`]), which the user program cannot
+    /// name.
+    pub map_fds: Vec<i32>,
 }
 
 /// Where `ram_fd` is moved (out of the way of the user program's fds).
@@ -319,12 +323,13 @@ impl Kernel {
             stats: Stats::default(),
             trace,
             top: true,
+            map_fds: Vec::new(),
         })
     }
 
     /// Whether `fd` is one of the minikernel's own descriptors.
     pub fn reserved_fd(&self, fd: u64) -> bool {
-        fd as i32 == self.ram_fd
+        fd as i32 == self.ram_fd || self.map_fds.contains(&(fd as i32))
     }
 
     /// A vmspace with its window pointing at `mm`'s tables: an idle one

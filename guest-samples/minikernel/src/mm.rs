@@ -7,7 +7,15 @@
 //! Anonymous memory (stack, heap, anonymous mmaps) is demand-zero: a page
 //! gets a zeroed frame on its first `T_PAGEFLT` or when the minikernel first
 //! touches it for a system call. Program segments and file mappings are
-//! copied into frames when they are mapped. A leaf carries the protection of
+//! copied into frames when they are mapped; a shared mapping of a file open
+//! for writing is written back ([`Mm::writeback`]), its leaves' `M` bits
+//! telling which pages were written.
+//!
+//! `fork` shares frames copy-on-write ([`Mm::fork`]): a frame's share count
+//! ([`Ram::share`]) says how many other address spaces map it; a private
+//! writable area's leaf without `RW` is copy-on-write, and the first write
+//! copies the page or, for its last user, takes it over. `MAP_SHARED` areas
+//! keep the same frames, writable, in both. A leaf carries the protection of
 //! its area: `RW` for `PROT_WRITE`, `NX` unless `PROT_EXEC`, no `V` for
 //! `PROT_NONE`.
 //!
@@ -68,6 +76,20 @@ pub struct Vma {
     /// `MAP_SHARED`: a fork shares its pages (the same frames, writable
     /// in both) instead of copying them on write.
     pub shared: bool,
+    /// A writable `MAP_SHARED` file mapping: where its pages are written
+    /// back ([`Mm::writeback`]).
+    pub file: Option<Backing>,
+}
+
+/// The file behind a shared file mapping: a descriptor of the
+/// minikernel's own (a duplicate the user program cannot name) and the
+/// file offset of the area's first byte.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Backing {
+    /// The descriptor.
+    pub fd: i32,
+    /// The file offset of the area's start.
+    pub off: u64,
 }
 
 /// What a `T_PAGEFLT` turned out to be.
@@ -308,6 +330,10 @@ impl Mm {
                 out.push(Vma {
                     start: w[0],
                     end: w[1],
+                    file: v.file.map(|b| Backing {
+                        off: b.off + (w[0] - v.start),
+                        ..b
+                    }),
                     ..v
                 });
             }
@@ -338,6 +364,7 @@ impl Mm {
                     end: v.start,
                     prot,
                     shared,
+                    file: None,
                 });
             }
             v.prot |= prot;
@@ -349,6 +376,7 @@ impl Mm {
                 end,
                 prot,
                 shared,
+                file: None,
             });
         }
         self.vmas.extend(new);
@@ -363,7 +391,13 @@ impl Mm {
         for v in self.vmas.drain(..) {
             match out.last_mut() {
                 Some(last)
-                    if last.end == v.start && last.prot == v.prot && last.shared == v.shared =>
+                    if last.end == v.start
+                        && last.prot == v.prot
+                        && last.shared == v.shared
+                        && last.file.map(|b| Backing {
+                            off: b.off + (last.end - last.start),
+                            ..b
+                        }) == v.file =>
                 {
                     last.end = v.end
                 }
@@ -379,6 +413,27 @@ impl Mm {
         self.carve(start, end);
         self.vmas.retain(|v| v.end <= start || v.start >= end);
         self.drop_pages(ram, frames, start, end)
+    }
+
+    /// [`Mm::drop_pages`] for the private areas in `[start, end)` only.
+    pub fn drop_private_pages(
+        &mut self,
+        ram: &Ram,
+        frames: &mut Frames,
+        start: u64,
+        end: u64,
+    ) -> bool {
+        let private: Vec<(u64, u64)> = self
+            .vmas
+            .iter()
+            .filter(|v| !v.shared && v.start < end && start < v.end)
+            .map(|v| (v.start.max(start), v.end.min(end)))
+            .collect();
+        let mut any = false;
+        for (s, e) in private {
+            any |= self.drop_pages(ram, frames, s, e);
+        }
+        any
     }
 
     /// Free the pages (not the areas) in `[start, end)`; whether any.
@@ -419,6 +474,77 @@ impl Mm {
         Ok(())
     }
 
+    /// Make `[start, end)` (one new area) a shared file mapping of `fd` from
+    /// file offset `off`, its pages clean: their leaves lose `M`, which
+    /// the host sets again on the first write (ABI section 3), so only
+    /// written pages are written back. No page of it may be translated yet.
+    pub fn back_with(&mut self, ram: &Ram, start: u64, end: u64, fd: i32, off: u64) {
+        self.carve(start, end);
+        for v in self
+            .vmas
+            .iter_mut()
+            .filter(|v| v.start < end && start < v.end)
+        {
+            v.file = Some(Backing {
+                fd,
+                off: off + (v.start - start),
+            });
+        }
+        self.merge();
+        self.pt.visit(ram, start, end, &mut |_, e_pa, leaf| {
+            ram.store(e_pa, leaf & !VPTE_M);
+        });
+    }
+
+    /// Write the dirty pages (`M`) of the shared file mappings in
+    /// `[start, end)` back to their files through `write(fd, off, pa,
+    /// len)`, as far as each file reaches (`size(fd)`: a mapping never
+    /// grows its file), and clean them. Returns the ranges whose leaves
+    /// lost `M` (the caller invalidates them, so that the next write sets
+    /// it again).
+    pub fn writeback(
+        &mut self,
+        ram: &Ram,
+        start: u64,
+        end: u64,
+        size: &mut dyn FnMut(i32) -> u64,
+        write: &mut dyn FnMut(i32, u64, u64, u64),
+    ) -> Vec<(u64, u64)> {
+        let mut cleaned: Vec<(u64, u64)> = Vec::new();
+        for v in self.vmas.iter().filter(|v| v.start < end && start < v.end) {
+            let Some(b) = v.file else { continue };
+            let limit = size(b.fd);
+            let (lo, hi) = (v.start.max(start), v.end.min(end));
+            self.pt.visit(ram, lo, hi, &mut |va, e_pa, leaf| {
+                if leaf & VPTE_M == 0 || leaf & VPTE_FRAME == 0 {
+                    return;
+                }
+                let off = b.off + (va - v.start);
+                if off < limit {
+                    write(b.fd, off, leaf & VPTE_FRAME, (limit - off).min(PAGE_SIZE));
+                }
+                ram.store(e_pa, leaf & !VPTE_M);
+                match cleaned.last_mut() {
+                    Some((_, e)) if *e == va => *e = va + PAGE_SIZE,
+                    _ => cleaned.push((va, va + PAGE_SIZE)),
+                }
+            });
+        }
+        cleaned
+    }
+
+    /// The descriptors behind this address space's shared file mappings.
+    pub fn backing_fds(&self) -> Vec<i32> {
+        let mut fds: Vec<i32> = self
+            .vmas
+            .iter()
+            .filter_map(|v| v.file.map(|b| b.fd))
+            .collect();
+        fds.sort_unstable();
+        fds.dedup();
+        fds
+    }
+
     /// Whether every page of `[start, end)` lies in an area.
     pub fn covered(&self, start: u64, end: u64) -> bool {
         let mut at = start;
@@ -457,6 +583,9 @@ impl Mm {
                 // are writable in all.
                 let new = if frame != 0 && !v.shared && ram.is_shared(frame) {
                     frame | (bits & !VPTE_RW)
+                } else if v.file.is_some() {
+                    // M is the page's dirty bit there (written back).
+                    frame | (bits & !VPTE_M) | (leaf & VPTE_M)
                 } else {
                     frame | bits
                 };
@@ -620,11 +749,34 @@ impl Mm {
         va: u64,
         bytes: &[u8],
     ) -> Result<bool, OutOfMemory> {
+        let Some(pieces) = self.load_pieces(ram, frames, va, bytes.len() as u64)? else {
+            return Ok(false);
+        };
         let mut at = 0usize;
-        while at < bytes.len() {
-            let addr = va + at as u64;
+        for (pa, n) in pieces {
+            ram.write(pa, &bytes[at..at + n as usize]);
+            at += n as usize;
+        }
+        Ok(true)
+    }
+
+    /// The physical pieces (merged where frames are consecutive) of
+    /// `[va, va + len)` for loading bytes there whatever the protection,
+    /// populating pages of the areas there (never a frame another address
+    /// space maps); `None` if a byte lies outside every area.
+    pub fn load_pieces(
+        &mut self,
+        ram: &Ram,
+        frames: &mut Frames,
+        va: u64,
+        len: u64,
+    ) -> Result<Option<Vec<(u64, u64)>>, OutOfMemory> {
+        let mut out: Vec<(u64, u64)> = Vec::new();
+        let mut at = 0u64;
+        while at < len {
+            let addr = va + at;
             let Some(v) = self.find(addr) else {
-                return Ok(false);
+                return Ok(None);
             };
             let page = page_down(addr);
             let leaf = self.pt.get(ram, page);
@@ -639,11 +791,15 @@ impl Mm {
             } else {
                 self.populate(ram, frames, page, v.prot)?
             };
-            let n = ((page + PAGE_SIZE - addr) as usize).min(bytes.len() - at);
-            ram.write(frame + (addr - page), &bytes[at..at + n]);
+            let n = (page + PAGE_SIZE - addr).min(len - at);
+            let pa = frame + (addr - page);
+            match out.last_mut() {
+                Some((p, l)) if *p + *l == pa => *l += n,
+                _ => out.push((pa, n)),
+            }
             at += n;
         }
-        Ok(true)
+        Ok(Some(out))
     }
 
     /// Give every present leaf in `[start, end)` the bits of its area's
@@ -688,6 +844,10 @@ impl Mm {
                 }
                 frame
             } else if leaf & VPTE_FRAME != 0 {
+                if write && v.file.is_some() && leaf & VPTE_M == 0 {
+                    // Written by the minikernel (read(2) into it): dirty.
+                    self.pt.set(ram, frames, page, leaf | VPTE_M)?;
+                }
                 leaf & VPTE_FRAME
             } else {
                 self.populate(ram, frames, page, v.prot)?

@@ -19,8 +19,10 @@
 //! - [`execve`]: the new program is loaded into a new address space; on
 //!   success the old one is freed and the vmspace's window is pointed at the
 //!   new tables (`MADV_SETMAP` drops every host translation).
-//! - [`finish`]: at exit the vmspace is destroyed and every frame goes back
-//!   to the pool; a process killed by a signal dies of that signal on the
+//! - [`finish`]: at exit shared file mappings are written back, the vmspace
+//!   goes to the idle pool (destroyed when the pool is full or other threads
+//!   may still run in it) and every frame goes back to the frame pool (or
+//!   loses a sharer); a process killed by a signal dies of that signal on the
 //!   host, so its parent's `wait4` sees it (the first process exits with
 //!   128 + signal instead, as a shell reports it).
 //!
@@ -213,6 +215,8 @@ pub fn execve(k: &mut Kernel, p: &mut Proc, a: [u64; 6]) -> Result<u64, i32> {
             return Err(e.errno());
         }
     };
+    // The old image's shared file mappings reach their files first.
+    let _ = writeback(k, p, 0, u64::MAX, false);
     let old = std::mem::replace(&mut p.mm, mm);
     if let Err(e) =
         p.vm.setmap(WINDOW_BASE, k.user_max - WINDOW_BASE, p.mm.pt.master())
@@ -240,14 +244,71 @@ pub fn execve(k: &mut Kernel, p: &mut Proc, a: [u64; 6]) -> Result<u64, i32> {
     p.sig.mask = old_sig.mask;
     p.exe = std::fs::canonicalize(&path).unwrap_or(path);
     p.cmdline = crate::kernel::cmdline(&argv);
+    sync_map_fds(k, p);
     k.stats.execs += 1;
     k.stats.exec_ns += t0.elapsed().as_nanos() as u64;
     Ok(0)
 }
 
+/// Write the dirty pages of the shared file mappings in `[start, end)`
+/// back to their files ([`Mm::writeback`]); with `inval`, the host's
+/// translations of the pages cleaned are dropped (so the next write marks
+/// them dirty again).
+pub fn writeback(
+    k: &mut Kernel,
+    p: &mut Proc,
+    start: u64,
+    end: u64,
+    inval: bool,
+) -> Result<(), i32> {
+    let ram = &k.ram;
+    let mut size = |fd: i32| -> u64 {
+        // SAFETY: fstat writes one struct stat into `st`.
+        unsafe {
+            let mut st: libc::stat = std::mem::zeroed();
+            if libc::fstat(fd, &mut st) == 0 {
+                st.st_size.max(0) as u64
+            } else {
+                0
+            }
+        }
+    };
+    let mut write = |fd: i32, off: u64, pa: u64, len: u64| {
+        let src = ram.ptr(pa, len);
+        // SAFETY: pwrite reads `len` bytes of guest RAM at `src`, checked
+        // to lie in RAM; a short or failed write loses what Linux would
+        // report at msync (EIO), as a dying process would.
+        unsafe {
+            libc::pwrite(fd, src.cast(), len as usize, off as i64);
+        }
+    };
+    let cleaned = p.mm.writeback(ram, start, end, &mut size, &mut write);
+    if inval {
+        for (s, e) in cleaned {
+            p.vm.inval(s, e - s).map_err(|e| e.errno.0)?;
+        }
+    }
+    Ok(())
+}
+
+/// Close the minikernel's descriptors behind shared file mappings that no
+/// area uses any more.
+pub fn sync_map_fds(k: &mut Kernel, p: &Proc) {
+    let used = p.mm.backing_fds();
+    for fd in k.map_fds.iter().filter(|fd| !used.contains(fd)) {
+        // SAFETY: closes a descriptor the minikernel opened for a mapping.
+        unsafe {
+            libc::close(*fd);
+        }
+    }
+    k.map_fds = used;
+}
+
 /// End this process: destroy its vmspace, give its frames back, and exit
 /// with `exit` (dying of the signal for a killed child process).
-pub fn finish(k: &mut Kernel, p: Proc, exit: Exit) -> ! {
+pub fn finish(k: &mut Kernel, mut p: Proc, exit: Exit) -> ! {
+    // Shared file mappings reach their files, as at Linux's exit.
+    let _ = writeback(k, &mut p, 0, u64::MAX, false);
     let Proc {
         vm, mm, threads, ..
     } = p;

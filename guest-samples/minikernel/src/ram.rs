@@ -362,14 +362,47 @@ pub fn give_vmspace(ram: &Ram, id: u64) -> bool {
     room
 }
 
-/// Take the spinlock at `at` in RAM page 0.
+/// Take the spinlock at `at` in RAM page 0. The lock word holds the
+/// holder's pid: a process of the guest can die holding it (a signal whose
+/// default action kills it), and a waiter that finds the holder gone (no
+/// such process, or a zombie) takes the lock over. Every critical section
+/// commits with its last store, so what a dead holder left is consistent
+/// (at worst a few frames or an idle vmspace are lost until the guest
+/// exits).
 fn lock_at(ram: &Ram, at: u64) {
     let word = ram.word(at);
-    while word
-        .compare_exchange_weak(0, 1, Ordering::Acquire, Ordering::Relaxed)
-        .is_err()
-    {
-        std::thread::yield_now();
+    let me = u64::from(std::process::id());
+    let mut spins = 0u32;
+    loop {
+        match word.compare_exchange_weak(0, me, Ordering::Acquire, Ordering::Relaxed) {
+            Ok(_) => return,
+            Err(holder) => {
+                spins = spins.wrapping_add(1);
+                if spins.is_multiple_of(4096)
+                    && holder != 0
+                    && !process_alive(holder)
+                    && word
+                        .compare_exchange(holder, me, Ordering::Acquire, Ordering::Relaxed)
+                        .is_ok()
+                {
+                    return;
+                }
+                std::thread::yield_now();
+            }
+        }
+    }
+}
+
+/// Whether process `pid` exists and is not a zombie.
+fn process_alive(pid: u64) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => !matches!(
+            stat.rsplit(')')
+                .next()
+                .and_then(|s| s.split_whitespace().next()),
+            Some("Z" | "X")
+        ),
+        Err(_) => false,
     }
 }
 
@@ -493,4 +526,91 @@ fn free_level(ram: &Ram, frames: &mut Frames, table: u64, shift: u32) {
         }
     }
     frames.free(ram, table);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// 8 MiB of "RAM" in a memfd of this test process.
+    fn ram() -> Ram {
+        // SAFETY: memfd_create with a literal name; ftruncate of the new
+        // descriptor.
+        let fd = unsafe {
+            let fd = libc::memfd_create(c"test-ram".as_ptr(), 0);
+            assert!(fd >= 0, "memfd_create");
+            assert_eq!(libc::ftruncate(fd, 8 << 20), 0, "ftruncate");
+            fd
+        };
+        Ram::map(fd, 8 << 20).expect("map the test RAM")
+    }
+
+    #[test]
+    fn a_lock_whose_holder_died_is_taken_over() {
+        let ram = ram();
+        let mut child = std::process::Command::new("true")
+            .spawn()
+            .expect("spawn true");
+        let dead = child.id();
+        child.wait().expect("wait for true");
+        ram.store(VM_POOL_LOCK, u64::from(dead));
+        // On a thread, so that a lock never taken fails the test instead
+        // of hanging it.
+        let ram = std::sync::Arc::new(ram);
+        let (tx, rx) = std::sync::mpsc::channel();
+        let r = std::sync::Arc::clone(&ram);
+        std::thread::spawn(move || {
+            lock_at(&r, VM_POOL_LOCK);
+            let _ = tx.send(());
+        });
+        rx.recv_timeout(std::time::Duration::from_secs(20))
+            .expect("the lock of a dead holder is taken over");
+        assert_eq!(ram.load(VM_POOL_LOCK), u64::from(std::process::id()));
+        unlock_at(&ram, VM_POOL_LOCK);
+        assert_eq!(ram.load(VM_POOL_LOCK), 0);
+    }
+
+    #[test]
+    fn shared_frames_go_back_to_the_pool_with_their_last_user() {
+        let ram = ram();
+        let mut frames = Frames::new(&ram);
+        let f = frames.alloc(&ram).expect("a frame");
+        assert!(!ram.is_shared(f));
+        ram.share(f);
+        ram.share(f);
+        assert!(ram.is_shared(f));
+        frames.free(&ram, f); // one of three users lets go
+        frames.free(&ram, f); // two
+        assert!(!ram.is_shared(f));
+        assert!(!frames.dirty.contains(&f), "still mapped by its last user");
+        frames.free(&ram, f); // the last
+        assert!(frames.dirty.contains(&f));
+        assert!(!ram.unshare(f), "an unshared frame has no other user");
+    }
+
+    #[test]
+    fn the_vmspace_pool_is_last_in_first_out_and_bounded() {
+        let ram = ram();
+        assert_eq!(take_vmspace(&ram), None);
+        for id in 1..=VM_POOL_MAX {
+            assert!(give_vmspace(&ram, id));
+        }
+        assert!(!give_vmspace(&ram, 99), "full");
+        assert_eq!(take_vmspace(&ram), Some(VM_POOL_MAX));
+        assert!(give_vmspace(&ram, 42));
+        assert_eq!(take_vmspace(&ram), Some(42));
+        // A hostile count word cannot reach past the pool's slots: the
+        // last slot (which held 42) is the farthest one read.
+        ram.store(VM_POOL_COUNT, u64::MAX);
+        assert_eq!(take_vmspace(&ram), Some(42));
+        assert_eq!(ram.load(VM_POOL_COUNT), VM_POOL_MAX - 1);
+    }
+
+    #[test]
+    fn frames_start_above_the_share_counts() {
+        assert_eq!(first_frame(8 << 20), FIRST_FRAME);
+        let big = 4u64 << 30; // 1 Mi frames: 8 MiB of counts
+        assert!(first_frame(big) >= SHARES + (big / PAGE_SIZE) * 8);
+        assert!(first_frame(big).is_multiple_of(PAGE_SIZE));
+    }
 }
