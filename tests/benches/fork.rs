@@ -24,29 +24,14 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
-use nix::sched::{CpuSet, sched_setaffinity};
-use nix::unistd::Pid;
+use vkrun_tests::bench::{median, pin, unpin};
+use vkrun_tests::uml::Uml;
 use vkrun_tests::{bin, skip, text, wait_output};
 
 /// Runs of each figure (the median is printed).
 const REPEATS: usize = 3;
 /// How long one run may take before the bench fails.
 const DEADLINE: Duration = Duration::from_secs(300);
-/// Where UML lives when installed.
-const UML: &str = "/usr/bin/linux";
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
-}
-
-fn pin(cpus: &[usize]) {
-    let mut set = CpuSet::new();
-    for &c in cpus {
-        set.set(c).expect("cpu index");
-    }
-    sched_setaffinity(Pid::from_raw(0), &set).expect("sched_setaffinity");
-}
 
 /// Run `cmd`, failing the bench if it fails or outlives [`DEADLINE`].
 fn output(cmd: &mut Command) -> Output {
@@ -107,7 +92,7 @@ enum System {
 }
 
 /// The workload's median ns, printed by `forkbench` under `system`.
-fn run(system: System, bench: &Path, w: &Workload, dir: &Path) -> f64 {
+fn run(system: System, bench: &Path, w: &Workload, uml: Option<&Uml>) -> f64 {
     let key = format!("{}_ns", w.mode);
     match system {
         System::Native => {
@@ -128,53 +113,24 @@ fn run(system: System, bench: &Path, w: &Workload, dir: &Path) -> f64 {
         }
         System::Uml => {
             let n = w.n[2].to_string();
-            let init = dir.join("uml-init");
-            std::fs::write(
-                &init,
-                format!(
-                    "#!/bin/sh\n{} {} {n} {}\nexec /bin/busybox poweroff -f\n",
-                    bench.display(),
-                    w.mode,
-                    w.arg
-                ),
-            )
-            .expect("write the UML init script");
-            std::fs::set_permissions(&init, std::os::unix::fs::PermissionsExt::from_mode(0o755))
-                .expect("chmod");
-            // Its console on stdout; no other device, no network.
-            let child = Command::new(UML)
-                .args([
-                    "mem=512M",
-                    "rootfstype=hostfs",
-                    "rootflags=/",
-                    "rw",
-                    "quiet",
-                ])
-                .arg(format!("init={}", init.display()))
-                .args(["con=null", "con0=fd:0,fd:1", "ssl=null"])
-                .current_dir(dir)
-                .stdin(Stdio::null())
-                .stdout(Stdio::piped())
-                .stderr(Stdio::piped())
-                .spawn()
-                .expect("spawn linux");
-            let out = wait_output(child, DEADLINE);
-            figure(&text(&out.stdout), &key)
+            let uml = uml.expect("UML figures only when it is installed");
+            let printed = uml.run(bench, &[w.mode, &n, &w.arg], DEADLINE);
+            figure(&printed, &key)
         }
     }
 }
 
-fn measure(label: &str, bench: &Path, work: &[Workload], uml: bool, dir: &Path) {
+fn measure(label: &str, bench: &Path, work: &[Workload], uml: Option<&Uml>) {
     println!("== {label} ==");
     println!(
         "{:<34} {:>12} {:>12} {:>12} {:>10} {:>10}",
         "workload (median)", "native", "minikernel", "UML", "mk/native", "mk/UML"
     );
     for w in work {
-        let med = |s| median((0..REPEATS).map(|_| run(s, bench, w, dir)).collect());
+        let med = |s| median((0..REPEATS).map(|_| run(s, bench, w, uml)).collect());
         let native = med(System::Native);
         let inside = med(System::Inside);
-        let (uml_s, ratio) = if uml {
+        let (uml_s, ratio) = if uml.is_some() {
             let u = med(System::Uml);
             (
                 format!("{:>9.3} ms", u / 1e6),
@@ -279,9 +235,9 @@ fn main() {
     let Some(small) = build(&truec, dir.path(), "true") else {
         return;
     };
-    let uml = Path::new(UML).is_file();
-    if !uml {
-        println!("note: User-Mode Linux ({UML}) is not installed: no UML figures");
+    let uml = Uml::new("512M");
+    if uml.is_none() {
+        println!("note: User-Mode Linux (/usr/bin/linux) is not installed: no UML figures");
     }
     let work = [
         Workload {
@@ -303,22 +259,19 @@ fn main() {
             label: "fork, child writes 64 MiB, wait",
         },
     ];
-    let ncpu = std::thread::available_parallelism().map_or(1, |n| n.get());
     pin(&[0]);
     measure(
         "pinned: bench, vkrun, minikernel, stubs, UML and native programs on CPU 0",
         &bench,
         &work,
-        uml,
-        dir.path(),
+        uml.as_ref(),
     );
-    pin(&(0..ncpu).collect::<Vec<_>>());
+    let ncpu = unpin();
     measure(
         &format!("unpinned: {ncpu} CPUs"),
         &bench,
         &work,
-        uml,
-        dir.path(),
+        uml.as_ref(),
     );
     pin(&[0]);
     where_the_time_goes(&bench, &work);
