@@ -13,6 +13,7 @@ use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::time::{Duration, Instant};
 
 pub mod bench;
+pub mod minikernel;
 pub mod uml;
 
 /// How long any single command may run before the test fails.

@@ -7,54 +7,15 @@
 //! subshells and exit codes (each command a forked minikernel process).
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Command;
 
-use vkrun_tests::{
-    assert_same_output, bin, compile_c, require, run, shell_code, skip, text, vkrun,
-};
-
-/// Run `program args` under vkrun and the minikernel.
-fn inside(program: &Path, args: &[&str]) -> Output {
-    run(vkrun()
-        .args(["-q", "-m", "512M", "--"])
-        .arg(bin("minikernel"))
-        .arg(program)
-        .args(args))
-}
-
-/// Run `program args` natively and inside the minikernel; assert equal
-/// stdout and exit status; return the inside run's output.
-fn same(program: &Path, args: &[&str]) -> Output {
-    let native = run(Command::new(program).args(args));
-    let under = inside(program, args);
-    assert_same_output(program, args, &under, &native);
-    under
-}
-
-/// Whether the ELF file at `path` has no `PT_INTERP` (is static).
-fn is_static(path: &Path) -> bool {
-    let Ok(b) = std::fs::read(path) else {
-        return false;
-    };
-    let u16_at = |at: usize| b.get(at..at + 2).map(|s| u16::from_le_bytes([s[0], s[1]]));
-    let u64_at = |at: usize| {
-        b.get(at..at + 8)
-            .map(|s| u64::from_le_bytes(s.try_into().expect("8 bytes")))
-    };
-    let (Some(phoff), Some(phentsize), Some(phnum)) = (u64_at(32), u16_at(54), u16_at(56)) else {
-        return false;
-    };
-    b.starts_with(b"\x7fELF")
-        && (0..usize::from(phnum)).all(|i| {
-            let at = phoff as usize + i * usize::from(phentsize);
-            b.get(at..at + 4) != Some(&3u32.to_le_bytes()[..])
-        })
-}
+use vkrun_tests::minikernel::{build_source, has_interpreter, inside, same};
+use vkrun_tests::{bin, require, run, shell_code, skip, text, vkrun};
 
 /// A static busybox, or `None` after skipping.
 fn busybox() -> Option<PathBuf> {
     let path = require("busybox")?;
-    if !is_static(&path) {
+    if has_interpreter(&path) != Some(false) {
         skip("busybox is not statically linked (install busybox-static)");
         return None;
     }
@@ -144,18 +105,11 @@ int main(int argc, char **argv) {
 }
 "#;
 
-/// Build `source` as `name` with `flags` in `dir`, or `None` (skipped).
-fn build(dir: &Path, name: &str, source: &str, flags: &[&str]) -> Option<PathBuf> {
-    let src = dir.join(format!("{name}.c"));
-    std::fs::write(&src, source).expect("write source");
-    compile_c(&src, dir, flags)
-}
-
 #[test]
 fn static_c_programs_behave_as_natively() {
     let dir = tempfile::tempdir().expect("tempdir");
     for (name, flags) in [("prog", "-static"), ("prog_pie", "-static-pie")] {
-        let Some(prog) = build(dir.path(), name, PROGRAM, &[flags]) else {
+        let Some(prog) = build_source(dir.path(), name, PROGRAM, &[flags]) else {
             return;
         };
         let out = dir.path().join(format!("{name}.out"));
@@ -173,7 +127,7 @@ fn static_c_programs_behave_as_natively() {
 #[test]
 fn a_segfault_ends_with_status_139_and_no_message() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let Some(prog) = build(dir.path(), "segv", SEGV, &["-static"]) else {
+    let Some(prog) = build_source(dir.path(), "segv", SEGV, &["-static"]) else {
         return;
     };
     for args in [&[][..], &["write-read-only"]] {
@@ -290,7 +244,7 @@ int main(void) {
 #[test]
 fn unknown_system_calls_answer_enosys_and_trace_lists_them() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let Some(prog) = build(dir.path(), "unknown", UNKNOWN_CALL, &["-static"]) else {
+    let Some(prog) = build_source(dir.path(), "unknown", UNKNOWN_CALL, &["-static"]) else {
         return;
     };
     let out = run(vkrun()

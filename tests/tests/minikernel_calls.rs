@@ -9,46 +9,11 @@
 //! and under `vkrun -- minikernel` must print the same stdout and end with
 //! the same status.
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::path::Path;
+use std::process::Command;
 
-use vkrun_tests::{assert_same_output, bin, require, run, shell_code, text, vkrun, workspace_root};
-
-/// Run `program args` under vkrun and the minikernel.
-fn inside(program: &Path, args: &[&str]) -> Output {
-    run(vkrun()
-        .args(["-q", "-m", "512M", "--"])
-        .arg(bin("minikernel"))
-        .arg(program)
-        .args(args))
-}
-
-/// Run `program args` natively and inside; assert equal stdout and status.
-fn same(program: &Path, args: &[&str]) -> Output {
-    let native = run(Command::new(program).args(args));
-    let under = inside(program, args);
-    assert_same_output(program, args, &under, &native);
-    under
-}
-
-/// Build `tests/programs/<name>.c` with `compiler` and `flags` into `dir`,
-/// or `None` after a skip.
-fn build(compiler: &str, dir: &Path, name: &str, flags: &[&str]) -> Option<PathBuf> {
-    let cc = require(compiler)?;
-    let src = workspace_root().join(format!("tests/programs/{name}.c"));
-    let out = dir.join(format!("{name}-{compiler}{}", flags.join("")));
-    let r = run(Command::new(cc)
-        .args(["-O1", "-Wall", "-o"])
-        .arg(&out)
-        .arg(&src)
-        .args(flags));
-    assert!(
-        r.status.success(),
-        "{compiler} {name}.c failed: {}",
-        text(&r.stderr)
-    );
-    Some(out)
-}
+use vkrun_tests::minikernel::{build_program, inside, same};
+use vkrun_tests::{assert_same_output, bin, require, run, shell_code, text, vkrun};
 
 /// `calls DIR` natively and inside (each with a fresh DIR): every check
 /// passes in both, and the outputs are the same.
@@ -85,7 +50,7 @@ fn calls_match(prog: &Path) {
 #[test]
 fn small_calls_and_sockets_behave_as_natively_glibc_static() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let Some(prog) = build("gcc", dir.path(), "calls", &["-static"]) else {
+    let Some(prog) = build_program("gcc", dir.path(), "calls", &["-static"]) else {
         return;
     };
     calls_match(&prog);
@@ -94,7 +59,7 @@ fn small_calls_and_sockets_behave_as_natively_glibc_static() {
 #[test]
 fn small_calls_and_sockets_behave_as_natively_musl_static() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let Some(prog) = build("musl-gcc", dir.path(), "calls", &["-static"]) else {
+    let Some(prog) = build_program("musl-gcc", dir.path(), "calls", &["-static"]) else {
         return;
     };
     calls_match(&prog);
@@ -103,7 +68,7 @@ fn small_calls_and_sockets_behave_as_natively_musl_static() {
 #[test]
 fn small_calls_and_sockets_behave_as_natively_glibc_dynamic() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let Some(prog) = build("gcc", dir.path(), "calls", &[]) else {
+    let Some(prog) = build_program("gcc", dir.path(), "calls", &[]) else {
         return;
     };
     calls_match(&prog);
@@ -231,7 +196,7 @@ fn cow_matches(prog: &Path) {
 #[test]
 fn fork_copies_on_write_as_natively_glibc() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let Some(prog) = build("gcc", dir.path(), "cow", &["-static"]) else {
+    let Some(prog) = build_program("gcc", dir.path(), "cow", &["-static"]) else {
         return;
     };
     cow_matches(&prog);
@@ -240,7 +205,7 @@ fn fork_copies_on_write_as_natively_glibc() {
 #[test]
 fn fork_copies_on_write_as_natively_musl() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let Some(prog) = build("musl-gcc", dir.path(), "cow", &["-static"]) else {
+    let Some(prog) = build_program("musl-gcc", dir.path(), "cow", &["-static"]) else {
         return;
     };
     cow_matches(&prog);
@@ -274,7 +239,7 @@ fn shmap_matches(prog: &Path) {
 #[test]
 fn writable_shared_file_mappings_reach_the_file_as_natively_glibc() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let Some(prog) = build("gcc", dir.path(), "shmap", &["-static"]) else {
+    let Some(prog) = build_program("gcc", dir.path(), "shmap", &["-static"]) else {
         return;
     };
     shmap_matches(&prog);
@@ -283,7 +248,7 @@ fn writable_shared_file_mappings_reach_the_file_as_natively_glibc() {
 #[test]
 fn writable_shared_file_mappings_reach_the_file_as_natively_musl() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let Some(prog) = build("musl-gcc", dir.path(), "shmap", &["-static"]) else {
+    let Some(prog) = build_program("musl-gcc", dir.path(), "shmap", &["-static"]) else {
         return;
     };
     shmap_matches(&prog);

@@ -5,49 +5,9 @@
 //! missing interpreter is `ENOENT`, as on Linux.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
 
-use vkrun_tests::{
-    assert_same_output, bin, compile_c, require, run, shell_code, skip, text, vkrun,
-};
-
-/// Run `program args` under vkrun and the minikernel.
-fn inside(program: &Path, args: &[&str]) -> Output {
-    run(vkrun()
-        .args(["-q", "-m", "512M", "--"])
-        .arg(bin("minikernel"))
-        .arg(program)
-        .args(args))
-}
-
-/// Run `program args` natively and inside the minikernel; assert equal
-/// stdout and exit status; return the inside run's output.
-fn same(program: &Path, args: &[&str]) -> Output {
-    let native = run(Command::new(program).args(args));
-    let under = inside(program, args);
-    assert_same_output(program, args, &under, &native);
-    under
-}
-
-/// Whether the ELF file at `path` names an interpreter (`PT_INTERP`).
-fn is_dynamic(path: &Path) -> bool {
-    let Ok(b) = std::fs::read(path) else {
-        return false;
-    };
-    let u16_at = |at: usize| b.get(at..at + 2).map(|s| u16::from_le_bytes([s[0], s[1]]));
-    let u64_at = |at: usize| {
-        b.get(at..at + 8)
-            .map(|s| u64::from_le_bytes(s.try_into().expect("8 bytes")))
-    };
-    let (Some(phoff), Some(phentsize), Some(phnum)) = (u64_at(32), u16_at(54), u16_at(56)) else {
-        return false;
-    };
-    b.starts_with(b"\x7fELF")
-        && (0..usize::from(phnum)).any(|i| {
-            let at = phoff as usize + i * usize::from(phentsize);
-            b.get(at..at + 4) == Some(&3u32.to_le_bytes()[..])
-        })
-}
+use vkrun_tests::minikernel::{build_source, has_interpreter, inside, same};
+use vkrun_tests::{require, shell_code, skip, text};
 
 /// The dynamically linked host program `name` (skipped when absent or
 /// static).
@@ -58,7 +18,7 @@ fn dynamic(name: &str) -> Option<PathBuf> {
         require(name)?
     };
     let path = std::fs::canonicalize(&path).unwrap_or(path);
-    if !is_dynamic(&path) {
+    if has_interpreter(&path) != Some(true) {
         skip(&format!("{} is not dynamically linked", path.display()));
         return None;
     }
@@ -153,17 +113,10 @@ int main(int argc, char **argv) {
 }
 "#;
 
-/// Build `source` as `name` with `flags` in `dir`, or `None` (skipped).
-fn build(dir: &Path, name: &str, source: &str, flags: &[&str]) -> Option<PathBuf> {
-    let src = dir.join(format!("{name}.c"));
-    std::fs::write(&src, source).expect("write source");
-    compile_c(&src, dir, flags)
-}
-
 #[test]
 fn the_interpreter_gets_at_base_at_phdr_and_at_entry_as_linux_sets_them() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let Some(prog) = build(dir.path(), "auxv", AUXV, &[]) else {
+    let Some(prog) = build_source(dir.path(), "auxv", AUXV, &[]) else {
         return;
     };
     let under = same(&prog, &[]);
@@ -173,7 +126,7 @@ fn the_interpreter_gets_at_base_at_phdr_and_at_entry_as_linux_sets_them() {
          base is an ELF shared object: 1\n"
     );
     // The same as a non-PIE executable (ET_EXEC at its link addresses).
-    let Some(nopie) = build(dir.path(), "auxv_nopie", AUXV, &["-no-pie"]) else {
+    let Some(nopie) = build_source(dir.path(), "auxv_nopie", AUXV, &["-no-pie"]) else {
         return;
     };
     same(&nopie, &[]);
@@ -182,7 +135,7 @@ fn the_interpreter_gets_at_base_at_phdr_and_at_entry_as_linux_sets_them() {
 #[test]
 fn a_missing_interpreter_is_enoent_and_a_static_shell_execs_dynamic_programs() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let Some(missing) = build(
+    let Some(missing) = build_source(
         dir.path(),
         "missing",
         "int main(void) { return 0; }\n",
@@ -190,7 +143,7 @@ fn a_missing_interpreter_is_enoent_and_a_static_shell_execs_dynamic_programs() {
     ) else {
         return;
     };
-    let Some(exec) = build(dir.path(), "exec", EXEC_ERRNO, &["-static"]) else {
+    let Some(exec) = build_source(dir.path(), "exec", EXEC_ERRNO, &["-static"]) else {
         return;
     };
     let m = missing.to_str().expect("utf-8 path");

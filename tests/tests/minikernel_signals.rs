@@ -4,52 +4,20 @@
 //! `vkrun -- minikernel`, must print the same stdout and end with the same
 //! status.
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Command;
 
-use vkrun_tests::{assert_same_output, bin, require, run, shell_code, text, vkrun, workspace_root};
-
-/// Run `program args` natively and inside; assert equal stdout and status.
-fn same(program: &Path, args: &[&str]) -> Output {
-    same_env(program, args, &[])
-}
-
-/// [`same`] with environment variables `env` set for both runs.
-fn same_env(program: &Path, args: &[&str], env: &[(&str, &str)]) -> Output {
-    let native = run(Command::new(program).args(args).envs(env.iter().copied()));
-    let under = run(vkrun()
-        .args(["-q", "-m", "512M", "--"])
-        .arg(bin("minikernel"))
-        .arg(program)
-        .args(args)
-        .envs(env.iter().copied()));
-    assert_same_output(program, args, &under, &native);
-    under
-}
-
-/// Build `tests/programs/<name>.c` with `compiler -static` into `dir`, or
-/// `None` after a skip.
-fn build(compiler: &str, dir: &Path, name: &str, extra: &[&str]) -> Option<PathBuf> {
-    let cc = require(compiler)?;
-    let src = workspace_root().join(format!("tests/programs/{name}.c"));
-    let out = dir.join(format!("{name}-{compiler}"));
-    let r = run(Command::new(cc)
-        .args(["-static", "-O1", "-o"])
-        .arg(&out)
-        .arg(&src)
-        .args(extra));
-    assert!(
-        r.status.success(),
-        "{compiler} {name}.c failed: {}",
-        text(&r.stderr)
-    );
-    Some(out)
-}
+use vkrun_tests::minikernel::{build_program, same, same_env};
+use vkrun_tests::{require, run, shell_code, text, workspace_root};
 
 #[test]
 fn signal_handlers_of_every_kind_run_as_natively_glibc() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let Some(prog) = build("gcc", dir.path(), "signals", &["-pthread"]) else {
+    let Some(prog) = build_program(
+        "gcc",
+        dir.path(),
+        "signals",
+        &[&["-static"][..], &["-pthread"]].concat(),
+    ) else {
         return;
     };
     let under = same(&prog, &[]);
@@ -65,7 +33,12 @@ fn signal_handlers_of_every_kind_run_as_natively_glibc() {
 #[test]
 fn signal_handlers_of_every_kind_run_as_natively_musl() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let Some(prog) = build("musl-gcc", dir.path(), "signals", &[]) else {
+    let Some(prog) = build_program(
+        "musl-gcc",
+        dir.path(),
+        "signals",
+        &[&["-static"][..], &[]].concat(),
+    ) else {
         return;
     };
     same(&prog, &[]);
@@ -115,7 +88,12 @@ fn bash_and_zsh_traps_jobs_and_pipelines_behave_as_natively_in_c_and_utf8_locale
 fn asynchronous_signals_interrupt_running_and_sleeping_code_as_natively() {
     let dir = tempfile::tempdir().expect("tempdir");
     for cc in ["gcc", "musl-gcc"] {
-        let Some(prog) = build(cc, dir.path(), "signals_async", &[]) else {
+        let Some(prog) = build_program(
+            cc,
+            dir.path(),
+            "signals_async",
+            &[&["-static"][..], &[]].concat(),
+        ) else {
             return;
         };
         let under = same(&prog, &[]);
@@ -131,7 +109,12 @@ fn asynchronous_signals_interrupt_running_and_sleeping_code_as_natively() {
 fn pthreads_mutexes_condvars_barriers_once_and_tls_run_as_natively() {
     let dir = tempfile::tempdir().expect("tempdir");
     for (cc, extra) in [("gcc", &["-pthread"][..]), ("musl-gcc", &[][..])] {
-        let Some(prog) = build(cc, dir.path(), "threads", extra) else {
+        let Some(prog) = build_program(
+            cc,
+            dir.path(),
+            "threads",
+            &[&["-static"][..], extra].concat(),
+        ) else {
             return;
         };
         let under = same(&prog, &[]);
@@ -151,7 +134,12 @@ fn pthreads_mutexes_condvars_barriers_once_and_tls_run_as_natively() {
 fn robust_mutexes_of_a_dead_thread_answer_eownerdead_as_natively() {
     let dir = tempfile::tempdir().expect("tempdir");
     for (cc, extra) in [("gcc", &["-pthread"][..]), ("musl-gcc", &[][..])] {
-        let Some(prog) = build(cc, dir.path(), "robust", extra) else {
+        let Some(prog) = build_program(
+            cc,
+            dir.path(),
+            "robust",
+            &[&["-static"][..], extra].concat(),
+        ) else {
             return;
         };
         let under = same(&prog, &[]);
@@ -193,7 +181,9 @@ fn go_goroutines_channels_sleep_and_gc_run_as_natively() {
 fn sigwaitinfo_and_sigtimedwait_take_signals_as_natively() {
     let dir = tempfile::tempdir().expect("tempdir");
     for cc in ["gcc", "musl-gcc"] {
-        let Some(prog) = build(cc, dir.path(), "sigwait", &[]) else {
+        let Some(prog) =
+            build_program(cc, dir.path(), "sigwait", &[&["-static"][..], &[]].concat())
+        else {
             return;
         };
         let under = same(&prog, &[]);
