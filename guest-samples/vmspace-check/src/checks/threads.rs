@@ -14,7 +14,8 @@
 //! ok threads.vmspaces.mapping-absent  a page mapped in one faults in the other
 //! ok threads.calls-beside-run         while one thread's RUN spins, another thread's
 //!                                     hypercalls (vk_info, vmspace_pread) are answered
-//!                                     at once, 100 times each
+//!                                     at once, 100 times each (at most 5 pairs over
+//!                                     50 ms, for a loaded machine)
 //! ```
 
 use std::time::{Duration, Instant};
@@ -43,10 +44,14 @@ pub fn run(env: &mut Env, rep: &mut Report) -> Outcome {
     calls_beside_run(env, rep)
 }
 
-/// The slowest answer `calls_beside_run` accepts (a call waiting for a free
+/// An answer `calls_beside_run` calls prompt (a call waiting for a free
 /// hypercall thread would take until the RUN ends, or vkrun's 100 ms
-/// safety net).
+/// safety net, every time).
 const PROMPT: Duration = Duration::from_millis(50);
+/// Pairs of calls of the 100 that may be slower than [`PROMPT`]: on a
+/// loaded machine a thread is sometimes not scheduled for that long (seen
+/// at load averages of 10 and more); a starved pool makes every pair slow.
+const SLOW_ALLOWED: u32 = 5;
 
 /// Hypercalls from this thread while a runner's RUN spins in user code.
 fn calls_beside_run(env: &mut Env, rep: &mut Report) -> Outcome {
@@ -62,13 +67,16 @@ fn calls_beside_run(env: &mut Env, rep: &mut Report) -> Outcome {
     runner.start(tf, VextFrame::default())?;
     runner.wait_progress(env.ram, progress, 0)?;
     let mut slowest = Duration::ZERO;
+    let mut slow = 0;
     let mut failure = None;
     let mut buf = [0u8; 8];
     for _ in 0..100 {
         let t = Instant::now();
         let info = hypercall::vk_info();
         let read = vs.pread(&mut buf, user.data.va(0, 0));
-        slowest = slowest.max(t.elapsed());
+        let took = t.elapsed();
+        slowest = slowest.max(took);
+        slow += u32::from(took > PROMPT);
         if let Err(e) = info {
             failure = Some(format!("vk_info: {}", errno_text(e)));
         } else if read != Ok(8) {
@@ -79,7 +87,9 @@ fn calls_beside_run(env: &mut Env, rep: &mut Report) -> Outcome {
     let end = runner.wait_end()?;
     end.ok()?;
     let detail = failure.or_else(|| {
-        (slowest > PROMPT).then(|| format!("the slowest pair of calls took {slowest:?}"))
+        (slow > SLOW_ALLOWED).then(|| {
+            format!("{slow} of 100 pairs of calls took over {PROMPT:?}, the slowest {slowest:?}")
+        })
     });
     rep.check("calls-beside-run", detail.is_none(), || {
         detail.unwrap_or_default()
