@@ -92,11 +92,21 @@ fn end(mut guard: MutexGuard<'_, Guest>, exit: Exit) -> ! {
     let k = &mut guard.k;
     if std::env::var("MINIKERNEL_STATS").is_ok_and(|v| v == "1") {
         let s = k.stats;
+        let name = p.exe.file_name().unwrap_or(p.exe.as_os_str());
         eprintln!(
-            "minikernel: {} runs, {} syscalls, {} page faults ({} stale), {} signals",
-            s.runs, s.syscalls, s.page_faults, s.stale_faults, s.signals,
+            "minikernel: {} (pid {}) ran in a vmspace: {} runs, ended by {} syscalls, \
+             {} page faults served ({} stale: a translation the host had dropped), {} signals",
+            name.to_string_lossy(),
+            p.pid,
+            s.runs,
+            s.syscalls,
+            s.page_faults,
+            s.stale_faults,
+            s.signals,
         );
-        eprintln!("{}", s.fork_line());
+        if s.forks > 0 || s.execs > 0 {
+            eprintln!("{}", s.fork_line());
+        }
     }
     process::finish(k, p, exit)
 }
