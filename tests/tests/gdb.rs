@@ -315,6 +315,50 @@ fn a_breakpoint_while_another_thread_runs_stops_it_and_its_run_restarts() {
 }
 
 #[test]
+fn monitor_commands_show_the_vmspaces_and_their_user_memory() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let Some(prog) = guest(dir.path()) else {
+        return;
+    };
+    let served = serve("127.0.0.1:0", &[], &prog, &["run"]);
+    let gdb = served.gdb(&[
+        "break bump",
+        "continue",
+        "monitor vmspaces",
+        "eval \"monitor vmspace %lu x 0x400000 7\", (unsigned long)&vmspace_token",
+        "eval \"monitor vmspace %lu x 0x400ff8\", (unsigned long)&vmspace_token",
+        "monitor vmspace 0x1 x 0",
+        "monitor threads",
+        "monitor frobnicate",
+        "delete",
+        "continue",
+    ]);
+    let log = both(&gdb);
+    let (out, _) = served.finish();
+    assert!(
+        log.contains(": stub pid ") && log.contains(", 1 execution context(s)"),
+        "{log}"
+    );
+    // The runner's user code, read through the vmspace's mapping of RAM.
+    assert!(log.contains("0x400000: 48 ff c9 75 fb 0f 05\n"), "{log}");
+    assert!(
+        log.contains("0x400ff8: 00 00 00 00 00 00 00 00\n0x401000: not readable by the user code"),
+        "{log}"
+    );
+    assert!(
+        log.contains("vmspace 0x1: No such file or directory"),
+        "{log}"
+    );
+    assert!(
+        log.contains("of process ") && log.contains(": stopped"),
+        "{log}"
+    );
+    assert!(log.contains("vkrun: unknown command 'frobnicate'"), "{log}");
+    assert!(text(&out.stdout).contains("runs ok"));
+    assert_eq!(shell_code(out.status), 7);
+}
+
+#[test]
 fn signals_stop_or_pass_as_gdb_is_told() {
     let dir = tempfile::tempdir().expect("tempdir");
     let Some(prog) = guest(dir.path()) else {

@@ -16,6 +16,7 @@
 //! Off by default: without `--gdb` nothing of this exists.
 
 mod conn;
+mod monitor;
 mod regs;
 mod target;
 mod watch;
@@ -139,6 +140,11 @@ impl Gdb {
             wait: opts.wait,
             addr,
         })
+    }
+
+    /// The guest's vmspaces, for `monitor vmspace`.
+    pub fn set_vmspaces(&mut self, vmspaces: std::sync::Arc<crate::vmspace::Vmspaces>) {
+        self.inf.vmspaces = Some(vmspaces);
     }
 
     /// The descriptor the tracer polls for the stub: the listener with no
