@@ -81,7 +81,8 @@ fn sample(mode: Mode, guest: &Path, args: &[&str], gdb_cmds: &[&str], key: &str)
         std::thread::spawn(move || lines.for_each(drop));
         if mode == Mode::Attached {
             let mut g = Command::new("gdb");
-            g.args(["-nx", "-batch", "-ex", &format!("target remote {addr}")]);
+            g.args(["-nx", "-batch", "-ex", "set debuginfod enabled off"]);
+            g.args(["-ex", &format!("target remote {addr}")]);
             for c in gdb_cmds.iter().chain(&["continue"]) {
                 g.args(["-ex", c]);
             }

@@ -70,6 +70,8 @@ impl Served {
     fn gdb(&self, commands: &[&str]) -> Output {
         let mut cmd = Command::new("gdb");
         cmd.args(["-nx", "-batch", "-ex", "set confirm off"]);
+        // Never ask the network for symbols.
+        cmd.args(["-ex", "set debuginfod enabled off"]);
         cmd.args(["-ex", &format!("target remote {}", self.addr)]);
         for c in commands {
             cmd.args(["-ex", c]);
@@ -445,12 +447,8 @@ fn gdb_killed_while_attached_leaves_nothing_hung() {
     let served = serve("127.0.0.1:0", &[], &prog, &[]);
     let flag = dir.path().join("stopped");
     let mut gdb = Command::new("gdb")
-        .args([
-            "-nx",
-            "-batch",
-            "-ex",
-            &format!("target remote {}", served.addr),
-        ])
+        .args(["-nx", "-batch", "-ex", "set debuginfod enabled off"])
+        .args(["-ex", &format!("target remote {}", served.addr)])
         .args(["-ex", "break bump", "-ex", "continue"])
         .args(["-ex", &format!("shell touch {}", flag.display())])
         .args(["-ex", "shell sleep 100"])
