@@ -413,6 +413,56 @@ fn a_vkernel_taking_window_faults_by_design_runs_under_gdb() {
 }
 
 #[test]
+fn window_pages_read_and_write_once_installed_and_an_untouched_one_is_refused_harmlessly() {
+    if require("gdb").is_none() {
+        return;
+    }
+    // vpt-demo's `kernel` check, once its window is mapped and page 0 has
+    // been read into: page 2 (RW|U, frame 2) is still untouched.
+    let source = workspace_root().join("guest-samples/vpt-demo/src/checks/kernel.rs");
+    let code = std::fs::read_to_string(&source).expect("kernel.rs");
+    let line = code
+        .lines()
+        .position(|l| l.contains("let seen = env.read_bytes(GuestPhysAddr(target[0].0 + 64)"))
+        .expect("the line after the first read(2)")
+        + 1;
+    let served = serve("127.0.0.1:0", &[], &bin("vpt-demo"), &["kernel"]);
+    let gdb = served.gdb(&[
+        &format!("break kernel.rs:{line}"),
+        "continue",
+        "set $b = w.base",
+        "set language c",
+        "x/4xb $b + 64",
+        "set var *(char *)($b + 65) = 0x5a",
+        "x/2xb $b + 64",
+        "set var *(char *)($b + 65) = 0x0a",
+        "x/4xb $b + 4096 * 2",
+        "delete",
+        "continue",
+    ]);
+    let log = both(&gdb);
+    let (out, _) = served.finish();
+    assert!(
+        log.contains(":\t0x03\t0x0a\t0x11\t0x18\n"),
+        "what read(2) put there: {log}"
+    );
+    assert!(
+        log.contains(":\t0x03\t0x5a\n"),
+        "written through the alias: {log}"
+    );
+    // The kernel does not fault a userfaultfd page in for a remote access.
+    assert!(log.contains("Cannot access memory at address"), "{log}");
+    // ... and the refused look costs the vkernel nothing.
+    assert!(out.status.success(), "{}", text(&out.stdout));
+    assert_eq!(
+        text(&out.stdout).matches(" ok").count(),
+        3,
+        "{}",
+        text(&out.stdout)
+    );
+}
+
+#[test]
 fn detach_lets_the_guest_run_on_and_kill_kills_it() {
     let dir = tempfile::tempdir().expect("tempdir");
     let Some(prog) = guest(dir.path()) else {

@@ -10,8 +10,8 @@
 //! (`PTRACE_INTERRUPT`) and the stop is reported once all are held. A
 //! thread interrupted inside a hypercall (a RUN included) has its call
 //! restarted when it is resumed, as after a signal without a handler.
-//! vkrun's own threads in the guest (agent, resolver) are never stopped,
-//! so memory reads of window pages resolve.
+//! vkrun's own threads in the guest (agent, resolver) are never stopped
+//! and never shown.
 //!
 //! Off by default: without `--gdb` nothing of this exists.
 

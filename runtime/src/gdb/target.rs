@@ -1,6 +1,7 @@
 //! The gdbstub target: the guest's threads as gdb sees them. Registers come
 //! from ptrace (the thread is held at a stop), memory from `/proc/TID/mem`
-//! (a window page resolves as a user access would), software breakpoints
+//! (an installed window page is RAM; one never touched cannot be read: the
+//! kernel does not fault a userfaultfd page in for a remote access), software breakpoints
 //! are `int3` bytes written into the main process's memory and hidden from
 //! gdb's reads. Resuming only records [`Order`]s: the supervisor carries
 //! them out, so that a signal gdb passes is delivered by the supervisor's
