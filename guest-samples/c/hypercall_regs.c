@@ -45,6 +45,13 @@ static void on_sigsys(int sig, siginfo_t *si, void *ucv)
     greg_t *r = uc->uc_mcontext.gregs;
 
     (void)sig;
+    if ((uint64_t)(uint32_t)si->si_syscall == VK_SYS_vmspace_ctl &&
+        r[REG_RSI] == VMSPACE_CTL_FASTINFO) {
+        /* vmspace_ctl()'s own question whether the fast RUN is offered:
+         * not by this fake, so RUN takes the hypercall, which is checked. */
+        r[REG_RAX] = -EOPNOTSUPP;
+        return;
+    }
     traps++;
     seen_nr = (uint64_t)(uint32_t)si->si_syscall;
     seen_args[0] = (uint64_t)r[REG_RDI];

@@ -359,9 +359,384 @@ static inline int vmspace_destroy(void *id)
     return (int)vk__ret(vk_raw_hypercall(VK_SYS_vmspace_destroy, VK__PTR(id), 0, 0, 0, 0, 0));
 }
 
-/* VMSPACE_CTL_RUN: run *tf / *vf in vmspace id until it traps; updates *tf. */
+/* ---- The fast RUN (ABI section 7, "The fast RUN") ----------------------- */
+
+/*
+ * vmspace_ctl(RUN) hands the registers to the calling thread's execution
+ * context itself, through the context's block (one page, mapped once per
+ * thread and vmspace), instead of through vkrun; vkrun offers it unless RUNs
+ * are traced (vkrun -e trace=runs) or it runs with --run=hypercall, and the
+ * raw hypercall is taken otherwise. The layout below is vkabi's
+ * (vkabi::fastrun); c_header.rs checks it.
+ */
+#define VMSPACE_CTL_FASTINFO 0x564B0001 /* vkrun's ("VK" 1): fd | page << 32 of the block */
+#define VK_FAST_OPEN_MAGIC UINT32_C(0x31435552)
+#define VK_FAST_CX_STATE 0x000
+#define VK_FAST_CX_SEQ 0x004
+#define VK_FAST_CX_KICK 0x008
+#define VK_FAST_CX_SIG 0x010
+#define VK_FAST_CX_CODE 0x014
+#define VK_FAST_CX_ADDR 0x018
+#define VK_FAST_CX_SYSCALL 0x020
+#define VK_FAST_CX_FS_OUT 0x028
+#define VK_FAST_CX_GS_OUT 0x030
+#define VK_FAST_CX_FS_IN 0x038
+#define VK_FAST_CX_GS_IN 0x040
+#define VK_FAST_CX_OPEN 0x060
+#define VK_FAST_CX_BUSY 0x064
+#define VK_FAST_CX_MASK_HELD 0x068
+#define VK_FAST_CX_FAULT 0x06C
+#define VK_FAST_CX_SAVED_MASK 0x070
+#define VK_FAST_CX_FAULT_ADDR 0x078
+#define VK_FAST_CX_FAULT_ERR 0x080
+#define VK_FAST_CX_STUB_PID 0x088
+#define VK_FAST_CX_CTX_TID 0x08C
+#define VK_FAST_CX_KICK_AT 0x090
+#define VK_FAST_CX_N_RUNS 0x098
+#define VK_FAST_CX_N_SYSCALL 0x0A0
+#define VK_FAST_CX_N_PAGEFAULT 0x0A8
+#define VK_FAST_CX_N_TRAP 0x0B0
+#define VK_FAST_CX_N_SIGNAL 0x0B8
+#define VK_FAST_CX_IN 0x100
+#define VK_FAST_CX_OUT 0x200
+#define VK_FAST_GREGS_IN 18
+#define VK_FAST_GREGS 23
+#define VK_FAST_STATE_WAIT 0
+#define VK_FAST_STATE_GO 1
+#define VK_FAST_STATE_RUNNING 2
+#define VK_FAST_STATE_EXIT 3
+#define VK_FAST_KICK_SIGNAL 23
+
+#if defined(__cplusplus)
+#define VK__TLS thread_local
+#elif defined(__STDC_VERSION__) && __STDC_VERSION__ >= 201112L
+#define VK__TLS _Thread_local
+#else
+#define VK__TLS __thread
+#endif
+#define VK__FAST_ENTRIES 8
+
+/* This thread's blocks (a forked child, whose thread id differs, starts
+ * afresh and unmaps what it inherited). */
+struct vk__fast_cache {
+    long tid;
+    int off;                   /* vkrun does not offer the fast path */
+    const void *tf, *vf;       /* the frames last checked accessible */
+    struct {
+        void *id;
+        unsigned char *block;
+    } e[VK__FAST_ENTRIES];
+};
+static VK__TLS struct vk__fast_cache vk__fc;
+
+static inline uint32_t vk__ld32(unsigned char *b, int off)
+{
+    return __atomic_load_n((uint32_t *)(void *)(b + off), __ATOMIC_ACQUIRE);
+}
+static inline void vk__st32(unsigned char *b, int off, uint32_t v)
+{
+    __atomic_store_n((uint32_t *)(void *)(b + off), v, __ATOMIC_SEQ_CST);
+}
+static inline uint64_t vk__ld64(unsigned char *b, int off)
+{
+    return __atomic_load_n((uint64_t *)(void *)(b + off), __ATOMIC_ACQUIRE);
+}
+static inline void vk__st64(unsigned char *b, int off, uint64_t v)
+{
+    __atomic_store_n((uint64_t *)(void *)(b + off), v, __ATOMIC_RELAXED);
+}
+static inline void vk__inc64(unsigned char *b, int off)
+{
+    __atomic_fetch_add((uint64_t *)(void *)(b + off), 1, __ATOMIC_RELAXED);
+}
+
+static inline int vk__canonical(uint64_t a)
+{
+    int64_t top = (int64_t)a >> 47;
+    return top == 0 || top == -1;
+}
+
+/* Whether n bytes at p can be read and written (EFAULT otherwise). */
+static inline int vk__accessible(const void *p, size_t n)
+{
+    unsigned char tmp[200];
+    uint64_t local[2] = {VK__PTR(tmp), (uint64_t)n};
+    uint64_t remote[2] = {VK__PTR(p), (uint64_t)n};
+    long pid = vk_syscall6(39, 0, 0, 0, 0, 0, 0);
+    if (n > sizeof tmp)
+        return 0;
+    if (vk_syscall6(310, pid, (long)VK__PTR(local), 1, (long)VK__PTR(remote), 1, 0) != (long)n)
+        return 0;
+    return vk_syscall6(311, pid, (long)VK__PTR(local), 1, (long)VK__PTR(remote), 1, 0) == (long)n;
+}
+
+static inline void vk__fast_drop(int i)
+{
+    if (vk__fc.e[i].block)
+        vk_syscall6(11, (long)VK__PTR(vk__fc.e[i].block), 4096, 0, 0, 0, 0);
+    vk__fc.e[i].block = 0;
+    vk__fc.e[i].id = 0;
+}
+
+/* This thread's block for vmspace id, or NULL (take the hypercall). */
+static inline unsigned char *vk__fast_block(void *id, int *slot)
+{
+    long tid = vk_syscall6(186, 0, 0, 0, 0, 0, 0);
+    long r, at;
+    int i, free_slot = -1;
+    if (vk__fc.tid != tid) {
+        for (i = 0; i < VK__FAST_ENTRIES; i++)
+            vk__fast_drop(i);
+        vk__fc.tid = tid;
+        vk__fc.tf = vk__fc.vf = 0;
+    }
+    for (i = 0; i < VK__FAST_ENTRIES; i++) {
+        if (vk__fc.e[i].block && vk__fc.e[i].id == id) {
+            *slot = i;
+            return vk__fc.e[i].block;
+        }
+        if (!vk__fc.e[i].block && free_slot < 0)
+            free_slot = i;
+    }
+    if (vk__fc.off || free_slot < 0)
+        return 0;
+    r = vk_raw_hypercall(VK_SYS_vmspace_ctl, VK__PTR(id), VMSPACE_CTL_FASTINFO, 0, 0, 0, 0);
+    if (r == -EOPNOTSUPP || r == -ENOSYS) {
+        vk__fc.off = 1;
+        return 0;
+    }
+    if (r < 0)
+        return 0;
+    at = vk_syscall6(9, 0, 4096, PROT_READ | PROT_WRITE, MAP_SHARED, (long)(uint32_t)r,
+                     (long)(((uint64_t)r >> 32) << 12));
+    vk_syscall6(3, (long)(uint32_t)r, 0, 0, 0, 0, 0);
+    if (vk_is_error(at))
+        return 0;
+    vk__fc.e[free_slot].id = id;
+    vk__fc.e[free_slot].block = (unsigned char *)(uintptr_t)at;
+    *slot = free_slot;
+    return vk__fc.e[free_slot].block;
+}
+
+static inline void vk__fast_post(unsigned char *b, const uint64_t *g, uint64_t fs, uint64_t gs)
+{
+    int i;
+    for (i = 0; i < VK_FAST_GREGS_IN; i++)
+        vk__st64(b, VK_FAST_CX_IN + 8 * i, g[i]);
+    vk__st64(b, VK_FAST_CX_FS_IN, fs);
+    vk__st64(b, VK_FAST_CX_GS_IN, gs);
+    vk__st32(b, VK_FAST_CX_STATE, VK_FAST_STATE_GO);
+    vk_syscall6(202, (long)VK__PTR(b + VK_FAST_CX_STATE), 1 /* FUTEX_WAKE */, 1, 0, 0, 0);
+}
+
+/* The end of a fast RUN: not busy; signals vkrun held are let through. */
+static inline void vk__fast_finish(unsigned char *b)
+{
+    vk__st32(b, VK_FAST_CX_KICK, 0);
+    vk__st64(b, VK_FAST_CX_KICK_AT, 0);
+    vk__st32(b, VK_FAST_CX_BUSY, 0);
+    if (__atomic_exchange_n((uint32_t *)(void *)(b + VK_FAST_CX_MASK_HELD), 0, __ATOMIC_SEQ_CST)) {
+        uint64_t mask = vk__ld64(b, VK_FAST_CX_SAVED_MASK);
+        vk_syscall6(14, 2 /* SIG_SETMASK */, (long)VK__PTR(&mask), 0, 8, 0, 0);
+    }
+}
+
+/* Whether the context can still report (its thread lives, a kick for a
+ * signal has not been ignored for 5 s). */
+static inline int vk__fast_alive(unsigned char *b)
+{
+    long pid = (long)vk__ld32(b, VK_FAST_CX_STUB_PID), tid = (long)vk__ld32(b, VK_FAST_CX_CTX_TID);
+    uint64_t at = vk__ld64(b, VK_FAST_CX_KICK_AT);
+    if (pid == 0 || tid == 0 || vk_syscall6(234, pid, tid, 0, 0, 0, 0) == -3 /* ESRCH */)
+        return 0;
+    if (at) {
+        int64_t ts[2] = {0, 0};
+        uint64_t now;
+        vk_syscall6(228, 1 /* CLOCK_MONOTONIC */, (long)VK__PTR(ts), 0, 0, 0, 0);
+        now = (uint64_t)ts[0] * UINT64_C(1000000000) + (uint64_t)ts[1];
+        if (now > at && now - at > UINT64_C(5000000000))
+            return 0;
+    }
+    return 1;
+}
+
+/* The trap of a report (x86 exception numbers to DragonFly's T_*), as
+ * vkabi::fastrun::Report::trap. */
+static inline void vk__fast_trap(uint32_t sig, int32_t code, uint64_t addr, uint64_t sysc,
+                                 const uint64_t *g, uint64_t out[3])
+{
+    uint64_t hw = g[20], err = g[19];
+    out[1] = err;
+    out[2] = 0;
+    switch (sig) {
+    case 31: /* SIGSYS */
+        if ((uint32_t)(sysc >> 32) == UINT32_C(0x40000003)) {
+            out[0] = T_SYSCALL80;
+            out[1] = 0;
+        } else {
+            out[0] = T_FAST_SYSCALL;
+            out[1] = 2;
+        }
+        return;
+    case 11: /* SIGSEGV */
+        if (hw == 14) {
+            out[0] = T_PAGEFLT;
+            out[1] = (err & (PGEX_P | PGEX_W | PGEX_U | PGEX_I)) | (code == 2 ? PGEX_P : 0);
+            out[2] = g[22];
+        } else
+            out[0] = hw == 11 ? T_SEGNPFLT : hw == 12 ? T_STKFLT : T_PROTFLT;
+        return;
+    case 7: /* SIGBUS */
+        if (hw == 17)
+            out[0] = T_ALIGNFLT;
+        else {
+            out[0] = T_PAGEFLT;
+            out[1] = PGEX_U;
+            out[2] = addr;
+        }
+        return;
+    case 4: out[0] = T_PRIVINFLT; return;
+    case 5: out[0] = hw == 1 ? T_TRCTRAP : T_BPTFLT; return;
+    case 8: out[0] = hw == 16 ? T_ARITHTRAP : hw == 19 ? T_XMMFLT : T_DIVIDE; return;
+    default: out[0] = T_SIGNAL; out[1] = 0; return;
+    }
+}
+
+static inline void vk__fast_frame(const uint64_t *g, const uint64_t trap[3], uint64_t fs,
+                                  uint64_t gs, struct trapframe *tf, struct vextframe *vf)
+{
+    tf->tf_r8 = g[0]; tf->tf_r9 = g[1]; tf->tf_r10 = g[2]; tf->tf_r11 = g[3];
+    tf->tf_r12 = g[4]; tf->tf_r13 = g[5]; tf->tf_r14 = g[6]; tf->tf_r15 = g[7];
+    tf->tf_rdi = g[8]; tf->tf_rsi = g[9]; tf->tf_rbp = g[10]; tf->tf_rbx = g[11];
+    tf->tf_rdx = g[12]; tf->tf_rax = g[13]; tf->tf_rcx = g[14]; tf->tf_rsp = g[15];
+    tf->tf_rip = g[16]; tf->tf_rflags = g[17];
+    tf->tf_cs = 0x33;
+    tf->tf_ss = 0x2b;
+    tf->tf_trapno = trap[0];
+    tf->tf_err = trap[1];
+    tf->tf_addr = trap[2];
+    vf->vx_tls[0].base = fs;
+    vf->vx_tls[1].base = gs;
+}
+
+/* vmspace_ctl(RUN) on the fast path: the raw result, or 1 for "not taken"
+ * (take the hypercall). */
+static inline long vk__fast_run(void *id, struct trapframe *tf, struct vextframe *vf)
+{
+    unsigned char *b;
+    uint64_t g[VK_FAST_GREGS], trap[3];
+    uint32_t seen, seq, sig;
+    int slot = 0, i;
+    if (id == 0 || vk__fc.off)
+        return 1;
+    b = vk__fast_block(id, &slot);
+    if (!b)
+        return 1;
+    if (tf != vk__fc.tf || vf != vk__fc.vf) {
+        if (!vk__accessible(tf, sizeof *tf) || !vk__accessible(vf, sizeof *vf))
+            return -EFAULT;
+        vk__fc.tf = tf;
+        vk__fc.vf = vf;
+    }
+    if (!vk__canonical(vf->vx_tls[0].base) || !vk__canonical(vf->vx_tls[1].base))
+        return -EINVAL;
+    vk__st32(b, VK_FAST_CX_KICK, 0);
+    vk__st32(b, VK_FAST_CX_BUSY, 1);
+    if (vk__ld32(b, VK_FAST_CX_OPEN) != VK_FAST_OPEN_MAGIC ||
+        vk__ld32(b, VK_FAST_CX_STATE) != VK_FAST_STATE_WAIT) {
+        vk__fast_finish(b);
+        vk__fast_drop(slot);
+        return 1;
+    }
+    g[0] = tf->tf_r8; g[1] = tf->tf_r9; g[2] = tf->tf_r10; g[3] = tf->tf_r11;
+    g[4] = tf->tf_r12; g[5] = tf->tf_r13; g[6] = tf->tf_r14; g[7] = tf->tf_r15;
+    g[8] = tf->tf_rdi; g[9] = tf->tf_rsi; g[10] = tf->tf_rbp; g[11] = tf->tf_rbx;
+    g[12] = tf->tf_rdx; g[13] = tf->tf_rax; g[14] = tf->tf_rcx; g[15] = tf->tf_rsp;
+    g[16] = tf->tf_rip;
+    g[17] = (tf->tf_rflags & RFLAGS_USER_MASK) | RFLAGS_USER_SET;
+    seen = vk__ld32(b, VK_FAST_CX_SEQ);
+    vk__fast_post(b, g, vf->vx_tls[0].base, vf->vx_tls[1].base);
+    for (;;) {
+        seq = vk__ld32(b, VK_FAST_CX_SEQ);
+        if (seq == seen) {
+            int64_t ts[2] = {0, 100000000};
+            if (vk__ld32(b, VK_FAST_CX_OPEN) != VK_FAST_OPEN_MAGIC ||
+                (vk_syscall6(202, (long)VK__PTR(b + VK_FAST_CX_SEQ), 0 /* FUTEX_WAIT */,
+                             (long)seq, (long)VK__PTR(ts), 0, 0) == -110 /* ETIMEDOUT */ &&
+                 !vk__fast_alive(b))) {
+                vk__fast_finish(b);
+                vk__fast_drop(slot);
+                return -EIO;
+            }
+            continue;
+        }
+        seen = seq;
+        for (i = 0; i < VK_FAST_GREGS; i++)
+            g[i] = vk__ld64(b, VK_FAST_CX_OUT + 8 * i);
+        sig = vk__ld32(b, VK_FAST_CX_SIG);
+        {
+            int32_t code = (int32_t)vk__ld32(b, VK_FAST_CX_CODE);
+            uint64_t addr = vk__ld64(b, VK_FAST_CX_ADDR), sysc = vk__ld64(b, VK_FAST_CX_SYSCALL);
+            uint64_t fs = vk__ld64(b, VK_FAST_CX_FS_OUT), gs = vk__ld64(b, VK_FAST_CX_GS_OUT);
+            if (sig == 4 && code == 0x80 && g[14] == g[16] && g[13] == UINT64_MAX) {
+                /* uretprobe (335) past the filter: the user code's call */
+                sig = 31;
+                sysc = 335 | (UINT64_C(0xC000003E) << 32);
+                g[13] = 335;
+            }
+            if (sig == VK_FAST_KICK_SIGNAL) {
+                if (__atomic_exchange_n((uint32_t *)(void *)(b + VK_FAST_CX_FAULT), 0,
+                                        __ATOMIC_ACQ_REL)) {
+                    trap[0] = T_PAGEFLT;
+                    trap[1] = vk__ld64(b, VK_FAST_CX_FAULT_ERR);
+                    trap[2] = vk__ld64(b, VK_FAST_CX_FAULT_ADDR);
+                } else if (vk__ld32(b, VK_FAST_CX_KICK)) {
+                    trap[0] = T_SIGNAL;
+                    trap[1] = trap[2] = 0;
+                } else {
+                    vk__fast_post(b, g, fs, gs); /* a stale kick: carry on */
+                    continue;
+                }
+            } else
+                vk__fast_trap(sig, code, addr, sysc, g, trap);
+            vk__fast_frame(g, trap, fs, gs, tf, vf);
+            if (trap[0] == T_PAGEFLT && sig == 11) {
+                /* A window fault vkrun may resolve: go on through the
+                 * hypercall from where the user code stopped, unless a
+                 * signal waits (RUN then ends for it). */
+                int held = vk__ld32(b, VK_FAST_CX_MASK_HELD) != 0;
+                if (held) {
+                    tf->tf_trapno = T_SIGNAL;
+                    tf->tf_err = tf->tf_addr = 0;
+                    vk__inc64(b, VK_FAST_CX_N_RUNS);
+                    vk__inc64(b, VK_FAST_CX_N_SIGNAL);
+                }
+                vk__fast_finish(b);
+                if (held)
+                    return 0;
+                return vk_raw_hypercall(VK_SYS_vmspace_ctl, VK__PTR(id), VMSPACE_CTL_RUN,
+                                        VK__PTR(tf), VK__PTR(vf), 0, 0);
+            }
+        }
+        vk__inc64(b, VK_FAST_CX_N_RUNS);
+        vk__inc64(b, trap[0] == T_FAST_SYSCALL || trap[0] == T_SYSCALL80 ? VK_FAST_CX_N_SYSCALL
+                     : trap[0] == T_PAGEFLT                            ? VK_FAST_CX_N_PAGEFAULT
+                     : trap[0] == T_SIGNAL                             ? VK_FAST_CX_N_SIGNAL
+                                                                       : VK_FAST_CX_N_TRAP);
+        vk__fast_finish(b);
+        return 0;
+    }
+}
+
+/* VMSPACE_CTL_RUN: run *tf / *vf in vmspace id until it traps; updates *tf.
+ * Takes the fast RUN when vkrun offers it, the hypercall otherwise. */
 static inline int vmspace_ctl(void *id, int cmd, struct trapframe *tf, struct vextframe *vf)
 {
+    if (cmd == VMSPACE_CTL_RUN) {
+        long r = vk__fast_run(id, tf, vf);
+        if (r != 1)
+            return (int)vk__ret(r);
+    }
     return (int)vk__ret(vk_raw_hypercall(VK_SYS_vmspace_ctl, VK__PTR(id), VK__INT(cmd), VK__PTR(tf),
                                          VK__PTR(vf), 0, 0));
 }

@@ -35,7 +35,8 @@ Files: /proc/sys/vm/max_map_count (bounds the host mappings of windows);
 /proc/sys/vm/unprivileged_userfaultfd (kernel-mode faults without root).
 
 Limits: RAM is a multiple of 4096 bytes up to 256T and must fit the host's
-address space; vmspaces need FSGSBASE; at most 56 threads RUN one vmspace.
+address space (checked as the command line is read: 128T of user addresses
+on a 48-bit CPU, less what is mapped already); vmspaces need FSGSBASE; at most 56 threads RUN one vmspace.
 The ABI is docs/ABI.md; `vkrun --version` shows what this host offers.
 
 Diagnostics: -v, -vv, or RUST_LOG=vkrun_runtime=debug.";
@@ -81,17 +82,36 @@ pub struct Cli {
     #[arg(short = 'o', long = "output", value_name = "FILE")]
     pub output: Option<PathBuf>,
 
-    /// Prefix trace lines with the time of day (-tt: with microseconds).
+    /// Prefix trace lines with the time of day (-tt: with microseconds;
+    /// -ttt: seconds since the epoch, with microseconds).
     #[arg(short = 't', action = ArgAction::Count)]
     pub timestamps: u8,
+
+    /// Prefix trace lines with the time since the previous line.
+    #[arg(short = 'r')]
+    pub relative: bool,
+
+    /// Follow forks and threads (always on, as strace -f); -ff with -o
+    /// FILE writes each task's trace to FILE.TID.
+    #[arg(short = 'f', action = ArgAction::Count)]
+    pub follow: u8,
 
     /// Show the time spent in each traced call.
     #[arg(short = 'T')]
     pub durations: bool,
 
-    /// Print the counters (vm.vpagetable_*, vkrun.*) when the guest ends.
+    /// Print the counters (vm.vpagetable_*, vkrun.*) when the guest ends;
+    /// those that stayed zero only with -v.
     #[arg(long)]
     pub stats: bool,
+
+    /// How vmspace_ctl(RUN) reaches the execution context: fast (the
+    /// guest's vmspace_ctl() in vkernel.h and vkabi hands off to it
+    /// directly; the default) or hypercall (every RUN through vkrun, as a
+    /// raw hypercall). Traced RUNs (-e trace=runs, all) always take the
+    /// hypercall.
+    #[arg(long = "run", value_name = "PATH", value_enum, default_value_t = RunPath::Fast)]
+    pub run: RunPath,
 
     /// Do not report a guest killed by a signal on stderr.
     #[arg(short = 'q', long)]
@@ -142,8 +162,22 @@ fn parse_gdb_addr(text: &str) -> Result<vkrun_runtime::GdbAddr, String> {
     vkrun_runtime::GdbAddr::parse(text)
 }
 
+/// `--run`: the path of a RUN.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum RunPath {
+    /// The guest library hands off to the context itself.
+    Fast,
+    /// Every RUN is a hypercall served by vkrun.
+    Hypercall,
+}
+
+/// A RAM size as `size::parse_size` reads it that this host can also map
+/// (checked now, so a size too large fails as a bad command line, not
+/// after the guest was set up).
 fn parse_ram_size(text: &str) -> Result<u64, size::SizeError> {
-    size::parse_size(text)
+    let size = size::parse_size(text)?;
+    vkrun_runtime::host::ram_fits(size).map_err(size::SizeError::Host)?;
+    Ok(size)
 }
 
 /// The clap definition, for the man page and completions.

@@ -186,7 +186,11 @@ fn run(cli: Cli) -> ExitStatus {
             return ExitStatus::Usage;
         }
     };
+    // strace -ff: each task's trace in FILE.TID, and FILE itself unused
+    // (here it still takes --stats, so nothing is lost).
+    let per_task = (cli.follow >= 2).then(|| cli.output.clone()).flatten();
     let output: Box<dyn Write + Send> = match &cli.output {
+        Some(_) if per_task.is_some() && !cli.stats => Box::new(std::io::sink()),
         Some(path) => match std::fs::File::create(path) {
             Ok(f) => Box::new(f),
             Err(e) => {
@@ -199,7 +203,8 @@ fn run(cli: Cli) -> ExitStatus {
     let timestamps = match cli.timestamps {
         0 => Timestamps::None,
         1 => Timestamps::Seconds,
-        _ => Timestamps::Micros,
+        2 => Timestamps::Micros,
+        _ => Timestamps::Epoch,
     };
     let mut command = cli.command.into_iter();
     let program = command.next().expect("clap requires GUEST");
@@ -210,14 +215,18 @@ fn run(cli: Cli) -> ExitStatus {
         trace: TraceOptions {
             set,
             timestamps,
+            relative: cli.relative,
             durations: cli.durations,
+            per_task,
         },
         output,
         stats: cli.stats,
+        stats_zeros: cli.verbose > 0,
         gdb: cli.gdb.map(|addr| vkrun_runtime::GdbOptions {
             addr,
             wait: cli.gdb_wait == "yes",
         }),
+        fast_run: cli.run == vkrun::cli::RunPath::Fast,
     };
     match vkrun_runtime::run(config) {
         Ok(outcome) => {

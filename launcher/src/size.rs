@@ -27,6 +27,9 @@ pub enum SizeError {
     /// above the VPTE frame limit
     #[error("must be at most 256T (2^48 bytes, the VPTE frame limit)")]
     TooLarge,
+    /// more than this host can map
+    #[error("{0}")]
+    Host(String),
 }
 
 /// Parse and validate a RAM size.

@@ -47,8 +47,13 @@ pub struct Config {
     pub output: Box<dyn Write + Send>,
     /// Print the counters at exit.
     pub stats: bool,
+    /// With `stats`: list the counters that stayed zero too (`-v`).
+    pub stats_zeros: bool,
     /// Serve gdb (`--gdb`); `None` costs nothing.
     pub gdb: Option<GdbOptions>,
+    /// Offer the fast RUN (the guest library hands off to its execution
+    /// context directly) when RUNs are not traced.
+    pub fast_run: bool,
 }
 
 impl std::fmt::Debug for Config {
@@ -60,6 +65,7 @@ impl std::fmt::Debug for Config {
             .field("trace", &self.trace)
             .field("stats", &self.stats)
             .field("gdb", &self.gdb)
+            .field("fast_run", &self.fast_run)
             .finish_non_exhaustive()
     }
 }

@@ -103,11 +103,14 @@ impl Stats {
     }
 
     /// The one-line summary, then the `name: value` lines, DragonFly's
-    /// sysctls first.
-    pub fn render(&self) -> String {
+    /// sysctls first: those that stayed zero only when `zeros` (`-v`).
+    pub fn render(&self, zeros: bool) -> String {
         let mut out = format!("{}\n", self.summary());
         let mut line = |name: &str, value: &AtomicU64| {
-            let _ = writeln!(out, "{name}: {}", value.load(Relaxed));
+            let v = value.load(Relaxed);
+            if v != 0 || zeros {
+                let _ = writeln!(out, "{name}: {v}");
+            }
         };
         line("vm.vpagetable_mmap", &self.vpagetable_mmap);
         line("vm.vpagetable_setmap", &self.vpagetable_setmap);
@@ -148,7 +151,7 @@ mod tests {
         let s = Stats::default();
         s.count_hypercall(Some(Hypercall::VkInfo), false);
         s.count_hypercall(None, true);
-        let text = s.render();
+        let text = s.render(true);
         assert_eq!(
             text.lines().next(),
             Some("vkrun: 2 hypercalls, 0 page-table faults resolved by vkrun")
@@ -170,6 +173,12 @@ mod tests {
         assert!(text.contains("vkrun.hypercall_errors: 1\n"));
         // The summary, then every counter.
         assert_eq!(text.lines().count(), 1 + 6 + Hypercall::ALL.len() + 1 + 11);
+        // Without zeros: the summary and the five that moved by then.
+        let moved = s.render(false);
+        assert!(!moved.contains(": 0\n"), "{moved}");
+        assert!(
+            moved.contains("vkrun.runs: 3\n") && moved.contains("vkrun.hypercalls.unknown: 1\n")
+        );
         assert!(text.lines().all(|l| l.split_once(": ").is_some()));
     }
 }

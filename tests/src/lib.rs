@@ -12,6 +12,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::time::{Duration, Instant};
 
+pub mod uml;
+
 /// How long any single command may run before the test fails.
 pub const DEADLINE: Duration = Duration::from_secs(120);
 
@@ -231,4 +233,60 @@ pub fn assert_same_output(program: &Path, args: &[&str], under: &Output, native:
         program.display(),
         text(&under.stderr)
     );
+}
+
+/// Every counter `vkrun --stats -v` lists, in its order (without `-v`, the
+/// ones that stayed zero are left out).
+pub fn counter_names() -> Vec<String> {
+    let mut names: Vec<String> = [
+        "vm.vpagetable_mmap",
+        "vm.vpagetable_setmap",
+        "vm.vpagetable_inval",
+        "vm.vpagetable_faults",
+        "vkrun.hypercalls",
+        "vkrun.hypercall_errors",
+    ]
+    .map(String::from)
+    .into();
+    names.extend(
+        vkabi::Hypercall::ALL
+            .iter()
+            .map(|h| format!("vkrun.hypercalls.{}", h.name())),
+    );
+    names.extend(
+        [
+            "vkrun.hypercalls.unknown",
+            "vkrun.vmspaces_created",
+            "vkrun.vmspaces_destroyed",
+            "vkrun.runs",
+            "vkrun.run_exits.syscall",
+            "vkrun.run_exits.pagefault",
+            "vkrun.run_exits.trap",
+            "vkrun.run_exits.signal",
+            "vkrun.host_mappings_installed",
+            "vkrun.host_mappings_evicted",
+            "vkrun.host_vmas",
+            "vkrun.host_vmas_peak",
+        ]
+        .map(String::from),
+    );
+    names
+}
+
+/// The value of counter `name` in `--stats` output: 0 when its line is
+/// absent (a counter that stayed zero). `name` must be one of
+/// [`counter_names`], so a misspelt name fails instead of reading 0.
+pub fn counter(stats: &str, name: &str) -> u64 {
+    assert!(
+        counter_names().iter().any(|n| n == name),
+        "{name} is no vkrun counter"
+    );
+    let prefix = format!("{name}: ");
+    match stats.lines().find_map(|l| l.strip_prefix(&prefix)) {
+        Some(v) => v
+            .trim()
+            .parse()
+            .unwrap_or_else(|_| panic!("counter {name}: {v:?} is no number")),
+        None => 0,
+    }
 }

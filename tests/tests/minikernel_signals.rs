@@ -143,6 +143,28 @@ fn pthreads_mutexes_condvars_barriers_once_and_tls_run_as_natively() {
     }
 }
 
+/// A thread that dies holding a robust mutex (joined first, or while
+/// another thread waits in `pthread_mutex_lock`) hands EOWNERDEAD to the
+/// next locker: the minikernel walks the thread's robust list at its exit
+/// as Linux does. Without that walk the lock never returns.
+#[test]
+fn robust_mutexes_of_a_dead_thread_answer_eownerdead_as_natively() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    for (cc, extra) in [("gcc", &["-pthread"][..]), ("musl-gcc", &[][..])] {
+        let Some(prog) = build(cc, dir.path(), "robust", extra) else {
+            return;
+        };
+        let under = same(&prog, &[]);
+        let out = text(&under.stdout);
+        assert_eq!(
+            out.matches("lock after owner died: EOWNERDEAD").count(),
+            2,
+            "{cc}: {out}"
+        );
+        assert!(out.contains("bad length: EINVAL"), "{cc}: {out}");
+    }
+}
+
 #[test]
 fn go_goroutines_channels_sleep_and_gc_run_as_natively() {
     let Some(go) = require("go") else { return };

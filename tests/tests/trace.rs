@@ -1,6 +1,6 @@
-//! The strace-like trace and `--stats`: line shapes, filters, `-o`, `-tt`, `-T`.
+//! The strace-like trace and `--stats`: line shapes, filters, `-o`, `-ff`, `-t`/`-tt`/`-ttt`, `-r`, `-T`.
 
-use vkrun_tests::{bin, run, text, vkrun};
+use vkrun_tests::{bin, counter, counter_names, run, text, vkrun};
 
 fn is_pid_prefix(line: &str) -> Option<&str> {
     let rest = line.strip_prefix("[pid ")?;
@@ -24,12 +24,18 @@ fn trace_shows_hypercalls_and_exits_in_strace_grammar() {
         exec.starts_with("execve(\"") && exec.ends_with(r#", "info", "48"], ...) = 0"#),
         "{exec}"
     );
+    // As strace shows a call that filled a struct: the struct written.
     let call = is_pid_prefix(lines[1]).expect("[pid N] prefix");
-    let args = call
-        .strip_prefix("vk_info(0x")
-        .and_then(|r| r.strip_suffix(", 48) = 0"))
+    let fields = call
+        .strip_prefix("vk_info({")
+        .and_then(|r| r.strip_suffix("}, 48) = 0"))
         .unwrap_or_else(|| panic!("bad line {call}"));
-    assert!(args.chars().all(|c| c.is_ascii_hexdigit()), "{call}");
+    assert!(
+        fields.starts_with("abi_version=1, page_size=4096, ram_fd=")
+            && fields.contains(", vpte_levels=4, ram_size=0x10000000, user_max=0x")
+            && fields.ends_with(", reserved=[0, 0]"),
+        "{call}"
+    );
     assert_eq!(is_pid_prefix(lines[2]), Some("+++ exited with 0 +++"));
 }
 
@@ -122,6 +128,104 @@ fn timestamps_and_durations() {
     assert!(secs.parse::<u64>().is_ok() && micros.len() == 6, "{took}");
 }
 
+/// A short `vk_info` shows the fields it wrote and `...` for the rest.
+#[test]
+fn a_partial_vk_info_shows_what_it_wrote() {
+    let out = run(vkrun()
+        .arg("--trace")
+        .arg(bin("vkcall"))
+        .args(["info", "16"]));
+    let err = text(&out.stderr);
+    assert!(
+        err.lines().filter_map(is_pid_prefix).any(|l| l
+            .starts_with("vk_info({abi_version=1, page_size=4096, ram_fd=")
+            && l.ends_with(", vpte_levels=4, ...}, 16) = 0")),
+        "{err}"
+    );
+}
+
+/// strace's `-ttt` (seconds.micros since the epoch) and `-r` (the time since
+/// the previous line, first 0): `[pid N] REL EPOCH call`.
+#[test]
+fn epoch_and_relative_timestamps() {
+    let before = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs();
+    let out = run(vkrun()
+        .args(["--trace", "-ttt", "-r"])
+        .arg(bin("vkcall"))
+        .args(["info", "48"]));
+    let err = text(&out.stderr);
+    let lines: Vec<&str> = err.lines().filter_map(is_pid_prefix).collect();
+    assert_eq!(lines.len(), 3, "{err}");
+    for (i, line) in lines.iter().enumerate() {
+        let mut parts = line.trim_start().splitn(3, ' ');
+        let rel = parts.next().expect("relative");
+        let epoch = parts.next().expect("epoch");
+        let (rs, ru) = rel.split_once('.').expect("secs.micros");
+        assert!(rs.parse::<u64>().is_ok() && ru.len() == 6, "{line}");
+        if i == 0 {
+            assert_eq!(rel, "0.000000", "the first line is 0: {line}");
+        }
+        let (es, eu) = epoch.split_once('.').expect("secs.micros");
+        let es: u64 = es.parse().expect("epoch seconds");
+        assert!(es >= before && es < before + 60 && eu.len() == 6, "{line}");
+    }
+    // -r pads the seconds to 6 columns, as strace does.
+    assert!(lines[0].starts_with("     0.000000 "), "{}", lines[0]);
+}
+
+/// `-ff -o FILE`: each task's lines in FILE.TID without the `[pid N]`
+/// prefix; FILE itself is not made (it would only hold --stats).
+#[test]
+fn ff_writes_one_trace_file_per_task() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let base = dir.path().join("t");
+    let vkcall = bin("vkcall");
+    let script = format!(
+        "{0} info 48 >/dev/null; {0} info 48 >/dev/null",
+        vkcall.display()
+    );
+    let out = run(vkrun()
+        .args(["-ff", "-e", "trace=all,process", "-o"])
+        .arg(&base)
+        .args(["/bin/sh", "-c", &script]));
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(!base.exists(), "FILE itself holds nothing with -ff");
+    let mut files: Vec<_> = std::fs::read_dir(dir.path())
+        .expect("dir")
+        .map(|e| e.expect("entry").path())
+        .collect();
+    files.sort();
+    let texts: Vec<String> = files
+        .iter()
+        .map(|f| std::fs::read_to_string(f).expect("trace file"))
+        .collect();
+    let with_info: Vec<&String> = texts.iter().filter(|t| t.contains("vk_info({")).collect();
+    assert_eq!(
+        with_info.len(),
+        2,
+        "one file per vk_info-calling task: {texts:?}"
+    );
+    for (f, t) in files.iter().zip(&texts) {
+        let tid = f.extension().and_then(|e| e.to_str()).expect("FILE.TID");
+        assert!(tid.parse::<u32>().is_ok(), "{}", f.display());
+        assert!(
+            !t.contains("[pid"),
+            "no [pid N] prefix in {}: {t}",
+            f.display()
+        );
+        assert!(t.lines().all(|l| !l.is_empty()), "{t}");
+    }
+    for t in with_info {
+        assert!(
+            t.starts_with("execve(") && t.ends_with("+++ exited with 0 +++\n"),
+            "{t}"
+        );
+    }
+}
+
 #[test]
 fn output_file_holds_trace_and_stats_and_diagnostics_stay_apart() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -152,40 +256,42 @@ fn output_file_holds_trace_and_stats_and_diagnostics_stay_apart() {
     }
 }
 
+/// `--stats -v` lists every counter, in order, zeros included; plain
+/// `--stats` only those that moved (after the one-line summary).
 #[test]
-fn stats_list_every_counter() {
-    let out =
-        run(vkrun()
-            .arg("--stats")
+fn stats_list_every_counter_with_v_and_the_nonzero_ones_without() {
+    let stats = |verbose: bool| {
+        let mut cmd = vkrun();
+        cmd.arg("--stats");
+        if verbose {
+            cmd.arg("-v");
+        }
+        let out = run(cmd
             .arg(bin("vkcall"))
             .args(["raw", "0xdf00000", "0x8", "48"]));
-    let err = text(&out.stderr);
-    for name in [
-        "vm.vpagetable_mmap",
-        "vm.vpagetable_setmap",
-        "vm.vpagetable_inval",
-        "vm.vpagetable_faults",
-        "vkrun.hypercalls",
-        "vkrun.hypercall_errors",
-        "vkrun.vmspaces_created",
-        "vkrun.runs",
-        "vkrun.host_mappings_installed",
-        "vkrun.host_mappings_evicted",
-    ] {
-        let line = err
+        let err = text(&out.stderr);
+        let listed: Vec<(String, u64)> = err
             .lines()
-            .find(|l| l.split_once(": ").map(|(n, _)| n) == Some(name))
-            .unwrap_or_else(|| panic!("{name} missing: {err}"));
-        assert!(
-            line.split_once(": ")
-                .expect("pair")
-                .1
-                .parse::<u64>()
-                .is_ok()
-        );
-    }
-    assert!(err.contains("vkrun.hypercalls.vk_info: 1\n"), "{err}");
-    assert!(err.contains("vkrun.hypercall_errors: 1\n"), "{err}");
+            .filter_map(|l| l.split_once(": "))
+            .filter(|(n, _)| n.starts_with("vm.") || n.starts_with("vkrun."))
+            .map(|(n, v)| (n.to_owned(), v.parse().expect("a number")))
+            .collect();
+        (err, listed)
+    };
+    let (err, all) = stats(true);
+    let names: Vec<&str> = all.iter().map(|(n, _)| n.as_str()).collect();
+    assert_eq!(names, counter_names(), "{err}");
+    assert_eq!(counter(&err, "vkrun.hypercalls.vk_info"), 1, "{err}");
+    assert_eq!(counter(&err, "vkrun.hypercall_errors"), 1, "{err}");
+    assert!(all.iter().any(|(_, v)| *v == 0), "zeros are listed with -v");
+
+    let (err, moved) = stats(false);
+    assert!(
+        err.starts_with("vkrun: 1 hypercall"),
+        "summary first: {err}"
+    );
+    let nonzero: Vec<(String, u64)> = all.into_iter().filter(|(_, v)| *v != 0).collect();
+    assert_eq!(moved, nonzero, "{err}");
 }
 
 #[test]

@@ -13,7 +13,7 @@
 use std::path::PathBuf;
 use std::process::{Command, Output};
 
-use vkrun_tests::{bin, compile_c, run, text, vkrun, workspace_root};
+use vkrun_tests::{bin, compile_c, counter, run, text, vkrun, workspace_root};
 
 /// What the demo program prints.
 const PROGRAM_OUTPUT: &str = "primes below 100000: 9592, sum 454396537\n\
@@ -23,15 +23,6 @@ const PROGRAM_OUTPUT: &str = "primes below 100000: 9592, sum 454396537\n\
 const PAGE_FAULTS: u64 = 43;
 /// Three writes and the exit.
 const SYSCALLS: u64 = 4;
-
-/// The value of counter `name` in `--stats` output.
-fn stat(log: &str, name: &str) -> u64 {
-    let prefix = format!("{name}: ");
-    log.lines()
-        .find_map(|l| l.strip_prefix(&prefix))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no counter {name} in:\n{log}"))
-}
 
 /// Run `guest ARGS` under `vkrun --stats`.
 fn under_vkrun(guest: impl Into<PathBuf>, args: &[&str]) -> Output {
@@ -52,10 +43,10 @@ fn assert_demo(out: &Output, name: &str) {
     assert_eq!(out.status.code(), Some(0), "stderr:\n{stderr}");
     // Each RUN comes back with exactly one event: a fault to serve or a
     // system call.
-    assert_eq!(stat(&stderr, "vkrun.run_exits.pagefault"), PAGE_FAULTS);
-    assert_eq!(stat(&stderr, "vkrun.run_exits.syscall"), SYSCALLS);
-    assert_eq!(stat(&stderr, "vkrun.runs"), PAGE_FAULTS + SYSCALLS);
-    assert_eq!(stat(&stderr, "vkrun.vmspaces_created"), 1);
+    assert_eq!(counter(&stderr, "vkrun.run_exits.pagefault"), PAGE_FAULTS);
+    assert_eq!(counter(&stderr, "vkrun.run_exits.syscall"), SYSCALLS);
+    assert_eq!(counter(&stderr, "vkrun.runs"), PAGE_FAULTS + SYSCALLS);
+    assert_eq!(counter(&stderr, "vkrun.vmspaces_created"), 1);
 }
 
 #[test]
@@ -132,14 +123,18 @@ fn bench(args: &[&str], name: &str) -> String {
 fn bench_times_run_round_trips() {
     let stderr = bench(&["bench", "200"], "run_ns_per_call");
     // The marker, 200 calls and the exit.
-    assert_eq!(stat(&stderr, "vkrun.run_exits.syscall"), 202, "{stderr}");
-    assert_eq!(stat(&stderr, "vkrun.run_exits.pagefault"), 0, "{stderr}");
+    assert_eq!(counter(&stderr, "vkrun.run_exits.syscall"), 202, "{stderr}");
+    assert_eq!(counter(&stderr, "vkrun.run_exits.pagefault"), 0, "{stderr}");
 }
 
 #[test]
 fn bench_fault_serves_one_page_fault_per_page() {
     let stderr = bench(&["bench-fault", "64"], "fault_ns_per_page");
-    assert_eq!(stat(&stderr, "vkrun.run_exits.pagefault"), 64, "{stderr}");
+    assert_eq!(
+        counter(&stderr, "vkrun.run_exits.pagefault"),
+        64,
+        "{stderr}"
+    );
 }
 
 #[test]
@@ -147,8 +142,8 @@ fn bench_vpt_faults_never_leave_the_host() {
     // The guest checks that each page holds what was stored and that the
     // host set A and M on its prefilled leaf.
     let stderr = bench(&["bench-vpt", "64"], "vpt_fault_ns_per_page");
-    assert_eq!(stat(&stderr, "vkrun.run_exits.pagefault"), 0, "{stderr}");
-    assert_eq!(stat(&stderr, "vkrun.run_exits.syscall"), 2, "{stderr}");
+    assert_eq!(counter(&stderr, "vkrun.run_exits.pagefault"), 0, "{stderr}");
+    assert_eq!(counter(&stderr, "vkrun.run_exits.syscall"), 2, "{stderr}");
 }
 
 /// Fault lines of a vmspace name the guest thread whose RUN faulted, like

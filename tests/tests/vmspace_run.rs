@@ -12,27 +12,39 @@ use std::time::Duration;
 
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
-use vkrun_tests::{DEADLINE, alive, bin, eventually, run, text, vkrun, wait_deadline};
+use vkrun_tests::{DEADLINE, alive, bin, counter, eventually, run, text, vkrun, wait_deadline};
 
-/// Run `vmspace-check area` under vkrun.
-fn vmspace_check(area: &str) -> Output {
+/// How RUN reaches the context: `vkrun --run=PATH`.
+const PATHS: [&str; 2] = ["fast", "hypercall"];
+
+/// Run `vmspace-check area` under vkrun with `--run=path`.
+fn vmspace_check(area: &str, path: &str) -> Output {
     run(vkrun()
         .arg("-q")
+        .arg(format!("--run={path}"))
         .arg("--")
         .arg(bin("vmspace-check"))
         .arg(area))
 }
 
-/// `vmspace-check area` passes: exit 0, no FAIL line, and `ok area.NAME`
+/// `vmspace-check area` passes on both paths of RUN (the guest library's
+/// fast RUN and the hypercall): exit 0, no FAIL line, and `ok area.NAME`
 /// for every name in `expected`.
 fn check(area: &str, expected: &[&str]) {
-    let out = vmspace_check(area);
+    for path in PATHS {
+        check_path(area, path, expected);
+    }
+}
+
+fn check_path(area: &str, path: &str, expected: &[&str]) {
+    let area_path = format!("{area} (--run={path})");
+    let out = vmspace_check(area, path);
     let stdout = text(&out.stdout);
     let stderr = text(&out.stderr);
     let fails: Vec<&str> = stdout.lines().filter(|l| l.starts_with("FAIL")).collect();
     assert!(
         fails.is_empty(),
-        "vmspace-check {area} failed:\n{}\nstderr:\n{stderr}",
+        "vmspace-check {area_path} failed:\n{}\nstderr:\n{stderr}",
         fails.join("\n")
     );
     let missing: Vec<String> = expected
@@ -42,7 +54,7 @@ fn check(area: &str, expected: &[&str]) {
         .collect();
     assert!(
         missing.is_empty(),
-        "vmspace-check {area}: missing lines:\n{}\nstdout:\n{stdout}\nstderr:\n{stderr}",
+        "vmspace-check {area_path}: missing lines:\n{}\nstdout:\n{stdout}\nstderr:\n{stderr}",
         missing.join("\n")
     );
     let prefix = format!("ok {area}.");
@@ -55,13 +67,13 @@ fn check(area: &str, expected: &[&str]) {
         .collect();
     assert!(
         extra.is_empty(),
-        "vmspace-check {area}: lines this test does not know:\n{}",
+        "vmspace-check {area_path}: lines this test does not know:\n{}",
         extra.join("\n")
     );
     assert_eq!(
         out.status.code(),
         Some(0),
-        "vmspace-check {area} exit status; stdout:\n{stdout}\nstderr:\n{stderr}"
+        "vmspace-check {area_path} exit status; stdout:\n{stdout}\nstderr:\n{stderr}"
     );
 }
 
@@ -349,7 +361,13 @@ fn a_forked_guest_shares_the_registry() {
 
 #[test]
 fn all_areas_pass_in_one_guest() {
-    let out = vmspace_check("all");
+    for path in PATHS {
+        all_areas_pass_on(path);
+    }
+}
+
+fn all_areas_pass_on(path: &str) {
+    let out = vmspace_check("all", path);
     let stdout = text(&out.stdout);
     let summary = stdout
         .lines()
@@ -364,7 +382,7 @@ fn all_areas_pass_in_one_guest() {
     assert!(oks > 0, "no check ran: {summary}");
     assert!(
         summary.ends_with(" ok, 0 failed"),
-        "{summary}\n{}",
+        "--run={path}: {summary}\n{}",
         stdout
             .lines()
             .filter(|l| l.starts_with("FAIL"))
@@ -473,6 +491,83 @@ fn assert_stubs_gone(stubs: &[i32], what: &str) {
             .any(|s| stub_alive(*s))),
         "vkrun-vmspace stubs {stubs:?} outlived {what}; vkrun-vmspace processes now: {:?}",
         all_stubs()
+    );
+}
+
+/// The host mappings of `[va, va + len)` in process `pid`: `(start, end,
+/// perms)` per line of `/proc/PID/maps`, clipped to the range.
+fn maps_in(pid: i32, va: u64, len: u64) -> Vec<(u64, u64, String)> {
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).expect("stub maps");
+    maps.lines()
+        .filter_map(|l| {
+            let mut f = l.split_whitespace();
+            let (s, e) = f.next()?.split_once('-')?;
+            let (s, e) = (
+                u64::from_str_radix(s, 16).ok()?,
+                u64::from_str_radix(e, 16).ok()?,
+            );
+            let (s, e) = (s.max(va), e.min(va + len));
+            (s < e).then(|| (s, e, f.next().unwrap_or_default().to_owned()))
+        })
+        .collect()
+}
+
+/// A vmspace's window pages are `PROT_NONE` in its stub until installed,
+/// so that a first touch raises `SIGSEGV` in the execution context itself
+/// (which reports it, as it reports a system call) instead of waiting in a
+/// userfaultfd for another vkrun thread: the page whose VPTE was valid is
+/// a shared mapping of RAM, the one whose walk failed (RUN returned
+/// `T_PAGEFLT`) and the untouched ones are inaccessible.
+#[test]
+fn a_vmspace_window_is_inaccessible_in_its_stub_until_installed() {
+    let mut child = vkrun()
+        .args(["-q", "--"])
+        .arg(bin("vmspace-check"))
+        .arg("hold-window")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn vkrun");
+    let stdout = child.stdout.take().expect("stdout");
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let mut line = String::new();
+        let _ = BufReader::new(stdout).read_line(&mut line);
+        let _ = tx.send(line);
+    });
+    let line = rx.recv_timeout(Duration::from_secs(30)).unwrap_or_default();
+    let stubs = stubs(child.id());
+    let seen = line
+        .strip_prefix("window ")
+        .and_then(|w| w.trim().split_once(' '))
+        .and_then(|(va, pages)| {
+            let va = u64::from_str_radix(va.strip_prefix("0x")?, 16).ok()?;
+            Some((va, pages.parse::<u64>().ok()? * 4096))
+        })
+        .zip(stubs.first())
+        .map(|((va, len), stub)| (va, maps_in(*stub, va, len)));
+    drop(child.stdin.take());
+    let status = wait_deadline(&mut child, DEADLINE);
+    let (va, maps) = seen.unwrap_or_else(|| panic!("hold-window: {line:?}, stubs {stubs:?}"));
+    assert_eq!(status.code(), Some(0), "vmspace-check hold-window");
+    let installed = (va + 0x2000, va + 0x3000);
+    for (s, e, perms) in &maps {
+        if (*s, *e) == installed {
+            assert_eq!(perms, "rwxs", "the page installed (RW, no NX): {maps:x?}");
+        } else {
+            assert!(
+                *e <= installed.0 || *s >= installed.1,
+                "the installed page is one mapping: {maps:x?}"
+            );
+            assert_eq!(perms, "---p", "pages not installed: {maps:x?}");
+        }
+    }
+    let covered: u64 = maps.iter().map(|(s, e, _)| e - s).sum();
+    assert_eq!(covered, 8 * 4096, "the whole window is mapped: {maps:x?}");
+    assert!(
+        maps.iter().any(|m| (m.0, m.1) == installed),
+        "page 2 installed: {maps:x?}"
     );
 }
 
@@ -731,15 +826,6 @@ fn runs_with_faults_inside_trace_as_unfinished_and_resumed() {
     assert_eq!(unfinished, resumed, "{err}");
 }
 
-/// The value of counter `name` in `--stats` output.
-fn counter(stats: &str, name: &str) -> u64 {
-    stats
-        .lines()
-        .find_map(|l| l.strip_prefix(&format!("{name}: ")))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no counter {name}:\n{stats}"))
-}
-
 #[test]
 fn stats_count_runs_and_their_exits() {
     let out = run(vkrun()
@@ -768,6 +854,55 @@ fn stats_count_runs_and_their_exits() {
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stdout));
     let stats = text(&out.stderr);
     assert!(counter(&stats, "vkrun.run_exits.signal") >= 4, "{stats}");
+}
+
+/// The library's `vmspace_ctl()` takes the fast RUN by default (vkrun is
+/// asked once per thread and vmspace, so the RUNs far outnumber the
+/// `vmspace_ctl` hypercalls), and the RUNs it makes are still counted, with
+/// their exits; `--run=hypercall` and a trace of RUNs make every RUN a
+/// hypercall again (one more `vmspace_ctl` per process: the library's
+/// question, refused).
+#[test]
+fn the_fast_run_is_taken_unless_runs_are_traced_or_refused() {
+    let stats_of = |options: &[&str]| {
+        let out = run(vkrun()
+            .args(["-q", "--stats"])
+            .args(options)
+            .arg("--")
+            .arg(bin("vmspace-check"))
+            .arg("traps"));
+        assert_eq!(out.status.code(), Some(0), "{}", text(&out.stdout));
+        let stats = text(&out.stderr);
+        let runs = counter(&stats, "vkrun.runs");
+        let exits: u64 = ["syscall", "pagefault", "trap", "signal"]
+            .iter()
+            .map(|k| counter(&stats, &format!("vkrun.run_exits.{k}")))
+            .sum();
+        (
+            runs,
+            exits,
+            counter(&stats, "vkrun.hypercalls.vmspace_ctl"),
+            stats,
+        )
+    };
+    let (fast_runs, fast_exits, fast_calls, stats) = stats_of(&[]);
+    assert!(
+        fast_runs >= 10 && fast_calls * 2 < fast_runs,
+        "the fast RUN was not taken: {fast_runs} RUNs, {fast_calls} vmspace_ctl hypercalls\n{stats}"
+    );
+    assert_eq!(
+        fast_exits, fast_runs,
+        "every fast RUN's exit counted:\n{stats}"
+    );
+    for options in [&["--run=hypercall"][..], &["-e", "trace=runs"][..]] {
+        let (runs, exits, calls, stats) = stats_of(options);
+        assert_eq!(runs, fast_runs, "{options:?}: the same RUNs\n{stats}");
+        assert_eq!(exits, runs, "{options:?}\n{stats}");
+        assert!(
+            calls > runs,
+            "{options:?}: every RUN a hypercall: {runs} RUNs, {calls} vmspace_ctl\n{stats}"
+        );
+    }
 }
 
 /// Under a signal storm every RUN's trace line says how the call ended, in

@@ -7,7 +7,7 @@
 use std::path::Path;
 use std::process::Command;
 
-use vkrun_tests::{bin, compile_c, run, text, vkrun, workspace_root};
+use vkrun_tests::{bin, compile_c, counter, run, text, vkrun, workspace_root};
 
 /// Run `vpt-demo ARGS` under `vkrun -m MEM`; assert exit 0 and no FAIL line;
 /// return stdout.
@@ -354,15 +354,6 @@ fn hex_numbers(line: &str) -> impl Iterator<Item = u64> + '_ {
     })
 }
 
-/// The value of counter `name` in `--stats` output.
-fn stat(log: &str, name: &str) -> u64 {
-    let prefix = format!("{name}: ");
-    log.lines()
-        .find_map(|l| l.strip_prefix(&prefix))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no counter {name} in:\n{log}"))
-}
-
 #[test]
 
 fn alias_counts_and_traces_its_faults() {
@@ -385,9 +376,9 @@ fn alias_counts_and_traces_its_faults() {
         .unwrap_or_else(|| panic!("no window address in:\n{stdout}"));
     let log = std::fs::read_to_string(Path::new(&log_path)).expect("trace file");
 
-    assert!(stat(&log, "vm.vpagetable_mmap") >= 1, "{log}");
-    assert!(stat(&log, "vm.vpagetable_setmap") >= 1, "{log}");
-    let faults = stat(&log, "vm.vpagetable_faults");
+    assert!(counter(&log, "vm.vpagetable_mmap") >= 1, "{log}");
+    assert!(counter(&log, "vm.vpagetable_setmap") >= 1, "{log}");
+    let faults = counter(&log, "vm.vpagetable_faults");
     assert!(faults >= 16, "16 pages, each touched: {log}");
 
     // One trace line per fault, naming the faulting address.
@@ -405,5 +396,100 @@ fn alias_counts_and_traces_its_faults() {
             "no fault line for page {p} ({:#x}):\n{log}",
             base + p * 4096
         );
+    }
+}
+
+/// The resolver threads of a guest process (blocked reading the agent's
+/// userfaultfd, numbered 768 and up) and the CPUs each may run on.
+fn resolvers(pid: i32) -> Vec<(i32, String)> {
+    let mut out = Vec::new();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).expect("tasks") {
+        let path = task.expect("task").path();
+        let syscall = std::fs::read_to_string(path.join("syscall")).unwrap_or_default();
+        let mut f = syscall.split_whitespace();
+        let reads_agent_fd = f.next() == Some("0")
+            && f.next()
+                .and_then(|fd| u64::from_str_radix(fd.trim_start_matches("0x"), 16).ok())
+                .is_some_and(|fd| fd >= 768);
+        if !reads_agent_fd {
+            continue;
+        }
+        let status = std::fs::read_to_string(path.join("status")).unwrap_or_default();
+        let cpus = status
+            .lines()
+            .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+            .unwrap_or_default()
+            .trim()
+            .to_owned();
+        let tid = path
+            .file_name()
+            .and_then(|n| n.to_str()?.parse().ok())
+            .unwrap_or(0);
+        out.push((tid, cpus));
+    }
+    out
+}
+
+/// A first-touch fault wakes every reader of the uffd; the resolver on the
+/// faulting thread's CPU takes it, so no wake-up crosses CPUs: a guest
+/// process with a window has one resolver kept on each CPU it may use
+/// (`taskset -c 0`: one, on CPU 0).
+#[test]
+fn one_resolver_per_cpu_each_kept_there() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let src = workspace_root().join("tests/programs/window_hold.c");
+    let Some(exe) = compile_c(&src, dir.path(), &[]) else {
+        return;
+    };
+    // vkrun inherits this process's CPUs: one resolver each, or, beyond
+    // eight, eight that the scheduler places.
+    let ours = std::fs::read_to_string("/proc/self/status").expect("status");
+    let ours = ours
+        .lines()
+        .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+        .expect("Cpus_allowed_list")
+        .trim()
+        .to_owned();
+    let cpus: Vec<String> = ours
+        .split(',')
+        .flat_map(|r| {
+            let (a, b) = r.split_once('-').unwrap_or((r, r));
+            let (a, b): (usize, usize) = (a.parse().expect("cpu"), b.parse().expect("cpu"));
+            (a..=b).map(|c| c.to_string())
+        })
+        .collect();
+    let all = if cpus.len() <= 8 { cpus } else { vec![ours; 8] };
+    let pinned = vkrun_tests::require("taskset").map(|taskset| {
+        let mut c = Command::new(taskset);
+        c.args(["-c", "0"]).arg(bin("vkrun"));
+        c
+    });
+    for (mut cmd, want) in [(vkrun(), all)]
+        .into_iter()
+        .chain(pinned.map(|c| (c, vec!["0".to_owned()])))
+    {
+        let mut child = cmd
+            .arg("--")
+            .arg(&exe)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("spawn vkrun");
+        let mut line = String::new();
+        let mut out = std::io::BufReader::new(child.stdout.take().expect("stdout"));
+        std::io::BufRead::read_line(&mut out, &mut line).expect("read");
+        let pid: i32 = line
+            .strip_prefix("held ")
+            .and_then(|p| p.trim().parse().ok())
+            .unwrap_or_else(|| panic!("window_hold: {line:?}"));
+        let found = resolvers(pid);
+        drop(child.stdin.take());
+        let status = child.wait().expect("wait");
+        assert!(status.success(), "window_hold: {status}");
+        let mut cpus: Vec<String> = found.iter().map(|(_, c)| c.clone()).collect();
+        cpus.sort();
+        let mut want = want;
+        want.sort();
+        assert_eq!(cpus, want, "resolvers (tid, CPUs): {found:?}");
     }
 }

@@ -124,3 +124,18 @@ fn replaced_descriptors_end_the_guest_clearly_or_keep_working() {
         }
     }
 }
+
+/// A guest holding the lock vkrun shares with its resolver stalls its own
+/// `vk_mmap` and its write to a read-only page (both wait for the lock on
+/// the process's stop worker), never the tracer: forks go on meanwhile.
+/// Before the stop worker, the tracer waited in the lock, the forks froze,
+/// and the guest was killed after 10 s.
+#[test]
+fn a_guest_holding_its_resolver_lock_stalls_only_itself() {
+    let Some((code, stdout, stderr)) = hostile("hold-lock") else {
+        return;
+    };
+    assert_eq!(code, 0, "{stdout}{stderr}");
+    assert_eq!(stdout, "hold-lock: ok\n", "{stderr}");
+    assert!(stderr.contains("forks while held"), "{stderr}");
+}

@@ -199,7 +199,13 @@ pub fn vmspace_destroy(id: u64) -> Result<(), Errno> {
 
 /// `vmspace_ctl(id, cmd, tf, vf)`: with `VMSPACE_CTL_RUN`, runs the user
 /// context until it traps and updates `tf`.
+///
+/// A RUN takes the fast path ([`crate::fastrun`]) when vkrun offers it and
+/// the hypercall otherwise; the two behave the same (ABI section 7).
 pub fn vmspace_ctl(id: u64, cmd: i32, tf: &mut TrapFrame, vf: &mut VextFrame) -> Result<(), Errno> {
+    if let Some(r) = crate::fastrun::run(id, cmd, tf, vf) {
+        return r;
+    }
     // SAFETY: `tf` and `vf` are valid, exclusive references of the ABI's sizes.
     result(unsafe {
         hypercall(

@@ -13,6 +13,7 @@
 #![warn(missing_docs)]
 #![doc = include_str!("../README.md")]
 
+pub mod fastrun;
 pub mod hypercall;
 
 use core::mem::{offset_of, size_of};

@@ -325,6 +325,176 @@ fn vkabi_table() -> Abi {
         T_SEGNPFLT, T_STKFLT, T_MCHK, T_XMMFLT, T_RESERVED, T_SYSCALL80, T_FAST_SYSCALL,
     );
     constants!(abi: RFLAGS_USER_MASK, RFLAGS_USER_SET);
+    // The fast RUN's block layout (vkabi::fastrun), which the header's
+    // vmspace_ctl() implements too.
+    {
+        use vkabi::fastrun;
+        abi.constant(
+            "fastrun::VMSPACE_CTL_FASTINFO",
+            "VMSPACE_CTL_FASTINFO",
+            fastrun::VMSPACE_CTL_FASTINFO,
+        );
+        abi.constant(
+            "fastrun::OPEN_MAGIC",
+            "VK_FAST_OPEN_MAGIC",
+            fastrun::OPEN_MAGIC,
+        );
+        abi.constant(
+            "fastrun::CX_STATE",
+            "VK_FAST_CX_STATE",
+            fastrun::CX_STATE as i32,
+        );
+        abi.constant("fastrun::CX_SEQ", "VK_FAST_CX_SEQ", fastrun::CX_SEQ as i32);
+        abi.constant(
+            "fastrun::CX_KICK",
+            "VK_FAST_CX_KICK",
+            fastrun::CX_KICK as i32,
+        );
+        abi.constant("fastrun::CX_SIG", "VK_FAST_CX_SIG", fastrun::CX_SIG as i32);
+        abi.constant(
+            "fastrun::CX_CODE",
+            "VK_FAST_CX_CODE",
+            fastrun::CX_CODE as i32,
+        );
+        abi.constant(
+            "fastrun::CX_ADDR",
+            "VK_FAST_CX_ADDR",
+            fastrun::CX_ADDR as i32,
+        );
+        abi.constant(
+            "fastrun::CX_SYSCALL",
+            "VK_FAST_CX_SYSCALL",
+            fastrun::CX_SYSCALL as i32,
+        );
+        abi.constant(
+            "fastrun::CX_FS_OUT",
+            "VK_FAST_CX_FS_OUT",
+            fastrun::CX_FS_OUT as i32,
+        );
+        abi.constant(
+            "fastrun::CX_GS_OUT",
+            "VK_FAST_CX_GS_OUT",
+            fastrun::CX_GS_OUT as i32,
+        );
+        abi.constant(
+            "fastrun::CX_FS_IN",
+            "VK_FAST_CX_FS_IN",
+            fastrun::CX_FS_IN as i32,
+        );
+        abi.constant(
+            "fastrun::CX_GS_IN",
+            "VK_FAST_CX_GS_IN",
+            fastrun::CX_GS_IN as i32,
+        );
+        abi.constant(
+            "fastrun::CX_OPEN",
+            "VK_FAST_CX_OPEN",
+            fastrun::CX_OPEN as i32,
+        );
+        abi.constant(
+            "fastrun::CX_BUSY",
+            "VK_FAST_CX_BUSY",
+            fastrun::CX_BUSY as i32,
+        );
+        abi.constant(
+            "fastrun::CX_MASK_HELD",
+            "VK_FAST_CX_MASK_HELD",
+            fastrun::CX_MASK_HELD as i32,
+        );
+        abi.constant(
+            "fastrun::CX_FAULT",
+            "VK_FAST_CX_FAULT",
+            fastrun::CX_FAULT as i32,
+        );
+        abi.constant(
+            "fastrun::CX_SAVED_MASK",
+            "VK_FAST_CX_SAVED_MASK",
+            fastrun::CX_SAVED_MASK as i32,
+        );
+        abi.constant(
+            "fastrun::CX_FAULT_ADDR",
+            "VK_FAST_CX_FAULT_ADDR",
+            fastrun::CX_FAULT_ADDR as i32,
+        );
+        abi.constant(
+            "fastrun::CX_FAULT_ERR",
+            "VK_FAST_CX_FAULT_ERR",
+            fastrun::CX_FAULT_ERR as i32,
+        );
+        abi.constant(
+            "fastrun::CX_STUB_PID",
+            "VK_FAST_CX_STUB_PID",
+            fastrun::CX_STUB_PID as i32,
+        );
+        abi.constant(
+            "fastrun::CX_CTX_TID",
+            "VK_FAST_CX_CTX_TID",
+            fastrun::CX_CTX_TID as i32,
+        );
+        abi.constant(
+            "fastrun::CX_KICK_AT",
+            "VK_FAST_CX_KICK_AT",
+            fastrun::CX_KICK_AT as i32,
+        );
+        abi.constant(
+            "fastrun::CX_N_RUNS",
+            "VK_FAST_CX_N_RUNS",
+            fastrun::CX_N_RUNS as i32,
+        );
+        abi.constant(
+            "fastrun::CX_N_SYSCALL",
+            "VK_FAST_CX_N_SYSCALL",
+            fastrun::CX_N_SYSCALL as i32,
+        );
+        abi.constant(
+            "fastrun::CX_N_PAGEFAULT",
+            "VK_FAST_CX_N_PAGEFAULT",
+            fastrun::CX_N_PAGEFAULT as i32,
+        );
+        abi.constant(
+            "fastrun::CX_N_TRAP",
+            "VK_FAST_CX_N_TRAP",
+            fastrun::CX_N_TRAP as i32,
+        );
+        abi.constant(
+            "fastrun::CX_N_SIGNAL",
+            "VK_FAST_CX_N_SIGNAL",
+            fastrun::CX_N_SIGNAL as i32,
+        );
+        abi.constant("fastrun::CX_IN", "VK_FAST_CX_IN", fastrun::CX_IN as i32);
+        abi.constant("fastrun::CX_OUT", "VK_FAST_CX_OUT", fastrun::CX_OUT as i32);
+        abi.constant(
+            "fastrun::GREGS_IN",
+            "VK_FAST_GREGS_IN",
+            fastrun::GREGS_IN as i32,
+        );
+        abi.constant("fastrun::GREGS", "VK_FAST_GREGS", fastrun::GREGS as i32);
+        abi.constant(
+            "fastrun::STATE_WAIT",
+            "VK_FAST_STATE_WAIT",
+            fastrun::STATE_WAIT as i32,
+        );
+        abi.constant(
+            "fastrun::STATE_GO",
+            "VK_FAST_STATE_GO",
+            fastrun::STATE_GO as i32,
+        );
+        abi.constant(
+            "fastrun::STATE_RUNNING",
+            "VK_FAST_STATE_RUNNING",
+            fastrun::STATE_RUNNING as i32,
+        );
+        abi.constant(
+            "fastrun::STATE_EXIT",
+            "VK_FAST_STATE_EXIT",
+            fastrun::STATE_EXIT as i32,
+        );
+        abi.constant(
+            "fastrun::KICK_SIGNAL",
+            "VK_FAST_KICK_SIGNAL",
+            fastrun::KICK_SIGNAL as i32,
+        );
+    }
 
     // The crate's errno values against <errno.h>.
     for (name, errno) in [
@@ -417,6 +587,11 @@ fn rust_items_in_source() -> BTreeSet<String> {
             && rest.contains(": Errno")
         {
             items.insert(format!("Errno::{}", ident(rest)));
+        }
+    }
+    for line in include_str!("../src/fastrun.rs").lines() {
+        if let Some(rest) = line.strip_prefix("pub const ") {
+            items.insert(format!("fastrun::{}", ident(rest)));
         }
     }
     for h in Hypercall::ALL {

@@ -49,13 +49,42 @@ impl fmt::Debug for Vmspace {
 
 impl Vmspace {
     /// `vmspace_create(id, 0, NULL)`: a new, empty user address space.
+    ///
+    /// An id still in use (`EEXIST`: a vmspace a process of the same pid
+    /// created earlier and another process kept, see
+    /// [`Vmspace::into_id`]) is skipped, up to 64 times.
     pub fn create() -> Result<Vmspace, HypercallError> {
         // SAFETY: getpid has no preconditions and cannot fail.
         let pid = u64::from(unsafe { libc::getpid() }.unsigned_abs());
-        let n = CREATED.fetch_add(1, Ordering::Relaxed) + 1;
-        let vm = Vmspace { id: pid << 32 | n };
-        named("vmspace_create", hypercall::vmspace_create(vm.id(), 0, 0))?;
-        Ok(vm)
+        let mut tries = 0;
+        loop {
+            let n = CREATED.fetch_add(1, Ordering::Relaxed) + 1;
+            let id = pid << 32 | n;
+            match hypercall::vmspace_create(id, 0, 0) {
+                Err(Errno(libc::EEXIST)) if tries < 64 => tries += 1,
+                r => {
+                    named("vmspace_create", r)?;
+                    return Ok(Vmspace { id });
+                }
+            }
+        }
+    }
+
+    /// Take over the vmspace `id` that another host process of the guest
+    /// created and gave up with [`Vmspace::into_id`] (the registry is one
+    /// per guest, ABI section 7): it is destroyed when this one is
+    /// dropped. Its window and the tables it points at are as that process
+    /// left them; nothing may run in it.
+    pub fn adopt(id: u64) -> Vmspace {
+        Vmspace { id }
+    }
+
+    /// Give up this vmspace without destroying it; its id, for
+    /// [`Vmspace::adopt`].
+    pub fn into_id(self) -> u64 {
+        let id = self.id;
+        std::mem::forget(self);
+        id
     }
 
     /// The opaque id the hypercalls take.

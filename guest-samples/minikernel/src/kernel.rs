@@ -107,12 +107,25 @@ pub struct Proc {
     /// The served thread's `set_tid_address` / `CLONE_CHILD_CLEARTID`
     /// word (0: none), cleared and woken at the thread's exit.
     pub clear_tid: u64,
+    /// The served thread's `set_robust_list` head (0: none), walked at
+    /// the thread's exit.
+    pub robust_list: u64,
     /// Its parent's pid.
     pub ppid: i32,
     /// Its signal state.
     pub sig: Signals,
     /// The program it runs (what `/proc/self/exe` names).
     pub exe: PathBuf,
+    /// Its arguments, each NUL-terminated (what `/proc/self/cmdline`
+    /// holds).
+    pub cmdline: Vec<u8>,
+}
+
+/// `argv` as `/proc/PID/cmdline` shows it.
+pub fn cmdline(argv: &[Vec<u8>]) -> Vec<u8> {
+    argv.iter()
+        .flat_map(|a| a.iter().copied().chain([0]))
+        .collect()
 }
 
 /// What each thread of a process has of its own; the process's fields of
@@ -134,6 +147,8 @@ pub struct Thread {
     pub saved_mask: Option<u64>,
     /// The clear-tid word.
     pub clear_tid: u64,
+    /// The robust-futex list head.
+    pub robust_list: u64,
 }
 
 impl Proc {
@@ -147,6 +162,7 @@ impl Proc {
             altstack: self.sig.altstack,
             saved_mask: self.sig.saved_mask,
             clear_tid: self.clear_tid,
+            robust_list: self.robust_list,
         }
     }
 
@@ -159,6 +175,7 @@ impl Proc {
         self.sig.altstack = t.altstack;
         self.sig.saved_mask = t.saved_mask;
         self.clear_tid = t.clear_tid;
+        self.robust_list = t.robust_list;
     }
 
     /// Save the served thread's state to `t`.
@@ -189,6 +206,50 @@ pub struct Stats {
     pub stale_faults: u64,
     /// `T_SIGNAL` exits.
     pub signals: u64,
+    /// Forks made (by this process).
+    pub forks: u64,
+    /// Nanoseconds spent copying or sharing the address space for them.
+    pub fork_mm_ns: u64,
+    /// Nanoseconds spent in the host's `fork` (parent side).
+    pub fork_host_ns: u64,
+    /// Nanoseconds the child spent creating its vmspace (create, window,
+    /// `MADV_SETMAP`), once per process started by a fork.
+    pub fork_vmspace_ns: u64,
+    /// Successful `execve`s, and nanoseconds spent loading the program
+    /// and pointing the window at it.
+    pub execs: u64,
+    /// See [`Stats::execs`].
+    pub exec_ns: u64,
+    /// Copy-on-write faults served with a copy, and with the frame taken
+    /// over (its last user).
+    pub cow_copies: u64,
+    /// See [`Stats::cow_copies`].
+    pub cow_reuses: u64,
+}
+
+impl Stats {
+    /// The line `--stats` prints for the timing of forks and execs.
+    pub fn fork_line(&self) -> String {
+        let us = |ns: u64, n: u64| {
+            if n == 0 {
+                0.0
+            } else {
+                ns as f64 / n as f64 / 1000.0
+            }
+        };
+        format!(
+            "minikernel: {} forks (address space {:.0} µs, host fork {:.0} µs each), \
+             vmspace {:.0} µs, {} execs ({:.0} µs each), {} cow copies, {} cow reuses",
+            self.forks,
+            us(self.fork_mm_ns, self.forks),
+            us(self.fork_host_ns, self.forks),
+            self.fork_vmspace_ns as f64 / 1000.0,
+            self.execs,
+            us(self.exec_ns, self.execs),
+            self.cow_copies,
+            self.cow_reuses,
+        )
+    }
 }
 
 /// Tracing of system calls (`MINIKERNEL_TRACE`).
@@ -266,10 +327,19 @@ impl Kernel {
         fd as i32 == self.ram_fd
     }
 
-    /// A new vmspace with its window pointing at `mm`'s tables.
+    /// A vmspace with its window pointing at `mm`'s tables: an idle one
+    /// from the pool ([`crate::ram::take_vmspace`]) if there is one, else
+    /// a new one.
     pub fn vmspace(&self, mm: &Mm) -> Result<Vmspace, KernelError> {
-        let vm = Vmspace::create()?;
         let len = self.user_max - WINDOW_BASE;
+        while let Some(id) = crate::ram::take_vmspace(&self.ram) {
+            let vm = Vmspace::adopt(id);
+            if vm.setmap(WINDOW_BASE, len, mm.pt.master()).is_ok() {
+                return Ok(vm);
+            }
+            // Gone (or broken): drop it and try the next.
+        }
+        let vm = Vmspace::create()?;
         vm.map_vpagetable(WINDOW_BASE, len, WINDOW_BASE, self.ram_fd)?;
         vm.setmap(WINDOW_BASE, len, mm.pt.master())?;
         Ok(vm)
@@ -307,9 +377,11 @@ impl Kernel {
             tid: pid,
             threads: 1,
             clear_tid: 0,
+            robust_list: 0,
             ppid,
             sig: Signals::default(),
             exe,
+            cmdline: cmdline(argv),
         })
     }
 }

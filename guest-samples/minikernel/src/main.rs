@@ -1,14 +1,15 @@
 //! `minikernel`: a small virtual kernel, itself a guest of vkrun, that runs
-//! unmodified static x86-64 Linux programs in vmspaces (ABI section 7).
+//! unmodified x86-64 Linux programs, static or dynamically linked, in
+//! vmspaces (ABI section 7).
 //!
 //! ```text
 //! vkrun -m 512M -- target/release/minikernel PROGRAM [ARGS...]
 //! ```
 //!
-//! It maps guest RAM as its direct map ([`ram`]), loads `PROGRAM` (a static
-//! `ET_EXEC` or static-pie `ET_DYN` ELF file, found in `$PATH` like
-//! `execvp`) into frames of RAM under a 4-level page table of its own
-//! ([`exec`], [`mm`]), creates a vmspace whose one `MAP_VPAGETABLE` window
+//! It maps guest RAM as its direct map ([`ram`]), loads `PROGRAM` (an
+//! `ET_EXEC` or `ET_DYN` ELF file, found in `$PATH` like `execvp`, and
+//! the interpreter its `PT_INTERP` names, if any) into frames of RAM under
+//! a 4-level page table of its own ([`exec`], [`mm`]), creates a vmspace whose one `MAP_VPAGETABLE` window
 //! over the user range points at that table, and runs the program with
 //! `vmspace_ctl(RUN)` ([`trap`]), serving its page faults (demand paging)
 //! and its Linux system calls ([`syscall`]), mostly by forwarding them to

@@ -37,6 +37,12 @@ pub const STACK_SIZE: u64 = 8 << 20;
 /// Pages a demand fault maps at once (the faulting one and its next
 /// neighbours in the area).
 pub const FAULT_AROUND: u64 = 16;
+/// Most writable pages a fork copies at once rather than sharing them
+/// copy-on-write (a copy costs about a microsecond, a copy-on-write fault
+/// tens of them).
+pub const EAGER_COPY_MAX: u64 = 64;
+/// Pages of a growing heap (`brk`) given frames at once.
+pub const BRK_NOW: u64 = 4;
 /// Most bytes one system call moves through user memory in one go.
 pub const MAX_IO: u64 = 1 << 24;
 
@@ -59,6 +65,9 @@ pub struct Vma {
     pub end: u64,
     /// `PROT_*` bits.
     pub prot: i32,
+    /// `MAP_SHARED`: a fork shares its pages (the same frames, writable
+    /// in both) instead of copying them on write.
+    pub shared: bool,
 }
 
 /// What a `T_PAGEFLT` turned out to be.
@@ -71,6 +80,18 @@ pub enum Fault {
     Stale,
     /// No area, or the area forbids the access: `SIGSEGV`.
     Segv,
+    /// A write to copy-on-write pages: `[start, end)` (the faulting page
+    /// and its copy-on-write neighbours) are now this address space's own
+    /// and writable; `copied` of them are copies (new frames), so the
+    /// caller invalidates the range before RUNning again.
+    Cow {
+        /// First page.
+        start: u64,
+        /// After the last page.
+        end: u64,
+        /// Pages copied (the rest were taken over).
+        copied: u64,
+    },
 }
 
 /// The leaf bits for a page of an area with protection `prot`.
@@ -104,6 +125,10 @@ pub struct Mm {
     pub brk: u64,
     /// The top of the stack.
     pub stack_top: u64,
+    /// Pages whose frame the minikernel replaced while serving a system
+    /// call (a copy-on-write copy): the caller invalidates them before
+    /// the program runs again ([`Mm::take_stale`]).
+    stale: Vec<u64>,
 }
 
 impl Mm {
@@ -115,32 +140,146 @@ impl Mm {
             brk_start: 0,
             brk: 0,
             stack_top,
+            stale: Vec::new(),
         };
         mm.add(stack_top - STACK_SIZE, stack_top, PROT_READ | PROT_WRITE);
         Ok(mm)
     }
 
-    /// A copy of this address space for a child (`fork`): the same areas,
-    /// every page copied into a fresh frame.
-    pub fn fork(&self, ram: &Ram, frames: &mut Frames) -> Result<Mm, OutOfMemory> {
+    /// A copy of this address space for a child (`fork`), copy-on-write:
+    /// the child's table maps the same frames, each frame's share count
+    /// goes up, and every leaf loses `RW` in both tables (a write faults and
+    /// [`Mm::fault`] copies the page, or takes it over when it is the last
+    /// user). The caller invalidates its own range afterwards (its leaves
+    /// lost rights), also when this fails.
+    ///
+    /// The pages of `hot` (the stack around the forking thread's `rsp`,
+    /// which both sides write at once) are copied for the child straight
+    /// away instead, saving a fault on each side; so are all writable pages
+    /// when there are at most [`EAGER_COPY_MAX`] (copying them costs less
+    /// than the faults sharing them would: a small program that forks and
+    /// execs, as a shell does). Returns the child and
+    /// the ranges whose leaves lost `RW` (coalesced, in address order).
+    pub fn fork(
+        &mut self,
+        ram: &Ram,
+        frames: &mut Frames,
+        hot: std::ops::Range<u64>,
+    ) -> Result<(Mm, Vec<(u64, u64)>), OutOfMemory> {
         let child = Mm {
             pt: PageTable::new(ram, frames)?,
             vmas: self.vmas.clone(),
             brk_start: self.brk_start,
             brk: self.brk,
             stack_top: self.stack_top,
+            stale: Vec::new(),
         };
+        // (va, entry, leaf, in a MAP_SHARED area)
         let mut pages = Vec::new();
-        self.pt.visit(ram, 0, u64::MAX, &mut |va, _, leaf| {
-            pages.push((va, leaf));
-        });
-        for (va, leaf) in pages {
-            let frame = frames.alloc(ram).ok_or(OutOfMemory)?;
-            ram.copy_page(frame, leaf & VPTE_FRAME);
-            let bits = leaf & !VPTE_FRAME & (VPTE_V | VPTE_RW | VPTE_U | VPTE_NX | VPTE_A | VPTE_M);
-            child.pt.set(ram, frames, va, frame | bits)?;
+        for v in &self.vmas {
+            self.pt.visit(ram, v.start, v.end, &mut |va, e_pa, leaf| {
+                pages.push((va, e_pa, leaf, v.shared));
+            });
         }
-        Ok(child)
+        let writable = pages
+            .iter()
+            .filter(|(_, _, l, shared)| l & VPTE_RW != 0 && !shared)
+            .count();
+        let eager = writable as u64 <= EAGER_COPY_MAX;
+        let mut lost: Vec<(u64, u64)> = Vec::new();
+        for (va, e_pa, leaf, shared_area) in pages {
+            let frame = leaf & VPTE_FRAME;
+            if frame == 0 {
+                continue;
+            }
+            if shared_area {
+                // MAP_SHARED: both map the frame as it is.
+                ram.share(frame);
+                if let Err(e) = child.pt.set(ram, frames, va, leaf) {
+                    ram.unshare(frame);
+                    child.pt.destroy(ram, frames);
+                    return Err(e);
+                }
+                continue;
+            }
+            if (eager || hot.contains(&va)) && leaf & VPTE_RW != 0 && !ram.is_shared(frame) {
+                let copy = match frames.alloc(ram) {
+                    Some(c) => c,
+                    None => {
+                        child.pt.destroy(ram, frames);
+                        return Err(OutOfMemory);
+                    }
+                };
+                ram.copy_page(copy, frame);
+                if let Err(e) = child.pt.set(ram, frames, va, copy | (leaf & !VPTE_FRAME)) {
+                    frames.free(ram, copy);
+                    child.pt.destroy(ram, frames);
+                    return Err(e);
+                }
+                continue;
+            }
+            let shared = leaf & !VPTE_RW;
+            if shared != leaf {
+                ram.store(e_pa, shared);
+                match lost.last_mut() {
+                    Some((_, end)) if *end == va => *end = va + PAGE_SIZE,
+                    _ => lost.push((va, va + PAGE_SIZE)),
+                }
+            }
+            ram.share(frame);
+            if let Err(e) = child.pt.set(ram, frames, va, shared) {
+                // Not in the child's table: its destroy does not count it.
+                ram.unshare(frame);
+                child.pt.destroy(ram, frames);
+                return Err(e);
+            }
+        }
+        Ok((child, lost))
+    }
+
+    /// The range covering the pages whose frames changed under the
+    /// program since the last call (see [`Mm::stale`]), emptied.
+    pub fn take_stale(&mut self) -> Option<(u64, u64)> {
+        let lo = self.stale.iter().min().copied()?;
+        let hi = self.stale.iter().max().copied()? + PAGE_SIZE;
+        self.stale.clear();
+        Some((lo, hi))
+    }
+
+    /// Whether the leaf `leaf` of a page in area `v` is copy-on-write: it
+    /// has a frame, the area is writable, the leaf is not.
+    fn is_cow(v: &Vma, leaf: u64) -> bool {
+        !v.shared && leaf & VPTE_FRAME != 0 && v.prot & PROT_WRITE != 0 && leaf & VPTE_RW == 0
+    }
+
+    /// Make the copy-on-write page at `page` (leaf `leaf`, area `v`) this
+    /// address space's own and writable: its frame when no other address
+    /// space maps it any more, else a copy. Returns the frame and whether it
+    /// changed (then the host's translation of the old one must go).
+    fn break_cow(
+        &mut self,
+        ram: &Ram,
+        frames: &mut Frames,
+        page: u64,
+        leaf: u64,
+        v: &Vma,
+    ) -> Result<(u64, bool), OutOfMemory> {
+        let old = leaf & VPTE_FRAME;
+        let bits = leaf_bits(v.prot);
+        if !ram.is_shared(old) {
+            self.pt.set(ram, frames, page, old | bits)?;
+            return Ok((old, false));
+        }
+        let new = frames.alloc(ram).ok_or(OutOfMemory)?;
+        ram.copy_page(new, old);
+        self.pt.set(ram, frames, page, new | bits)?;
+        // Copied before letting go: a last user that takes the frame over
+        // writes to it only after this.
+        if !ram.unshare(old) {
+            // The others left meanwhile: the old frame is nobody's.
+            frames.free(ram, old);
+        }
+        Ok((new, true))
     }
 
     /// The area holding `addr`.
@@ -169,7 +308,7 @@ impl Mm {
                 out.push(Vma {
                     start: w[0],
                     end: w[1],
-                    prot: v.prot,
+                    ..v
                 });
             }
         }
@@ -180,6 +319,11 @@ impl Mm {
     /// covered keep their pages and get `prot` added (program segments
     /// sharing a page); the rest is a new area.
     pub fn add(&mut self, start: u64, end: u64, prot: i32) {
+        self.add_area(start, end, prot, false);
+    }
+
+    /// [`Mm::add`], the new parts `MAP_SHARED` when `shared`.
+    pub fn add_area(&mut self, start: u64, end: u64, prot: i32, shared: bool) {
         self.carve(start, end);
         let mut at = start;
         let mut new = Vec::new();
@@ -193,6 +337,7 @@ impl Mm {
                     start: at,
                     end: v.start,
                     prot,
+                    shared,
                 });
             }
             v.prot |= prot;
@@ -203,10 +348,29 @@ impl Mm {
                 start: at,
                 end,
                 prot,
+                shared,
             });
         }
         self.vmas.extend(new);
         self.vmas.sort_by_key(|v| v.start);
+        self.merge();
+    }
+
+    /// Join neighbouring areas of the same protection (as Linux merges
+    /// `vm_area_struct`s), so that a range mapped in pieces is one area.
+    fn merge(&mut self) {
+        let mut out: Vec<Vma> = Vec::with_capacity(self.vmas.len());
+        for v in self.vmas.drain(..) {
+            match out.last_mut() {
+                Some(last)
+                    if last.end == v.start && last.prot == v.prot && last.shared == v.shared =>
+                {
+                    last.end = v.end
+                }
+                _ => out.push(v),
+            }
+        }
+        self.vmas = out;
     }
 
     /// Remove the areas and pages in `[start, end)`; returns whether a page
@@ -223,24 +387,54 @@ impl Mm {
         self.pt.visit(ram, start, end, &mut |_, e_pa, leaf| {
             ram.store(e_pa, 0);
             if leaf & VPTE_FRAME != 0 {
-                frames.free(leaf & VPTE_FRAME);
+                frames.free(ram, leaf & VPTE_FRAME);
             }
             any = true;
         });
         any
     }
 
-    /// `mprotect`: every page of `[start, end)` must be in an area
-    /// (`Err(())` for ENOMEM otherwise). Returns whether a leaf changed.
-    pub fn protect(&mut self, ram: &Ram, start: u64, end: u64, prot: i32) -> Result<bool, ()> {
+    /// Move the pages of `[from, from + len)` to `[to, to + len)` (a free
+    /// range): a new area like `like` (protection, sharing) gets the old leaves,
+    /// the old entries are cleared (the old areas stay: the caller removes
+    /// them and invalidates).
+    pub fn move_pages(
+        &mut self,
+        ram: &Ram,
+        frames: &mut Frames,
+        from: u64,
+        to: u64,
+        len: u64,
+        like: &Vma,
+    ) -> Result<(), OutOfMemory> {
+        let mut leaves = Vec::new();
+        self.pt.visit(ram, from, from + len, &mut |va, e_pa, leaf| {
+            leaves.push((va, e_pa, leaf));
+        });
+        self.add_area(to, to + len, like.prot, like.shared);
+        for (va, e_pa, leaf) in leaves {
+            self.pt.set(ram, frames, va - from + to, leaf)?;
+            ram.store(e_pa, 0);
+        }
+        Ok(())
+    }
+
+    /// Whether every page of `[start, end)` lies in an area.
+    pub fn covered(&self, start: u64, end: u64) -> bool {
         let mut at = start;
         for v in self.vmas.iter().filter(|v| v.start < end && start < v.end) {
             if v.start > at {
-                return Err(());
+                return false;
             }
             at = v.end;
         }
-        if at < end {
+        at >= end
+    }
+
+    /// `mprotect`: every page of `[start, end)` must be in an area
+    /// (`Err(())` for ENOMEM otherwise). Returns whether a leaf changed.
+    pub fn protect(&mut self, ram: &Ram, start: u64, end: u64, prot: i32) -> Result<bool, ()> {
+        if !self.covered(start, end) {
             return Err(());
         }
         self.carve(start, end);
@@ -251,15 +445,29 @@ impl Mm {
         {
             v.prot = prot;
         }
+        self.merge();
         let bits = leaf_bits(prot);
         let mut changed = false;
-        self.pt.visit(ram, start, end, &mut |_, e_pa, leaf| {
-            let new = (leaf & VPTE_FRAME) | bits;
-            if new != leaf & (VPTE_FRAME | VPTE_V | VPTE_RW | VPTE_U | VPTE_NX | VPTE_A | VPTE_M) {
-                ram.store(e_pa, new);
-                changed = true;
-            }
-        });
+        for v in self.vmas.iter().filter(|v| v.start < end && start < v.end) {
+            let (lo, hi) = (v.start.max(start), v.end.min(end));
+            self.pt.visit(ram, lo, hi, &mut |_, e_pa, leaf| {
+                let frame = leaf & VPTE_FRAME;
+                // A frame another address space maps copy-on-write stays
+                // read-only: a write copies it first. MAP_SHARED frames
+                // are writable in all.
+                let new = if frame != 0 && !v.shared && ram.is_shared(frame) {
+                    frame | (bits & !VPTE_RW)
+                } else {
+                    frame | bits
+                };
+                if new
+                    != leaf & (VPTE_FRAME | VPTE_V | VPTE_RW | VPTE_U | VPTE_NX | VPTE_A | VPTE_M)
+                {
+                    ram.store(e_pa, new);
+                    changed = true;
+                }
+            });
+        }
         Ok(changed)
     }
 
@@ -302,7 +510,11 @@ impl Mm {
             return Ok(Fault::Segv);
         }
         let page = page_down(addr);
-        if self.pt.get(ram, page) & VPTE_FRAME != 0 {
+        let leaf = self.pt.get(ram, page);
+        if err & PGEX_W != 0 && Self::is_cow(&v, leaf) {
+            return self.cow_fault(ram, frames, page, leaf, &v);
+        }
+        if leaf & VPTE_FRAME != 0 {
             return Ok(Fault::Stale);
         }
         self.populate(ram, frames, page, v.prot)?;
@@ -326,6 +538,62 @@ impl Mm {
             }
         }
         Ok(Fault::Mapped)
+    }
+
+    /// A write fault on the copy-on-write page at `page`: it and the next
+    /// copy-on-write pages of its area (up to [`FAULT_AROUND`], in the
+    /// direction the area is used: down in the stack) become this address
+    /// space's own, as one fault would make them on Linux one by one.
+    fn cow_fault(
+        &mut self,
+        ram: &Ram,
+        frames: &mut Frames,
+        page: u64,
+        leaf: u64,
+        v: &Vma,
+    ) -> Result<Fault, OutOfMemory> {
+        let mut copied = u64::from(self.break_cow(ram, frames, page, leaf, v)?.1);
+        let (mut lo, mut hi) = (page, page + PAGE_SIZE);
+        let down = (self.stack_top - STACK_SIZE..self.stack_top).contains(&page);
+        for i in 1..FAULT_AROUND {
+            let near = if down {
+                page.checked_sub(i * PAGE_SIZE)
+            } else {
+                page.checked_add(i * PAGE_SIZE)
+            };
+            let Some(near) = near.filter(|n| (v.start..v.end).contains(n)) else {
+                break;
+            };
+            let l = self.pt.get(ram, near);
+            if !Self::is_cow(v, l) {
+                break;
+            }
+            match self.break_cow(ram, frames, near, l, v) {
+                Ok((_, c)) => copied += u64::from(c),
+                Err(_) => break,
+            }
+            (lo, hi) = (lo.min(near), hi.max(near + PAGE_SIZE));
+        }
+        Ok(Fault::Cow {
+            start: lo,
+            end: hi,
+            copied,
+        })
+    }
+
+    /// Give the absent pages of `[start, end)` (in one area) zeroed frames,
+    /// while RAM lasts.
+    pub fn populate_range(&mut self, ram: &Ram, frames: &mut Frames, start: u64, end: u64) {
+        let Some(v) = self.find(start) else { return };
+        let mut page = page_down(start);
+        while page < end.min(v.end) {
+            if self.pt.get(ram, page) & VPTE_FRAME == 0
+                && self.populate(ram, frames, page, v.prot).is_err()
+            {
+                return;
+            }
+            page += PAGE_SIZE;
+        }
     }
 
     /// Give the (absent) page at `page` a zeroed frame with the leaf bits of
@@ -360,7 +628,13 @@ impl Mm {
             };
             let page = page_down(addr);
             let leaf = self.pt.get(ram, page);
-            let frame = if leaf & VPTE_FRAME != 0 {
+            let frame = if leaf & VPTE_FRAME != 0 && !v.shared && ram.is_shared(leaf & VPTE_FRAME) {
+                // Loading writes whatever the protection: never into a
+                // frame another address space maps.
+                let (frame, _) = self.break_cow(ram, frames, page, leaf, &v)?;
+                self.stale.push(page);
+                frame
+            } else if leaf & VPTE_FRAME != 0 {
                 leaf & VPTE_FRAME
             } else {
                 self.populate(ram, frames, page, v.prot)?
@@ -407,7 +681,13 @@ impl Mm {
             }
             let page = page_down(at);
             let leaf = self.pt.get(ram, page);
-            let frame = if leaf & VPTE_FRAME != 0 {
+            let frame = if write && Self::is_cow(&v, leaf) {
+                let (frame, copied) = self.break_cow(ram, frames, page, leaf, &v)?;
+                if copied {
+                    self.stale.push(page);
+                }
+                frame
+            } else if leaf & VPTE_FRAME != 0 {
                 leaf & VPTE_FRAME
             } else {
                 self.populate(ram, frames, page, v.prot)?

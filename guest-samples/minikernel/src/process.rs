@@ -4,11 +4,13 @@
 //! minikernel's business.
 //!
 //! - [`fork`] (`fork`, `vfork`, `clone` without `CLONE_VM`, or with
-//!   `CLONE_VM|CLONE_VFORK` as `posix_spawn` uses it): the parent copies its
-//!   address space into fresh frames (a new page table), then the minikernel
-//!   forks on the host; the child forgets the parent's vmspace and frame
-//!   share, creates its own vmspace pointing at the copy, and returns 0 to
-//!   the user program. Guest RAM and the vmspace registry are shared by the
+//!   `CLONE_VM|CLONE_VFORK` as `posix_spawn` uses it): the parent shares its
+//!   frames copy-on-write with a new page table (both lose `RW`, each frame's
+//!   share count goes up; [`crate::mm::Mm::fork`]) and invalidates its own
+//!   translations, then the minikernel forks on the host; the child forgets
+//!   the parent's vmspace and frame share, takes an idle vmspace from the
+//!   pool (or creates one) pointing at the new table, and returns 0 to the
+//!   user program. At exit a process leaves its vmspace in the pool. Guest RAM and the vmspace registry are shared by the
 //!   host processes of a guest (ABI sections 2 and 7), and so is the frame
 //!   pool ([`crate::ram::Frames`]).
 //! - [`thread`] (`clone` with `CLONE_THREAD`): a new thread of the same
@@ -50,7 +52,21 @@ pub fn fork(k: &mut Kernel, p: &mut Proc, a: [u64; 6]) -> Result<u64, i32> {
     if flags & CLONE_THREAD != 0 || (flags & CLONE_VM != 0 && flags & CLONE_VFORK == 0) {
         return Err(libc::ENOSYS);
     }
-    let child_mm = p.mm.fork(&k.ram, &mut k.frames).map_err(|_| libc::ENOMEM)?;
+    let t0 = std::time::Instant::now();
+    let sp = vkabi::PAGE_SIZE * (p.tf.tf_rsp / vkabi::PAGE_SIZE);
+    let hot = sp.saturating_sub(vkabi::PAGE_SIZE)..sp.saturating_add(vkabi::PAGE_SIZE);
+    let forked = p.mm.fork(&k.ram, &mut k.frames, hot);
+    // The parent's writable leaves lost RW: their host translations must
+    // go (a few ranges one by one, many at once; on failure, everything).
+    let inval = match &forked {
+        Ok((_, lost)) if lost.len() <= 8 => {
+            lost.iter().try_for_each(|&(s, e)| p.vm.inval(s, e - s))
+        }
+        _ => p.vm.inval(WINDOW_BASE, k.user_max - WINDOW_BASE),
+    };
+    let (child_mm, _) = forked.map_err(|_| libc::ENOMEM)?;
+    inval.map_err(|e| e.errno.0)?;
+    let t1 = std::time::Instant::now();
     // SAFETY: the child touches no lock another host thread could hold:
     // the guest's lock is held by this thread, and the C library makes
     // malloc safe after fork.
@@ -63,6 +79,9 @@ pub fn fork(k: &mut Kernel, p: &mut Proc, a: [u64; 6]) -> Result<u64, i32> {
         return Err(e);
     }
     if pid > 0 {
+        k.stats.forks += 1;
+        k.stats.fork_mm_ns += (t1 - t0).as_nanos() as u64;
+        k.stats.fork_host_ns += t1.elapsed().as_nanos() as u64;
         // The copy's frames belong to the child now.
         if flags & CLONE_PARENT_SETTID != 0 {
             p.mm.write(&k.ram, &mut k.frames, ptid, &pid.to_le_bytes());
@@ -73,7 +92,13 @@ pub fn fork(k: &mut Kernel, p: &mut Proc, a: [u64; 6]) -> Result<u64, i32> {
     // signal is pending for it.
     k.frames.forget_local();
     crate::signal::clear_pending();
+    // As Linux's fork: the child starts with no robust list (its C library
+    // registers its own).
+    p.robust_list = 0;
     k.top = false;
+    // Each process counts what it does itself.
+    k.stats = crate::kernel::Stats::default();
+    let t2 = std::time::Instant::now();
     let vm = match k.vmspace(&child_mm) {
         Ok(vm) => vm,
         Err(e) => {
@@ -82,6 +107,7 @@ pub fn fork(k: &mut Kernel, p: &mut Proc, a: [u64; 6]) -> Result<u64, i32> {
             unsafe { libc::_exit(1) }
         }
     };
+    k.stats.fork_vmspace_ns = t2.elapsed().as_nanos() as u64;
     std::mem::forget(std::mem::replace(&mut p.vm, vm));
     p.mm = child_mm;
     // SAFETY: getpid and getppid cannot fail.
@@ -121,6 +147,7 @@ pub fn thread(p: &mut Proc, a: [u64; 6]) -> Result<Box<Thread>, i32> {
     }
     t.altstack = [0, crate::signal::SS_DISABLE, 0];
     t.saved_mask = None;
+    t.robust_list = 0;
     t.clear_tid = if flags & CLONE_CHILD_CLEARTID != 0 {
         ctid
     } else {
@@ -177,6 +204,7 @@ pub fn execve(k: &mut Kernel, p: &mut Proc, a: [u64; 6]) -> Result<u64, i32> {
     } else {
         PathBuf::from(String::from_utf8_lossy(&path).into_owned())
     };
+    let t0 = std::time::Instant::now();
     let mut mm = Mm::new(&k.ram, &mut k.frames, k.user_max).map_err(|_| libc::ENOMEM)?;
     let start = match exec::load(&k.ram, &mut k.frames, &mut mm, &path, &argv, &envp) {
         Ok(start) => start,
@@ -211,6 +239,9 @@ pub fn execve(k: &mut Kernel, p: &mut Proc, a: [u64; 6]) -> Result<u64, i32> {
     }
     p.sig.mask = old_sig.mask;
     p.exe = std::fs::canonicalize(&path).unwrap_or(path);
+    p.cmdline = crate::kernel::cmdline(&argv);
+    k.stats.execs += 1;
+    k.stats.exec_ns += t0.elapsed().as_nanos() as u64;
     Ok(0)
 }
 
@@ -220,7 +251,16 @@ pub fn finish(k: &mut Kernel, p: Proc, exit: Exit) -> ! {
     let Proc {
         vm, mm, threads, ..
     } = p;
-    drop(vm);
+    // The vmspace goes to the pool for the next fork's child when no
+    // other thread can still be inside RUN in it; else it is destroyed.
+    if threads == 1 {
+        let id = vm.into_id();
+        if !crate::ram::give_vmspace(&k.ram, id) {
+            drop(vkguest::Vmspace::adopt(id));
+        }
+    } else {
+        drop(vm);
+    }
     // Other threads may still run in the vmspace until this process
     // exits: their frames stay out of the pool.
     if threads == 1 {

@@ -11,12 +11,25 @@
 
 use std::io;
 use std::ptr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
 use vkabi::{PAGE_SIZE, VPTE_FRAME, VPTE_RW, VPTE_U, VPTE_V};
 
-/// Frames below this stay unused (frame 0 above all).
+/// Frames below this stay unused (frame 0 above all); the frame pool
+/// starts here or after the share counts, whichever is higher.
 const FIRST_FRAME: u64 = 1 << 20;
+/// Where the share counts start: one word per frame of RAM (page 1 on).
+const SHARES: u64 = PAGE_SIZE;
+
+/// The first frame the pool hands out in RAM of `size` bytes: above page
+/// 0 (the pools' words) and the share counts.
+fn first_frame(size: u64) -> u64 {
+    let counts = SHARES + (size / PAGE_SIZE) * 8;
+    counts
+        .div_ceil(PAGE_SIZE)
+        .saturating_mul(PAGE_SIZE)
+        .max(FIRST_FRAME)
+}
 /// What every table entry (above the leaves) holds besides the frame.
 const TABLE_BITS: u64 = VPTE_V | VPTE_RW | VPTE_U;
 
@@ -83,6 +96,21 @@ impl Ram {
         self.word(pa).swap(v, Ordering::AcqRel)
     }
 
+    /// Compare-and-swap the user's 32-bit word at `pa` (4-aligned), as a
+    /// futex word is changed: user threads change it atomically at the
+    /// same time. Returns the value found (`old` if it was swapped).
+    pub fn cmpxchg_u32(&self, pa: u64, old: u32, new: u32) -> u32 {
+        assert!(pa.is_multiple_of(4), "unaligned futex word {pa:#x}");
+        let p = self.ptr(pa, 4);
+        // SAFETY: in RAM (checked by ptr), 4-aligned (checked; the mapping
+        // is page aligned), RAM is never unmapped, and every other access
+        // to a futex word (user code, the host's futex) is atomic.
+        let word = unsafe { &*p.cast::<AtomicU32>() };
+        match word.compare_exchange(old, new, Ordering::AcqRel, Ordering::Acquire) {
+            Ok(v) | Err(v) => v,
+        }
+    }
+
     /// Copy `bytes` to RAM at `pa`.
     pub fn write(&self, pa: u64, bytes: &[u8]) {
         let dst = self.ptr(pa, bytes.len() as u64);
@@ -108,6 +136,37 @@ impl Ram {
         unsafe { ptr::write_bytes(dst, 0, PAGE_SIZE as usize) }
     }
 
+    /// The share count of frame `pa`: how many address spaces besides one
+    /// map it (copy-on-write after a fork); 0 for a frame one address
+    /// space owns. The counts live in RAM, shared by every minikernel
+    /// process of the guest.
+    fn shares(&self, pa: u64) -> &AtomicU64 {
+        assert!(
+            pa.is_multiple_of(PAGE_SIZE) && pa >= first_frame(self.size) && pa < self.size,
+            "share count of a frame outside the pool: {pa:#x}"
+        );
+        self.word(SHARES + (pa / PAGE_SIZE) * 8)
+    }
+
+    /// One more address space maps frame `pa`.
+    pub fn share(&self, pa: u64) {
+        self.shares(pa).fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// Whether another address space also maps frame `pa`.
+    pub fn is_shared(&self, pa: u64) -> bool {
+        self.shares(pa).load(Ordering::Acquire) != 0
+    }
+
+    /// One address space stops mapping frame `pa`: `true` if others still
+    /// do (the count went down), `false` if the caller was its only user
+    /// (it may free or reuse the frame).
+    pub fn unshare(&self, pa: u64) -> bool {
+        self.shares(pa)
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |c| c.checked_sub(1))
+            .is_ok()
+    }
+
     /// Copy the page at `src` to the page at `dst`.
     pub fn copy_page(&self, dst: u64, src: u64) {
         let (d, s) = (self.ptr(dst, PAGE_SIZE), self.ptr(src, PAGE_SIZE));
@@ -131,9 +190,9 @@ const CHUNK: u64 = 256;
 ///
 /// All processes of the guest (the minikernel forks a host process for each
 /// user process) share one pool kept in RAM page 0: a bump pointer over
-/// `[FIRST_FRAME, ram_size)` and a free list, under a spinlock. A process
-/// takes [`CHUNK`] frames at a time (consecutive ones while the bump pointer
-/// lasts, which lets the host batch its faults) and gives its frames back
+/// `[first_frame, ram_size)` and a free list, under a spinlock. A process
+/// takes [`CHUNK`] frames at a time (recycled ones first, then consecutive
+/// ones from the bump pointer, which lets the host batch its faults) and gives its frames back
 /// when it ends ([`Frames::release`]). Every frame handed out is zero.
 #[derive(Debug)]
 pub struct Frames {
@@ -144,6 +203,8 @@ pub struct Frames {
     dirty: Vec<u64>,
     /// RAM size.
     limit: u64,
+    /// The first frame of the pool.
+    first: u64,
 }
 
 impl Frames {
@@ -154,6 +215,7 @@ impl Frames {
             end: 0,
             dirty: Vec::new(),
             limit: ram.size() & !(PAGE_SIZE - 1),
+            first: first_frame(ram.size()),
         }
     }
 
@@ -180,34 +242,56 @@ impl Frames {
         Some(pa)
     }
 
-    /// Take frames from the pool: a run from the bump pointer, else up to
-    /// [`CHUNK`] from the free list.
+    /// Take frames from the pool: up to [`CHUNK`] recycled ones from the
+    /// free list, else a run from the bump pointer. Recycled frames come
+    /// first: RAM behind them is in memory already, while a never-used
+    /// frame costs the host a page fault on RAM (allocating and clearing
+    /// the page) when it is first written, which made a fork+exec loop
+    /// spend most of its time there.
     fn refill(&mut self, ram: &Ram) {
         lock(ram);
-        let next = ram.load(POOL_NEXT).max(FIRST_FRAME);
-        if next < self.limit {
-            let end = (next + CHUNK * PAGE_SIZE).min(self.limit);
-            ram.store(POOL_NEXT, end);
-            (self.next, self.end) = (next, end);
-        } else {
-            let mut head = ram.load(POOL_HEAD);
-            while head != 0 && (self.dirty.len() as u64) < CHUNK {
-                self.dirty.push(head);
-                head = ram.load(head);
+        let mut head = ram.load(POOL_HEAD);
+        while head != 0 && (self.dirty.len() as u64) < CHUNK {
+            self.dirty.push(head);
+            head = ram.load(head);
+        }
+        ram.store(POOL_HEAD, head);
+        // Handed out lowest first: frames freed together (a process's, in
+        // address order) come back as consecutive runs where they were,
+        // which lets the host install neighbours together (prefault).
+        self.dirty.sort_unstable_by(|a, b| b.cmp(a));
+        if self.dirty.is_empty() {
+            let next = ram.load(POOL_NEXT).max(self.first);
+            if next < self.limit {
+                let end = (next + CHUNK * PAGE_SIZE).min(self.limit);
+                ram.store(POOL_NEXT, end);
+                (self.next, self.end) = (next, end);
             }
-            ram.store(POOL_HEAD, head);
         }
         unlock(ram);
     }
 
-    /// Give a frame back (to this process's share).
-    pub fn free(&mut self, pa: u64) {
-        self.dirty.push(pa);
+    /// This address space stops using frame `pa`: it goes back to this
+    /// process's share of the pool unless another address space still
+    /// maps it ([`Ram::unshare`]).
+    pub fn free(&mut self, ram: &Ram, pa: u64) {
+        if !ram.unshare(pa) {
+            self.dirty.push(pa);
+        }
     }
 
     /// Give every frame this process holds back to the pool.
     pub fn release(&mut self, ram: &Ram) {
         let mut back = std::mem::take(&mut self.dirty);
+        // Unused frames of the last run go back to the bump pointer if
+        // nobody took frames after it (no page of them is touched), else
+        // on the free list.
+        lock(ram);
+        if self.next < self.end && ram.load(POOL_NEXT) == self.end {
+            ram.store(POOL_NEXT, self.next);
+            self.end = self.next;
+        }
+        unlock(ram);
         back.extend((self.next..self.end).step_by(PAGE_SIZE as usize));
         self.next = self.end;
         give_back(ram, &back);
@@ -231,7 +315,56 @@ fn give_back(ram: &Ram, frames: &[u64]) {
 
 /// Take the pool's spinlock (held for a few loads and stores).
 fn lock(ram: &Ram) {
-    let word = ram.word(POOL_LOCK);
+    lock_at(ram, POOL_LOCK);
+}
+
+/// Release the pool's spinlock.
+fn unlock(ram: &Ram) {
+    unlock_at(ram, POOL_LOCK);
+}
+
+/// The idle-vmspace pool's words in RAM page 0, after the frame pool's: a
+/// spinlock, the count, then the ids.
+const VM_POOL_LOCK: u64 = 2048;
+const VM_POOL_COUNT: u64 = 2056;
+const VM_POOL_IDS: u64 = 2064;
+/// Most idle vmspaces kept (each is a stub process on the host).
+pub const VM_POOL_MAX: u64 = 16;
+
+/// Idle vmspaces shared by every minikernel process of the guest (in RAM
+/// page 0, as the frame pool): an exiting process leaves its vmspace here
+/// ([`give_vmspace`]) and the child of the next fork takes it
+/// ([`take_vmspace`]) instead of creating one, which costs a host process
+/// and its window (milliseconds); the taker points its window at its own
+/// tables (`MADV_SETMAP`, which drops every host translation).
+pub fn take_vmspace(ram: &Ram) -> Option<u64> {
+    lock_at(ram, VM_POOL_LOCK);
+    let n = ram.load(VM_POOL_COUNT).min(VM_POOL_MAX);
+    let id = (n > 0).then(|| {
+        ram.store(VM_POOL_COUNT, n - 1);
+        ram.load(VM_POOL_IDS + (n - 1) * 8)
+    });
+    unlock_at(ram, VM_POOL_LOCK);
+    id.filter(|id| *id != 0)
+}
+
+/// Leave vmspace `id` (nothing runs in it) in the pool; `false` when the
+/// pool is full (the caller destroys it).
+pub fn give_vmspace(ram: &Ram, id: u64) -> bool {
+    lock_at(ram, VM_POOL_LOCK);
+    let n = ram.load(VM_POOL_COUNT).min(VM_POOL_MAX);
+    let room = n < VM_POOL_MAX;
+    if room {
+        ram.store(VM_POOL_IDS + n * 8, id);
+        ram.store(VM_POOL_COUNT, n + 1);
+    }
+    unlock_at(ram, VM_POOL_LOCK);
+    room
+}
+
+/// Take the spinlock at `at` in RAM page 0.
+fn lock_at(ram: &Ram, at: u64) {
+    let word = ram.word(at);
     while word
         .compare_exchange_weak(0, 1, Ordering::Acquire, Ordering::Relaxed)
         .is_err()
@@ -240,9 +373,9 @@ fn lock(ram: &Ram) {
     }
 }
 
-/// Release the pool's spinlock.
-fn unlock(ram: &Ram) {
-    ram.word(POOL_LOCK).store(0, Ordering::Release);
+/// Release the spinlock at `at`.
+fn unlock_at(ram: &Ram, at: u64) {
+    ram.word(at).store(0, Ordering::Release);
 }
 
 /// Out of guest RAM.
@@ -353,11 +486,11 @@ fn free_level(ram: &Ram, frames: &mut Frames, table: u64, shift: u32) {
         let e = ram.load(table + i * 8);
         if shift == 12 {
             if e & VPTE_FRAME != 0 {
-                frames.free(e & VPTE_FRAME);
+                frames.free(ram, e & VPTE_FRAME);
             }
         } else if e & VPTE_V != 0 {
             free_level(ram, frames, e & VPTE_FRAME, shift - 9);
         }
     }
-    frames.free(table);
+    frames.free(ram, table);
 }

@@ -12,13 +12,21 @@
 //! translated into pieces of the minikernel's RAM mapping and passed to the
 //! host's `readv`/`writev`/`preadv`/`pwritev`, without a copy.
 //!
+//! Sockets are forwarded the same way (the descriptors are the process's
+//! own): socket addresses and `socklen_t` lengths are copied in and out,
+//! `sendmsg`/`recvmsg` build a host `msghdr` whose iovecs are pieces of
+//! guest RAM and whose name and control data (descriptors passed with
+//! `SCM_RIGHTS`) are copied; the minikernel's RAM descriptor cannot be
+//! passed. `select`/`pselect6` copy the `nfds` bits of each set.
+//!
 //! Served by the minikernel itself: memory (`brk mmap munmap mprotect
-//! madvise mremap`), `arch_prctl`, signals (`rt_sigaction rt_sigprocmask
+//! madvise mremap msync`), `arch_prctl`, signals (`rt_sigaction rt_sigprocmask
 //! sigaltstack rt_sigreturn rt_sigsuspend pause rt_sigpending`, see
 //! [`crate::signal`]; a call the host interrupted for a handler restarts or
 //! fails with `EINTR` as Linux decides), `futex` (one thread), process
 //! identity and `kill` of itself, `exit`/`exit_group`, `ioctl` (terminal queries only),
-//! `readlink("/proc/self/exe")`. Anything else answers `-ENOSYS`
+//! `readlink("/proc/self/exe")` and `open("/proc/self/cmdline")` (the user
+//! program's, not the minikernel's). Anything else answers `-ENOSYS`
 //! (listed on stderr with `MINIKERNEL_TRACE=1`).
 //!
 //! This module owns the system-call table and the copying of arguments in
@@ -55,9 +63,21 @@ enum Arg {
     /// A buffer of `.0` bytes written by the call, which returns how many
     /// items of `.1` bytes it wrote.
     OutItems(usize, usize),
+    /// A buffer read by the call whose size is argument `i`.
+    InN(usize),
+    /// A buffer written by the call whose size is the `u32` argument `i`
+    /// points to (a `socklen_t *`, itself `InOut(4)`), which the call
+    /// updates; the bytes written are copied out, at most the size given.
+    OutLen(usize),
+    /// `pselect6`'s `{const sigset_t *ss; size_t ss_len}`: the pair and
+    /// the set it points to are copied in.
+    SigmaskPair,
 }
 
-use Arg::{Fd, In, InOut, Out, OutItems, OutN, Path, Pid, Val};
+use Arg::{Fd, In, InN, InOut, Out, OutItems, OutLen, OutN, Path, Pid, SigmaskPair, Val};
+
+/// Bytes of a socket address the minikernel copies (`sockaddr_storage`).
+const SOCKADDR_MAX: u64 = 128;
 
 /// `struct stat`.
 const STAT: usize = 144;
@@ -134,6 +154,32 @@ fn spec(nr: u64) -> Option<&'static [Arg]> {
         326 => &[Fd, InOut(8), Fd, InOut(8), Val, Val], // copy_file_range
         332 => &[Fd, Path, Val, Val, Out(256)],         // statx
         439 => &[Fd, Path, Val, Val],                   // faccessat2
+        73 => &[Fd, Val],                               // flock
+        85 => &[Path, Val],                             // creat
+        133 => &[Path, Val, Val],                       // mknod
+        259 => &[Fd, Path, Val, Val],                   // mknodat
+        132 => &[Path, In(16)],                         // utime
+        235 => &[Path, In(32)],                         // utimes
+        261 => &[Fd, Path, In(32)],                     // futimesat
+        452 => &[Fd, Path, Val, Val],                   // fchmodat2
+        162 => &[],                                     // sync
+        306 => &[Fd],                                   // syncfs
+        188 | 189 => &[Path, Path, InN(3), Val, Val],   // setxattr, lsetxattr
+        190 => &[Fd, Path, InN(3), Val, Val],           // fsetxattr
+        191 | 192 => &[Path, Path, OutN(3), Val],       // getxattr, lgetxattr
+        193 => &[Fd, Path, OutN(3), Val],               // fgetxattr
+        194 | 195 => &[Path, OutN(2), Val],             // listxattr, llistxattr
+        196 => &[Fd, OutN(2), Val],                     // flistxattr
+        197 | 198 => &[Path, Path],                     // removexattr, lremovexattr
+        199 => &[Fd, Path],                             // fremovexattr
+        41 => &[Val, Val, Val],                         // socket
+        53 => &[Val, Val, Val, Out(8)],                 // socketpair
+        49 => &[Fd, InN(2), Val],                       // bind
+        50 => &[Fd, Val],                               // listen
+        48 => &[Fd, Val],                               // shutdown
+        51 | 52 => &[Fd, OutLen(2), InOut(4)],          // getsockname, getpeername
+        54 => &[Fd, Val, Val, InN(4), Val],             // setsockopt
+        55 => &[Fd, Val, Val, OutLen(4), InOut(4)],     // getsockopt
         _ => return None,
     })
 }
@@ -178,6 +224,25 @@ pub enum Blocked {
     },
     /// `rt_sigsuspend`/`pause` with this mask (and the mask to restore).
     Suspend { mask: u64, old: Option<u64> },
+    /// `sendmsg`/`recvmsg` with a host `msghdr` whose data buffers are
+    /// pieces of guest RAM ([`msg`]).
+    Msg(Box<Message>),
+}
+
+/// A `sendmsg`/`recvmsg` prepared for the host: `hdr` is the host
+/// `struct msghdr` (56 bytes) pointing at `name`, `iov` (guest RAM) and
+/// `control`; `user_hdr` is the user's `msghdr`.
+#[derive(Debug)]
+pub struct Message {
+    nr: u64,
+    args: [u64; 6],
+    hdr: Vec<u8>,
+    name: Vec<u8>,
+    iov: Vec<libc::iovec>,
+    control: Vec<u8>,
+    user_hdr: u64,
+    user_name: u64,
+    user_control: u64,
 }
 
 impl Blocked {
@@ -189,6 +254,10 @@ impl Blocked {
             Blocked::Raw { nr, args, iov, buf } => {
                 let _ = (iov, buf);
                 host(*nr, *args)
+            }
+            Blocked::Msg(m) => {
+                let _ = (&m.hdr, &m.name, &m.iov, &m.control);
+                host(m.nr, m.args)
             }
             Blocked::Suspend { mask, .. } => {
                 let m = *mask;
@@ -222,6 +291,7 @@ pub fn complete(k: &mut Kernel, p: &mut Proc, b: Blocked, ret: SysResult) -> Opt
     let ret = match b {
         Blocked::Forward(f) => complete_forward(k, p, f, ret),
         Blocked::Raw { .. } => ret,
+        Blocked::Msg(m) => complete_msg(k, p, &m, ret),
         Blocked::Suspend { mask, old } => {
             p.sig.mask = mask;
             p.sig.saved_mask = old;
@@ -267,6 +337,14 @@ pub fn serve(k: &mut Kernel, p: &mut Proc) -> Result<Outcome, KernelError> {
             Ok(o) => return Ok(o),
             Err(e) => Err(e),
         },
+        23 | 270 => match block(select(k, p, nr, a)) {
+            Ok(o) => return Ok(o),
+            Err(e) => Err(e),
+        },
+        46 | 47 => match block(msg(k, p, nr == 47, a)) {
+            Ok(o) => return Ok(o),
+            Err(e) => Err(e),
+        },
         // epoll_wait, epoll_pwait: may block
         232 | 281 => {
             if a[2] as i32 <= 0 || a[2] > 4096 {
@@ -283,9 +361,17 @@ pub fn serve(k: &mut Kernel, p: &mut Proc) -> Result<Outcome, KernelError> {
                 Err(e) => Err(e),
             }
         }
-        // nanosleep, clock_nanosleep, wait4, waitid: may block
-        35 | 230 | 61 | 247 => {
-            let kinds = spec(nr).unwrap_or(&[]);
+        // nanosleep, clock_nanosleep, wait4, waitid, and the socket calls
+        // that wait for a peer: may block
+        35 | 230 | 61 | 247 | 42 | 43 | 288 | 44 | 45 => {
+            let kinds: &[Arg] = match nr {
+                42 => &[Fd, InN(2), Val],                            // connect
+                43 => &[Fd, OutLen(2), InOut(4)],                    // accept
+                288 => &[Fd, OutLen(2), InOut(4), Val],              // accept4
+                44 => &[Fd, InN(2), Val, Val, InN(5), Val],          // sendto
+                45 => &[Fd, OutN(2), Val, Val, OutLen(5), InOut(4)], // recvfrom
+                _ => spec(nr).unwrap_or(&[]),
+            };
             match block(prepare(k, p, nr, &a, kinds.to_vec()).map(Blocked::Forward)) {
                 Ok(o) => return Ok(o),
                 Err(e) => Err(e),
@@ -325,7 +411,8 @@ pub fn serve(k: &mut Kernel, p: &mut Proc) -> Result<Outcome, KernelError> {
         10 => mprotect(k, p, a[0], a[1], a[2] as i32),
         11 => munmap(k, p, a[0], a[1]),
         12 => Ok(brk(k, p, a[0])?),
-        25 => Err(libc::ENOMEM), // mremap
+        25 => mremap(k, p, a),
+        26 => msync(k, p, a[0], a[1], a[2]),
         28 => madvise(k, p, a[0], a[1], a[2] as i32),
         13 => sigaction(k, p, a),
         14 => sigprocmask(k, p, a),
@@ -360,8 +447,12 @@ pub fn serve(k: &mut Kernel, p: &mut Proc) -> Result<Outcome, KernelError> {
             p.clear_tid = a[0];
             Ok(p.tid as u64)
         } // set_tid_address
-        273 => Ok(0),             // set_robust_list
+        273 => set_robust_list(p, a[0], a[1]),
+        274 => get_robust_list(k, p, a[0], a[1], a[2]),
         334 => Err(libc::ENOSYS), // rseq
+        2 | 257 if is_proc_self_cmdline(k, p, if nr == 2 { a[0] } else { a[1] }) => {
+            open_cmdline(p, if nr == 2 { a[1] } else { a[2] })
+        }
         89 | 267 if is_proc_self_exe(k, p, if nr == 89 { a[0] } else { a[1] }) => {
             let (buf, n) = if nr == 89 { (a[1], a[2]) } else { (a[2], a[3]) };
             let exe = p.exe.as_os_str().as_encoded_bytes().to_vec();
@@ -420,6 +511,52 @@ fn answer(k: &mut Kernel, p: &mut Proc, nr: u64, a: [u64; 6], ret: SysResult) ->
     }
     p.tf.tf_rax = raw;
     None
+}
+
+/// Whether the path at `va` is the process's own `cmdline` in `/proc`
+/// (`/proc/self/cmdline`, `/proc/thread-self/cmdline`, `/proc/PID/cmdline`).
+fn is_proc_self_cmdline(k: &mut Kernel, p: &mut Proc, va: u64) -> bool {
+    let Ok(s) = p.mm.cstr(&k.ram, &mut k.frames, va, 4096) else {
+        return false;
+    };
+    let own = format!("/proc/{}/cmdline", p.pid);
+    s == b"/proc/self/cmdline" || s == b"/proc/thread-self/cmdline" || s == own.as_bytes()
+}
+
+/// `open` of the process's own `/proc/.../cmdline`: the host's file would
+/// show the minikernel's arguments, so the answer is a descriptor of a
+/// sealed memory file holding the user program's (read-only; `O_CLOEXEC`
+/// as asked).
+fn open_cmdline(p: &Proc, flags: u64) -> SysResult {
+    let flags = flags as i32;
+    if flags & libc::O_ACCMODE != libc::O_RDONLY {
+        return Err(libc::EACCES);
+    }
+    let mfd_flags = libc::MFD_ALLOW_SEALING
+        | if flags & libc::O_CLOEXEC != 0 {
+            libc::MFD_CLOEXEC
+        } else {
+            0
+        };
+    let fd = host(
+        libc::SYS_memfd_create as u64,
+        [c"cmdline".as_ptr() as u64, u64::from(mfd_flags), 0, 0, 0, 0],
+    )?;
+    let data = &p.cmdline;
+    let written = host(
+        libc::SYS_pwrite64 as u64,
+        [fd, data.as_ptr() as u64, data.len() as u64, 0, 0, 0],
+    );
+    let seals = libc::F_SEAL_SEAL | libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_WRITE;
+    let sealed = host(
+        libc::SYS_fcntl as u64,
+        [fd, libc::F_ADD_SEALS as u64, seals as u64, 0, 0, 0],
+    );
+    if let Err(e) = written.and(sealed) {
+        let _ = host(libc::SYS_close as u64, [fd, 0, 0, 0, 0, 0]);
+        return Err(e);
+    }
+    Ok(fd)
 }
 
 /// Whether the path at `va` is `/proc/self/exe`.
@@ -497,11 +634,51 @@ fn prepare(
             }
             Out(n) | OutItems(n, _) => bufs[i] = Some(vec![0u8; n]),
             OutN(len) => bufs[i] = Some(vec![0u8; a[len].min(MAX_IO) as usize]),
+            InN(_) | OutLen(_) | SigmaskPair if va == 0 => {}
+            InN(len) => {
+                let mut b = vec![0u8; a[len].min(MAX_IO) as usize];
+                if !p.mm.read(&k.ram, &mut k.frames, va, &mut b) {
+                    return Err(libc::EFAULT);
+                }
+                bufs[i] = Some(b);
+            }
+            OutLen(len_at) => {
+                let mut l = [0u8; 4];
+                if a[len_at] == 0 || !p.mm.read(&k.ram, &mut k.frames, a[len_at], &mut l) {
+                    return Err(libc::EFAULT);
+                }
+                let n = u64::from(u32::from_le_bytes(l)).min(MAX_IO);
+                bufs[i] = Some(vec![0u8; n as usize]);
+            }
+            SigmaskPair => {
+                let mut pair = [0u8; 16];
+                if !p.mm.read(&k.ram, &mut k.frames, va, &mut pair) {
+                    return Err(libc::EFAULT);
+                }
+                let (set, len) = (word(&pair, 0), word(&pair, 8));
+                // [the set, the host pair pointing at it]
+                let mut b = vec![0u8; 24];
+                if set != 0 {
+                    if len != 8 {
+                        return Err(libc::EINVAL);
+                    }
+                    if !p.mm.read(&k.ram, &mut k.frames, set, &mut b[..8]) {
+                        return Err(libc::EFAULT);
+                    }
+                }
+                let host_set = if set == 0 { 0 } else { b.as_ptr() as u64 };
+                b[8..16].copy_from_slice(&host_set.to_le_bytes());
+                b[16..24].copy_from_slice(&len.to_le_bytes());
+                bufs[i] = Some(b);
+            }
         }
     }
     for (i, b) in bufs.iter_mut().enumerate() {
         if let Some(b) = b {
             host_args[i] = b.as_mut_ptr() as u64;
+            if kinds.get(i) == Some(&SigmaskPair) {
+                host_args[i] += 8;
+            }
         }
     }
     Ok(Prepared {
@@ -528,6 +705,12 @@ fn complete_forward(k: &mut Kernel, p: &mut Proc, f: Prepared, ret: SysResult) -
             Out(_) | InOut(_) => &b[..],
             OutN(_) => &b[..(n as usize).min(b.len())],
             OutItems(_, item) => &b[..(n as usize).saturating_mul(item).min(b.len())],
+            OutLen(len_at) => {
+                let written = f.bufs[len_at]
+                    .as_ref()
+                    .map_or(0, |l| u32::from_le_bytes([l[0], l[1], l[2], l[3]]));
+                &b[..(written as usize).min(b.len())]
+            }
             _ => continue,
         };
         if !p.mm.write(&k.ram, &mut k.frames, f.a[i], bytes) {
@@ -636,6 +819,301 @@ fn poll(k: &mut Kernel, p: &mut Proc, nr: u64, a: [u64; 6]) -> Result<Blocked, i
     prepare(k, p, nr, &a, kinds).map(Blocked::Forward)
 }
 
+/// `select(nfds, r, w, e, timeout)` and `pselect6(nfds, r, w, e, tsp,
+/// sigmask)`: each set is `nfds` bits rounded up to words, copied in and
+/// out; `select` also gives back the time left, as Linux does.
+fn select(k: &mut Kernel, p: &mut Proc, nr: u64, a: [u64; 6]) -> Result<Blocked, i32> {
+    let nfds = a[0] as i32;
+    if !(0..=1024).contains(&nfds) {
+        return Err(libc::EINVAL);
+    }
+    let set = InOut((nfds as usize).div_ceil(64) * 8);
+    let kinds = if nr == 23 {
+        vec![Val, set, set, set, InOut(16)]
+    } else {
+        vec![Val, set, set, set, InOut(16), SigmaskPair]
+    };
+    prepare(k, p, nr, &a, kinds).map(Blocked::Forward)
+}
+
+/// Most bytes of ancillary data `sendmsg`/`recvmsg` carry (Linux's
+/// default `net.core.optmem_max` is of this order).
+const CONTROL_MAX: u64 = 64 << 10;
+
+/// `sendmsg(fd, msg, flags)` / `recvmsg(fd, msg, flags)` (`receiving`):
+/// the user's `msghdr` is read, its name and control data copied, its
+/// iovecs translated into pieces of guest RAM (the data moves without a
+/// copy), and a host `msghdr` built over them. Descriptors passed with
+/// `SCM_RIGHTS` are the host's (they are the process's own); the
+/// minikernel's RAM descriptor cannot be sent (`EBADF`).
+fn msg(k: &mut Kernel, p: &mut Proc, receiving: bool, a: [u64; 6]) -> Result<Blocked, i32> {
+    if k.reserved_fd(a[0]) {
+        return Err(libc::EBADF);
+    }
+    let mut user = [0u8; 56];
+    if !p.mm.read(&k.ram, &mut k.frames, a[1], &mut user) {
+        return Err(libc::EFAULT);
+    }
+    let (user_name, namelen) = (word(&user, 0), word(&user, 8) & 0xffff_ffff);
+    let (user_iov, iovlen) = (word(&user, 16), word(&user, 24));
+    let (user_control, controllen) = (word(&user, 32), word(&user, 40));
+    if iovlen > 1024 {
+        return Err(libc::EMSGSIZE);
+    }
+    let mut name = Vec::new();
+    if user_name != 0 {
+        if receiving {
+            name = vec![0u8; namelen.min(SOCKADDR_MAX) as usize];
+        } else {
+            if namelen > SOCKADDR_MAX {
+                return Err(libc::EINVAL);
+            }
+            name = vec![0u8; namelen as usize];
+            if !p.mm.read(&k.ram, &mut k.frames, user_name, &mut name) {
+                return Err(libc::EFAULT);
+            }
+        }
+    }
+    let mut control = Vec::new();
+    if user_control != 0 && controllen > 0 {
+        if receiving {
+            control = vec![0u8; controllen.min(CONTROL_MAX) as usize];
+        } else {
+            if controllen > CONTROL_MAX {
+                return Err(libc::ENOBUFS);
+            }
+            control = vec![0u8; controllen as usize];
+            if !p.mm.read(&k.ram, &mut k.frames, user_control, &mut control) {
+                return Err(libc::EFAULT);
+            }
+            if passes_fd(&control, k.ram_fd) {
+                return Err(libc::EBADF);
+            }
+        }
+    }
+    let mut raw = vec![0u8; iovlen as usize * 16];
+    if !p.mm.read(&k.ram, &mut k.frames, user_iov, &mut raw) {
+        return Err(libc::EFAULT);
+    }
+    let mut iov: Vec<libc::iovec> = Vec::new();
+    let (mut total, mut asked) = (0u64, 0u64);
+    'segs: for c in raw.chunks_exact(16) {
+        let (va, len) = (word(c, 0), word(c, 8).min(MAX_IO - total));
+        asked += len;
+        let pieces =
+            p.mm.translate(&k.ram, &mut k.frames, va, len, receiving)
+                .map_err(|_| libc::ENOMEM)?;
+        let mut got = 0;
+        for (pa, n) in pieces {
+            if iov.len() == 1024 {
+                break 'segs;
+            }
+            iov.push(libc::iovec {
+                iov_base: k.ram.ptr(pa, n).cast(),
+                iov_len: n as usize,
+            });
+            got += n;
+        }
+        total += got;
+        if got < len || total >= MAX_IO {
+            break;
+        }
+    }
+    if total == 0 && asked > 0 {
+        return Err(libc::EFAULT);
+    }
+    let mut hdr = vec![0u8; 56];
+    let put =
+        |hdr: &mut Vec<u8>, at: usize, v: u64| hdr[at..at + 8].copy_from_slice(&v.to_le_bytes());
+    if user_name != 0 {
+        put(&mut hdr, 0, name.as_ptr() as u64);
+        put(&mut hdr, 8, name.len() as u64);
+    }
+    put(&mut hdr, 16, iov.as_ptr() as u64);
+    put(&mut hdr, 24, iov.len() as u64);
+    if !control.is_empty() {
+        put(&mut hdr, 32, control.as_ptr() as u64);
+        put(&mut hdr, 40, control.len() as u64);
+    }
+    let nr = if receiving {
+        libc::SYS_recvmsg
+    } else {
+        libc::SYS_sendmsg
+    } as u64;
+    let args = [a[0], hdr.as_ptr() as u64, a[2], 0, 0, 0];
+    Ok(Blocked::Msg(Box::new(Message {
+        nr,
+        args,
+        hdr,
+        name,
+        iov,
+        control,
+        user_hdr: a[1],
+        user_name,
+        user_control,
+    })))
+}
+
+/// Whether the control messages in `control` pass descriptor `fd`
+/// (`SCM_RIGHTS`). Hostile lengths end the walk.
+fn passes_fd(control: &[u8], fd: i32) -> bool {
+    let mut at = 0usize;
+    while at + 16 <= control.len() {
+        let len = word(control, at) as usize;
+        let (level, kind) = (
+            u32::from_le_bytes([
+                control[at + 8],
+                control[at + 9],
+                control[at + 10],
+                control[at + 11],
+            ]),
+            u32::from_le_bytes([
+                control[at + 12],
+                control[at + 13],
+                control[at + 14],
+                control[at + 15],
+            ]),
+        );
+        if len < 16 || len > control.len() - at {
+            return false;
+        }
+        if level == libc::SOL_SOCKET as u32 && kind == libc::SCM_RIGHTS as u32 {
+            let fds = &control[at + 16..at + len];
+            if fds
+                .chunks_exact(4)
+                .any(|c| i32::from_le_bytes([c[0], c[1], c[2], c[3]]) == fd)
+            {
+                return true;
+            }
+        }
+        at += len.div_ceil(8) * 8;
+    }
+    false
+}
+
+/// After the host's `recvmsg`: the name, its length, the control data,
+/// its length and the flags go back to the user's `msghdr`.
+fn complete_msg(k: &mut Kernel, p: &mut Proc, m: &Message, ret: SysResult) -> SysResult {
+    let n = ret?;
+    if m.nr != libc::SYS_recvmsg as u64 {
+        return Ok(n);
+    }
+    let namelen = word(&m.hdr, 8) & 0xffff_ffff;
+    let controllen = word(&m.hdr, 40);
+    let flags = u32::from_le_bytes([m.hdr[48], m.hdr[49], m.hdr[50], m.hdr[51]]);
+    let ok = (m.user_name == 0
+        || (p.mm.write(
+            &k.ram,
+            &mut k.frames,
+            m.user_name,
+            &m.name[..(namelen as usize).min(m.name.len())],
+        ) && p.mm.write(
+            &k.ram,
+            &mut k.frames,
+            m.user_hdr + 8,
+            &(namelen as u32).to_le_bytes(),
+        )))
+        && (m.user_control == 0
+            || p.mm.write(
+                &k.ram,
+                &mut k.frames,
+                m.user_control,
+                &m.control[..(controllen as usize).min(m.control.len())],
+            ))
+        && p.mm.write(
+            &k.ram,
+            &mut k.frames,
+            m.user_hdr + 40,
+            &controllen.to_le_bytes(),
+        )
+        && p.mm
+            .write(&k.ram, &mut k.frames, m.user_hdr + 48, &flags.to_le_bytes());
+    if ok { Ok(n) } else { Err(libc::EFAULT) }
+}
+
+/// `mremap(old, old_len, new_len, flags, new_addr)`: shrink in place, grow
+/// in place when the room after is free, else (`MREMAP_MAYMOVE`) move the
+/// pages (their leaves, not their bytes) to a free range or (`MREMAP_FIXED`)
+/// to `new_addr`. The old range must lie in one area.
+fn mremap(k: &mut Kernel, p: &mut Proc, a: [u64; 6]) -> SysResult {
+    const MAYMOVE: u64 = 1;
+    const FIXED: u64 = 2;
+    let (old, old_len, new_len, flags, new_addr) = (a[0], a[1], a[2], a[3], a[4]);
+    if !old.is_multiple_of(vkabi::PAGE_SIZE)
+        || flags & !(MAYMOVE | FIXED) != 0
+        || (flags & FIXED != 0 && flags & MAYMOVE == 0)
+        || new_len == 0
+        || old_len == 0
+    {
+        return Err(libc::EINVAL);
+    }
+    let (old_len, new_len) = (page_up(old_len), page_up(new_len));
+    let old_end = old.checked_add(old_len).ok_or(libc::EFAULT)?;
+    let area = p.mm.find(old).ok_or(libc::EFAULT)?;
+    if old_end > area.end || new_len > k.user_max {
+        return Err(libc::EFAULT);
+    }
+    if flags & FIXED == 0 {
+        if new_len <= old_len {
+            if new_len < old_len && p.mm.remove(&k.ram, &mut k.frames, old + new_len, old_end) {
+                inval(p, old + new_len, old_end)?;
+            }
+            return Ok(old);
+        }
+        let grown = old.checked_add(new_len).ok_or(libc::ENOMEM)?;
+        if grown <= k.user_max && !p.mm.overlaps(old_end, grown) {
+            p.mm.add_area(old_end, grown, area.prot, area.shared);
+            return Ok(old);
+        }
+        if flags & MAYMOVE == 0 {
+            return Err(libc::ENOMEM);
+        }
+    }
+    let to = if flags & FIXED != 0 {
+        let end = new_addr.checked_add(new_len).ok_or(libc::EINVAL)?;
+        if !new_addr.is_multiple_of(vkabi::PAGE_SIZE)
+            || new_addr < MIN_ADDR
+            || end > k.user_max
+            || (new_addr < old_end && old < end)
+        {
+            return Err(libc::EINVAL);
+        }
+        if p.mm.remove(&k.ram, &mut k.frames, new_addr, end) {
+            inval(p, new_addr, end)?;
+        }
+        new_addr
+    } else {
+        p.mm.free_range(new_len).ok_or(libc::ENOMEM)?
+    };
+    let moved = old_len.min(new_len);
+    p.mm.move_pages(&k.ram, &mut k.frames, old, to, moved, &area)
+        .map_err(|_| libc::ENOMEM)?;
+    if new_len > moved {
+        p.mm.add_area(to + moved, to + new_len, area.prot, area.shared);
+    }
+    p.mm.remove(&k.ram, &mut k.frames, old, old_end);
+    inval(p, old, old_end)?;
+    Ok(to)
+}
+
+/// `msync(addr, len, flags)`: the range must be mapped (`ENOMEM`).
+fn msync(_k: &mut Kernel, p: &mut Proc, addr: u64, len: u64, flags: u64) -> SysResult {
+    const MS_ASYNC: u64 = 1;
+    const MS_INVALIDATE: u64 = 2;
+    const MS_SYNC: u64 = 4;
+    if !addr.is_multiple_of(vkabi::PAGE_SIZE)
+        || flags & !(MS_ASYNC | MS_INVALIDATE | MS_SYNC) != 0
+        || flags & (MS_ASYNC | MS_SYNC) == MS_ASYNC | MS_SYNC
+    {
+        return Err(libc::EINVAL);
+    }
+    let end = addr.checked_add(page_up(len)).ok_or(libc::ENOMEM)?;
+    if !p.mm.covered(addr, end) {
+        return Err(libc::ENOMEM);
+    }
+    Ok(0)
+}
+
 /// `MADV_INVAL` after a change that removed pages or rights.
 fn inval(p: &Proc, start: u64, end: u64) -> Result<(), i32> {
     p.vm.inval(start, end - start).map_err(|e| e.errno.0)
@@ -691,7 +1169,7 @@ fn mmap(k: &mut Kernel, p: &mut Proc, a: [u64; 6]) -> SysResult {
         p.mm.free_range(len).ok_or(libc::ENOMEM)?
     };
     let prot = prot & (PROT_READ | PROT_WRITE | PROT_EXEC);
-    p.mm.add(start, start + len, prot);
+    p.mm.add_area(start, start + len, prot, flags & MAP_SHARED != 0);
     if !anon {
         let mut data = vec![0u8; len as usize];
         let mut got = 0usize;
@@ -786,6 +1264,10 @@ fn brk(k: &mut Kernel, p: &mut Proc, addr: u64) -> Result<u64, KernelError> {
             return Ok(mm.brk);
         }
         mm.add(old, new, PROT_READ | PROT_WRITE);
+        // The first pages of the growth are written at once (a C library
+        // puts its thread block there): frames now save the faults.
+        let now = new.min(old + crate::mm::BRK_NOW * vkabi::PAGE_SIZE);
+        mm.populate_range(&k.ram, &mut k.frames, old, now);
     } else if new < old && mm.remove(&k.ram, &mut k.frames, new, old) {
         p.vm.inval(new, old - new)?;
     }
@@ -994,14 +1476,21 @@ fn sigsuspend(k: &mut Kernel, p: &mut Proc, set: u64, size: u64) -> Result<Block
 /// The host address of the user's 4-byte futex word at `va` (in guest
 /// RAM, which every host thread and process of the guest maps), or EFAULT.
 fn futex_word(k: &mut Kernel, p: &mut Proc, va: u64) -> Result<u64, i32> {
+    let pa = futex_pa(k, p, va, false)?;
+    Ok(k.ram.ptr(pa, 4) as u64)
+}
+
+/// The physical address of the user's 4-byte futex word at `va` (readable,
+/// or writable when `write`), EINVAL if unaligned, EFAULT if inaccessible.
+fn futex_pa(k: &mut Kernel, p: &mut Proc, va: u64, write: bool) -> Result<u64, i32> {
     if !va.is_multiple_of(4) {
         return Err(libc::EINVAL);
     }
     let pieces =
-        p.mm.translate(&k.ram, &mut k.frames, va, 4, false)
+        p.mm.translate(&k.ram, &mut k.frames, va, 4, write)
             .map_err(|_| libc::EFAULT)?;
     match pieces.as_slice() {
-        [(pa, 4)] => Ok(k.ram.ptr(*pa, 4) as u64),
+        [(pa, 4)] => Ok(*pa),
         _ => Err(libc::EFAULT),
     }
 }
@@ -1054,10 +1543,103 @@ fn futex(k: &mut Kernel, p: &mut Proc, a: [u64; 6]) -> Result<Now, i32> {
     }
 }
 
-/// The end of a thread that is not the last: its clear-tid word is
-/// zeroed and woken (`CLONE_CHILD_CLEARTID`, `set_tid_address`).
+/// `set_robust_list(head, len)`: `len` is the size of Linux's
+/// `struct robust_list_head` or EINVAL.
+fn set_robust_list(p: &mut Proc, head: u64, len: u64) -> SysResult {
+    if len != ROBUST_HEAD_LEN {
+        return Err(libc::EINVAL);
+    }
+    p.robust_list = head;
+    Ok(0)
+}
+
+/// `get_robust_list(pid, head_ptr, len_ptr)` for the calling thread (pid 0
+/// or its own tid); another thread's list is not kept where this thread
+/// can read it, so that answers ESRCH.
+fn get_robust_list(k: &mut Kernel, p: &mut Proc, pid: u64, head: u64, len: u64) -> SysResult {
+    if pid != 0 && pid != p.tid as u64 {
+        return Err(libc::ESRCH);
+    }
+    let ok =
+        p.mm.write(&k.ram, &mut k.frames, head, &p.robust_list.to_le_bytes())
+            && p.mm
+                .write(&k.ram, &mut k.frames, len, &ROBUST_HEAD_LEN.to_le_bytes());
+    if ok { Ok(0) } else { Err(libc::EFAULT) }
+}
+
+/// `sizeof(struct robust_list_head)`: `{ next, futex_offset, list_op_pending }`.
+const ROBUST_HEAD_LEN: u64 = 24;
+
+/// A robust futex word's owner-TID bits, and the flags Linux sets in it.
+const FUTEX_TID_MASK: u32 = 0x3fff_ffff;
+const FUTEX_OWNER_DIED: u32 = 0x4000_0000;
+const FUTEX_WAITERS: u32 = 0x8000_0000;
+
+/// Linux's walk of an exiting thread's robust list (`exit_robust_list`):
+/// every futex on it (and the one whose operation was pending) that this
+/// thread still owns gets `FUTEX_OWNER_DIED`, keeps `FUTEX_WAITERS`, and
+/// one waiter is woken, so the next `pthread_mutex_lock` answers
+/// EOWNERDEAD. The list is the user's memory: at most [`ROBUST_LIMIT`]
+/// entries are visited (Linux's bound), and an unreadable one ends it.
+fn exit_robust_list(k: &mut Kernel, p: &mut Proc) {
+    const ROBUST_LIMIT: usize = 2048;
+    let head = p.robust_list;
+    let mut h = [0u8; 24];
+    if head == 0 || !p.mm.read(&k.ram, &mut k.frames, head, &mut h) {
+        return;
+    }
+    let word = |b: &[u8]| u64::from_le_bytes(b.try_into().expect("8 bytes"));
+    let (first, offset, pending) = (word(&h[0..8]), word(&h[8..16]), word(&h[16..24]) & !1);
+    let mut entry = first & !1;
+    for _ in 0..ROBUST_LIMIT {
+        if entry == head || entry == 0 {
+            break;
+        }
+        let mut next = [0u8; 8];
+        if !p.mm.read(&k.ram, &mut k.frames, entry, &mut next) {
+            break;
+        }
+        if entry != pending {
+            futex_owner_died(k, p, entry.wrapping_add(offset));
+        }
+        entry = u64::from_le_bytes(next) & !1;
+    }
+    if pending != 0 {
+        futex_owner_died(k, p, pending.wrapping_add(offset));
+    }
+}
+
+/// Linux's `handle_futex_death` for the word at `va`, if this thread owns it.
+fn futex_owner_died(k: &mut Kernel, p: &mut Proc, va: u64) {
+    let Ok(pa) = futex_pa(k, p, va, true) else {
+        return;
+    };
+    let mut seen = k.ram.cmpxchg_u32(pa, 0, 0);
+    // User threads may set FUTEX_WAITERS meanwhile; a few tries, as each
+    // failure means the word changed under us.
+    for _ in 0..16 {
+        if seen & FUTEX_TID_MASK != p.tid as u32 {
+            return;
+        }
+        let new = (seen & FUTEX_WAITERS) | FUTEX_OWNER_DIED;
+        let found = k.ram.cmpxchg_u32(pa, seen, new);
+        if found == seen {
+            if seen & FUTEX_WAITERS != 0 {
+                let w = k.ram.ptr(pa, 4) as u64;
+                let _ = host(libc::SYS_futex as u64, [w, 1, 1, 0, 0, 0]);
+            }
+            return;
+        }
+        seen = found;
+    }
+}
+
+/// The end of a thread that is not the last: its robust futexes are
+/// released as Linux releases them, then its clear-tid word is zeroed and
+/// woken (`CLONE_CHILD_CLEARTID`, `set_tid_address`).
 fn thread_exit(k: &mut Kernel, p: &mut Proc) {
     p.threads -= 1;
+    exit_robust_list(k, p);
     let word = p.clear_tid;
     if word != 0
         && p.mm.write(&k.ram, &mut k.frames, word, &0u32.to_le_bytes())

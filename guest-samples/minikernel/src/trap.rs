@@ -16,8 +16,9 @@
 //!   result goes in `tf_rax` and RUN continues after the `syscall`
 //!   instruction;
 //! - `T_PAGEFLT`: demand paging ([`Mm::fault`](crate::mm::Mm::fault)): a
-//!   zeroed frame for an anonymous page; an address outside every area, or
-//!   an access the area forbids, raises `SIGSEGV`;
+//!   zeroed frame for an anonymous page, a copy (or the frame taken over)
+//!   for a write to a copy-on-write page after `fork`; an address outside
+//!   every area, or an access the area forbids, raises `SIGSEGV`;
 //! - `T_SIGNAL`: a host signal for the minikernel arrived (its handler, if
 //!   any, has run and recorded it): RUN again;
 //! - any other trap raises the signal Linux would send ([`signal::force`]):
@@ -95,6 +96,7 @@ fn end(mut guard: MutexGuard<'_, Guest>, exit: Exit) -> ! {
             "minikernel: {} runs, {} syscalls, {} page faults ({} stale), {} signals",
             s.runs, s.syscalls, s.page_faults, s.stale_faults, s.signals,
         );
+        eprintln!("{}", s.fork_line());
     }
     process::finish(k, p, exit)
 }
@@ -119,6 +121,12 @@ fn thread_loop(g: &Shared, t: &mut Thread) -> Result<(), KernelError> {
             p.enter(t);
             if let Some(exit) = signal::deliver(k, p) {
                 end(guard, exit);
+            }
+            // Frames the minikernel replaced under the program (copies on
+            // write made while serving it) must not stay in the host's
+            // translations.
+            if let Some((lo, hi)) = p.mm.take_stale() {
+                p.vm.inval(lo, hi - lo)?;
             }
             p.leave(t);
             p.vm.id()
@@ -220,6 +228,13 @@ fn serve_trap(
             let (addr, err) = (p.tf.tf_addr, p.tf.tf_err);
             match p.mm.fault(&k.ram, &mut k.frames, addr, err)? {
                 Fault::Mapped => k.stats.page_faults += 1,
+                Fault::Cow { start, end, copied } => {
+                    k.stats.cow_copies += copied;
+                    k.stats.cow_reuses += (end - start) / PAGE_SIZE - copied;
+                    if copied > 0 {
+                        p.vm.inval(start, end - start)?;
+                    }
+                }
                 Fault::Segv => {
                     // SEGV_ACCERR inside an area, SEGV_MAPERR outside.
                     let code = if p.mm.find(addr).is_some() { 2 } else { 1 };

@@ -11,6 +11,9 @@
 //!                           `running PID`, then block until killed
 //! vmspace-check exit-running  the same, then exit 0 while both RUNs spin,
 //!                           as soon as stdin has a line or ends
+//! vmspace-check hold-window  a window with one page installed, one
+//!                           faulted and the rest untouched; print `window
+//!                           VA PAGES`, then exit once stdin has a line or ends
 //! vmspace-check fuzz SEED N N random hypercalls with hostile arguments
 //!                           (see `fuzz.rs`), then `fuzz: N calls, ...`
 //! ```
@@ -38,13 +41,14 @@ use std::time::Duration;
 use crate::env::Env;
 use crate::report::Report;
 
-const USAGE: &str = "usage: vmspace-check [errors|regs|traps|paging|isolation|signals|threads|prw|fork|all|hold-run|exit-running|stub-death|hostile-stub|hostile-scribble|kick-ignore|fuzz SEED N]";
+const USAGE: &str = "usage: vmspace-check [errors|regs|traps|paging|isolation|signals|threads|prw|fork|all|hold-run|exit-running|hold-window|stub-death|hostile-stub|hostile-scribble|kick-ignore|fuzz SEED N]";
 
 /// What the command line asked for.
 enum Plan {
     One(&'static checks::Area),
     All,
     HoldRun { exit: bool },
+    HoldWindow,
     StubDeath,
     Fuzz { seed: u64, calls: u64 },
 }
@@ -59,6 +63,7 @@ fn parse(args: &[String]) -> Option<Plan> {
             "all" => Some(Plan::All),
             "hold-run" => Some(Plan::HoldRun { exit: false }),
             "exit-running" => Some(Plan::HoldRun { exit: true }),
+            "hold-window" => Some(Plan::HoldWindow),
             "stub-death" => Some(Plan::StubDeath),
             "hostile-stub" => Some(Plan::One(&checks::HOSTILE_STUB)),
             "hostile-scribble" => Some(Plan::One(&checks::HOSTILE_SCRIBBLE)),
@@ -97,6 +102,16 @@ fn main() -> ExitCode {
             println!("vmspace-check: {oks} ok, {failures} failed");
             failures
         }
+        Plan::HoldWindow => match checks::hold::window(&mut env) {
+            Ok(()) => {
+                let _ = std::io::stdin().read_line(&mut String::new());
+                0
+            }
+            Err(e) => {
+                println!("FAIL hold-window: {e}");
+                1
+            }
+        },
         Plan::StubDeath => match checks::hold::stub_death(&mut env) {
             Ok(()) => 0,
             Err(e) => {

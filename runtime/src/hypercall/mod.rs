@@ -25,13 +25,13 @@ use vkabi::Hypercall;
 
 use crate::error::{CallError, TraceeError, raw_result};
 use crate::stats::Stats;
-use crate::sys::{lock, proc};
+use crate::sys::{kcmp, lock, proc};
 use crate::trace::TraceWriter;
-use crate::trace::format::format_call_result;
+use crate::trace::format::{format_call_result, format_result, returns_address};
 use crate::tracee::Tracer;
 use crate::tracee::inject::Injector;
 use crate::vmspace::Vmspaces;
-use crate::vpt::Vpt;
+use crate::vpt::{StopDone, Vpt};
 
 pub use server::{Pool, Server};
 
@@ -151,6 +151,7 @@ fn account(
     result: Result<i64, Errno>,
     when: Option<SystemTime>,
     took: Option<std::time::Duration>,
+    shown: Option<&str>,
 ) {
     stats.count_hypercall(h, result.is_err());
     let Some(when) = when else {
@@ -158,7 +159,10 @@ fn account(
     };
     let mut trace = lock(trace);
     if trace.set().hypercall(h) {
-        let text = format_call_result(h, nr, args, result);
+        let text = match shown {
+            Some(call) => format!("{call} {}", format_result(result, returns_address(h))),
+            None => format_call_result(h, nr, args, result),
+        };
         trace.line(tid, when, &text, took);
     }
 }
@@ -202,7 +206,7 @@ impl StopCalls {
                 }
             }
         };
-        let mut inj = match Injector::at_seccomp_stop(tracer, pid) {
+        let inj = match Injector::at_seccomp_stop(tracer, pid) {
             Ok(inj) => inj,
             Err(e) => return outcome(e, Vec::new()),
         };
@@ -210,6 +214,12 @@ impl StopCalls {
         let args = [r.rdi, r.rsi, r.rdx, r.r10, r.r8, r.r9];
         let h = Hypercall::from_nr(r.orig_rax);
         let when = SystemTime::now();
+        let Some(mut inj) = self.defer_window(pid, inj, h, args, when, then_stop) else {
+            return StopOutcome {
+                new_threads: Vec::new(),
+                gone: None,
+            };
+        };
         let served = self.serve(tracer, &mut inj, h, args);
         let new_threads = std::mem::take(&mut inj.new_threads);
         let result = match served {
@@ -228,6 +238,7 @@ impl StopCalls {
             result,
             Some(when),
             None,
+            None,
         );
         if then_stop && let Err(errno) = nix::sys::ptrace::interrupt(pid) {
             tracing::debug!(%pid, %errno, "PTRACE_INTERRUPT after a stepped hypercall failed");
@@ -239,6 +250,74 @@ impl StopCalls {
             },
             Err(e) => outcome(e, new_threads),
         }
+    }
+
+    /// A `vk_mmap` of a window in a process whose agent is set up: the
+    /// agent makes it, on the process's stop worker, and the tracer only
+    /// answers the stopped caller once it is done (the wait on the agent
+    /// and on the lock shared with the resolver is not the tracer's).
+    /// Gives `inj` back if the call is not such a one (`None`: deferred).
+    fn defer_window(
+        &self,
+        pid: Pid,
+        inj: Injector,
+        h: Option<Hypercall>,
+        args: [u64; 6],
+        when: SystemTime,
+        then_stop: bool,
+    ) -> Option<Injector> {
+        let tgid = proc::tgid_of(pid).unwrap_or(pid);
+        let window = args[3] as i32 & vkabi::MAP_VPAGETABLE != 0;
+        if h != Some(Hypercall::VkMmap) || !window || !self.vpt.has_agent(tgid) {
+            return Some(inj);
+        }
+        // The descriptor check is the kernel's (kcmp), so it stays here.
+        let fd = args[4] as i32;
+        if fd < 0 || kcmp::same_file(self.vpt.ram_descriptor(), pid, fd) != Ok(true) {
+            return Some(inj);
+        }
+        let (vpt, trace, stats) = (
+            Arc::clone(&self.vpt),
+            Arc::clone(&self.trace),
+            Arc::clone(&self.stats),
+        );
+        let nr = inj.regs().orig_rax;
+        self.vpt.defer(
+            tgid,
+            pid,
+            Box::new(move || {
+                let result = vpt
+                    .vk_mmap_by_agent(tgid, args)
+                    .unwrap_or(Err(Errno::EINVAL));
+                Box::new(move |_: &Tracer| {
+                    account(
+                        &trace,
+                        &stats,
+                        pid.as_raw(),
+                        h,
+                        nr,
+                        args,
+                        result,
+                        Some(when),
+                        None,
+                        None,
+                    );
+                    // A gdb single step over the call ends as it returns.
+                    if then_stop && let Err(errno) = nix::sys::ptrace::interrupt(pid) {
+                        tracing::debug!(%pid, %errno, "PTRACE_INTERRUPT after a stepped hypercall failed");
+                    }
+                    match inj.finish(raw_result(result)) {
+                        Ok(()) => StopDone::Resumed,
+                        Err(TraceeError::Gone(gone)) => StopDone::Gone(gone.status),
+                        Err(TraceeError::Ptrace { tid, errno }) => {
+                            tracing::warn!(%tid, %errno, "answering a hypercall at its stop failed");
+                            StopDone::Resumed
+                        }
+                    }
+                })
+            }),
+        );
+        None
     }
 
     /// The dispatch of the `TracerStop` rows of [`TABLE`].

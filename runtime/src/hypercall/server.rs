@@ -23,6 +23,7 @@ use crate::sys::seccomp::{Notification, NotifyFd};
 use crate::sys::signal::WAKE_SIGNAL;
 use crate::sys::{kcmp, lock, proc};
 use crate::trace::TraceWriter;
+use crate::trace::format::format_vk_info;
 use crate::tracee::remote::{self, RemoteAddr};
 use crate::vmspace::Started;
 
@@ -229,6 +230,7 @@ impl Server {
             let traced = set.hypercall(h);
             let when = traced.then(SystemTime::now);
             let started = (traced && durations).then(Instant::now);
+            let mut shown = None;
             let result = match h {
                 Some(Hypercall::VmspaceCtl) => match self.vmspaces.ctl(&n) {
                     Started::Done(r) => r,
@@ -251,7 +253,11 @@ impl Server {
                         continue;
                     }
                 },
-                _ => self.call(h, &n),
+                _ => {
+                    let (result, wrote) = self.call(h, &n);
+                    shown = wrote.filter(|_| traced);
+                    result
+                }
             };
             // Traced before answering, so the line precedes anything the
             // guest does next (its exit line in particular).
@@ -266,6 +272,7 @@ impl Server {
                 result,
                 when,
                 took,
+                shown.as_deref(),
             );
             match self.notify.respond(n.id, result) {
                 Ok(()) | Err(Errno::ENOENT) => {}
@@ -279,23 +286,31 @@ impl Server {
     /// The dispatch of the `Notification` rows of the table (but RUN, which
     /// [`Server::serve`] waits for): serve notification `n` (a number in the
     /// hypercall range) and return the guest-visible result. Unknown
-    /// numbers answer `ENOSYS`.
-    fn call(&self, h: Option<Hypercall>, n: &Notification) -> Result<i64, Errno> {
+    /// numbers answer `ENOSYS`. With the result comes, for a call that
+    /// fills a struct, the call as the trace shows it (the struct written).
+    fn call(&self, h: Option<Hypercall>, n: &Notification) -> (Result<i64, Errno>, Option<String>) {
         if arrival(h) != Arrival::Notification {
-            return Err(Errno::ENOSYS); // the filter never sends these here
+            return (Err(Errno::ENOSYS), None); // the filter never sends these here
         }
-        match h {
-            Some(Hypercall::VkInfo) => self.vk_info(n),
+        let result = match h {
+            Some(Hypercall::VkInfo) => {
+                return match self.vk_info(n) {
+                    Ok((info, len)) => (Ok(0), Some(format_vk_info(n.args, &info, len))),
+                    Err(e) => (Err(e), None),
+                };
+            }
             Some(Hypercall::Mcontrol) => self.vpt.mcontrol(Pid::from_raw(n.tid), n.args),
             Some(Hypercall::VmspaceMcontrol) => self.vmspaces.mcontrol(n.args),
             Some(Hypercall::VmspacePread) => self.vmspaces.prw(Pid::from_raw(n.tid), n.args, false),
             Some(Hypercall::VmspacePwrite) => self.vmspaces.prw(Pid::from_raw(n.tid), n.args, true),
             _ => Err(Errno::ENOSYS),
-        }
+        };
+        (result, None)
     }
 
-    /// `vk_info(out, size)`: copy `min(size, 48)` bytes of [`VkInfo`].
-    fn vk_info(&self, n: &Notification) -> Result<i64, Errno> {
+    /// `vk_info(out, size)`: copy `min(size, 48)` bytes of [`VkInfo`];
+    /// returns the struct and how many bytes of it were written.
+    fn vk_info(&self, n: &Notification) -> Result<(VkInfo, usize), Errno> {
         let tid = Pid::from_raw(n.tid);
         let out = RemoteAddr(n.args[0]);
         let size = n.args[1];
@@ -316,7 +331,7 @@ impl Server {
             return Err(Errno::ESRCH);
         }
         remote::write_bytes(tid, out, &bytes[..len])?;
-        Ok(0)
+        Ok((info, len))
     }
 
     /// The number of the RAM memfd in the caller's descriptor table. If the
@@ -334,7 +349,7 @@ impl Server {
         let fd = match found {
             Some(fd) => fd,
             None => {
-                let fd = self.notify.add_fd(id, ours)?;
+                let fd = self.notify.add_fd(id, ours, false)?;
                 tracing::debug!(%tid, fd, "installed the RAM memfd in a guest that had none");
                 fd
             }

@@ -48,7 +48,7 @@ use crate::trace::TraceWriter;
 use crate::trace::format::{format_exec, format_new_task, format_signal};
 use crate::tracee::Tracer;
 use crate::vmspace::{Interrupted, Vmspaces};
-use crate::vpt::{ContextFaults, SegvAction, Vpt};
+use crate::vpt::{ContextFaults, SegvAction, StopDone, Vpt};
 use crate::{Config, Outcome, resolve_program};
 
 mod gdb;
@@ -78,7 +78,9 @@ pub fn run(config: Config) -> Result<Outcome, Error> {
         trace: trace_options,
         output,
         stats: want_stats,
+        stats_zeros,
         gdb,
+        fast_run,
     } = config;
     crate::sys::fatal::install_panic_hook();
     let path = resolve_program(&program)?;
@@ -153,16 +155,20 @@ pub fn run(config: Config) -> Result<Outcome, Error> {
             failure: None,
             out: Arc::new(Mutex::new(TraceWriter::new(output, trace_options))),
             stats: Arc::new(Stats::default()),
+            fast_run,
             vpt: None,
             vmspaces: None,
             stop_calls: None,
             gdb,
         };
-        let vpt = Arc::new(Vpt::new(
-            Arc::clone(&sup.ram),
-            Arc::clone(&sup.stats),
-            Arc::clone(&sup.out),
-        ));
+        let vpt = Arc::new(
+            Vpt::new(
+                Arc::clone(&sup.ram),
+                Arc::clone(&sup.stats),
+                Arc::clone(&sup.out),
+            )
+            .map_err(Error::sys("eventfd"))?,
+        );
         sup.vmspaces = Some(Arc::new(
             Vmspaces::new(
                 Arc::clone(&sup.stats),
@@ -191,7 +197,7 @@ pub fn run(config: Config) -> Result<Outcome, Error> {
         }
         let mut out = lock(&sup.out);
         if want_stats {
-            out.write(sup.stats.render().as_bytes());
+            out.write(sup.stats.render(stats_zeros).as_bytes());
         }
         out.flush();
         result
@@ -229,6 +235,8 @@ struct Supervisor {
     failure: Option<Error>,
     out: Arc<Mutex<TraceWriter>>,
     stats: Arc<Stats>,
+    /// `Config::fast_run`.
+    fast_run: bool,
     ram_fd_guess: i32,
     /// MAP_VPAGETABLE state of the guest's processes.
     vpt: Option<Arc<Vpt>>,
@@ -245,27 +253,32 @@ impl Supervisor {
     fn event_loop(&mut self) -> Result<Outcome, Error> {
         loop {
             let vmspaces = Arc::clone(self.vmspaces());
+            let vpt = Arc::clone(self.vpt());
             let polled = {
-                // The stub's socket is a third descriptor only with --gdb.
+                // The stub's socket is a fourth descriptor only with --gdb.
                 let gdb_fd = self.gdb.as_ref().and_then(Gdb::fd);
-                let n = if gdb_fd.is_some() { 3 } else { 2 };
+                let n = if gdb_fd.is_some() { 4 } else { 3 };
                 let mut fds = [
                     PollFd::new(self.sigfd.as_fd(), PollFlags::POLLIN),
                     PollFd::new(vmspaces.jobs_fd(), PollFlags::POLLIN),
+                    PollFd::new(vpt.finishes_fd(), PollFlags::POLLIN),
                     PollFd::new(gdb_fd.unwrap_or(self.sigfd.as_fd()), PollFlags::POLLIN),
                 ];
                 let ready = |fd: &PollFd<'_>| fd.any().unwrap_or(false);
                 match poll(&mut fds[..n], PollTimeout::NONE) {
-                    Ok(_) => Ok((ready(&fds[1]), n == 3 && ready(&fds[2]))),
-                    Err(Errno::EINTR) => Ok((false, false)),
+                    Ok(_) => Ok((ready(&fds[1]), ready(&fds[2]), n == 4 && ready(&fds[3]))),
+                    Err(Errno::EINTR) => Ok((false, false, false)),
                     Err(errno) => Err(errno),
                 }
             };
-            let (jobs_ready, gdb_ready) =
+            let (jobs_ready, finishes_ready, gdb_ready) =
                 polled.map_err(|errno| self.abort(Error::sys("poll")(errno)))?;
             crate::sys::fatal::test_panic_point("tracer");
             if jobs_ready {
                 vmspaces.run_jobs(&self.tracer);
+            }
+            if finishes_ready {
+                self.finish_stops(&vpt)?;
             }
             if gdb_ready {
                 self.with_gdb(|g| g.on_readable());
@@ -367,6 +380,22 @@ impl Supervisor {
         }
     }
 
+    /// End the stops whose agent work a stop worker finished.
+    fn finish_stops(&mut self, vpt: &Vpt) -> Result<(), Error> {
+        for (tid, finish) in vpt.take_finishes() {
+            match finish(&self.tracer) {
+                StopDone::Resumed => {}
+                StopDone::Gone(status) => self.on_wait_status(status)?,
+                StopDone::Deliver(sig) if self.gdb_holds(|g| g.on_signal_stop(tid, sig)) => {}
+                StopDone::Deliver(sig) => {
+                    trace_signal(&self.out, tid);
+                    resume(tid, Some(sig));
+                }
+            }
+        }
+        Ok(())
+    }
+
     fn on_wait_status(&mut self, status: WaitStatus) -> Result<(), Error> {
         match status {
             WaitStatus::Exited(pid, code) => self.on_exit(pid, Outcome::Exited(code)),
@@ -380,15 +409,14 @@ impl Supervisor {
             WaitStatus::Stopped(pid, Signal::SIGSEGV) => {
                 self.tracees.insert(pid);
                 let tgid = proc::tgid_of(pid).unwrap_or(pid);
-                match self.vpt().on_sigsegv(&self.tracer, pid, tgid) {
+                match self.vpt().on_sigsegv(pid, tgid) {
                     SegvAction::Deliver
                         if self.gdb_holds(|g| g.on_signal_stop(pid, Signal::SIGSEGV)) => {}
                     SegvAction::Deliver => {
                         trace_signal(&self.out, pid);
                         resume(pid, Some(Signal::SIGSEGV));
                     }
-                    SegvAction::Handled(Some(status)) => self.on_wait_status(status)?,
-                    SegvAction::Handled(None) => {}
+                    SegvAction::Deferred => {}
                 }
             }
             WaitStatus::Stopped(pid, sig) => {
@@ -528,6 +556,16 @@ impl Supervisor {
             trace_signal(&trace, pid);
             resume(pid, Some(sig));
         };
+        if !self.vmspaces().is_empty()
+            && proc::catches(pid, sig as i32)
+            && self.vmspaces().hold_for_fast_run(&self.tracer, pid)
+        {
+            // Inside a fast RUN: the signal waits (blocked) until RUN has
+            // returned; the kernel queues it again now. It is traced when
+            // it stops the thread again, at its delivery.
+            resume(pid, Some(sig));
+            return;
+        }
         let rax = match ptrace::getregs(pid) {
             Ok(regs)
                 if !self.vmspaces().is_empty()
@@ -592,7 +630,13 @@ impl Supervisor {
             ram_fd_guess: AtomicI32::new(self.ram_fd_guess),
             pool: Pool::default(),
         });
+        // Traced RUNs take the hypercall, where they can be traced.
+        let traced = {
+            let out = lock(&self.out);
+            out.set().runs || out.set().hypercall(Some(Hypercall::VmspaceCtl))
+        };
         self.vmspaces().set_env(Arc::new(crate::vmspace::RunEnv {
+            fast: self.fast_run && !traced,
             notify: Arc::clone(&server.notify),
             stats: Arc::clone(&self.stats),
             trace: Arc::clone(&self.out),

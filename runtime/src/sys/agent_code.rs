@@ -26,7 +26,13 @@
 //! leaving the guest process. Anything else (superpages, failed walks,
 //! neighbours that a prefault run could batch, a full ring, an exhausted VMA
 //! budget, fast path disabled) is forwarded to the supervisor through a ring
-//! in the resolver page. Layout of the resolver page (`r15` in the resolver):
+//! in the resolver page. Several resolver threads may serve one uffd (one
+//! per CPU, so that a fault is resolved on the CPU that took it): each
+//! keeps its message, the page and the wake range in 64 bytes of its own
+//! stack, and takes the lock for everything shared (the rings, the budget,
+//! the counter), forwarding included; it waits for room in a full forward
+//! ring without the lock. Layout of the resolver page (`r15` in the
+//! resolver):
 //! - `0x000 lock: u32`: futex mutex shared with the supervisor (0 free,
 //!   1 held, 2 held with waiters), held across walk and install;
 //! - `0x004 enabled: u32`, `0x008 ram_base`, `0x010 ram_size`, `0x018 ram_fd`,
@@ -37,7 +43,6 @@
 //! - `0x040 resolved: u64`, `0x048 sup_wake: u32` (futex the supervisor
 //!   sleeps on), `0x050 sigset: u64`;
 //! - `0x060` window table: [`RES_MAX_WINDOWS`] × `{start, end, off, master}`;
-//! - `0x300` message buffer, `0x320` wake range, `0x330` scratch;
 //! - `0x400` forward ring: [`RES_FWD_SLOTS`] raw `uffd_msg`s (32 bytes);
 //! - `0x800` install ring: [`RES_INS_SLOTS`] × `{va, len}`.
 
@@ -192,11 +197,15 @@ global_asm!(
     "xor edx, edx",
     "mov r10d, 8",
     "syscall",
+    // this resolver's own state, on its own stack (several resolvers share
+    // the page): the message at [rsp], the wake range at [rsp + 0x20], the
+    // faulting page at [rsp + 0x30]
+    "sub rsp, 64",
     // ---- read one uffd message ----
     "21:",
     "xor eax, eax",
     "mov rdi, qword ptr [r15 + 0x20]",
-    "lea rsi, [r15 + 0x300]",
+    "mov rsi, rsp",
     "mov edx, 32",
     "syscall",
     "cmp rax, 32",
@@ -210,33 +219,17 @@ global_asm!(
     "xor edi, edi",
     "syscall",
     "22:",
-    "cmp byte ptr [r15 + 0x300], 0x12",
-    "jne 60f",
-    // ---- take the lock ----
-    "mov eax, 0",
-    "mov ecx, 1",
-    "lock cmpxchg dword ptr [r15], ecx",
-    "je 24f",
-    "23:",
-    "mov ecx, 2",
-    "xchg ecx, dword ptr [r15]",
-    "test ecx, ecx",
-    "je 24f",
-    "mov eax, 202",
-    "mov rdi, r15",
-    "xor esi, esi",
-    "mov edx, 2",
-    "xor r10d, r10d",
-    "syscall",
-    "jmp 23b",
-    "24:",
+    // ---- take the lock (the rings, budget and counters are shared) ----
+    "call 72f",
+    "cmp byte ptr [rsp], 0x12",
+    "jne 59f",
     "cmp dword ptr [r15 + 4], 0",
     "je 59f",
     "mov rbp, qword ptr [r15 + 0x08]",
     "mov rbx, qword ptr [r15 + 0x10]",
-    "mov r8, qword ptr [r15 + 0x310]",
+    "mov r8, qword ptr [rsp + 0x10]",
     "and r8, -4096",
-    "mov qword ptr [r15 + 0x330], r8",
+    "mov qword ptr [rsp + 0x30], r8",
     // find the window
     "mov r9d, dword ptr [r15 + 0x3c]",
     "lea r10, [r15 + 0x60]",
@@ -261,7 +254,7 @@ global_asm!(
     "shr r11, 12",
     "mov rdx, qword ptr [r10 + 24]",
     // write access?
-    "mov r13, qword ptr [r15 + 0x308]",
+    "mov r13, qword ptr [rsp + 0x08]",
     "and r13d, 1",
     // need = V | (write ? RW : 0); upd = A | (write ? M : 0)
     "mov r14d, 1",
@@ -395,7 +388,7 @@ global_asm!(
     "39:",
     // mmap(page, 4096, prot, MAP_SHARED|MAP_FIXED|(write ? MAP_POPULATE : 0), ram_fd, pa)
     "mov eax, 9",
-    "mov rdi, qword ptr [r15 + 0x330]",
+    "mov rdi, qword ptr [rsp + 0x30]",
     "mov esi, 4096",
     "mov r12, rdx",
     "mov rdx, r10",
@@ -415,7 +408,7 @@ global_asm!(
     "mov ecx, eax",
     "and ecx, 127",
     "shl ecx, 4",
-    "mov rdi, qword ptr [r15 + 0x330]",
+    "mov rdi, qword ptr [rsp + 0x30]",
     "mov qword ptr [r15 + rcx + 0x800], rdi",
     "mov qword ptr [r15 + rcx + 0x808], 4096",
     "inc eax",
@@ -424,49 +417,73 @@ global_asm!(
     "inc qword ptr [r15 + 0x40]",
     // unlock, then wake the faulting thread
     "call 70f",
-    "mov rax, qword ptr [r15 + 0x330]",
-    "mov qword ptr [r15 + 0x320], rax",
-    "mov qword ptr [r15 + 0x328], 4096",
+    "mov rax, qword ptr [rsp + 0x30]",
+    "mov qword ptr [rsp + 0x20], rax",
+    "mov qword ptr [rsp + 0x28], 4096",
     "mov eax, 16",
     "mov rdi, qword ptr [r15 + 0x20]",
     "mov esi, 0x8010AA02",
-    "lea rdx, [r15 + 0x320]",
+    "lea rdx, [rsp + 0x20]",
     "syscall",
     "jmp 21b",
-    // ---- forward to the supervisor (59: holding the lock) ----
+    // ---- forward to the supervisor (holding the lock: the ring's head
+    // is shared by every resolver) ----
     "59:",
-    "call 70f",
-    "60:",
     "mov eax, dword ptr [r15 + 0x28]",
     "mov ecx, eax",
     "sub ecx, dword ptr [r15 + 0x2c]",
     "cmp ecx, 32",
     "jb 61f",
-    // ring full: wait for the supervisor to take some
-    "mov edx, dword ptr [r15 + 0x2c]",
+    // ring full: wait for the supervisor to take some, without the lock
+    // (it may need the lock to serve what it took)
+    "mov r12d, dword ptr [r15 + 0x2c]",
+    "call 70f",
     "mov eax, 202",
     "lea rdi, [r15 + 0x2c]",
     "xor esi, esi",
+    "mov edx, r12d",
     "xor r10d, r10d",
     "syscall",
-    "jmp 60b",
+    "call 72f",
+    "jmp 59b",
     "61:",
     "mov ecx, eax",
     "and ecx, 31",
     "shl ecx, 5",
-    "movdqu xmm0, xmmword ptr [r15 + 0x300]",
-    "movdqu xmm1, xmmword ptr [r15 + 0x310]",
+    "movdqu xmm0, xmmword ptr [rsp]",
+    "movdqu xmm1, xmmword ptr [rsp + 0x10]",
     "movdqu xmmword ptr [r15 + rcx + 0x400], xmm0",
     "movdqu xmmword ptr [r15 + rcx + 0x410], xmm1",
     "inc eax",
     "mov dword ptr [r15 + 0x28], eax",
     "lock inc dword ptr [r15 + 0x48]",
+    "call 70f",
     "mov eax, 202",
     "lea rdi, [r15 + 0x48]",
     "mov esi, 1",
     "mov edx, 1",
     "syscall",
     "jmp 21b",
+    // ---- lock (a call, on the resolver's stack) ----
+    "72:",
+    "xor eax, eax",
+    "mov ecx, 1",
+    "lock cmpxchg dword ptr [r15], ecx",
+    "je 74f",
+    "73:",
+    "mov ecx, 2",
+    "xchg ecx, dword ptr [r15]",
+    "test ecx, ecx",
+    "je 74f",
+    "mov eax, 202",
+    "mov rdi, r15",
+    "xor esi, esi",
+    "mov edx, 2",
+    "xor r10d, r10d",
+    "syscall",
+    "jmp 73b",
+    "74:",
+    "ret",
     // ---- unlock (a call: the only stack use, on the agent's stack) ----
     "70:",
     "xor eax, eax",

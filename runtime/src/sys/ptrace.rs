@@ -111,3 +111,33 @@ pub fn fork_traced_pausing_child() -> Result<Pid, Errno> {
         pid => Ok(Pid::from_raw(pid)),
     }
 }
+
+/// `PTRACE_GETSIGMASK`: the signal mask of stopped tracee `pid`.
+pub fn get_sigmask(pid: Pid) -> Result<u64, Errno> {
+    let mut mask = 0u64;
+    // SAFETY: the kernel writes 8 bytes (the size passed in addr) to `mask`.
+    let ret = unsafe {
+        libc::ptrace(
+            libc::PTRACE_GETSIGMASK,
+            pid.as_raw(),
+            size_of::<u64>(),
+            &mut mask as *mut u64,
+        )
+    };
+    Errno::result(ret).map(|_| mask)
+}
+
+/// `PTRACE_SETSIGMASK`: set the signal mask of stopped tracee `pid`
+/// (`SIGKILL` and `SIGSTOP` stay unblockable).
+pub fn set_sigmask(pid: Pid, mask: u64) -> Result<(), Errno> {
+    // SAFETY: the kernel reads 8 bytes (the size passed in addr) from `mask`.
+    let ret = unsafe {
+        libc::ptrace(
+            libc::PTRACE_SETSIGMASK,
+            pid.as_raw(),
+            size_of::<u64>(),
+            &mask as *const u64,
+        )
+    };
+    Errno::result(ret).map(drop)
+}

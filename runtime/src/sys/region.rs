@@ -8,6 +8,7 @@ use std::sync::atomic::{AtomicU32, AtomicU64};
 
 use memmap2::{MmapOptions, MmapRaw};
 use nix::errno::Errno;
+use nix::fcntl::{FcntlArg, SealFlag, fcntl};
 use nix::sys::memfd::{MFdFlags, memfd_create};
 
 /// vkrun's mapping of a shared region. Offsets are checked: an offset out of
@@ -19,10 +20,17 @@ pub struct SharedRegion {
 
 impl SharedRegion {
     /// A new memfd of `len` bytes named `name` (close-on-exec) and vkrun's
-    /// mapping of it; the file is what the other process maps.
+    /// mapping of it; the file is what the other process maps. It is sealed
+    /// against growing and shrinking: whoever else holds it (a guest given
+    /// it for the fast RUN) cannot make vkrun's accesses fault.
     pub fn create(name: &std::ffi::CStr, len: u64) -> Result<(File, Self), Errno> {
-        let file = File::from(memfd_create(name, MFdFlags::MFD_CLOEXEC)?);
+        let file = File::from(memfd_create(
+            name,
+            MFdFlags::MFD_CLOEXEC | MFdFlags::MFD_ALLOW_SEALING,
+        )?);
         file.set_len(len).map_err(|_| Errno::ENOMEM)?;
+        let seals = SealFlag::F_SEAL_GROW | SealFlag::F_SEAL_SHRINK | SealFlag::F_SEAL_SEAL;
+        fcntl(&file, FcntlArg::F_ADD_SEALS(seals))?;
         let region = Self::map(&file, len).map_err(|_| Errno::ENOMEM)?;
         Ok((file, region))
     }

@@ -256,14 +256,15 @@ impl NotifyFd {
     }
 
     /// Install a duplicate of `src` in the caller of notification `id`
-    /// (`SECCOMP_IOCTL_NOTIF_ADDFD`); returns its number there.
-    pub fn add_fd(&self, id: u64, src: BorrowedFd<'_>) -> Result<i32, Errno> {
+    /// (`SECCOMP_IOCTL_NOTIF_ADDFD`), close-on-exec if `cloexec`; returns
+    /// its number there (the lowest free one).
+    pub fn add_fd(&self, id: u64, src: BorrowedFd<'_>, cloexec: bool) -> Result<i32, Errno> {
         let mut addfd = libc::seccomp_notif_addfd {
             id,
             flags: 0,
             srcfd: src.as_raw_fd() as u32,
             newfd: 0,
-            newfd_flags: 0,
+            newfd_flags: if cloexec { libc::O_CLOEXEC as u32 } else { 0 },
         };
         // SAFETY: `addfd` is a valid seccomp_notif_addfd for the ioctl.
         let ret = unsafe {

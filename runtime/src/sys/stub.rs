@@ -82,6 +82,41 @@ pub const CX_IN: usize = 0x100;
 /// Registers at the report, all 23 `gregs` (with `REG_ERR`, `REG_TRAPNO`,
 /// `REG_CR2`).
 pub const CX_OUT: usize = 0x200;
+/// Fast RUN (the guest's own `vmspace_ctl()` wrapper, `vkabi::fastrun`):
+/// [`FAST_OPEN`] while vkrun offers the fast path on this context, 0 once
+/// the context is closed, its vmspace destroyed or its stub dead.
+pub const CX_OPEN: usize = vkabi::fastrun::CX_OPEN;
+/// Fast RUN: non-zero while the guest thread is inside a fast RUN (set by
+/// its wrapper before it posts, cleared after it wrote `tf`).
+pub const CX_BUSY: usize = vkabi::fastrun::CX_BUSY;
+/// Fast RUN: the tracer blocked the guest thread's signals
+/// (`PTRACE_SETSIGMASK`) to hold a signal until RUN returns; the wrapper
+/// restores [`CX_SAVED_MASK`].
+pub const CX_MASK_HELD: usize = vkabi::fastrun::CX_MASK_HELD;
+/// Fast RUN: the guest thread's signal mask before the tracer blocked it.
+pub const CX_SAVED_MASK: usize = vkabi::fastrun::CX_SAVED_MASK;
+/// Fast RUN: the stub's pid and the context's thread id (the wrapper checks
+/// that the thread lives while it waits).
+pub const CX_STUB_PID: usize = vkabi::fastrun::CX_STUB_PID;
+/// See [`CX_STUB_PID`].
+pub const CX_CTX_TID: usize = vkabi::fastrun::CX_CTX_TID;
+/// Fast RUN: `CLOCK_MONOTONIC` nanoseconds of the tracer's kick for a
+/// signal (0: none), so that a context ignoring it is given up on.
+pub const CX_KICK_AT: usize = vkabi::fastrun::CX_KICK_AT;
+/// Fast RUN counters, kept by the wrapper, summed by vkrun when the
+/// context closes: runs, then exits by system call, page fault, other
+/// trap, signal (u64 each).
+pub const CX_N_RUNS: usize = vkabi::fastrun::CX_N_RUNS;
+/// See [`CX_N_RUNS`].
+pub const CX_N_SYSCALL: usize = vkabi::fastrun::CX_N_SYSCALL;
+/// See [`CX_N_RUNS`].
+pub const CX_N_PAGEFAULT: usize = vkabi::fastrun::CX_N_PAGEFAULT;
+/// See [`CX_N_RUNS`].
+pub const CX_N_TRAP: usize = vkabi::fastrun::CX_N_TRAP;
+/// See [`CX_N_RUNS`].
+pub const CX_N_SIGNAL: usize = vkabi::fastrun::CX_N_SIGNAL;
+/// [`CX_OPEN`] while the fast path is offered.
+pub const FAST_OPEN: u32 = vkabi::fastrun::OPEN_MAGIC;
 /// The stack a context starts on (below its signal stack).
 pub const CX_ENTRY_STACK: u64 = 0xF00;
 /// The signal stack: from here to the block's end.
@@ -302,9 +337,18 @@ global_asm!(
     "lea rdi, [r12 + 40]",
     "mov ecx, {gregs_in}",
     "rep movsq",
+    // Sanitise what the block said (anyone who can write the block wrote
+    // it: the guest's wrapper, or the user code): user rflags only, and
+    // a non-canonical base (wrfsbase would fault here) becomes 0.
+    "mov rax, [r12 + 40 + 8 * {reg_efl}]",
+    "and eax, {efl_mask}",
+    "or eax, {efl_set}",
+    "mov [r12 + 40 + 8 * {reg_efl}], rax",
     "mov rax, [r15 + {cx_fs_in}]",
+    "call 21f",
     "wrfsbase rax",
     "mov rax, [r15 + {cx_gs_in}]",
+    "call 21f",
     "wrgsbase rax",
     "14:",
     "ret",
@@ -313,6 +357,16 @@ global_asm!(
     "xor edi, edi",
     "call 20f",
     "ud2",
+    // rax = rax if canonical, else 0 (clobbers rcx)
+    "21:",
+    "mov rcx, rax",
+    "sar rcx, 47",
+    "inc rcx",
+    "cmp rcx, 1",
+    "jbe 22f",
+    "xor eax, eax",
+    "22:",
+    "ret",
     // the only system call instruction the filter lets through
     ".p2align 4",
     ".globl vkrun_stub_handler_syscall",
@@ -355,6 +409,9 @@ global_asm!(
     cx_in = const CX_IN,
     cx_out = const CX_OUT,
     gregs_in = const GREGS_IN,
+    reg_efl = const REG_EFL,
+    efl_mask = const vkabi::RFLAGS_USER_MASK,
+    efl_set = const vkabi::RFLAGS_USER_SET,
     st_wait = const STATE_WAIT,
     st_go = const STATE_GO,
     st_running = const STATE_RUNNING,
@@ -476,28 +533,48 @@ pub fn fsgsbase_available() -> bool {
     hwcap2 & HWCAP2_FSGSBASE != 0
 }
 
-/// Fork a stub whose region is the memfd `region` (code at offset 0).
-/// The child waits on `go` (the read end of a pipe) until the caller has
-/// seized it and written one byte.
+/// Fork a stub whose region is the memfd `header` (code at offset 0, up to
+/// [`CONTEXTS`]) followed by the memfd `blocks` (the context blocks, from
+/// [`CONTEXTS`] to [`STUB_LEN`]: a file of their own, so that a guest
+/// given it for the fast RUN can reach no code). The child waits on `go`
+/// (the read end of a pipe) until the caller has seized it and written one
+/// byte.
 ///
 /// Precondition: called from the tracer thread; the child runs no Rust code
 /// that allocates or locks (vkrun is multi-threaded).
-pub fn fork_stub(region: BorrowedFd<'_>, go: BorrowedFd<'_>) -> Result<Pid, Errno> {
+pub fn fork_stub(
+    header: BorrowedFd<'_>,
+    blocks: BorrowedFd<'_>,
+    go: BorrowedFd<'_>,
+) -> Result<Pid, Errno> {
     let parent = std::process::id() as libc::pid_t;
-    // SAFETY: maps a region of our own memfd at an address checked free by
-    // MAP_FIXED_NOREPLACE; nothing else of ours lives there.
-    let at = unsafe {
-        libc::mmap(
-            STUB_BASE as *mut libc::c_void,
-            STUB_LEN as usize,
-            libc::PROT_READ | libc::PROT_WRITE | libc::PROT_EXEC,
-            libc::MAP_SHARED | libc::MAP_FIXED_NOREPLACE,
-            region.as_raw_fd(),
-            0,
-        )
+    let map = |at: u64, len: u64, fd: BorrowedFd<'_>| {
+        // SAFETY: maps our own memfd at an address checked free by
+        // MAP_FIXED_NOREPLACE; nothing else of ours lives there.
+        let p = unsafe {
+            libc::mmap(
+                at as *mut libc::c_void,
+                len as usize,
+                libc::PROT_READ | libc::PROT_WRITE | libc::PROT_EXEC,
+                libc::MAP_SHARED | libc::MAP_FIXED_NOREPLACE,
+                fd.as_raw_fd(),
+                0,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            Err(Errno::last())
+        } else {
+            Ok(())
+        }
     };
-    if at == libc::MAP_FAILED {
-        return Err(Errno::last());
+    let unmap = |at: u64, len: u64| {
+        // SAFETY: unmaps exactly a range mapped by `map` above.
+        unsafe { libc::munmap(at as *mut libc::c_void, len as usize) };
+    };
+    map(STUB_BASE, CONTEXTS, header)?;
+    if let Err(e) = map(STUB_BASE + CONTEXTS, STUB_LEN - CONTEXTS, blocks) {
+        unmap(STUB_BASE, CONTEXTS);
+        return Err(e);
     }
     let go_fd = go.as_raw_fd();
     // SAFETY: the child only makes raw system calls on integers and its own
@@ -507,8 +584,7 @@ pub fn fork_stub(region: BorrowedFd<'_>, go: BorrowedFd<'_>) -> Result<Pid, Errn
         // SAFETY: as above; never returns.
         unsafe { stub_child(parent, go_fd) }
     }
-    // SAFETY: unmaps exactly the region mapped above.
-    unsafe { libc::munmap(STUB_BASE as *mut libc::c_void, STUB_LEN as usize) };
+    unmap(STUB_BASE, STUB_LEN);
     if pid < 0 {
         return Err(Errno::last());
     }
@@ -619,6 +695,43 @@ mod tests {
                 .all(|&k| k == libc::SECCOMP_RET_TRAP || k == libc::SECCOMP_RET_ALLOW)
         );
         assert_eq!(f[n - 1].k, libc::SECCOMP_RET_TRAP);
+    }
+
+    #[test]
+    fn the_block_layout_is_the_guest_librarys() {
+        use vkabi::fastrun as f;
+        let pairs = [
+            (CX_STATE, f::CX_STATE),
+            (CX_SEQ, f::CX_SEQ),
+            (CX_KICK, f::CX_KICK),
+            (CX_SIG, f::CX_SIG),
+            (CX_CODE, f::CX_CODE),
+            (CX_ADDR, f::CX_ADDR),
+            (CX_SYSCALL, f::CX_SYSCALL),
+            (CX_FS_OUT, f::CX_FS_OUT),
+            (CX_GS_OUT, f::CX_GS_OUT),
+            (CX_FS_IN, f::CX_FS_IN),
+            (CX_GS_IN, f::CX_GS_IN),
+            (CX_IN, f::CX_IN),
+            (CX_OUT, f::CX_OUT),
+            (GREGS_IN, f::GREGS_IN),
+            (GREGS, f::GREGS),
+            (REG_EFL, f::reg::EFL),
+            (REG_TRAPNO, f::reg::TRAPNO),
+        ];
+        for (i, (ours, theirs)) in pairs.iter().enumerate() {
+            assert_eq!(ours, theirs, "pair {i}");
+        }
+        let states = [
+            (STATE_WAIT, f::STATE_WAIT),
+            (STATE_GO, f::STATE_GO),
+            (STATE_RUNNING, f::STATE_RUNNING),
+            (STATE_EXIT, f::STATE_EXIT),
+        ];
+        assert!(states.iter().all(|(a, b)| a == b));
+        assert_eq!(KICK_SIGNAL as u32, f::KICK_SIGNAL);
+        // The altstack (24 bytes) ends before the fast-path words.
+        const { assert!(CX_ALTSTACK + 24 <= CX_OPEN) };
     }
 
     #[test]

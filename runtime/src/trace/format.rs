@@ -193,19 +193,20 @@ fn ptr(v: u64) -> String {
     }
 }
 
+/// The length of an address range: hex beside the hex addresses when it
+/// is whole pages (0x7fffffff0000), decimal otherwise (48).
+fn len(v: u64) -> String {
+    if v != 0 && v.is_multiple_of(vkabi::PAGE_SIZE) {
+        format!("{v:#x}")
+    } else {
+        v.to_string()
+    }
+}
+
 /// Hypercall `nr` (`h`: what it names, if anything) with arguments `a`, as
 /// strace would print it: `vk_info(0x7ffd..., 48)`.
 pub fn format_call(h: Option<Hypercall>, nr: u64, a: [u64; 6]) -> String {
     let int = |v: u64| (v as i32).to_string();
-    // The length of an address range: hex beside the hex addresses when it
-    // is whole pages (0x7fffffff0000), decimal otherwise (48).
-    let len = |v: u64| {
-        if v != 0 && v.is_multiple_of(vkabi::PAGE_SIZE) {
-            format!("{v:#x}")
-        } else {
-            v.to_string()
-        }
-    };
     let prot = |v: u64| format_flags(v & 0xffff_ffff, PROT_NAMES, "PROT_NONE");
     let flags = |v: u64| format_flags(v & 0xffff_ffff, MAP_NAMES, "0");
     let value = |behav: u64, v: u64| {
@@ -296,6 +297,29 @@ pub fn format_call_result(
     )
 }
 
+/// `vk_info(out, size)` as strace shows a call that filled a struct: the
+/// fields written (the first `written` bytes of the 48), `...` for the rest.
+pub fn format_vk_info(a: [u64; 6], info: &vkabi::VkInfo, written: usize) -> String {
+    let fields: [(usize, String); 7] = [
+        (4, format!("abi_version={}", info.abi_version)),
+        (8, format!("page_size={}", info.page_size)),
+        (12, format!("ram_fd={}", info.ram_fd)),
+        (16, format!("vpte_levels={}", info.vpte_levels)),
+        (24, format!("ram_size={}", len(info.ram_size))),
+        (32, format!("user_max={:#x}", info.user_max)),
+        (48, "reserved=[0, 0]".to_owned()),
+    ];
+    let mut shown: Vec<&str> = fields
+        .iter()
+        .take_while(|(end, _)| *end <= written)
+        .map(|(_, f)| f.as_str())
+        .collect();
+    if shown.len() < fields.len() {
+        shown.push("...");
+    }
+    format!("vk_info({{{}}}, {})", shown.join(", "), a[1])
+}
+
 /// Whether `h` returns an address (printed in hex).
 pub fn returns_address(h: Option<Hypercall>) -> bool {
     matches!(h, Some(Hypercall::VkMmap | Hypercall::VmspaceMmap))
@@ -375,6 +399,28 @@ pub fn format_fault(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn vk_info_shows_the_struct_it_wrote() {
+        let info = vkabi::VkInfo {
+            abi_version: 1,
+            page_size: 4096,
+            ram_fd: 3,
+            vpte_levels: 4,
+            ram_size: 256 << 20,
+            user_max: 0x7fff_ffff_f000,
+            reserved: [0; 2],
+        };
+        assert_eq!(
+            format_vk_info([0x1000, 48, 0, 0, 0, 0], &info, 48),
+            "vk_info({abi_version=1, page_size=4096, ram_fd=3, vpte_levels=4, \
+             ram_size=0x10000000, user_max=0x7ffffffff000, reserved=[0, 0]}, 48)"
+        );
+        assert_eq!(
+            format_vk_info([0x1000, 16, 0, 0, 0, 0], &info, 16),
+            "vk_info({abi_version=1, page_size=4096, ram_fd=3, vpte_levels=4, ...}, 16)"
+        );
+    }
 
     #[test]
     fn results_render_like_strace() {

@@ -9,8 +9,12 @@
 pub mod format;
 mod syscalls;
 
+use std::collections::HashMap;
+use std::collections::hash_map::Entry;
 use std::fmt::Write as _;
+use std::fs::File;
 use std::io::{LineWriter, Write};
+use std::path::PathBuf;
 use std::time::{Duration, SystemTime};
 
 use vkabi::Hypercall;
@@ -137,7 +141,8 @@ impl TraceSet {
     }
 }
 
-/// strace's `-t` (seconds) and `-tt` (microseconds) time prefixes.
+/// strace's `-t` (seconds), `-tt` (microseconds) and `-ttt` (seconds
+/// since the epoch) time prefixes.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum Timestamps {
     /// No prefix.
@@ -147,17 +152,24 @@ pub enum Timestamps {
     Seconds,
     /// `HH:MM:SS.uuuuuu`.
     Micros,
+    /// `SSSSSSSSSS.uuuuuu` since the epoch.
+    Epoch,
 }
 
 /// Trace options from the command line.
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Debug, Default)]
 pub struct TraceOptions {
     /// What to trace.
     pub set: TraceSet,
-    /// `-t`/`-tt`: prefix each line with the wall-clock time.
+    /// `-t`/`-tt`/`-ttt`: prefix each line with the wall-clock time.
     pub timestamps: Timestamps,
+    /// `-r`: prefix each line with the time since the previous line.
+    pub relative: bool,
     /// `-T`: append the time spent in each call.
     pub durations: bool,
+    /// `-ff` with `-o FILE`: each task's lines go to `FILE.TID`, without
+    /// the `[pid N]` prefix (the `--stats` block to the main output).
+    pub per_task: Option<PathBuf>,
 }
 
 /// Prints trace lines: `[pid N] [time ]text[ <secs>]`.
@@ -169,6 +181,10 @@ pub struct TraceWriter {
     /// end, or as strace's `<unfinished ...>` as soon as another line comes
     /// first (a fault the RUN's user code took, another thread's call).
     begun: Vec<Begun>,
+    /// When the previous line's event happened (`-r`).
+    last: Option<SystemTime>,
+    /// `-ff`: each task's own file.
+    task_files: HashMap<i32, LineWriter<File>>,
 }
 
 /// A call that began: its task, when, its text, and whether its
@@ -197,6 +213,8 @@ impl TraceWriter {
             options,
             failed: false,
             begun: Vec::new(),
+            last: None,
+            task_files: HashMap::new(),
         }
     }
 
@@ -266,7 +284,20 @@ impl TraceWriter {
 
     fn print(&mut self, tid: i32, when: SystemTime, text: &str, took: Option<Duration>) {
         crate::sys::fatal::test_panic_point("trace");
-        let mut line = format!("[pid {tid:>5}] ");
+        let mut line = if self.options.per_task.is_some() {
+            String::new()
+        } else {
+            format!("[pid {tid:>5}] ")
+        };
+        if self.options.relative {
+            // strace -r: the time since the previous line (0 for the first).
+            let since = self
+                .last
+                .and_then(|last| when.duration_since(last).ok())
+                .unwrap_or_default();
+            let _ = write!(line, "{:>6}.{:06} ", since.as_secs(), since.subsec_micros());
+            self.last = Some(self.last.map_or(when, |last| last.max(when)));
+        }
         match self.options.timestamps {
             Timestamps::None => {}
             Timestamps::Seconds => {
@@ -278,13 +309,54 @@ impl TraceWriter {
                 line.push_str(&crate::sys::time::local_hms_micros(when));
                 line.push(' ');
             }
+            Timestamps::Epoch => {
+                let since = when
+                    .duration_since(SystemTime::UNIX_EPOCH)
+                    .unwrap_or_default();
+                let _ = write!(line, "{}.{:06} ", since.as_secs(), since.subsec_micros());
+            }
         }
         line.push_str(text);
         if let (true, Some(d)) = (self.options.durations, took) {
             let _ = write!(line, " <{}.{:06}>", d.as_secs(), d.subsec_micros());
         }
         line.push('\n');
-        self.write(line.as_bytes());
+        if self.options.per_task.is_some() {
+            self.write_task(tid, line.as_bytes());
+        } else {
+            self.write(line.as_bytes());
+        }
+    }
+
+    /// `-ff`: write to task `tid`'s file, opening `FILE.TID` on its first
+    /// line. A file that cannot be opened or written ends the trace, as a
+    /// failed output does.
+    fn write_task(&mut self, tid: i32, bytes: &[u8]) {
+        if self.failed {
+            return;
+        }
+        let Some(base) = &self.options.per_task else {
+            return;
+        };
+        let path = PathBuf::from(format!("{}.{tid}", base.display()));
+        let file = match self.task_files.entry(tid) {
+            Entry::Occupied(e) => e.into_mut(),
+            Entry::Vacant(v) => match File::create(&path) {
+                Ok(f) => v.insert(LineWriter::new(f)),
+                Err(e) => {
+                    self.failed = true;
+                    tracing::warn!("cannot open {}: {e}; no more trace lines", path.display());
+                    return;
+                }
+            },
+        };
+        if let Err(e) = file.write_all(bytes) {
+            self.failed = true;
+            tracing::warn!(
+                "trace output {} failed, no more trace lines: {e}",
+                path.display()
+            );
+        }
     }
 
     /// Write raw text (the `--stats` block when it shares `-o`).
@@ -306,6 +378,9 @@ impl TraceWriter {
     pub fn flush(&mut self) {
         if !self.failed {
             let _ = self.out.flush();
+            for f in self.task_files.values_mut() {
+                let _ = f.flush();
+            }
         }
     }
 }

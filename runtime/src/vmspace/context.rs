@@ -4,8 +4,8 @@
 //! its run state says which RUN is in flight ([`crate::vmspace::run`]
 //! drives it).
 //!
-//! Lock order: a context's `state` before its `fault`; neither is held
-//! while waiting on the context's thread except through a bounded wait.
+//! Lock order: a context's `state` is not held while waiting on the
+//! context's thread except through a bounded wait.
 
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -17,7 +17,8 @@ use vkabi::{TrapFrame, VextFrame};
 
 use super::space::Vmspace;
 use crate::sys::stub::{
-    CX_FS_IN, CX_GS_IN, CX_IN, CX_KICK, CX_SEQ, CX_STATE, GREGS_IN, STATE_EXIT, STATE_GO,
+    CX_BUSY, CX_FS_IN, CX_GS_IN, CX_IN, CX_KICK, CX_N_PAGEFAULT, CX_N_RUNS, CX_N_SIGNAL,
+    CX_N_SYSCALL, CX_N_TRAP, CX_OPEN, CX_SEQ, CX_STATE, FAST_OPEN, GREGS_IN, STATE_EXIT, STATE_GO,
 };
 use crate::sys::{futex, lock};
 
@@ -93,8 +94,6 @@ pub struct Context {
     pub(super) seen: AtomicU32,
     /// The context is being destroyed: its waiter ends.
     pub(super) closed: AtomicBool,
-    /// A fault whose walk failed, for the kick it sent: (address, `PGEX`).
-    pub(super) fault: Mutex<Option<(u64, u64)>>,
 }
 
 impl Context {
@@ -108,7 +107,6 @@ impl Context {
             state: Mutex::new(RunState::default()),
             seen: AtomicU32::new(seen),
             closed: AtomicBool::new(false),
-            fault: Mutex::new(None),
         }
     }
 
@@ -132,8 +130,50 @@ impl Context {
         st.run.is_some() || st.completed.is_some()
     }
 
+    /// Whether the guest thread is inside a fast RUN of this context (its
+    /// wrapper says so in the block: the guest's word, trusted only for
+    /// what it harms, the guest itself).
+    pub fn fast_busy(&self) -> bool {
+        self.word(CX_BUSY).load(Ordering::SeqCst) != 0
+    }
+
+    /// Add the fast RUNs the guest's wrapper counted in the block to the
+    /// counters (at most once each: the counts are taken).
+    pub fn sum_fast_counts(&self) {
+        let stats = self.vm.stats();
+        let take = |off| self.qword(off).swap(0, Ordering::Relaxed);
+        stats.runs.fetch_add(take(CX_N_RUNS), Ordering::Relaxed);
+        stats
+            .run_exits_syscall
+            .fetch_add(take(CX_N_SYSCALL), Ordering::Relaxed);
+        stats
+            .run_exits_pagefault
+            .fetch_add(take(CX_N_PAGEFAULT), Ordering::Relaxed);
+        stats
+            .run_exits_trap
+            .fetch_add(take(CX_N_TRAP), Ordering::Relaxed);
+        stats
+            .run_exits_signal
+            .fetch_add(take(CX_N_SIGNAL), Ordering::Relaxed);
+    }
+
+    /// Withdraw the fast path (for a destroy that may still fail): whether
+    /// it was offered.
+    pub(super) fn close_fast(&self) -> bool {
+        self.word(CX_OPEN).swap(0, Ordering::SeqCst) == FAST_OPEN
+    }
+
+    /// Offer the fast path (again).
+    pub(super) fn open_fast(&self) {
+        self.word(CX_OPEN).store(FAST_OPEN, Ordering::SeqCst);
+    }
+
     /// End the context: its thread exits, its waiter returns.
     pub fn close(&self) {
+        // A fast RUN's wrapper sees the block closed and gives up (`EIO`),
+        // or takes the hypercall next time.
+        self.word(CX_OPEN).store(0, Ordering::SeqCst);
+        self.sum_fast_counts();
         self.closed.store(true, Ordering::Release);
         lock(&self.state).end_interrupt(-(Errno::EIO as i64));
         self.word(CX_STATE).store(STATE_EXIT, Ordering::Release);
@@ -141,14 +181,6 @@ impl Context {
         let _ = futex::wake(self.word(CX_SEQ));
         // If its user code is running (its guest thread died inside RUN),
         // kick it into the handler, which then sees EXIT.
-        self.word(CX_KICK).store(1, Ordering::Release);
-        let _ = self.vm.kick(self.tid);
-    }
-
-    /// The context's user code is waiting on a fault whose walk failed:
-    /// interrupt it to report `T_PAGEFLT` at `addr` with `pgex`.
-    pub fn fault(&self, addr: u64, pgex: u64) {
-        *lock(&self.fault) = Some((addr, pgex));
         self.word(CX_KICK).store(1, Ordering::Release);
         let _ = self.vm.kick(self.tid);
     }

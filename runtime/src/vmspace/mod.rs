@@ -52,8 +52,8 @@ use crate::ram::GuestRam;
 use crate::stats::Stats;
 use crate::sys::seccomp::Notification;
 use crate::sys::stub::{
-    self, CTX_SIZE, CX_ADDR, CX_ALTSTACK, CX_ENTRY_STACK, CX_SEQ, CX_SIG, CX_SIGSTACK, CX_STATE,
-    STATE_WAIT, STUB_BASE,
+    self, CONTEXTS, CTX_SIZE, CX_ADDR, CX_ALTSTACK, CX_CTX_TID, CX_ENTRY_STACK, CX_SEQ, CX_SIG,
+    CX_SIGSTACK, CX_STATE, CX_STUB_PID, STATE_WAIT, STUB_BASE,
 };
 use crate::sys::{futex, lock, proc};
 use crate::tracee::Tracer;
@@ -192,7 +192,16 @@ impl Vmspaces {
         let vm = self.get(id)?;
         {
             let mut gone = vm.gone.write().unwrap_or_else(PoisonError::into_inner);
-            if lock(&vm.contexts).values().any(|c| c.busy()) {
+            let contexts = lock(&vm.contexts);
+            // The fast path first closes, then the busy words are read: a
+            // fast RUN's wrapper says busy before it looks whether the
+            // block is open, so either it sees it closed (and takes the
+            // hypercall, which finds the vmspace gone) or destroy sees it
+            // busy.
+            let offered: Vec<&Arc<Context>> =
+                contexts.values().filter(|c| c.close_fast()).collect();
+            if contexts.values().any(|c| c.busy() || c.fast_busy()) {
+                offered.iter().for_each(|c| c.open_fast());
                 return Err(Errno::EBUSY);
             }
             *gone = true;
@@ -351,6 +360,29 @@ impl Vmspaces {
         Interrupted::NotConcerned
     }
 
+    /// Guest thread `tid` is in a signal-delivery-stop for a signal it
+    /// handles: if it is inside a fast RUN, kick the run's user code out
+    /// and hold the signal until RUN has returned (the thread's signals
+    /// are blocked; its wrapper restores the mask once `tf` is written,
+    /// and the kernel delivers what waited, in order). The caller then
+    /// resumes the thread with the signal, which the kernel queues again
+    /// as it is blocked. Whether it was.
+    pub fn hold_for_fast_run(&self, tracer: &Tracer, tid: Pid) -> bool {
+        if self.is_empty() {
+            return false;
+        }
+        let vms: Vec<Arc<Vmspace>> = lock(&self.by_id).values().cloned().collect();
+        for vm in vms {
+            let ctx = lock(&vm.contexts).get(&tid).cloned();
+            if let Some(ctx) = ctx
+                && ctx.fast_busy()
+            {
+                return run::hold(tracer, &ctx);
+            }
+        }
+        false
+    }
+
     /// Queue `job` for the tracer thread (never waits).
     fn queue(&self, job: Job) {
         lock(&self.jobs).push(job);
@@ -365,12 +397,16 @@ impl Vmspaces {
             Ok(v) => v,
             Err(e) => return Started::Done(Err(e)),
         };
-        if n.args[1] as i32 != vkabi::VMSPACE_CTL_RUN {
+        let cmd = n.args[1] as i32;
+        if cmd != vkabi::VMSPACE_CTL_RUN && cmd != vkabi::fastrun::VMSPACE_CTL_FASTINFO {
             return Started::Done(Err(Errno::EOPNOTSUPP));
         }
         let Some(env) = self.env.get() else {
             return Started::Done(Err(Errno::EAGAIN));
         };
+        if cmd == vkabi::fastrun::VMSPACE_CTL_FASTINFO && !env.fast {
+            return Started::Done(Err(Errno::EOPNOTSUPP));
+        }
         let guest = Pid::from_raw(n.tid);
         let existing = {
             let mut contexts = lock(&vm.contexts);
@@ -405,7 +441,38 @@ impl Vmspaces {
         if *gone {
             return Started::Done(Err(Errno::ENOENT));
         }
+        if cmd == vkabi::fastrun::VMSPACE_CTL_FASTINFO {
+            return Started::Done(self.fast_info(&vm, &ctx, n, env));
+        }
         run::start(&ctx, n, env)
+    }
+
+    /// `vmspace_ctl(id, VMSPACE_CTL_FASTINFO)`: hand the calling thread its
+    /// context's block for the fast RUN: a close-on-exec descriptor of the
+    /// blocks' memfd (installed in the caller) and the block's page in it.
+    fn fast_info(
+        &self,
+        vm: &Vmspace,
+        ctx: &Context,
+        n: &Notification,
+        env: &RunEnv,
+    ) -> Result<i64, Errno> {
+        if vm.is_dead() {
+            return Err(Errno::EIO);
+        }
+        if !proc::task_alive(vm.stub, ctx.tid) {
+            // Broken: the hypercall replaces it.
+            ctx.close();
+            return Err(Errno::EIO);
+        }
+        vm.block_word(ctx.slot, CX_STUB_PID)
+            .store(vm.stub.as_raw() as u32, Ordering::Relaxed);
+        vm.block_word(ctx.slot, CX_CTX_TID)
+            .store(ctx.tid.as_raw() as u32, Ordering::Relaxed);
+        let fd = env.notify.add_fd(n.id, vm.blocks_file.as_fd(), true)?;
+        ctx.open_fast();
+        let page = (Vmspace::block(ctx.slot) / 4096) as i64;
+        Ok(i64::from(fd) | page << 32)
     }
 
     /// Make the context of guest thread `guest` in `vm`: a thread cloned in
@@ -438,17 +505,17 @@ impl Vmspaces {
         };
         // A fresh block: zeroed control words, the signal stack.
         let base = Vmspace::block(slot);
-        vm.region.write(base, &[0u8; 0x300]);
-        let ss_sp = STUB_BASE + base as u64 + CX_SIGSTACK;
+        vm.blocks.write(base, &[0u8; 0x300]);
+        let ss_sp = STUB_BASE + CONTEXTS + base as u64 + CX_SIGSTACK;
         let mut ss = [0u8; 24];
         ss[..8].copy_from_slice(&ss_sp.to_ne_bytes());
         ss[16..].copy_from_slice(&(CTX_SIZE - CX_SIGSTACK).to_ne_bytes());
-        vm.region.write(base + CX_ALTSTACK, &ss);
+        vm.blocks.write(base + CX_ALTSTACK, &ss);
         vm.block_word(slot, CX_STATE)
             .store(STATE_WAIT, Ordering::Release);
         let mut inj = Injector::at_trap_stop(tracer, vm.stub, stub::syscall_gadget())
             .map_err(|e| self.inject_failed(vm, &e))?;
-        let block = STUB_BASE + base as u64;
+        let block = STUB_BASE + CONTEXTS + base as u64;
         let tid = inj
             .clone_untraced_at(
                 stub::clone_gadget(),
@@ -526,18 +593,6 @@ impl Vmspaces {
 impl ContextFaults for Vmspaces {
     /// A walk failed for context thread `ctid` at `addr`: end its RUN with
     /// `T_PAGEFLT`. False if `ctid` is no context.
-    fn walk_failed(&self, ctid: Pid, addr: u64, pgex: u64) -> bool {
-        let vms: Vec<Arc<Vmspace>> = lock(&self.by_id).values().cloned().collect();
-        for vm in vms {
-            let ctx = lock(&vm.contexts).values().find(|c| c.tid == ctid).cloned();
-            if let Some(ctx) = ctx {
-                ctx.fault(addr, pgex);
-                return true;
-            }
-        }
-        false
-    }
-
     /// The guest thread whose context runs in stub thread `ctid`.
     fn guest_of(&self, ctid: Pid) -> Option<Pid> {
         let vms: Vec<Arc<Vmspace>> = lock(&self.by_id).values().cloned().collect();

@@ -49,7 +49,10 @@ use crate::error::{errno_or, raw_result as raw};
 use crate::stats::Stats;
 use crate::sys::abi::{ERESTARTNOHAND, ERESTARTNOINTR, ERESTARTSYS};
 use crate::sys::seccomp::{Notification, NotifyFd};
-use crate::sys::stub::{CX_KICK, CX_SEQ, CX_STATE, KICK_SIGNAL, REG_RIP, STATE_GO, STATE_WAIT};
+use crate::sys::stub::{
+    CX_KICK, CX_KICK_AT, CX_MASK_HELD, CX_SAVED_MASK, CX_SEQ, CX_STATE, KICK_SIGNAL, REG_RIP,
+    STATE_GO, STATE_WAIT,
+};
 use crate::sys::{futex, lock, proc};
 use crate::trace::TraceWriter;
 use crate::trace::format::{format_call, format_result, format_trap};
@@ -65,6 +68,9 @@ const WAITER_POLL: Duration = Duration::from_millis(100);
 /// What the waiters need: where answers go and what they count and trace.
 #[derive(Debug)]
 pub struct RunEnv {
+    /// Whether the fast RUN is offered (`VMSPACE_CTL_FASTINFO`): not when
+    /// RUNs are traced or `vkrun --run=hypercall`.
+    pub fast: bool,
     pub notify: Arc<NotifyFd>,
     pub stats: Arc<Stats>,
     pub trace: Arc<Mutex<TraceWriter>>,
@@ -246,26 +252,16 @@ impl Waiter {
             return; // a report nobody asked for (user code jumping around)
         };
         let mut trap = trap_of(&r);
-        if r.sig as i32 == KICK_SIGNAL {
-            if let Some((addr, err)) = lock(&ctx.fault).take() {
-                // Kicked out of a fault the walk could not resolve.
-                trap = Trap {
-                    trapno: T_PAGEFLT,
-                    err,
-                    addr,
-                };
-                if !st.interrupted() {
-                    ctx.word(CX_KICK).store(0, Ordering::Release);
-                }
-            } else if !st.interrupted() {
-                // A kick meant for an earlier run: carry on.
-                ctx.post(&in_regs(&r), r.fs, r.gs);
-                return;
-            }
+        if r.sig as i32 == KICK_SIGNAL && !st.interrupted() {
+            // A kick meant for an earlier run: carry on.
+            ctx.post(&in_regs(&r), r.fs, r.gs);
+            return;
         }
         if trap.trapno == T_PAGEFLT && r.sig as i32 == libc::SIGSEGV && !st.interrupted() {
-            // A window fault the host resolves (read-only page written,
-            // page being re-armed), or a failed walk with its own error bits.
+            // A window fault (the page is PROT_NONE until installed): the
+            // host resolves it if the walk allows the access (a first touch,
+            // a read-only page written), else it is the vkernel's, with the
+            // walk's error bits.
             match self
                 .env
                 .vpt
@@ -442,4 +438,34 @@ pub fn interrupt(
     ctx.word(CX_KICK).store(1, Ordering::Release);
     let _ = ctx.vm.kick(ctx.tid);
     Interrupted::Later
+}
+
+/// A signal stopped guest thread `ctx.guest` inside a fast RUN (its
+/// wrapper's busy word is set): kick the user code out (the report ends
+/// the RUN with `tf_trapno = 0`), and block the thread's signals so that
+/// this one, queued again when the tracer resumes the thread with it, is
+/// delivered only once the wrapper has written `tf` and restored the mask
+/// it saved here. The thread is stopped, so the wrapper cannot race this;
+/// it may only be about to post (the kick then waits for the user code)
+/// or have its report already (the kick is then ignored). Whether the
+/// signal is held.
+pub fn hold(_: &crate::tracee::Tracer, ctx: &Context) -> bool {
+    let tid = ctx.guest;
+    if ctx.word(CX_MASK_HELD).load(Ordering::Acquire) == 0 {
+        let Ok(mask) = crate::sys::ptrace::get_sigmask(tid) else {
+            return false;
+        };
+        ctx.qword(CX_SAVED_MASK).store(mask, Ordering::Relaxed);
+    }
+    if crate::sys::ptrace::set_sigmask(tid, u64::MAX).is_err() {
+        return false;
+    }
+    ctx.word(CX_MASK_HELD).store(1, Ordering::Release);
+    let now = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
+        .map(|t| t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64)
+        .unwrap_or(1);
+    ctx.qword(CX_KICK_AT).store(now.max(1), Ordering::Relaxed);
+    ctx.word(CX_KICK).store(1, Ordering::Release);
+    let _ = ctx.vm.kick(ctx.tid);
+    true
 }

@@ -6,6 +6,7 @@
 //! every word read from them is hostile input.
 
 use std::collections::{BTreeMap, HashMap};
+use std::fs::File;
 use std::os::fd::AsFd;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
@@ -20,7 +21,9 @@ use vkabi::USER_MAX;
 use super::context::Context;
 use crate::stats::Stats;
 use crate::sys::region::SharedRegion;
-use crate::sys::stub::{self, CONTEXTS, CTX_SIZE, CX_SEQ, DATA, MAX_CONTEXTS, STUB_BASE, STUB_LEN};
+use crate::sys::stub::{
+    self, CONTEXTS, CTX_SIZE, CX_OPEN, CX_SEQ, DATA, MAX_CONTEXTS, STUB_BASE, STUB_LEN,
+};
 use crate::sys::{futex, lock, signal};
 use crate::tracee::Tracer;
 
@@ -123,8 +126,12 @@ pub struct Vmspace {
     pub id: u64,
     /// The stub process (its main thread).
     pub stub: Pid,
-    /// vkrun's mapping of the stub's region (code, data, context blocks).
+    /// vkrun's mapping of the stub region's header (code, data).
     pub region: SharedRegion,
+    /// vkrun's mapping of the context blocks (the rest of the region).
+    pub blocks: SharedRegion,
+    /// The blocks' memfd, which the fast RUN hands to the guest.
+    pub blocks_file: File,
     pub stats: Arc<Stats>,
     pub maps: Mutex<Maps>,
     /// Execution contexts, by guest thread.
@@ -145,11 +152,13 @@ pub struct Vmspace {
 
 impl Vmspace {
     /// A vmspace `id` for a fresh `stub` with its `region`.
-    pub fn new(id: u64, stub: Pid, region: SharedRegion, stats: Arc<Stats>) -> Self {
+    pub fn new(id: u64, stub: Pid, region: Region, stats: Arc<Stats>) -> Self {
         Self {
             id,
             stub,
-            region,
+            region: region.header,
+            blocks: region.blocks,
+            blocks_file: region.blocks_file,
             stats,
             maps: Mutex::new(Maps::default()),
             contexts: Mutex::new(HashMap::new()),
@@ -160,19 +169,20 @@ impl Vmspace {
         }
     }
 
-    /// The offset of context block `slot` in the region.
+    /// The offset of context block `slot` in the blocks' memfd (the stub
+    /// maps it at `STUB_BASE + CONTEXTS`).
     pub fn block(slot: usize) -> usize {
-        (CONTEXTS + slot as u64 * CTX_SIZE) as usize
+        (slot as u64 * CTX_SIZE) as usize
     }
 
     /// A 32-bit word of context block `slot`.
     pub fn block_word(&self, slot: usize, off: usize) -> &AtomicU32 {
-        self.region.word(Self::block(slot) + off)
+        self.blocks.word(Self::block(slot) + off)
     }
 
     /// A 64-bit word of context block `slot`.
     pub fn block_qword(&self, slot: usize, off: usize) -> &AtomicU64 {
-        self.region.qword(Self::block(slot) + off)
+        self.blocks.qword(Self::block(slot) + off)
     }
 
     /// Whether the stub is gone (killed, crashed, destroyed).
@@ -190,6 +200,9 @@ impl Vmspace {
         self.set_dead();
         let _ = kill(self.stub, Signal::SIGKILL);
         for ctx in lock(&self.contexts).values() {
+            // A fast RUN's wrapper waiting on the block sees it closed.
+            self.block_word(ctx.slot, CX_OPEN)
+                .store(0, Ordering::SeqCst);
             let _ = futex::wake(self.block_word(ctx.slot, CX_SEQ));
         }
     }
@@ -205,14 +218,23 @@ impl Vmspace {
     }
 }
 
+/// A stub's region as vkrun holds it: the header (code, data) and the
+/// context blocks, each its own memfd.
+pub struct Region {
+    pub header: SharedRegion,
+    pub blocks: SharedRegion,
+    pub blocks_file: File,
+}
+
 /// Make a stub: its region (code and data), the fork, the seize, and the
 /// wait for its `int3`.
-pub fn spawn(_: &Tracer) -> Result<(Pid, SharedRegion), Errno> {
-    let (memfd, region) = SharedRegion::create(c"vkrun-stub", STUB_LEN)?;
-    region.write(0, stub::code());
-    region.write(DATA as usize, &stub::data_page());
+pub fn spawn(_: &Tracer) -> Result<(Pid, Region), Errno> {
+    let (memfd, header) = SharedRegion::create(c"vkrun-stub", CONTEXTS)?;
+    header.write(0, stub::code());
+    header.write(DATA as usize, &stub::data_page());
+    let (blocks_file, blocks) = SharedRegion::create(c"vkrun-contexts", STUB_LEN - CONTEXTS)?;
     let (go_read, go_write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
-    let pid = stub::fork_stub(memfd.as_fd(), go_read.as_fd())?;
+    let pid = stub::fork_stub(memfd.as_fd(), blocks_file.as_fd(), go_read.as_fd())?;
     drop(go_read);
     // TRACECLONE: the agent's threads (MAP_VPAGETABLE) are traced like the
     // guest's; execution contexts are cloned CLONE_UNTRACED.
@@ -242,6 +264,11 @@ pub fn spawn(_: &Tracer) -> Result<(Pid, SharedRegion), Errno> {
         }
     }
     tracing::debug!(%pid, "vmspace stub ready");
+    let region = Region {
+        header,
+        blocks,
+        blocks_file,
+    };
     Ok((pid, region))
 }
 

@@ -8,10 +8,11 @@
 //! guest; in a stub, only the control and code pages are protected from
 //! the user code): what is read back is bounded by a timeout and checked.
 
-use std::sync::atomic::{AtomicI32, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI32, AtomicI64, AtomicU32, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use nix::errno::Errno;
+use nix::sched::{CpuSet, sched_getaffinity, sched_setaffinity};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use vkabi::{PAGE_SIZE, USER_MAX};
@@ -35,6 +36,11 @@ const AGENT_PAGES: u64 = 8;
 const AGENT_INSTALLER_STACK_TOP: u64 = 5 * PAGE;
 pub const AGENT_RESOLVER: u64 = 5 * PAGE;
 const AGENT_RESOLVER_STACK_TOP: u64 = 8 * PAGE;
+/// Stack of one resolver thread (it uses 64 bytes and one call's return
+/// address): the two stack pages hold [`MAX_RESOLVERS`].
+const RESOLVER_STACK: u64 = 1024;
+/// Resolver threads in one process at most.
+const MAX_RESOLVERS: usize = (2 * PAGE / RESOLVER_STACK) as usize;
 pub const AGENT_CODE: u64 = PAGE;
 const AGENT_SCRATCH: u64 = 2 * PAGE;
 /// In the scratch page: the caller's saved signal mask (agent start-up).
@@ -74,8 +80,13 @@ pub struct Agent {
     pub ram_fd: AtomicU32,
     /// The guest's descriptor of its userfaultfd (the agent registers with it).
     pub uffd_fd: AtomicU32,
-    /// The resolver thread (0 before it starts).
+    /// The first resolver thread (0 before it starts).
     pub resolver_tid: AtomicI32,
+    /// The CPUs the installer may run on (as the process it serves may),
+    /// if known.
+    allowed: Option<CpuSet>,
+    /// The CPU the installer is kept on for now (-1: none yet).
+    cpu: AtomicI64,
 }
 
 /// A run of RAM to map at a guest address: `mmap(va, len, prot, flags,
@@ -124,6 +135,7 @@ impl Agent {
         }
         self.word(CTL_COUNT)
             .store(ops.len() as u32, Ordering::Relaxed);
+        self.follow_caller();
         let req = self.word(CTL_REQ).load(Ordering::Relaxed).wrapping_add(1);
         self.word(CTL_REQ).store(req, Ordering::Release);
         futex::wake(self.word(CTL_REQ))?;
@@ -152,6 +164,24 @@ impl Agent {
         Ok((0..ops.len())
             .map(|i| self.qword(CTL_RET + 8 * i).load(Ordering::Relaxed) as i64)
             .collect())
+    }
+
+    /// Keep the installer on the CPU of the thread that asks for a batch
+    /// (if the process may run there): a wake-up across CPUs costs more
+    /// than the batch itself on a VM whose idle CPUs halt (25-30 µs), and
+    /// the caller sleeps until the batch is done, so its CPU is free for
+    /// the installer. Moves it only when the caller's CPU changed.
+    fn follow_caller(&self) {
+        let (Some(allowed), Ok(cpu)) = (self.allowed.as_ref(), nix::sched::sched_getcpu()) else {
+            return;
+        };
+        if self.cpu.load(Ordering::Relaxed) == cpu as i64 || !allowed.is_set(cpu).unwrap_or(false) {
+            return;
+        }
+        let mut set = CpuSet::new();
+        if set.set(cpu).is_ok() && sched_setaffinity(self.tid, &set).is_ok() {
+            self.cpu.store(cpu as i64, Ordering::Relaxed);
+        }
     }
 
     /// Take the lock shared with the resolver (futex mutex in shared
@@ -320,6 +350,8 @@ impl Vpt {
             ram_fd: AtomicU32::new(u32::MAX),
             uffd_fd: AtomicU32::new(u32::MAX),
             resolver_tid: AtomicI32::new(0),
+            allowed: sched_getaffinity(tid).ok(),
+            cpu: AtomicI64::new(-1),
         };
         // The agent's own descriptor for RAM.
         let tgid = proc::tgid_of(inj.tid()).unwrap_or(inj.tid());
@@ -388,9 +420,10 @@ impl Vpt {
         Ok(())
     }
 
-    /// Start the resolver thread (the in-guest fast path of faults): map RAM
-    /// for it, fill its page, make the uffd blocking (the resolver is its
-    /// only reader now) and clone it from `inj`'s thread, signals blocked.
+    /// Start the resolver threads (the in-guest fast path of faults): map
+    /// RAM for them, fill their page, make the uffd blocking (the resolvers
+    /// are its only readers now) and clone them from `inj`'s thread, signals
+    /// blocked, one kept on each CPU that thread may use.
     pub(super) fn start_resolver(
         &self,
         inj: &mut Injector,
@@ -427,17 +460,38 @@ impl Vpt {
         uffd.set_blocking()?;
         let base = agent.guest_base;
         let gadget = base + AGENT_CODE + agent_code::resolver_gadget() as u64;
-        let tid = with_signals_blocked(inj, base, |inj| {
-            let stack = base + AGENT_RESOLVER_STACK_TOP;
-            inj.clone_at(
-                gadget,
-                clone_args(THREAD_CLONE_FLAGS, stack, base + AGENT_RESOLVER),
-            )
+        // One resolver per CPU the process may run on, each kept there: a
+        // fault wakes every reader of the uffd, and the one on the faulting
+        // thread's CPU takes it first (the others find nothing and sleep
+        // again), so the fault is resolved and its thread woken without a
+        // wake-up across CPUs. A resolver that only forwards needs no twin.
+        let cpus = if enabled {
+            resolver_cpus(inj.tid())
+        } else {
+            vec![None]
+        };
+        let tids = with_signals_blocked(inj, base, |inj| {
+            let mut tids = Vec::with_capacity(cpus.len());
+            for i in 0..cpus.len() as u64 {
+                let stack = base + AGENT_RESOLVER_STACK_TOP - i * RESOLVER_STACK;
+                tids.push(inj.clone_at(
+                    gadget,
+                    clone_args(THREAD_CLONE_FLAGS, stack, base + AGENT_RESOLVER),
+                )?);
+            }
+            Ok(tids)
         })?;
-        agent.resolver_tid.store(tid.as_raw(), Ordering::Relaxed);
-        lock(&self.agents).insert(tid);
-        lock(&self.resolvers).insert(tid, tgid);
-        tracing::debug!(%tgid, resolver = %tid, fast = enabled, "resolver started");
+        for (&tid, cpu) in tids.iter().zip(&cpus) {
+            if let Some(cpu) = cpu {
+                pin_to(tid, *cpu);
+            }
+            lock(&self.agents).insert(tid);
+            lock(&self.resolvers).insert(tid, tgid);
+            tracing::debug!(%tgid, resolver = %tid, ?cpu, fast = enabled, "resolver started");
+        }
+        agent
+            .resolver_tid
+            .store(tids[0].as_raw(), Ordering::Relaxed);
         Ok(())
     }
 
@@ -463,6 +517,33 @@ impl Vpt {
             }
         }
         Ok((agent, uffd))
+    }
+}
+
+/// The CPUs to keep one resolver each on: those thread `tid` may run on,
+/// if there are at most [`MAX_RESOLVERS`]; else that many resolvers that
+/// the scheduler places (`None`).
+fn resolver_cpus(tid: Pid) -> Vec<Option<usize>> {
+    let Ok(set) = sched_getaffinity(tid) else {
+        return vec![None];
+    };
+    let cpus: Vec<usize> = (0..CpuSet::count())
+        .filter(|&c| set.is_set(c).unwrap_or(false))
+        .collect();
+    match cpus.len() {
+        0 => vec![None],
+        n if n <= MAX_RESOLVERS => cpus.into_iter().map(Some).collect(),
+        _ => vec![None; MAX_RESOLVERS],
+    }
+}
+
+/// Keep resolver `tid` on `cpu` (best effort: unpinned it still works).
+fn pin_to(tid: Pid, cpu: usize) {
+    let mut set = CpuSet::new();
+    if set.set(cpu).is_ok()
+        && let Err(errno) = sched_setaffinity(tid, &set)
+    {
+        tracing::debug!(%tid, cpu, %errno, "cannot keep a resolver on its CPU");
     }
 }
 

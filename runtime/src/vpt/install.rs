@@ -111,6 +111,7 @@ impl Vpt {
             a.res_qword(slot + 24).store(w.master, Ordering::Relaxed);
         }
         a.res_word(RES_NWIN).store(n as u32, Ordering::Release);
+        *lock(&p.ranges) = mm.windows.values().map(|w| (w.start, w.len)).collect();
     }
 
     /// Install RAM `[pa, pa+len)` at `va` in `p`'s guest, keeping the VMA
@@ -194,7 +195,8 @@ impl Vpt {
         Ok(())
     }
 
-    /// Put fresh registered anonymous memory over each `(va, len)`, dropping
+    /// Put fresh registered anonymous memory over each `(va, len)` (in a
+    /// vmspace: fresh `PROT_NONE` memory, not registered), dropping
     /// whatever translation was there, with no moment at which another guest
     /// thread could touch unregistered memory (and see zeroes): each range is
     /// mapped `PROT_NONE` first (an access then is a `SIGSEGV` the tracer
@@ -205,6 +207,20 @@ impl Vpt {
         let none = libc::PROT_NONE as u64;
         let rw = (libc::PROT_READ | libc::PROT_WRITE) as u64;
         let flags = ANON | libc::MAP_FIXED as u64;
+        if p.space == Space::Vmspace {
+            // A vmspace's window pages not installed stay PROT_NONE: the
+            // next access raises SIGSEGV in the execution context.
+            for chunk in ranges.chunks(agent_code::MAX_OPS) {
+                let ops: Vec<_> = chunk
+                    .iter()
+                    .map(|&(va, len)| (libc::SYS_mmap, [va, len, none, flags, u64::MAX, 0]))
+                    .collect();
+                for r in p.agent.run(p.tgid, &ops)? {
+                    errno_or(r)?;
+                }
+            }
+            return Ok(());
+        }
         let uffd = u64::from(p.agent.uffd_fd.load(Ordering::Relaxed));
         let per_batch = (agent_code::MAX_OPS / OPS_PER_RANGE).min(REGISTER_SLOTS);
         for chunk in ranges.chunks(per_batch) {

@@ -35,10 +35,15 @@
 //! install. The trace's lock is taken last, alone.
 //!
 //! Threads: `vk_mmap`, `vmspace_mmap`, fork stripping and `SIGSEGV`
-//! delivery run on the tracer thread (they take a [`Tracer`]); `mcontrol`
-//! on a hypercall thread; faults on each process's fault thread.
+//! delivery start on the tracer thread (they take a [`Tracer`]); what of
+//! them waits on a guest process's agent (a window once the agent is set
+//! up, a `SIGSEGV`'s walk and install) runs on the process's stop worker
+//! ([`deferred`]) and the tracer finishes it. The tracer never takes a
+//! process's `mm` lock and waits (it reads [`Process::ranges`]). `mcontrol`
+//! runs on a hypercall thread; faults on each process's fault thread.
 
 mod agent;
+mod deferred;
 mod install;
 mod resolve;
 mod segv;
@@ -68,6 +73,7 @@ use crate::tracee::inject::{self, Injector};
 use crate::tracee::remote::{self, RemoteAddr};
 
 use agent::Agent;
+pub use deferred::{Finish, StopDone};
 pub use resolve::{SegvAction, StubFault};
 use windows::{MmState, Window};
 
@@ -77,11 +83,10 @@ const ANON: u64 = (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE
 
 /// What the execution side does for the address spaces of vmspaces: the
 /// seam between address spaces (here) and execution contexts (`vmspace`).
+/// (A fault in a vmspace's window reaches the execution side by itself: the
+/// page is `PROT_NONE` until installed, so the context takes the `SIGSEGV`
+/// and reports it; RUN's waiter asks [`Vpt::on_stub_fault`].)
 pub trait ContextFaults: Send + Sync {
-    /// A walk failed for a fault of context thread `ctid` at `addr`: end its
-    /// RUN with `T_PAGEFLT` and these `PGEX` bits (the thread waits in the
-    /// userfaultfd; the page stays missing). False if `ctid` is no context.
-    fn walk_failed(&self, ctid: Pid, addr: u64, pgex: u64) -> bool;
     /// The guest thread whose context runs in stub thread `ctid` (trace
     /// lines name it, as RUN's lines do).
     fn guest_of(&self, ctid: Pid) -> Option<Pid>;
@@ -106,6 +111,8 @@ pub struct Vpt {
     told_evicting: AtomicBool,
     /// The execution side, for faults in vmspaces.
     contexts: OnceLock<Weak<dyn ContextFaults>>,
+    /// Stop work that waits on an agent, done off the tracer.
+    deferred: Arc<deferred::Deferred>,
 }
 
 impl std::fmt::Debug for dyn ContextFaults {
@@ -132,6 +139,10 @@ struct Process {
     agent: Agent,
     uffd: Userfault,
     mm: Mutex<MmState>,
+    /// The windows' ranges as last published, for the tracer, which must
+    /// not wait for `mm` (held across agent batches and the lock shared
+    /// with the resolver, both of which the guest can stall).
+    ranges: Mutex<Vec<(u64, u64)>>,
     /// The process is gone or exec'd: the fault thread stops.
     dead: AtomicBool,
     /// The resolver thread exited (the guest closed its uffd descriptor):
@@ -172,6 +183,24 @@ fn page_down(v: u64) -> u64 {
     v & !(PAGE - 1)
 }
 
+/// The argument rules of ABI section 4 for a window: its page-rounded
+/// length and whether it is `MAP_FIXED`, or EINVAL.
+fn window_args(addr: u64, len: u64, prot: i32, flags: i32, off: u64) -> Result<(u64, bool), Errno> {
+    let fixed = flags & MAP_FIXED != 0;
+    let len = page_len(len).ok_or(Errno::EINVAL)?;
+    if flags & 3 != MAP_SHARED
+        || flags & MAP_PRIVATE != 0
+        || flags & MAP_STACK != 0
+        || prot & (PROT_READ | PROT_WRITE) != PROT_READ | PROT_WRITE
+        || !off.is_multiple_of(PAGE)
+        || len > USER_MAX
+        || (fixed && (!addr.is_multiple_of(PAGE) || addr > USER_MAX - len))
+    {
+        return Err(Errno::EINVAL);
+    }
+    Ok((len, fixed))
+}
+
 /// `len` rounded up to whole pages; `None` if zero or overflowing.
 fn page_len(len: u64) -> Option<u64> {
     (len > 0).then(|| len.checked_add(PAGE - 1).map(page_down))?
@@ -179,8 +208,12 @@ fn page_len(len: u64) -> Option<u64> {
 
 impl Vpt {
     /// No process uses MAP_VPAGETABLE yet.
-    pub fn new(ram: Arc<GuestRam>, stats: Arc<Stats>, trace: Arc<Mutex<TraceWriter>>) -> Self {
-        Self {
+    pub fn new(
+        ram: Arc<GuestRam>,
+        stats: Arc<Stats>,
+        trace: Arc<Mutex<TraceWriter>>,
+    ) -> Result<Self, Errno> {
+        Ok(Self {
             ram,
             stats,
             trace,
@@ -191,12 +224,22 @@ impl Vpt {
             max_runs: windows::max_runs(proc::max_map_count().unwrap_or(65530)),
             told_evicting: AtomicBool::new(false),
             contexts: OnceLock::new(),
-        }
+            deferred: Arc::new(deferred::Deferred::new()?),
+        })
     }
 
-    /// Let `contexts` take the faults whose walk fails in a vmspace: it ends
-    /// the faulting context's RUN with `T_PAGEFLT` directly, instead of the
-    /// guest's way (poison the page, let the retry raise `SIGSEGV`, re-arm).
+    /// Readable when stops handed off the tracer are ready to finish.
+    pub fn finishes_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        self.deferred.fd()
+    }
+
+    /// The tracer's part of every stop whose work is done, each with its
+    /// thread (threads that exited meanwhile are left out).
+    pub fn take_finishes(&self) -> Vec<(Pid, Finish)> {
+        self.deferred.take()
+    }
+
+    /// Let `contexts` name the guest threads of vmspace faults in the trace.
     pub fn set_context_faults(&self, contexts: Weak<dyn ContextFaults>) {
         let _ = self.contexts.set(contexts);
     }
@@ -251,6 +294,11 @@ impl Vpt {
         Ok(start as i64)
     }
 
+    /// vkrun's descriptor of guest RAM (to tell a guest's descriptor of it).
+    pub fn ram_descriptor(&self) -> std::os::fd::BorrowedFd<'_> {
+        self.ram_fd()
+    }
+
     pub(super) fn ram_fd(&self) -> std::os::fd::BorrowedFd<'_> {
         std::os::fd::AsFd::as_fd(&*self.ram)
     }
@@ -272,20 +320,69 @@ impl Vpt {
         off: u64,
         space: Space,
     ) -> Result<u64, CallError> {
-        let fixed = flags & MAP_FIXED != 0;
-        let len = page_len(len).ok_or(Errno::EINVAL)?;
-        if flags & 3 != MAP_SHARED
-            || flags & MAP_PRIVATE != 0
-            || flags & MAP_STACK != 0
-            || prot & (PROT_READ | PROT_WRITE) != PROT_READ | PROT_WRITE
-            || !off.is_multiple_of(PAGE)
-            || len > USER_MAX
-            || (fixed && (!addr.is_multiple_of(PAGE) || addr > USER_MAX - len))
-        {
-            return Err(Errno::EINVAL.into());
-        }
+        let (len, fixed) = window_args(addr, len, prot, flags, off)?;
         let proc_ = self.process(inj, tgid, space)?;
-        let mut mm = self.enter(&proc_)?;
+        self.map_window_with(
+            &proc_,
+            &mut |nr, a| Ok(inj.syscall(nr, a)?),
+            addr,
+            len,
+            fixed,
+            off,
+        )
+    }
+
+    /// [`Vpt::vk_mmap`] of a window in guest process `tgid` whose agent is
+    /// set up, made by the agent (the caller's thread stays stopped and
+    /// runs nothing): what a stop worker does, off the tracer. `None` if
+    /// the process has no agent yet (the tracer must set it up through the
+    /// stopped thread) or the call makes no window.
+    pub fn vk_mmap_by_agent(&self, tgid: Pid, a: [u64; 6]) -> Option<Result<i64, Errno>> {
+        let (addr, len, prot, flags, off) = (a[0], a[1], a[2] as i32, a[3] as i32, a[5]);
+        if flags & MAP_VPAGETABLE == 0 {
+            return None;
+        }
+        let p = self.process_of(tgid).filter(|p| p.space == Space::Guest)?;
+        let result = window_args(addr, len, prot, flags, off).and_then(|(len, fixed)| {
+            let agent_call = &mut |nr: i64, args: [u64; 6]| -> Result<i64, CallError> {
+                Ok(p.agent.run(tgid, &[(nr, args)])?[0])
+            };
+            self.map_window_with(&p, agent_call, addr, len, fixed, off)
+                .map(|start| start as i64)
+                .map_err(|e| match e {
+                    CallError::Guest(errno) => errno,
+                    CallError::Tracee(_) => Errno::ESRCH,
+                })
+        });
+        Some(result)
+    }
+
+    /// Whether guest process `tgid`'s agent is set up (so a `vk_mmap` of it
+    /// can be made by [`Vpt::vk_mmap_by_agent`]).
+    pub fn has_agent(&self, tgid: Pid) -> bool {
+        self.process_of(tgid)
+            .is_some_and(|p| p.space == Space::Guest)
+    }
+
+    /// Hand `work` for thread `tid` of process `tgid`, stopped, to the
+    /// process's stop worker; its finish comes back through
+    /// [`Vpt::take_finishes`].
+    pub fn defer(&self, tgid: Pid, tid: Pid, work: deferred::Work) {
+        self.deferred.submit(tgid, tid, work);
+    }
+
+    /// The window itself, in process `p`, with `call` making the system
+    /// calls in its mm (an injection into a stopped thread, or the agent).
+    fn map_window_with(
+        &self,
+        proc_: &Process,
+        call: &mut dyn FnMut(i64, [u64; 6]) -> Result<i64, CallError>,
+        addr: u64,
+        len: u64,
+        fixed: bool,
+        off: u64,
+    ) -> Result<u64, CallError> {
+        let mut mm = self.enter(proc_)?;
         let map_flags = ANON | if fixed { libc::MAP_FIXED as u64 } else { 0 };
         let hint = if fixed { addr } else { 0 };
         // PROT_NONE until registered: another guest thread touching the
@@ -295,19 +392,24 @@ impl Vpt {
         // is a SIGSEGV the tracer handles once the window exists.
         let none = libc::PROT_NONE as u64;
         let rw = (libc::PROT_READ | libc::PROT_WRITE) as u64;
-        let ret = inj.syscall(libc::SYS_mmap, [hint, len, none, map_flags, u64::MAX, 0])?;
+        let ret = call(libc::SYS_mmap, [hint, len, none, map_flags, u64::MAX, 0])?;
         let start = errno_or(ret)? as u64;
         if start.checked_add(len).is_none_or(|end| end > USER_MAX) {
-            inj.syscall(libc::SYS_munmap, [start, len, 0, 0, 0, 0])?;
+            call(libc::SYS_munmap, [start, len, 0, 0, 0, 0])?;
             return Err(Errno::ENOMEM.into());
         }
-        if let Err(e) = proc_.uffd.register_missing(start, len) {
-            inj.syscall(libc::SYS_munmap, [start, len, 0, 0, 0, 0])?;
-            return Err(e.into());
-        }
-        if let Err(e) = errno_or(inj.syscall(libc::SYS_mprotect, [start, len, rw, 0, 0, 0])?) {
-            inj.syscall(libc::SYS_munmap, [start, len, 0, 0, 0, 0])?;
-            return Err(e.into());
+        // A vmspace's window stays PROT_NONE: a first touch raises SIGSEGV
+        // in the execution context itself, which reports it (the one
+        // hand-off a system call's exit takes); see `Vpt::on_stub_fault`.
+        if proc_.space == Space::Guest {
+            if let Err(e) = proc_.uffd.register_missing(start, len) {
+                call(libc::SYS_munmap, [start, len, 0, 0, 0, 0])?;
+                return Err(e.into());
+            }
+            if let Err(e) = errno_or(call(libc::SYS_mprotect, [start, len, rw, 0, 0, 0])?) {
+                call(libc::SYS_munmap, [start, len, 0, 0, 0, 0])?;
+                return Err(e.into());
+            }
         }
         mm.forget_range(start, start + len);
         let w = Window {
@@ -317,7 +419,7 @@ impl Vpt {
             master: 0,
         };
         mm.windows.insert(start, w);
-        self.publish_windows(&proc_, &mm);
+        self.publish_windows(proc_, &mm);
         self.stats.vpagetable_mmap.fetch_add(1, Ordering::Relaxed);
         Ok(start)
     }
@@ -401,6 +503,7 @@ impl Vpt {
     /// Thread `tid` exited: its id may be reused.
     pub fn forget_thread(&self, tid: Pid) {
         lock(&self.tgids).remove(&tid);
+        self.deferred.forget_thread(tid);
     }
 
     /// The process state of `tgid`, setting up its agent and uffd (through
@@ -421,6 +524,7 @@ impl Vpt {
             agent,
             uffd,
             mm: Mutex::new(MmState::default()),
+            ranges: Mutex::new(Vec::new()),
             dead: AtomicBool::new(false),
             resolver_gone: AtomicBool::new(space == Space::Vmspace),
         });
@@ -460,7 +564,7 @@ impl Vpt {
     /// Whether process `tgid` has VPAGETABLE windows.
     pub fn has_windows(&self, tgid: Pid) -> bool {
         self.process_of(tgid)
-            .is_some_and(|p| !lock(&p.mm).windows.is_empty())
+            .is_some_and(|p| !lock(&p.ranges).is_empty())
     }
 
     /// A fork of process `parent` created `child` (stopped at its first
@@ -472,8 +576,7 @@ impl Vpt {
     pub fn on_fork(&self, tracer: &Tracer, parent: Pid, child: Pid) -> Option<WaitStatus> {
         let (ranges, gadget) = {
             let p = self.process_of(parent)?;
-            let mm = lock(&p.mm);
-            let ranges: Vec<(u64, u64)> = mm.windows.values().map(|w| (w.start, w.len)).collect();
+            let ranges = lock(&p.ranges).clone();
             (ranges, p.agent.syscall_gadget())
         };
         // A child forked before the agent (and so before any window) was
@@ -498,14 +601,34 @@ impl Vpt {
     }
 
     /// Process `tgid` exec'd or exited: its windows, agent and uffd are gone.
-    pub fn forget(&self, tgid: Pid) {
+    pub fn forget(self: &Arc<Self>, tgid: Pid) {
         if let Some(p) = lock(&self.procs).remove(&tgid) {
             p.dead.store(true, Ordering::Release);
             let _ = futex::wake(p.agent.res_word(RES_SUP_WAKE));
-            let mut mm = lock(&p.mm);
-            self.count_resolved(&p, &mut mm);
-            mm.clear_installed();
-            self.sync_vma_gauge(&mut mm);
+            // On the tracer: the books are settled here unless a thread
+            // holds them (waiting on this process's agent), and then by
+            // the process's stop worker, behind whatever it is doing.
+            let settled = match p.mm.try_lock() {
+                Ok(mut mm) => {
+                    self.settle(&p, &mut mm);
+                    true
+                }
+                Err(_) => false,
+            };
+            if !settled {
+                let me = Arc::clone(self);
+                self.deferred
+                    .detached(tgid, Box::new(move || me.settle(&p, &mut lock(&p.mm))));
+            }
         }
+        self.deferred.forget_process(tgid);
+    }
+
+    /// The books of a process that is gone: what its resolver resolved
+    /// is counted, its installs and VMAs are no longer held.
+    fn settle(&self, p: &Process, mm: &mut MmState) {
+        self.count_resolved(p, mm);
+        mm.clear_installed();
+        self.sync_vma_gauge(mm);
     }
 }

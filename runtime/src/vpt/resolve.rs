@@ -18,12 +18,13 @@ use std::time::{Duration, Instant, SystemTime};
 
 use nix::errno::Errno;
 use nix::sys::ptrace;
-use nix::sys::wait::WaitStatus;
+use nix::sys::signal::Signal;
 use nix::unistd::Pid;
 use vkabi::{PGEX_I, PGEX_W};
 use vpte::{Access, GuestVirtAddr, PageIndex, Translation, Vpte, WalkError};
 
 use super::agent::RamRun;
+use super::deferred::StopDone;
 use super::windows::{MmState, PREFAULT_MAX, Poison, Window};
 use super::{PAGE, Process, Space, Vpt, page_down, segv};
 use crate::sys::agent_code::{
@@ -39,8 +40,9 @@ use crate::tracee::Tracer;
 pub enum SegvAction {
     /// Not ours: deliver it unchanged.
     Deliver,
-    /// Handled here (the thread was resumed, or died: the status is given).
-    Handled(Option<WaitStatus>),
+    /// Ours: the thread stays stopped; a finish from
+    /// [`Vpt::take_finishes`](super::Vpt::take_finishes) ends the stop.
+    Deferred,
 }
 
 /// What a fault in a vmspace's context comes to.
@@ -93,8 +95,6 @@ enum Resolved {
     /// The walk failed: this fault is to be delivered (`Mode::Missing`:
     /// the page is poisoned for the retry).
     Failed(Poison),
-    /// The walk failed in a vmspace and the context took the fault.
-    TakenByContext,
     /// Installing (or poisoning) failed.
     Error(Errno),
 }
@@ -143,7 +143,10 @@ impl Vpt {
         let walk = self.walk_window(&w, page, access);
         let resolved = match &walk {
             Ok(t) => {
-                let run = if f.mode == Mode::Refused {
+                // A host mapping that refused the access is replaced alone
+                // (its new protection); a page not installed yet (a
+                // vmspace's first touch) comes with its neighbours.
+                let run = if f.mode == Mode::Refused && mm.is_installed(page) {
                     RamRun {
                         va: page,
                         len: PAGE,
@@ -163,16 +166,6 @@ impl Vpt {
                 let (si_code, pgex) = segv::poison_of(e.as_ref(), access);
                 let poison = Poison { si_code, pgex };
                 match f.mode {
-                    Mode::Missing
-                        if p.space == Space::Vmspace
-                            && self
-                                .context_faults()
-                                .is_some_and(|c| c.walk_failed(f.tid, f.addr, pgex)) =>
-                    {
-                        // The context leaves its wait for the vkernel; the
-                        // page stays missing and walks again next time.
-                        Resolved::TakenByContext
-                    }
                     Mode::Missing => {
                         mm.poisoned.insert(page, poison);
                         match self.poison(p, page) {
@@ -197,7 +190,7 @@ impl Vpt {
     }
 
     /// A missing-page fault read from `p`'s uffd: resolve it, then wake the
-    /// faulting thread (unless its execution context took the fault).
+    /// faulting thread.
     fn on_missing(&self, p: &Process, f: &PageFault) {
         let page = page_down(f.address);
         let access = if f.write { Access::Write } else { Access::Read };
@@ -208,7 +201,6 @@ impl Vpt {
             tid: Pid::from_raw(f.tid),
         };
         let wake = match self.resolve_page(p, fault) {
-            Resolved::TakenByContext => return,
             Resolved::Installed(va, len) => (va, len),
             Resolved::Error(Errno::ESRCH) => {
                 // The process is going away (its agent died with it).
@@ -247,8 +239,11 @@ impl Vpt {
 
     /// A `SIGSEGV` stop of `tid`: a write to a read-only install (upgrade it),
     /// an access to a page whose walk failed (deliver the ABI's fault), or
-    /// not ours.
-    pub fn on_sigsegv(&self, tracer: &Tracer, tid: Pid, tgid: Pid) -> SegvAction {
+    /// not ours. On the tracer: it reads the fault (kernel calls only) and
+    /// hands the walk and install, which may wait on the process's agent,
+    /// to the process's stop worker; the thread stays stopped until the
+    /// tracer runs the finish ([`deferred`](super::deferred)).
+    pub fn on_sigsegv(self: &Arc<Self>, tid: Pid, tgid: Pid) -> SegvAction {
         let Some(p) = self.process_of(tgid) else {
             return SegvAction::Deliver;
         };
@@ -266,17 +261,34 @@ impl Vpt {
             mode: Mode::Refused,
             tid,
         };
-        match self.resolve_page(&p, fault) {
+        let me = Arc::clone(self);
+        self.deferred.submit(
+            tgid,
+            tid,
+            Box::new(move || {
+                let resolved = me.resolve_page(&p, fault);
+                Box::new(move |tracer: &Tracer| me.finish_sigsegv(tracer, tid, info.addr, resolved))
+            }),
+        );
+        SegvAction::Deferred
+    }
+
+    /// The tracer's end of a `SIGSEGV` stop, once the walk is done.
+    fn finish_sigsegv(&self, tracer: &Tracer, tid: Pid, addr: u64, resolved: Resolved) -> StopDone {
+        match resolved {
             Resolved::Installed(..) => {
                 // The instruction restarts and now succeeds.
                 let _ = ptrace::cont(tid, None);
-                SegvAction::Handled(None)
+                StopDone::Resumed
             }
             Resolved::Poisoned(poison) | Resolved::Failed(poison) => {
-                self.trace_segv(tid, info.addr, poison.si_code);
-                SegvAction::Handled(segv::deliver_page_fault(tracer, tid, info.addr, poison))
+                self.trace_segv(tid, addr, poison.si_code);
+                match segv::deliver_page_fault(tracer, tid, addr, poison) {
+                    Some(status) => StopDone::Gone(status),
+                    None => StopDone::Resumed,
+                }
             }
-            _ => SegvAction::Deliver,
+            _ => StopDone::Deliver(Signal::SIGSEGV),
         }
     }
 

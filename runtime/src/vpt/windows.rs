@@ -210,10 +210,33 @@ impl MmState {
     }
 
     /// `[s, e)` was dropped: forget its poison marks and the installed runs
-    /// wholly inside it.
+    /// inside it; a run that straddles an end keeps only its part outside
+    /// (the drop replaced the rest: left in the books, those pages would
+    /// count as installed, so a later fault there installed a run over part
+    /// of another, and the older run's eviction dropped the newer pages).
     pub fn forget_translations(&mut self, s: u64, e: u64) {
         self.poisoned.retain(|&page, _| page < s || page >= e);
         self.remove_runs_inside(s, e);
+        let straddling: Vec<(u64, u64, u64)> = self
+            .installed
+            .range(..e)
+            .rev()
+            .take_while(|&(&k, &(l, _))| k + l > s || k >= s)
+            .filter(|&(&k, &(l, _))| k < e && s < k + l)
+            .map(|(&k, &(l, q))| (k, l, q))
+            .collect();
+        for (k, l, seq) in straddling {
+            self.installed.remove(&k);
+            if k < s {
+                self.installed.insert(k, (s - k, seq));
+            }
+            if k + l > e {
+                self.installed.insert(e, (k + l - e, seq));
+                // Its age is the run's: evicted right after its left part.
+                let at = self.order.partition_point(|&(_, q)| q <= seq);
+                self.order.insert(at, (e, seq));
+            }
+        }
         if self.installed.is_empty() {
             self.order.clear();
         }
@@ -401,7 +424,19 @@ mod tests {
                     }
                     Op::Drop { page, pages } => {
                         let (s, e) = (page, page + pages);
-                        model.retain(|&(a, n, _)| !(s <= a && a + n <= e));
+                        // Runs lose their pages in [s, e): what is left of
+                        // each on either side stays, with its age.
+                        let mut left = Vec::new();
+                        for &(a, n, q) in &model {
+                            if a < s {
+                                left.push((a, n.min(s - a), q));
+                            }
+                            if a + n > e {
+                                let b = a.max(e);
+                                left.push((b, a + n - b, q));
+                            }
+                        }
+                        model = left;
                         mm.forget_translations(s * PAGE, e * PAGE);
                     }
                 }

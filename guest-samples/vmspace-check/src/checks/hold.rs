@@ -58,3 +58,41 @@ pub fn stub_death(env: &mut Env) -> Result<(), String> {
     vs.leak();
     Ok(())
 }
+
+/// Where `hold-window` puts its window.
+pub const HOLD_WINDOW_VA: u64 = 0x1000_0000;
+/// Pages of that window.
+pub const HOLD_WINDOW_PAGES: u64 = 8;
+
+/// `hold-window`: a vmspace with a window of [`HOLD_WINDOW_PAGES`] pages at
+/// [`HOLD_WINDOW_VA`], of which only page 2 has a valid VPTE; user code
+/// stores to page 2 (a fault the host resolves) and then to page 5 (its
+/// walk fails: `T_PAGEFLT`). Prints `window STUB-VA PAGES` once both ran;
+/// the vmspace is kept for the test, which reads the stub's mappings.
+pub fn window(env: &mut Env) -> Result<(), String> {
+    use crate::env::{self as e, describe};
+    use vkabi::{T_FAST_SYSCALL, T_PAGEFLT, VPTE_RW, VPTE_U};
+    let vs = env.vmspace()?;
+    let user = env.user(&vs)?;
+    let mut pt = env.tables(16)?;
+    let w = env.map_window(&vs, HOLD_WINDOW_VA, HOLD_WINDOW_PAGES, 0)?;
+    w.setmap(&vs, pt.master())?;
+    let frame = e::frame(&mut pt)?;
+    e::map(&mut pt, w.pindex(2), frame, VPTE_RW | VPTE_U)?;
+    // SumPages over one page: rax += [rbx]; [rbx + 8] = rax.
+    for (page, want) in [(2, T_FAST_SYSCALL), (5, T_PAGEFLT)] {
+        let mut tf = user.frame(Snippet::SumPages);
+        tf.tf_rbx = w.va(page, 0);
+        tf.tf_rcx = 1;
+        vs.run_plain(&mut tf)?;
+        if tf.tf_trapno != want {
+            return Err(format!("page {page}: {}", describe(&tf)));
+        }
+    }
+    println!("window {HOLD_WINDOW_VA:#x} {HOLD_WINDOW_PAGES}");
+    std::io::stdout()
+        .flush()
+        .map_err(|e| format!("stdout: {e}"))?;
+    vs.leak();
+    Ok(())
+}

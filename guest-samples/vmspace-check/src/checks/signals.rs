@@ -100,8 +100,13 @@ fn storm_runner(id: u64, start: TrapFrame, stop: &AtomicBool) -> Storm {
         };
         let mut vf = VextFrame::default();
         let (handled_before, _) = sys::handled(libc::SIGUSR2);
-        let result =
-            sys::vmspace_ctl_raw(id, VMSPACE_CTL_RUN, &raw mut tf as u64, &raw mut vf as u64);
+        // Raw RUNs and the library's (the fast RUN, when vkrun offers it)
+        // alternate on the one context.
+        let result = if seen.runs % 2 == 0 {
+            sys::vmspace_ctl_raw(id, VMSPACE_CTL_RUN, &raw mut tf as u64, &raw mut vf as u64)
+        } else {
+            vkabi::hypercall::vmspace_ctl(id, VMSPACE_CTL_RUN, &mut tf, &mut vf)
+        };
         let signalled = sys::handled(libc::SIGUSR2).0 != handled_before;
         // The user code is one `syscall` (2 bytes) at `start.tf_rip`.
         let own = tf.tf_rax == rax
