@@ -97,8 +97,7 @@ fn is_fatal(pid: Pid, sig: Signal) -> bool {
     matches!(
         sig,
         SIGSEGV | SIGBUS | SIGILL | SIGFPE | SIGABRT | SIGSYS | SIGTRAP
-    ) && !crate::sys::proc::catches(pid, sig as i32)
-        && !crate::sys::proc::ignores(pid, sig as i32)
+    ) && crate::sys::proc::takes_default(pid, sig as i32)
 }
 
 fn say(text: &str) {
