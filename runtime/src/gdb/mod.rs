@@ -26,11 +26,13 @@ use gdbstub::stub::{DisconnectReason, GdbStub, MultiThreadStopReason};
 use nix::sys::ptrace;
 use nix::sys::signal::Signal;
 use nix::unistd::Pid;
+use std::collections::HashMap;
 use std::io::{ErrorKind, Write};
 use std::net::TcpListener;
 use std::os::fd::{AsFd, BorrowedFd};
 use std::os::unix::net::UnixListener;
 use std::path::PathBuf;
+use std::time::{Duration, Instant};
 
 use conn::{Conn, Listener, Stream, WRITE_TIMEOUT};
 pub use conn::{GdbAddr, GdbOptions};
@@ -70,7 +72,16 @@ pub struct Gdb {
     wait: bool,
     /// Where the stub listens, for messages.
     addr: String,
+    /// Processes seen catching a signal lately, and when: a handler is
+    /// assumed to stay for [`CAUGHT_FOR`], so that a vkernel taking
+    /// signals by design pays one `/proc` read per process and interval,
+    /// not one per signal (a handler removed meanwhile only costs a post
+    /// mortem).
+    caught: HashMap<(Pid, i32), Instant>,
 }
+
+/// How long a handler seen is trusted to be there.
+const CAUGHT_FOR: Duration = Duration::from_millis(200);
 
 impl std::fmt::Debug for Gdb {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -87,17 +98,6 @@ pub enum Verdict {
     Held,
     /// Not the stub's: the supervisor handles it as without gdb.
     Pass,
-}
-
-/// Whether `sig` is a crash that ends `pid`'s process: a fault or an
-/// abort (a core-dumping signal a program raises on itself, not one sent
-/// to stop it), neither caught nor ignored (signal(7)).
-fn is_fatal(pid: Pid, sig: Signal) -> bool {
-    use Signal::*;
-    matches!(
-        sig,
-        SIGSEGV | SIGBUS | SIGILL | SIGFPE | SIGABRT | SIGSYS | SIGTRAP
-    ) && crate::sys::proc::takes_default(pid, sig as i32)
 }
 
 fn say(text: &str) {
@@ -138,6 +138,7 @@ impl Gdb {
             phase: Phase::Detached,
             wait: opts.wait,
             addr,
+            caught: HashMap::new(),
         })
     }
 
@@ -400,8 +401,9 @@ impl Gdb {
         if !self.inf.threads.contains(&pid) {
             return Verdict::Pass;
         }
+        let fatal = matches!(self.phase, Phase::Detached) && self.is_fatal(pid, sig);
         let reason = match self.phase {
-            Phase::Detached if is_fatal(pid, sig) => {
+            Phase::Detached if fatal => {
                 // Post mortem: the thread waits at its fatal signal for gdb,
                 // which finds it there; continuing delivers the signal.
                 say(&format!(
@@ -501,6 +503,35 @@ impl Gdb {
             tid: t,
             signal: regs::to_gdb(sig),
         })
+    }
+
+    /// Whether `sig` is a crash that ends `pid`'s process: a fault or an
+    /// abort (a core-dumping signal a program raises on itself, not one
+    /// sent to stop it), neither caught nor ignored (signal(7)).
+    fn is_fatal(&mut self, pid: Pid, sig: Signal) -> bool {
+        use Signal::*;
+        if !matches!(
+            sig,
+            SIGSEGV | SIGBUS | SIGILL | SIGFPE | SIGABRT | SIGSYS | SIGTRAP
+        ) {
+            return false;
+        }
+        let key = (crate::sys::proc::tgid_of(pid).unwrap_or(pid), sig as i32);
+        let now = Instant::now();
+        if self
+            .caught
+            .get(&key)
+            .is_some_and(|t| now.duration_since(*t) < CAUGHT_FOR)
+        {
+            return false;
+        }
+        if crate::sys::proc::takes_default(pid, sig as i32) {
+            return true;
+        }
+        self.caught
+            .retain(|_, t| now.duration_since(*t) < CAUGHT_FOR);
+        self.caught.insert(key, now);
+        false
     }
 
     /// A `PTRACE_EVENT_STOP` (not a group-stop) of `pid`: the stop an
