@@ -72,11 +72,11 @@ pub struct Gdb {
     wait: bool,
     /// Where the stub listens, for messages.
     addr: String,
-    /// Processes seen catching a signal lately, and when: a handler is
-    /// assumed to stay for [`CAUGHT_FOR`], so that a vkernel taking
-    /// signals by design pays one `/proc` read per process and interval,
-    /// not one per signal (a handler removed meanwhile only costs a post
-    /// mortem).
+    /// Threads whose process was seen catching a signal lately, and when:
+    /// a handler is assumed to stay for [`CAUGHT_FOR`], so that a vkernel
+    /// taking signals by design pays one `/proc` read per thread and
+    /// interval, not one per signal (a handler removed meanwhile only
+    /// costs a post mortem).
     caught: HashMap<(Pid, i32), Instant>,
 }
 
@@ -516,7 +516,9 @@ impl Gdb {
         ) {
             return false;
         }
-        let key = (crate::sys::proc::tgid_of(pid).unwrap_or(pid), sig as i32);
+        // By thread: finding its process would cost the /proc read this
+        // saves.
+        let key = (pid, sig as i32);
         let now = Instant::now();
         if self
             .caught
