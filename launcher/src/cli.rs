@@ -25,6 +25,8 @@ Debugging: --gdb 127.0.0.1:1234 (or a socket path) serves gdb's remote
 protocol; the guest waits at its first instruction for
 `gdb -ex 'target remote :1234'`. All guest threads and processes are
 shown; when one stops, all stop. Quitting gdb detaches. Loopback only.
+`monitor vmspaces` and `monitor vmspace ID x ADDR [LEN]` show the vmspaces
+and their user memory; `monitor help` lists the commands.
 
 Environment: RUST_LOG (diagnostics filter, e.g. vkrun_runtime=debug);
 PATH (where a GUEST without a / is looked up).

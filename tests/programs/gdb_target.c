@@ -14,6 +14,7 @@
 #include <string.h>
 #include <stdint.h>
 #include <sys/mman.h>
+#include <time.h>
 #include <sys/wait.h>
 #include <unistd.h>
 #include "vkernel.h"
@@ -129,6 +130,18 @@ int main(int argc, char **argv) {
         for (int i = 0; i < 8; i++)
             page[i * 4096] = (char)i;
         printf("faults %d\n", faults);
+        /* "segv N": N more faults, timed (the gdb bench). */
+        long n = argc > 2 ? atol(argv[2]) : 0;
+        struct timespec t0, t1;
+        clock_gettime(CLOCK_MONOTONIC, &t0);
+        for (long i = 0; i < n; i++) {
+            mprotect(page, 4096, PROT_NONE);
+            page[0] = (char)i;
+        }
+        clock_gettime(CLOCK_MONOTONIC, &t1);
+        if (n > 0)
+            printf("segv_ns_per_fault %.0f\n",
+                   ((t1.tv_sec - t0.tv_sec) * 1e9 + (t1.tv_nsec - t0.tv_nsec)) / n);
     } else if (strcmp(mode, "run") == 0) {
         pthread_t t;
         void *ok;

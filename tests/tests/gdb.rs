@@ -70,6 +70,8 @@ impl Served {
     fn gdb(&self, commands: &[&str]) -> Output {
         let mut cmd = Command::new("gdb");
         cmd.args(["-nx", "-batch", "-ex", "set confirm off"]);
+        // Never ask the network for symbols.
+        cmd.args(["-ex", "set debuginfod enabled off"]);
         cmd.args(["-ex", &format!("target remote {}", self.addr)]);
         for c in commands {
             cmd.args(["-ex", c]);
@@ -315,6 +317,50 @@ fn a_breakpoint_while_another_thread_runs_stops_it_and_its_run_restarts() {
 }
 
 #[test]
+fn monitor_commands_show_the_vmspaces_and_their_user_memory() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let Some(prog) = guest(dir.path()) else {
+        return;
+    };
+    let served = serve("127.0.0.1:0", &[], &prog, &["run"]);
+    let gdb = served.gdb(&[
+        "break bump",
+        "continue",
+        "monitor vmspaces",
+        "eval \"monitor vmspace %lu x 0x400000 7\", (unsigned long)&vmspace_token",
+        "eval \"monitor vmspace %lu x 0x400ff8\", (unsigned long)&vmspace_token",
+        "monitor vmspace 0x1 x 0",
+        "monitor threads",
+        "monitor frobnicate",
+        "delete",
+        "continue",
+    ]);
+    let log = both(&gdb);
+    let (out, _) = served.finish();
+    assert!(
+        log.contains(": stub pid ") && log.contains(", 1 execution context(s)"),
+        "{log}"
+    );
+    // The runner's user code, read through the vmspace's mapping of RAM.
+    assert!(log.contains("0x400000: 48 ff c9 75 fb 0f 05\n"), "{log}");
+    assert!(
+        log.contains("0x400ff8: 00 00 00 00 00 00 00 00\n0x401000: not readable by the user code"),
+        "{log}"
+    );
+    assert!(
+        log.contains("vmspace 0x1: No such file or directory"),
+        "{log}"
+    );
+    assert!(
+        log.contains("of process ") && log.contains(": stopped"),
+        "{log}"
+    );
+    assert!(log.contains("vkrun: unknown command 'frobnicate'"), "{log}");
+    assert!(text(&out.stdout).contains("runs ok"));
+    assert_eq!(shell_code(out.status), 7);
+}
+
+#[test]
 fn signals_stop_or_pass_as_gdb_is_told() {
     let dir = tempfile::tempdir().expect("tempdir");
     let Some(prog) = guest(dir.path()) else {
@@ -367,6 +413,56 @@ fn a_vkernel_taking_window_faults_by_design_runs_under_gdb() {
 }
 
 #[test]
+fn window_pages_read_and_write_once_installed_and_an_untouched_one_is_refused_harmlessly() {
+    if require("gdb").is_none() {
+        return;
+    }
+    // vpt-demo's `kernel` check, once its window is mapped and page 0 has
+    // been read into: page 2 (RW|U, frame 2) is still untouched.
+    let source = workspace_root().join("guest-samples/vpt-demo/src/checks/kernel.rs");
+    let code = std::fs::read_to_string(&source).expect("kernel.rs");
+    let line = code
+        .lines()
+        .position(|l| l.contains("let seen = env.read_bytes(GuestPhysAddr(target[0].0 + 64)"))
+        .expect("the line after the first read(2)")
+        + 1;
+    let served = serve("127.0.0.1:0", &[], &bin("vpt-demo"), &["kernel"]);
+    let gdb = served.gdb(&[
+        &format!("break kernel.rs:{line}"),
+        "continue",
+        "set $b = w.base",
+        "set language c",
+        "x/4xb $b + 64",
+        "set var *(char *)($b + 65) = 0x5a",
+        "x/2xb $b + 64",
+        "set var *(char *)($b + 65) = 0x0a",
+        "x/4xb $b + 4096 * 2",
+        "delete",
+        "continue",
+    ]);
+    let log = both(&gdb);
+    let (out, _) = served.finish();
+    assert!(
+        log.contains(":\t0x03\t0x0a\t0x11\t0x18\n"),
+        "what read(2) put there: {log}"
+    );
+    assert!(
+        log.contains(":\t0x03\t0x5a\n"),
+        "written through the alias: {log}"
+    );
+    // The kernel does not fault a userfaultfd page in for a remote access.
+    assert!(log.contains("Cannot access memory at address"), "{log}");
+    // ... and the refused look costs the vkernel nothing.
+    assert!(out.status.success(), "{}", text(&out.stdout));
+    assert_eq!(
+        text(&out.stdout).matches(" ok").count(),
+        3,
+        "{}",
+        text(&out.stdout)
+    );
+}
+
+#[test]
 fn detach_lets_the_guest_run_on_and_kill_kills_it() {
     let dir = tempfile::tempdir().expect("tempdir");
     let Some(prog) = guest(dir.path()) else {
@@ -401,12 +497,8 @@ fn gdb_killed_while_attached_leaves_nothing_hung() {
     let served = serve("127.0.0.1:0", &[], &prog, &[]);
     let flag = dir.path().join("stopped");
     let mut gdb = Command::new("gdb")
-        .args([
-            "-nx",
-            "-batch",
-            "-ex",
-            &format!("target remote {}", served.addr),
-        ])
+        .args(["-nx", "-batch", "-ex", "set debuginfod enabled off"])
+        .args(["-ex", &format!("target remote {}", served.addr)])
         .args(["-ex", "break bump", "-ex", "continue"])
         .args(["-ex", &format!("shell touch {}", flag.display())])
         .args(["-ex", "shell sleep 100"])

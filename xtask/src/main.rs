@@ -79,6 +79,8 @@ fn render_man(out: &mut dyn Write) -> std::io::Result<()> {
     roff.text([
         bold("strace"),
         roman("(1), "),
+        bold("gdb"),
+        roman("(1), "),
         bold("seccomp_unotify"),
         roman("(2), "),
         bold("userfaultfd"),
@@ -166,6 +168,7 @@ mod tests {
         for section in [
             "EXIT STATUS",
             "TRACE SETS",
+            "DEBUGGING",
             "ENVIRONMENT",
             "FILES",
             "LIMITS",

@@ -10,12 +10,13 @@
 //! (`PTRACE_INTERRUPT`) and the stop is reported once all are held. A
 //! thread interrupted inside a hypercall (a RUN included) has its call
 //! restarted when it is resumed, as after a signal without a handler.
-//! vkrun's own threads in the guest (agent, resolver) are never stopped,
-//! so memory reads of window pages resolve.
+//! vkrun's own threads in the guest (agent, resolver) are never stopped
+//! and never shown.
 //!
 //! Off by default: without `--gdb` nothing of this exists.
 
 mod conn;
+mod monitor;
 mod regs;
 mod target;
 mod watch;
@@ -25,11 +26,13 @@ use gdbstub::stub::{DisconnectReason, GdbStub, MultiThreadStopReason};
 use nix::sys::ptrace;
 use nix::sys::signal::Signal;
 use nix::unistd::Pid;
+use std::collections::HashMap;
 use std::io::{ErrorKind, Write};
 use std::net::TcpListener;
 use std::os::fd::{AsFd, BorrowedFd};
 use std::os::unix::net::UnixListener;
 use std::path::PathBuf;
+use std::time::{Duration, Instant};
 
 use conn::{Conn, Listener, Stream, WRITE_TIMEOUT};
 pub use conn::{GdbAddr, GdbOptions};
@@ -69,7 +72,16 @@ pub struct Gdb {
     wait: bool,
     /// Where the stub listens, for messages.
     addr: String,
+    /// Threads whose process was seen catching a signal lately, and when:
+    /// a handler is assumed to stay for [`CAUGHT_FOR`], so that a vkernel
+    /// taking signals by design pays one `/proc` read per thread and
+    /// interval, not one per signal (a handler removed meanwhile only
+    /// costs a post mortem).
+    caught: HashMap<(Pid, i32), Instant>,
 }
+
+/// How long a handler seen is trusted to be there.
+const CAUGHT_FOR: Duration = Duration::from_millis(200);
 
 impl std::fmt::Debug for Gdb {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -86,18 +98,6 @@ pub enum Verdict {
     Held,
     /// Not the stub's: the supervisor handles it as without gdb.
     Pass,
-}
-
-/// Whether `sig` is a crash that ends `pid`'s process: a fault or an
-/// abort (a core-dumping signal a program raises on itself, not one sent
-/// to stop it), neither caught nor ignored (signal(7)).
-fn is_fatal(pid: Pid, sig: Signal) -> bool {
-    use Signal::*;
-    matches!(
-        sig,
-        SIGSEGV | SIGBUS | SIGILL | SIGFPE | SIGABRT | SIGSYS | SIGTRAP
-    ) && !crate::sys::proc::catches(pid, sig as i32)
-        && !crate::sys::proc::ignores(pid, sig as i32)
 }
 
 fn say(text: &str) {
@@ -138,7 +138,13 @@ impl Gdb {
             phase: Phase::Detached,
             wait: opts.wait,
             addr,
+            caught: HashMap::new(),
         })
+    }
+
+    /// The guest's vmspaces, for `monitor vmspace`.
+    pub fn set_vmspaces(&mut self, vmspaces: std::sync::Arc<crate::vmspace::Vmspaces>) {
+        self.inf.vmspaces = Some(vmspaces);
     }
 
     /// The descriptor the tracer polls for the stub: the listener with no
@@ -395,8 +401,9 @@ impl Gdb {
         if !self.inf.threads.contains(&pid) {
             return Verdict::Pass;
         }
+        let fatal = matches!(self.phase, Phase::Detached) && self.is_fatal(pid, sig);
         let reason = match self.phase {
-            Phase::Detached if is_fatal(pid, sig) => {
+            Phase::Detached if fatal => {
                 // Post mortem: the thread waits at its fatal signal for gdb,
                 // which finds it there; continuing delivers the signal.
                 say(&format!(
@@ -496,6 +503,37 @@ impl Gdb {
             tid: t,
             signal: regs::to_gdb(sig),
         })
+    }
+
+    /// Whether `sig` is a crash that ends `pid`'s process: a fault or an
+    /// abort (a core-dumping signal a program raises on itself, not one
+    /// sent to stop it), neither caught nor ignored (signal(7)).
+    fn is_fatal(&mut self, pid: Pid, sig: Signal) -> bool {
+        use Signal::*;
+        if !matches!(
+            sig,
+            SIGSEGV | SIGBUS | SIGILL | SIGFPE | SIGABRT | SIGSYS | SIGTRAP
+        ) {
+            return false;
+        }
+        // By thread: finding its process would cost the /proc read this
+        // saves.
+        let key = (pid, sig as i32);
+        let now = Instant::now();
+        if self
+            .caught
+            .get(&key)
+            .is_some_and(|t| now.duration_since(*t) < CAUGHT_FOR)
+        {
+            return false;
+        }
+        if crate::sys::proc::takes_default(pid, sig as i32) {
+            return true;
+        }
+        self.caught
+            .retain(|_, t| now.duration_since(*t) < CAUGHT_FOR);
+        self.caught.insert(key, now);
+        false
     }
 
     /// A `PTRACE_EVENT_STOP` (not a group-stop) of `pid`: the stop an

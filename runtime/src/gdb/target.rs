@@ -1,6 +1,7 @@
 //! The gdbstub target: the guest's threads as gdb sees them. Registers come
 //! from ptrace (the thread is held at a stop), memory from `/proc/TID/mem`
-//! (a window page resolves as a user access would), software breakpoints
+//! (an installed window page is RAM; one never touched cannot be read: the
+//! kernel does not fault a userfaultfd page in for a remote access), software breakpoints
 //! are `int3` bytes written into the main process's memory and hidden from
 //! gdb's reads. Resuming only records [`Order`]s: the supervisor carries
 //! them out, so that a signal gdb passes is delivered by the supervisor's
@@ -10,6 +11,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::num::NonZeroUsize;
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use gdbstub::common::{Signal as GdbSignal, Tid};
 use gdbstub::target::ext::auxv::{Auxv, AuxvOps};
@@ -27,7 +29,7 @@ use gdbstub::target::ext::extended_mode::{
     Args, AttachKind, CurrentActivePid, CurrentActivePidOps, ExtendedMode, ExtendedModeOps,
     ShouldTerminate,
 };
-use gdbstub::target::ext::monitor_cmd::{ConsoleOutput, MonitorCmd, MonitorCmdOps};
+use gdbstub::target::ext::monitor_cmd::MonitorCmdOps;
 use gdbstub::target::{Target, TargetError, TargetResult};
 use nix::errno::Errno;
 use nix::sys::ptrace;
@@ -38,6 +40,7 @@ use super::regs::{Amd64Linux, ThreadRegs, from_gdb};
 use super::watch::{Watch, Watchpoints};
 use crate::sys::proc;
 use crate::tracee::Tracer;
+use crate::vmspace::Vmspaces;
 
 /// `int3`.
 const INT3: u8 = 0xcc;
@@ -117,6 +120,8 @@ pub struct Inferior {
     lock_others: bool,
     /// What the supervisor must do next.
     pub orders: Vec<Order>,
+    /// The guest's vmspaces, for `monitor vmspace`.
+    pub vmspaces: Option<Arc<Vmspaces>>,
 }
 
 pub fn tid(pid: Pid) -> Tid {
@@ -147,6 +152,7 @@ impl Inferior {
             actions: BTreeMap::new(),
             lock_others: false,
             orders: Vec::new(),
+            vmspaces: None,
         }
     }
 
@@ -589,34 +595,6 @@ impl ExtendedMode for Inferior {
 impl CurrentActivePid for Inferior {
     fn current_active_pid(&mut self) -> Result<gdbstub::common::Pid, Self::Error> {
         NonZeroUsize::new(self.main.as_raw() as usize).ok_or("no main process")
-    }
-}
-
-impl MonitorCmd for Inferior {
-    fn handle_monitor_cmd(
-        &mut self,
-        cmd: &[u8],
-        mut out: ConsoleOutput<'_>,
-    ) -> Result<(), Self::Error> {
-        let cmd = String::from_utf8_lossy(cmd);
-        match cmd.trim() {
-            "threads" | "info" => {
-                for t in &self.threads {
-                    let tgid = proc::tgid_of(*t).unwrap_or(*t);
-                    let state = match self.held.get(t) {
-                        Some(Held::Event) => "stopped".to_owned(),
-                        Some(Held::GroupStop) => "stopped (job control)".to_owned(),
-                        Some(Held::Signal { sig, .. }) => format!("stopped by {}", sig.as_str()),
-                        None => "running".to_owned(),
-                    };
-                    gdbstub::outputln!(out, "thread {t} of process {tgid}: {state}");
-                }
-            }
-            _ => {
-                gdbstub::outputln!(out, "vkrun: monitor commands: threads");
-            }
-        }
-        Ok(())
     }
 }
 

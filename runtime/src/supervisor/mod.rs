@@ -178,6 +178,9 @@ pub fn run(config: Config) -> Result<Outcome, Error> {
             )
             .map_err(Error::sys("eventfd"))?,
         ));
+        if let Some(gdb) = sup.gdb.as_mut() {
+            gdb.set_vmspaces(Arc::clone(sup.vmspaces.as_ref().expect("just set")));
+        }
         let vmspaces: Arc<dyn ContextFaults> = Arc::clone(sup.vmspaces()) as _;
         vpt.set_context_faults(Arc::downgrade(&vmspaces));
         drop(vmspaces);

@@ -25,14 +25,19 @@ pub fn catches(tid: Pid, sig: i32) -> bool {
         .is_some_and(|mask| (1..=64).contains(&sig) && mask & (1 << (sig - 1)) != 0)
 }
 
-/// Whether the process of `tid` ignores signal `sig` (`SigIgn`).
-pub fn ignores(tid: Pid, sig: i32) -> bool {
+/// Whether the process of `tid` leaves signal `sig` to its default
+/// action: neither caught (`SigCgt`) nor ignored (`SigIgn`); one read of
+/// `/proc/TID/status`.
+pub fn takes_default(tid: Pid, sig: i32) -> bool {
     let Ok(status) = std::fs::read_to_string(format!("/proc/{tid}/status")) else {
         return false;
     };
-    status_field(&status, "SigIgn:")
-        .and_then(|hex| u64::from_str_radix(hex, 16).ok())
-        .is_some_and(|mask| (1..=64).contains(&sig) && mask & (1 << (sig - 1)) != 0)
+    let has = |field| {
+        status_field(&status, field)
+            .and_then(|hex| u64::from_str_radix(hex, 16).ok())
+            .is_some_and(|mask| (1..=64).contains(&sig) && mask & (1 << (sig - 1)) != 0)
+    };
+    !has("SigCgt:") && !has("SigIgn:")
 }
 
 /// Whether thread `tid` of `tgid` still exists.
@@ -147,6 +152,18 @@ mod tests {
         assert_eq!(parse_syscall("running\n"), None);
         assert_eq!(parse_syscall("-1 0x7ffc1000 0x401000\n"), None);
         assert_eq!(parse_syscall("202 0x1 0x2\n"), None);
+    }
+
+    #[test]
+    fn default_dispositions_are_told_from_caught_and_ignored_ones() {
+        let me = nix::unistd::getpid();
+        // The Rust runtime ignores SIGPIPE and catches SIGSEGV (stack
+        // overflows); nothing here touches SIGUSR2.
+        assert!(takes_default(me, libc::SIGUSR2));
+        assert!(!takes_default(me, libc::SIGPIPE));
+        assert!(!takes_default(me, libc::SIGSEGV));
+        // A process that is gone takes nothing.
+        assert!(!takes_default(Pid::from_raw(i32::MAX), libc::SIGUSR2));
     }
 
     #[test]

@@ -240,6 +240,29 @@ impl Vmspaces {
         })
     }
 
+    /// Read `out.len()` bytes at `va` of vmspace `id` as its user code
+    /// would (a debugger's look, `monitor vmspace ID x`): through its
+    /// mappings and tables, stopping at the first byte that is not
+    /// readable. Returns how many were read.
+    pub fn peek(&self, id: u64, va: u64, out: &mut [u8]) -> Result<usize, Errno> {
+        let vm = self.get(id)?;
+        self.with_live(&vm, || {
+            let mut done = 0usize;
+            while done < out.len() {
+                let at = va.wrapping_add(done as u64);
+                if at >= USER_MAX {
+                    break;
+                }
+                let len = ((PAGE - at % PAGE) as usize).min(out.len() - done);
+                if !self.vm_read(&vm, at, &mut out[done..done + len]) {
+                    break;
+                }
+                done += len;
+            }
+            Ok(done)
+        })
+    }
+
     fn vm_read(&self, vm: &Vmspace, va: u64, out: &mut [u8]) -> bool {
         match self.ram_offset(vm, va, false) {
             Some(Ok(pa)) => self.ram.read(pa, out).is_ok(),

@@ -261,6 +261,17 @@ impl Vmspaces {
             .fetch_add(1, Ordering::Relaxed);
     }
 
+    /// Every vmspace: its id, its stub process and how many guest threads
+    /// have an execution context in it (for `monitor vmspaces`).
+    pub fn list(&self) -> Vec<(u64, Pid, usize)> {
+        let mut all: Vec<(u64, Pid, usize)> = lock(&self.by_id)
+            .values()
+            .map(|vm| (vm.id, vm.stub, lock(&vm.contexts).len()))
+            .collect();
+        all.sort_unstable();
+        all
+    }
+
     /// Whether `pid` is a traced thread of a stub (its wait statuses are not
     /// the guest's).
     pub fn is_stub(&self, pid: Pid) -> bool {
