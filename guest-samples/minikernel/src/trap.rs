@@ -104,7 +104,7 @@ fn end(mut guard: MutexGuard<'_, Guest>, exit: Exit) -> ! {
             s.stale_faults,
             s.signals,
         );
-        if s.forks > 0 || s.execs > 0 {
+        if s.forks + s.execs + s.cow_copies + s.cow_reuses > 0 {
             eprintln!("{}", s.fork_line());
         }
     }
