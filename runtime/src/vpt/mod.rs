@@ -7,7 +7,8 @@
 //! Per address space that maps a window, vkrun sets up:
 //! - an **agent** ([`agent`]): threads of vkrun's in the process that run
 //!   `mmap`s in its mm on request, so installs never stop a guest thread,
-//!   and (guest processes) the **resolver**, the fast path of faults;
+//!   and (guest processes) the **resolvers**, the fast path of faults, one
+//!   kept on each CPU the process may use;
 //! - a **userfaultfd** created in the process without `UFFD_USER_MODE_ONLY`
 //!   (so kernel-mode accesses are caught too) and owned by the supervisor;
 //! - a **fault thread** in the supervisor ([`resolve`]) that walks and
@@ -16,13 +17,18 @@
 //!   real `SIGSEGV` (user mode) or `EFAULT` (kernel mode).
 //!
 //! Every fault, whoever sees it (the fault thread, the tracer at a
-//! `SIGSEGV`, RUN's retry, an execution context's handler), is resolved by
-//! the one path of [`resolve`]. In a vmspace a failed walk goes to the
-//! execution side through [`ContextFaults`], which `vmspace` implements.
+//! `SIGSEGV`, RUN's retry, an execution context's report), is resolved by
+//! the one path of [`resolve`].
 //!
-//! A window is anonymous `MAP_NORESERVE` memory registered for missing-page
-//! faults; dropping translations maps fresh anonymous memory over a range and
-//! registers it again (cost per VMA, not per page). Host VMAs are budgeted
+//! A guest's window is anonymous `MAP_NORESERVE` memory registered for
+//! missing-page faults; dropping translations maps fresh anonymous memory
+//! over a range and registers it again (cost per VMA, not per page). A
+//! vmspace's window is anonymous `PROT_NONE` memory, registered with
+//! nothing: its user code makes no system calls (no kernel-mode access to
+//! catch), so a first touch raises `SIGSEGV` in the execution context,
+//! which reports it as it reports a system call, and RUN's waiter walks
+//! ([`Vpt::on_stub_fault`]): the vkernel gets a failed walk's `T_PAGEFLT`
+//! in one hand-off. Host VMAs are budgeted
 //! ([`windows`]): the least recently installed runs are evicted before the
 //! process nears `vm.max_map_count`, and an install that fails with
 //! `ENOMEM` evicts more and retries ([`install`]).

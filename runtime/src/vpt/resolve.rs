@@ -9,7 +9,8 @@
 //! - [`Vpt::prefault`]: RUN's retry after `T_PAGEFLT` (hypercall thread);
 //! - [`Vpt::on_sigsegv`]: a `SIGSEGV` stop of a guest thread (tracer);
 //! - [`Vpt::on_stub_fault`]: a fault an execution context's handler
-//!   reported (hypercall thread).
+//!   reported (hypercall thread): every fault in a vmspace's windows, whose
+//!   pages are `PROT_NONE` until installed.
 
 use std::os::fd::AsFd;
 use std::sync::Arc;
