@@ -397,6 +397,11 @@ static inline int vmspace_destroy(void *id)
 #define VK_FAST_CX_N_PAGEFAULT 0x0A8
 #define VK_FAST_CX_N_TRAP 0x0B0
 #define VK_FAST_CX_N_SIGNAL 0x0B8
+#define VK_FAST_CX_NOTIF 0x0C0
+#define VK_FAST_CX_LISTENER 0x0C4
+#define VK_FAST_CX_NOTIF_ID 0x0C8
+#define VK_FAST_NR_REPORT 0x0DF00FFF
+#define VK_FAST_FASTINFO_LISTENER 1
 #define VK_FAST_CX_IN 0x100
 #define VK_FAST_CX_OUT 0x200
 #define VK_FAST_GREGS_IN 18
@@ -512,6 +517,13 @@ static inline unsigned char *vk__fast_block(void *id, int *slot)
     vk_syscall6(3, (long)(uint32_t)r, 0, 0, 0, 0, 0);
     if (vk_is_error(at))
         return 0;
+    if (vk__ld32((unsigned char *)(uintptr_t)at, VK_FAST_CX_NOTIF)) {
+        /* The context reports by seccomp notification, which this header
+         * does not wait on (vkabi does): the hypercall, from now on. */
+        vk_syscall6(11, at, 4096, 0, 0, 0, 0);
+        vk__fc.off = 1;
+        return 0;
+    }
     vk__fc.e[free_slot].id = id;
     vk__fc.e[free_slot].block = (unsigned char *)(uintptr_t)at;
     *slot = free_slot;

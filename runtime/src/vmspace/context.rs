@@ -16,11 +16,16 @@ use nix::unistd::Pid;
 use vkabi::{TrapFrame, VextFrame};
 
 use super::space::Vmspace;
+use crate::sys::seccomp::NotifyFd;
 use crate::sys::stub::{
     CX_BUSY, CX_FAULT, CX_FAULT_ADDR, CX_FAULT_ERR, CX_FS_IN, CX_GS_IN, CX_IN, CX_KICK,
-    CX_N_PAGEFAULT, CX_N_RUNS, CX_N_SIGNAL, CX_N_SYSCALL, CX_N_TRAP, CX_OPEN, CX_SEQ, CX_STATE,
-    FAST_OPEN, GREGS_IN, STATE_EXIT, STATE_GO,
+    CX_N_PAGEFAULT, CX_N_RUNS, CX_N_SIGNAL, CX_N_SYSCALL, CX_N_TRAP, CX_NOTIF_ID, CX_OPEN, CX_SEQ,
+    CX_STATE, FAST_OPEN, GREGS_IN, STATE_EXIT, STATE_GO,
 };
+
+/// How long a "go" waits for the report notification it answers, when
+/// its waiter handled the report before receiving it.
+const NOTIF_CATCH_UP: std::time::Duration = std::time::Duration::from_millis(100);
 use crate::sys::{futex, lock};
 
 /// A RUN in flight.
@@ -95,11 +100,21 @@ pub struct Context {
     pub(super) seen: AtomicU32,
     /// The context is being destroyed: its waiter ends.
     pub(super) closed: AtomicBool,
+    /// The context's listener, when it reports by user notification (its
+    /// handler sleeps in its report until the next "go" answers it).
+    pub(super) listener: Option<NotifyFd>,
 }
 
 impl Context {
     /// A context whose thread `tid` has made its first report.
-    pub fn new(vm: Arc<Vmspace>, slot: usize, tid: Pid, guest: Pid, seen: u32) -> Self {
+    pub fn new(
+        vm: Arc<Vmspace>,
+        slot: usize,
+        tid: Pid,
+        guest: Pid,
+        seen: u32,
+        listener: Option<NotifyFd>,
+    ) -> Self {
         Self {
             vm,
             slot,
@@ -108,6 +123,7 @@ impl Context {
             state: Mutex::new(RunState::default()),
             seen: AtomicU32::new(seen),
             closed: AtomicBool::new(false),
+            listener,
         }
     }
 
@@ -188,7 +204,7 @@ impl Context {
         self.closed.store(true, Ordering::Release);
         lock(&self.state).end_interrupt(-(Errno::EIO as i64));
         self.word(CX_STATE).store(STATE_EXIT, Ordering::Release);
-        let _ = futex::wake(self.word(CX_STATE));
+        self.go();
         let _ = futex::wake(self.word(CX_SEQ));
         // If its user code is running (its guest thread died inside RUN),
         // kick it into the handler, which then sees EXIT.
@@ -217,6 +233,50 @@ impl Context {
         self.qword(CX_FS_IN).store(fs, Ordering::Relaxed);
         self.qword(CX_GS_IN).store(gs, Ordering::Relaxed);
         self.word(CX_STATE).store(STATE_GO, Ordering::Release);
-        let _ = futex::wake(self.word(CX_STATE));
+        self.go();
+    }
+
+    /// Wake the context to look at its state: answer the notification it
+    /// sleeps in, or wake its futex.
+    pub(super) fn go(&self) {
+        let Some(l) = &self.listener else {
+            let _ = futex::wake(self.word(CX_STATE));
+            return;
+        };
+        for _ in 0..2 {
+            let id = self.qword(CX_NOTIF_ID).load(Ordering::Acquire);
+            match l.respond(id, Ok(0)) {
+                Ok(()) => return,
+                // The context's report that this answers is not received
+                // yet (its waiter handled the report first): receive it.
+                Err(_) => match l.recv_within(NOTIF_CATCH_UP) {
+                    Ok(Some(n)) => self.qword(CX_NOTIF_ID).store(n.id, Ordering::Release),
+                    _ => return,
+                },
+            }
+        }
+    }
+
+    /// Wait up to `timeout` for the context's next report notification;
+    /// its id is kept for the next "go". False if none came (or the
+    /// listener has no task left).
+    pub(super) fn recv_report(&self, timeout: std::time::Duration) -> bool {
+        let Some(l) = &self.listener else {
+            return false;
+        };
+        match l.recv_within(timeout) {
+            Ok(Some(n)) => {
+                self.qword(CX_NOTIF_ID).store(n.id, Ordering::Release);
+                true
+            }
+            Ok(None) => false,
+            Err(_) => {
+                // No task left on the filter: its stub is dying. Do not
+                // spin until the tracer has seen it.
+                let seq = self.word(CX_SEQ).load(Ordering::Acquire);
+                let _ = futex::wait(self.word(CX_SEQ), seq, std::time::Duration::from_millis(10));
+                false
+            }
+        }
     }
 }

@@ -201,7 +201,18 @@ impl Waiter {
                     self.fail_pending(Errno::EIO, "the vmspace's host process died");
                     return;
                 }
-                let _ = futex::wait(ctx.word(CX_SEQ), seq, WAITER_POLL);
+                if ctx.listener.is_some() {
+                    if ctx.recv_report(WAITER_POLL) {
+                        continue;
+                    }
+                    if ctx.word(CX_STATE).load(Ordering::Acquire) == STATE_GO {
+                        // Not picked up: answer the notification kept in
+                        // the block (another waiter received it).
+                        ctx.go();
+                    }
+                } else {
+                    let _ = futex::wait(ctx.word(CX_SEQ), seq, WAITER_POLL);
+                }
                 if ctx.word(CX_SEQ).load(Ordering::Acquire) != seq {
                     continue;
                 }
