@@ -332,7 +332,7 @@ fn vkabi_table() -> Abi {
         abi.constant(
             "fastrun::VMSPACE_CTL_FASTINFO",
             "VMSPACE_CTL_FASTINFO",
-            fastrun::VMSPACE_CTL_FASTINFO as i32,
+            fastrun::VMSPACE_CTL_FASTINFO,
         );
         abi.constant(
             "fastrun::OPEN_MAGIC",

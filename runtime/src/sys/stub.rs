@@ -774,7 +774,7 @@ mod tests {
         assert!(states.iter().all(|(a, b)| a == b));
         assert_eq!(KICK_SIGNAL as u32, f::KICK_SIGNAL);
         // The altstack (24 bytes) ends before the fast-path words.
-        assert!(CX_ALTSTACK + 24 <= CX_OPEN);
+        const { assert!(CX_ALTSTACK + 24 <= CX_OPEN) };
     }
 
     #[test]
