@@ -82,52 +82,14 @@ pub const CX_IN: usize = 0x100;
 /// Registers at the report, all 23 `gregs` (with `REG_ERR`, `REG_TRAPNO`,
 /// `REG_CR2`).
 pub const CX_OUT: usize = 0x200;
-/// Fast RUN (the guest's own `vmspace_ctl()` wrapper, `vkabi::fastrun`):
-/// [`FAST_OPEN`] while vkrun offers the fast path on this context, 0 once
-/// the context is closed, its vmspace destroyed or its stub dead.
-pub const CX_OPEN: usize = vkabi::fastrun::CX_OPEN;
-/// Fast RUN: non-zero while the guest thread is inside a fast RUN (set by
-/// its wrapper before it posts, cleared after it wrote `tf`).
-pub const CX_BUSY: usize = vkabi::fastrun::CX_BUSY;
-/// Fast RUN: the tracer blocked the guest thread's signals
-/// (`PTRACE_SETSIGMASK`) to hold a signal until RUN returns; the wrapper
-/// restores [`CX_SAVED_MASK`].
-pub const CX_MASK_HELD: usize = vkabi::fastrun::CX_MASK_HELD;
-/// A fault whose walk failed is the reason of the kick: 1, with
-/// [`CX_FAULT_ADDR`] and [`CX_FAULT_ERR`].
-pub const CX_FAULT: usize = vkabi::fastrun::CX_FAULT;
-/// Fast RUN: the guest thread's signal mask before the tracer blocked it.
-pub const CX_SAVED_MASK: usize = vkabi::fastrun::CX_SAVED_MASK;
-/// See [`CX_FAULT`].
-pub const CX_FAULT_ADDR: usize = vkabi::fastrun::CX_FAULT_ADDR;
-/// See [`CX_FAULT`]: the walk's `PGEX` bits.
-pub const CX_FAULT_ERR: usize = vkabi::fastrun::CX_FAULT_ERR;
-/// Fast RUN: the stub's pid and the context's thread id (the wrapper checks
-/// that the thread lives while it waits).
-pub const CX_STUB_PID: usize = vkabi::fastrun::CX_STUB_PID;
-/// See [`CX_STUB_PID`].
-pub const CX_CTX_TID: usize = vkabi::fastrun::CX_CTX_TID;
-/// Fast RUN: `CLOCK_MONOTONIC` nanoseconds of the tracer's kick for a
-/// signal (0: none), so that a context ignoring it is given up on.
-pub const CX_KICK_AT: usize = vkabi::fastrun::CX_KICK_AT;
-/// Fast RUN counters, kept by the wrapper, summed by vkrun when the
-/// context closes: runs, then exits by system call, page fault, other
-/// trap, signal (u64 each).
-pub const CX_N_RUNS: usize = vkabi::fastrun::CX_N_RUNS;
-/// See [`CX_N_RUNS`].
-pub const CX_N_SYSCALL: usize = vkabi::fastrun::CX_N_SYSCALL;
-/// See [`CX_N_RUNS`].
-pub const CX_N_PAGEFAULT: usize = vkabi::fastrun::CX_N_PAGEFAULT;
-/// See [`CX_N_RUNS`].
-pub const CX_N_TRAP: usize = vkabi::fastrun::CX_N_TRAP;
-/// See [`CX_N_RUNS`].
-pub const CX_N_SIGNAL: usize = vkabi::fastrun::CX_N_SIGNAL;
-/// The context reports by user notification (1) or futex (0).
-pub const CX_NOTIF: usize = vkabi::fastrun::CX_NOTIF;
-/// The context's listener, a descriptor in the stub.
-pub const CX_LISTENER: usize = vkabi::fastrun::CX_LISTENER;
-/// The notification the context waits on.
-pub const CX_NOTIF_ID: usize = vkabi::fastrun::CX_NOTIF_ID;
+/// The block's words for the fast RUN, the kick's fault and the report by
+/// notification (defined once in `vkabi::fastrun`, which the guest
+/// libraries implement: see there).
+pub use vkabi::fastrun::{
+    CX_BUSY, CX_CTX_TID, CX_FAULT, CX_FAULT_ADDR, CX_FAULT_ERR, CX_KICK_AT, CX_LISTENER,
+    CX_MASK_HELD, CX_N_PAGEFAULT, CX_N_RUNS, CX_N_SIGNAL, CX_N_SYSCALL, CX_N_TRAP, CX_NOTIF,
+    CX_NOTIF_ID, CX_OPEN, CX_SAVED_MASK, CX_STUB_PID,
+};
 /// [`CX_OPEN`] while the fast path is offered.
 pub const FAST_OPEN: u32 = vkabi::fastrun::OPEN_MAGIC;
 /// The stack a context starts on (below its signal stack).
