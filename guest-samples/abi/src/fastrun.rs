@@ -513,6 +513,27 @@ impl Block {
         }
     }
 
+    /// Answer the notification just received with `ENOSYS` (the user
+    /// code's own report call).
+    fn refuse(&self) {
+        let resp = [
+            self.q(CX_NOTIF_ID).load(Ordering::Acquire),
+            0,
+            (-ENOSYS) as u32 as u64,
+        ];
+        sys(
+            NR_IOCTL,
+            [
+                self.1 as u64,
+                SECCOMP_IOCTL_NOTIF_SEND,
+                resp.as_ptr() as u64,
+                0,
+                0,
+                0,
+            ],
+        );
+    }
+
     /// Receive the context's next report notification within `ms`; its id
     /// is kept for the next "go".
     fn recv(&self, ms: i64) -> bool {
@@ -734,9 +755,15 @@ pub fn run(id: u64, cmd: i32, tf: &mut TrapFrame, vf: &mut VextFrame) -> Option<
                 // Reported, and received by that waiter (the id is in the
                 // block): read the report.
             } else if b.w(CX_SEQ).load(Ordering::Acquire) == seen {
-                // Woken without a report (not ours to explain): go again.
-                b.w(CX_STATE).store(STATE_GO, Ordering::Release);
-                b.go();
+                // A notification without a report: the user code made the
+                // report call itself (it can jump to the handler's
+                // `syscall`), so it fails for it with ENOSYS; or a context
+                // that was not picked up parked again: go again.
+                if b.w(CX_STATE).load(Ordering::Acquire) == STATE_GO {
+                    b.go();
+                } else {
+                    b.refuse();
+                }
                 continue;
             }
         }

@@ -257,6 +257,18 @@ impl Context {
         }
     }
 
+    /// The notification just received came with no report: go again if
+    /// the context was posted and not picked up, else it is the user code's
+    /// own report call, which fails with `ENOSYS`.
+    pub(super) fn answer_stray(&self) {
+        if self.word(CX_STATE).load(Ordering::Acquire) == STATE_GO {
+            self.go();
+        } else if let Some(l) = &self.listener {
+            let id = self.qword(CX_NOTIF_ID).load(Ordering::Acquire);
+            let _ = l.respond(id, Err(Errno::ENOSYS));
+        }
+    }
+
     /// Wait up to `timeout` for the context's next report notification;
     /// its id is kept for the next "go". False if none came (or the
     /// listener has no task left).

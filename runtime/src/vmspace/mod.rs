@@ -591,8 +591,15 @@ impl Vmspaces {
         deadline: Instant,
     ) -> Result<NotifyFd, Errno> {
         let fd = vm.block_word(slot, CX_LISTENER).load(Ordering::Acquire) as i32;
-        let listener = seccomp::listener_of(vm.stub, fd).inspect_err(|errno| {
-            tracing::warn!(%errno, "taking an execution context's listener failed");
+        let listener = seccomp::listener_of(vm.stub, fd).map_err(|errno| {
+            // Destroyed, or its stub died, meanwhile: said where it happened.
+            if *vm.gone.read().unwrap_or_else(PoisonError::into_inner) {
+                return Errno::ENOENT;
+            }
+            if !vm.is_dead() && proc::task_alive(vm.stub, vm.stub) {
+                tracing::warn!(%errno, "taking an execution context's listener failed");
+            }
+            Errno::EIO
         })?;
         let _ = listener.set_sync_wake_up();
         loop {

@@ -203,6 +203,12 @@ impl Waiter {
                 }
                 if ctx.listener.is_some() {
                     if ctx.recv_report(WAITER_POLL) {
+                        if ctx.word(CX_SEQ).load(Ordering::Acquire) == seq {
+                            // A notification without a report: the user
+                            // code's own report call (ENOSYS for it), or a
+                            // context not picked up that parked again.
+                            ctx.answer_stray();
+                        }
                         continue;
                     }
                     if ctx.word(CX_STATE).load(Ordering::Acquire) == STATE_GO {
