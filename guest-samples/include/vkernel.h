@@ -400,6 +400,7 @@ static inline int vmspace_destroy(void *id)
 #define VK_FAST_CX_NOTIF 0x0C0
 #define VK_FAST_CX_LISTENER 0x0C4
 #define VK_FAST_CX_NOTIF_ID 0x0C8
+#define VK_FAST_CX_RECV_LOCK 0x0D0
 #define VK_FAST_NR_REPORT 0x0DF00FFF
 #define VK_FAST_FASTINFO_LISTENER 1
 #define VK_FAST_CX_IN 0x100
@@ -431,6 +432,7 @@ struct vk__fast_cache {
         void *id;
         unsigned char *block;
         int listener; /* the context's, when it reports by notification */
+        int retry;    /* the last RUN returned a data T_PAGEFLT */
     } e[VK__FAST_ENTRIES];
 };
 static VK__TLS struct vk__fast_cache vk__fc;
@@ -484,6 +486,7 @@ static inline void vk__fast_drop(int i)
     }
     vk__fc.e[i].block = 0;
     vk__fc.e[i].id = 0;
+    vk__fc.e[i].retry = 0;
 }
 
 /* This thread's block for vmspace id, or NULL (take the hypercall). */
@@ -555,10 +558,31 @@ static inline int vk__fast_recv(unsigned char *b, int l, int ms)
                     (long)VK__PTR(ts), 0, 0);
         return 0;
     }
-    if (vk_syscall6(16, l, (long)0xC0502100 /* NOTIF_RECV */, (long)VK__PTR(notif), 0, 0, 0))
-        return 0;
-    __atomic_store_n((uint64_t *)(void *)(b + VK_FAST_CX_NOTIF_ID), notif[0], __ATOMIC_RELEASE);
-    return 1;
+    {
+        /* One receiver at a time, and only while one is pending: a receive
+         * with none pending would block for good. A holder that keeps the
+         * lock for long (the user code can write the block) loses it. */
+        uint32_t *lock = (uint32_t *)(void *)(b + VK_FAST_CX_RECV_LOCK);
+        uint32_t zero;
+        int tries, got = 0;
+        for (tries = 0; tries < 100; tries++) {
+            int64_t ts[2] = {0, 1000000};
+            zero = 0;
+            if (__atomic_compare_exchange_n(lock, &zero, 1, 0, __ATOMIC_ACQ_REL, __ATOMIC_RELAXED))
+                break;
+            vk_syscall6(202, (long)VK__PTR(lock), 0, 1, (long)VK__PTR(ts), 0, 0);
+        }
+        __atomic_store_n(lock, 1, __ATOMIC_RELEASE);
+        pfd.revents = 0;
+        if (vk_syscall6(7, (long)VK__PTR(&pfd), 1, 0, 0, 0, 0) == 1 && (pfd.revents & 1) &&
+            vk_syscall6(16, l, (long)0xC0502100 /* NOTIF_RECV */, (long)VK__PTR(notif), 0, 0, 0) == 0) {
+            __atomic_store_n((uint64_t *)(void *)(b + VK_FAST_CX_NOTIF_ID), notif[0],
+                             __ATOMIC_RELEASE);
+            got = 1;
+        }
+        __atomic_store_n(lock, 0, __ATOMIC_RELEASE);
+        return got;
+    }
 }
 
 /* Answer the notification the context sleeps in with value 0 (go) or
@@ -710,6 +734,12 @@ static inline long vk__fast_run(void *id, struct trapframe *tf, struct vextframe
     }
     if (!vk__canonical(vf->vx_tls[0].base) || !vk__canonical(vf->vx_tls[1].base))
         return -EINVAL;
+    if (vk__fc.e[slot].retry) {
+        /* The retry of a fault takes the hypercall: vkrun installs the page
+         * the vkernel has just mapped before the user code runs. */
+        vk__fc.e[slot].retry = 0;
+        return 1;
+    }
     l = vk__fc.e[slot].listener;
     vk__st32(b, VK_FAST_CX_KICK, 0);
     vk__st64(b, VK_FAST_CX_KICK_AT, 0);
@@ -830,8 +860,14 @@ static inline int vmspace_ctl(void *id, int cmd, struct trapframe *tf, struct ve
 {
     if (cmd == VMSPACE_CTL_RUN) {
         long r = vk__fast_run(id, tf, vf);
-        if (r != 1)
-            return (int)vk__ret(r);
+        int i;
+        if (r == 1)
+            r = vk_raw_hypercall(VK_SYS_vmspace_ctl, VK__PTR(id), VK__INT(cmd), VK__PTR(tf),
+                                 VK__PTR(vf), 0, 0);
+        for (i = 0; i < VK__FAST_ENTRIES; i++)
+            if (vk__fc.e[i].block && vk__fc.e[i].id == id)
+                vk__fc.e[i].retry = r == 0 && tf->tf_trapno == T_PAGEFLT && !(tf->tf_err & PGEX_I);
+        return (int)vk__ret(r);
     }
     return (int)vk__ret(vk_raw_hypercall(VK_SYS_vmspace_ctl, VK__PTR(id), VK__INT(cmd), VK__PTR(tf),
                                          VK__PTR(vf), 0, 0));

@@ -106,6 +106,10 @@ pub const CX_LISTENER: usize = 0x0C4;
 /// Block: the id of the notification the context waits on (written by
 /// whoever received it; the next "go" answers it).
 pub const CX_NOTIF_ID: usize = 0x0C8;
+/// Block: held (1) by whoever receives the context's notification: a
+/// receive blocks until a notification comes, so only one waiter may look
+/// (it checks one is pending under the lock).
+pub const CX_RECV_LOCK: usize = 0x0D0;
 /// Block: registers to run with, `ucontext` `gregs` order, `REG_R8` to
 /// `REG_EFL` ([`GREGS_IN`] of them).
 pub const CX_IN: usize = 0x100;
@@ -383,6 +387,11 @@ struct Entry {
     block: AtomicU64,
     /// The context's listener (notification mode), or -1.
     listener: AtomicI32,
+    /// The last RUN returned a data `T_PAGEFLT`: its retry takes the
+    /// hypercall, where vkrun installs the page the vkernel has just
+    /// mapped before the user code runs (it saves the user code a second
+    /// fault through vkrun's fault thread).
+    retry: AtomicU32,
 }
 
 const ENTRIES: usize = 64;
@@ -393,6 +402,7 @@ const EMPTY: Entry = Entry {
     id: AtomicU64::new(0),
     block: AtomicU64::new(0),
     listener: AtomicI32::new(-1),
+    retry: AtomicU32::new(0),
 };
 
 /// The cache of blocks: (thread, vmspace) to the block mapped in this
@@ -548,22 +558,62 @@ impl Block {
             self.wait(CX_SEQ, self.w(CX_SEQ).load(Ordering::Acquire));
             return false;
         }
-        let mut notif = [0u64; 10];
-        let r = sys(
-            NR_IOCTL,
-            [
-                self.1 as u64,
-                SECCOMP_IOCTL_NOTIF_RECV,
-                notif.as_mut_ptr() as u64,
-                0,
-                0,
-                0,
-            ],
-        );
-        if r != 0 {
+        // One receiver at a time, and only while one is pending: a receive
+        // with none pending would block for good.
+        if !self.lock_recv() {
             return false;
         }
-        self.q(CX_NOTIF_ID).store(notif[0], Ordering::Release);
+        let mut pfd = [self.1 as u32 as u64 | (u64::from(POLLIN) << 32)];
+        let pending = sys(NR_POLL, [pfd.as_mut_ptr() as u64, 1, 0, 0, 0, 0]) == 1
+            && (pfd[0] >> 48) as u16 & POLLIN != 0;
+        let mut notif = [0u64; 10];
+        let r = if pending {
+            sys(
+                NR_IOCTL,
+                [
+                    self.1 as u64,
+                    SECCOMP_IOCTL_NOTIF_RECV,
+                    notif.as_mut_ptr() as u64,
+                    0,
+                    0,
+                    0,
+                ],
+            )
+        } else {
+            -1
+        };
+        if r == 0 {
+            self.q(CX_NOTIF_ID).store(notif[0], Ordering::Release);
+        }
+        self.w(CX_RECV_LOCK).store(0, Ordering::Release);
+        r == 0
+    }
+
+    /// Take the receive lock; a holder that keeps it for long (the user
+    /// code can write the block) loses it.
+    fn lock_recv(&self) -> bool {
+        let lock = self.w(CX_RECV_LOCK);
+        for _ in 0..100 {
+            if lock
+                .compare_exchange(0, 1, Ordering::AcqRel, Ordering::Relaxed)
+                .is_ok()
+            {
+                return true;
+            }
+            let ts = [0i64, 1_000_000];
+            sys(
+                NR_FUTEX,
+                [
+                    self.0 + CX_RECV_LOCK as u64,
+                    FUTEX_WAIT,
+                    1,
+                    ts.as_ptr() as u64,
+                    0,
+                    0,
+                ],
+            );
+        }
+        lock.store(1, Ordering::Release);
         true
     }
 
@@ -679,6 +729,7 @@ fn claim(tid: u32) -> Option<usize> {
 /// Forget entry `slot` (its context closed): unmap the block.
 fn drop_entry(slot: usize) {
     let e = &CACHE[slot];
+    e.retry.store(0, Ordering::Relaxed);
     let block = e.block.swap(0, Ordering::Relaxed);
     close(e.listener.swap(-1, Ordering::Relaxed));
     e.id.store(0, Ordering::Relaxed);
@@ -710,11 +761,34 @@ pub fn run(id: u64, cmd: i32, tf: &mut TrapFrame, vf: &mut VextFrame) -> Option<
     if cmd != VMSPACE_CTL_RUN || id == 0 || OFF.load(Ordering::Relaxed) != 0 {
         return None;
     }
+    // Not taken: the hypercall (whose end vkrun sees).
+    let r = run_fast(id, tf, vf).unwrap_or_else(|| raw(id, tf, vf));
+    if let Some(slot) = find(id) {
+        let fault = tf.tf_trapno == T_PAGEFLT && tf.tf_err & PGEX_I == 0;
+        CACHE[slot]
+            .retry
+            .store(u32::from(fault && r.is_ok()), Ordering::Relaxed);
+    }
+    Some(r)
+}
+
+/// This thread's cache entry for vmspace `id`.
+fn find(id: u64) -> Option<usize> {
+    let tid = gettid();
+    CACHE
+        .iter()
+        .position(|e| e.tid.load(Ordering::Relaxed) == tid && e.id.load(Ordering::Relaxed) == id)
+}
+
+fn run_fast(id: u64, tf: &mut TrapFrame, vf: &mut VextFrame) -> Option<Result<(), Errno>> {
     if !vf.vx_tls.iter().all(|t| canonical(t.base)) {
         return Some(Err(Errno(EINVAL)));
     }
     let tid = gettid();
     let (slot, b) = block_for(id, tid)?;
+    if CACHE[slot].retry.swap(0, Ordering::Relaxed) != 0 {
+        return None;
+    }
     // A kick (and its time) left from a signal that stopped the thread
     // just as the last RUN ended is not this RUN's: cleared before busy.
     b.w(CX_KICK).store(0, Ordering::Relaxed);
@@ -854,7 +928,7 @@ fn alive(b: Block) -> bool {
 const _: () = {
     assert!(CX_OUT + 8 * GREGS <= 0x300);
     assert!(CX_IN + 8 * GREGS_IN <= CX_OUT);
-    assert!(CX_NOTIF_ID + 8 <= CX_IN);
+    assert!(CX_RECV_LOCK + 4 <= CX_IN);
 };
 
 /// The raw hypercall.

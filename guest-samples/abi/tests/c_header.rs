@@ -477,6 +477,11 @@ fn vkabi_table() -> Abi {
             fastrun::CX_NOTIF_ID as i32,
         );
         abi.constant(
+            "fastrun::CX_RECV_LOCK",
+            "VK_FAST_CX_RECV_LOCK",
+            fastrun::CX_RECV_LOCK as i32,
+        );
+        abi.constant(
             "fastrun::NR_REPORT",
             "VK_FAST_NR_REPORT",
             fastrun::NR_REPORT as i32,

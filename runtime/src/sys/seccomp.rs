@@ -239,6 +239,25 @@ impl NotifyFd {
         matches!(nix::poll::poll(&mut fds, nix::poll::PollTimeout::ZERO), Ok(n) if n > 0)
     }
 
+    /// Whether a notification is pending within `timeout` (`Err`: the
+    /// listener has no task left, or poll failed).
+    pub fn pending_within(&self, timeout: std::time::Duration) -> Result<bool, Errno> {
+        use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+        let mut fds = [PollFd::new(self.fd.as_fd(), PollFlags::POLLIN)];
+        let timeout = PollTimeout::try_from(timeout).unwrap_or(PollTimeout::MAX);
+        match poll(&mut fds, timeout) {
+            Ok(0) | Err(Errno::EINTR) => return Ok(false),
+            Ok(_) => {}
+            Err(e) => return Err(e),
+        }
+        let revents = fds[0].revents().unwrap_or(PollFlags::empty());
+        if revents.contains(PollFlags::POLLIN) {
+            Ok(true)
+        } else {
+            Err(Errno::ENOENT)
+        }
+    }
+
     /// Receive one notification within `timeout`: `Ok(None)` if none came,
     /// `Err` if the listener has no task left (or failed).
     pub fn recv_within(&self, timeout: std::time::Duration) -> Result<Option<Notification>, Errno> {

@@ -88,7 +88,7 @@ pub const CX_OUT: usize = 0x200;
 pub use vkabi::fastrun::{
     CX_BUSY, CX_CTX_TID, CX_FAULT, CX_FAULT_ADDR, CX_FAULT_ERR, CX_KICK_AT, CX_LISTENER,
     CX_MASK_HELD, CX_N_PAGEFAULT, CX_N_RUNS, CX_N_SIGNAL, CX_N_SYSCALL, CX_N_TRAP, CX_NOTIF,
-    CX_NOTIF_ID, CX_OPEN, CX_SAVED_MASK, CX_STUB_PID,
+    CX_NOTIF_ID, CX_OPEN, CX_RECV_LOCK, CX_SAVED_MASK, CX_STUB_PID,
 };
 /// [`CX_OPEN`] while the fast path is offered.
 pub const FAST_OPEN: u32 = vkabi::fastrun::OPEN_MAGIC;

@@ -19,8 +19,8 @@ use super::space::Vmspace;
 use crate::sys::seccomp::NotifyFd;
 use crate::sys::stub::{
     CX_BUSY, CX_FAULT, CX_FAULT_ADDR, CX_FAULT_ERR, CX_FS_IN, CX_GS_IN, CX_IN, CX_KICK,
-    CX_N_PAGEFAULT, CX_N_RUNS, CX_N_SIGNAL, CX_N_SYSCALL, CX_N_TRAP, CX_NOTIF_ID, CX_OPEN, CX_SEQ,
-    CX_STATE, FAST_OPEN, GREGS_IN, STATE_EXIT, STATE_GO,
+    CX_N_PAGEFAULT, CX_N_RUNS, CX_N_SIGNAL, CX_N_SYSCALL, CX_N_TRAP, CX_NOTIF_ID, CX_OPEN,
+    CX_RECV_LOCK, CX_SEQ, CX_STATE, FAST_OPEN, GREGS_IN, STATE_EXIT, STATE_GO,
 };
 
 /// How long a "go" waits for the report notification it answers, when
@@ -103,6 +103,9 @@ pub struct Context {
     /// The context's listener, when it reports by user notification (its
     /// handler sleeps in its report until the next "go" answers it).
     pub(super) listener: Option<NotifyFd>,
+    /// The last fault whose walk failed: (address, write), for the RUN
+    /// that retries it (a leaf lock: nothing is taken while it is held).
+    pub(super) hint: Mutex<Option<(u64, bool)>>,
 }
 
 impl Context {
@@ -124,6 +127,7 @@ impl Context {
             seen: AtomicU32::new(seen),
             closed: AtomicBool::new(false),
             listener,
+            hint: Mutex::new(None),
         }
     }
 
@@ -217,6 +221,9 @@ impl Context {
     /// The fault is noted in the block, where the hypercall's waiter and a
     /// fast RUN's wrapper both find it.
     pub fn fault(&self, addr: u64, pgex: u64) {
+        if pgex & vkabi::PGEX_I == 0 {
+            *lock(&self.hint) = Some((addr, pgex & vkabi::PGEX_W != 0));
+        }
         self.qword(CX_FAULT_ADDR).store(addr, Ordering::Relaxed);
         self.qword(CX_FAULT_ERR).store(pgex, Ordering::Relaxed);
         self.word(CX_FAULT).store(1, Ordering::Release);
@@ -249,12 +256,53 @@ impl Context {
                 Ok(()) => return,
                 // The context's report that this answers is not received
                 // yet (its waiter handled the report first): receive it.
-                Err(_) => match l.recv_within(NOTIF_CATCH_UP) {
-                    Ok(Some(n)) => self.qword(CX_NOTIF_ID).store(n.id, Ordering::Release),
-                    _ => return,
-                },
+                Err(_) => {
+                    if !self.recv_locked(l, NOTIF_CATCH_UP, &|| true) {
+                        return;
+                    }
+                }
             }
         }
+    }
+
+    /// Receive a pending notification under the block's receive lock (one
+    /// receiver at a time, and only while one is pending: a receive with
+    /// none pending blocks for good), if `mine()` still holds then (a
+    /// waiter whose RUN was taken back receives nothing more). A holder that
+    /// keeps the lock for long (the user code can write the block) loses it.
+    fn recv_locked(
+        &self,
+        l: &NotifyFd,
+        timeout: std::time::Duration,
+        mine: &dyn Fn() -> bool,
+    ) -> bool {
+        if !matches!(l.pending_within(timeout), Ok(true)) {
+            return false;
+        }
+        let lock = self.word(CX_RECV_LOCK);
+        let mut tries = 0;
+        while lock
+            .compare_exchange(0, 1, Ordering::AcqRel, Ordering::Relaxed)
+            .is_err()
+        {
+            tries += 1;
+            if tries > 100 {
+                lock.store(1, Ordering::Release);
+                break;
+            }
+            let _ = futex::wait(lock, 1, std::time::Duration::from_millis(1));
+        }
+        let pending = matches!(l.pending_within(std::time::Duration::ZERO), Ok(true));
+        let got = if mine() && pending {
+            l.recv().ok()
+        } else {
+            None
+        };
+        if let Some(n) = &got {
+            self.qword(CX_NOTIF_ID).store(n.id, Ordering::Release);
+        }
+        lock.store(0, Ordering::Release);
+        got.is_some()
     }
 
     /// The notification just received came with no report: go again if
@@ -272,16 +320,17 @@ impl Context {
     /// Wait up to `timeout` for the context's next report notification;
     /// its id is kept for the next "go". False if none came (or the
     /// listener has no task left).
-    pub(super) fn recv_report(&self, timeout: std::time::Duration) -> bool {
+    pub(super) fn recv_report(
+        &self,
+        timeout: std::time::Duration,
+        mine: &dyn Fn() -> bool,
+    ) -> bool {
         let Some(l) = &self.listener else {
             return false;
         };
-        match l.recv_within(timeout) {
-            Ok(Some(n)) => {
-                self.qword(CX_NOTIF_ID).store(n.id, Ordering::Release);
-                true
-            }
-            Ok(None) => false,
+        match l.pending_within(timeout) {
+            Ok(true) => self.recv_locked(l, std::time::Duration::ZERO, mine),
+            Ok(false) => false,
             Err(_) => {
                 // No task left on the filter: its stub is dying. Do not
                 // spin until the tracer has seen it.

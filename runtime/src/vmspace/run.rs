@@ -148,9 +148,14 @@ pub fn start(ctx: &Arc<Context>, n: &Notification, env: &Arc<RunEnv>) -> Started
     }
     env.stats.runs.fetch_add(1, Ordering::Relaxed);
     trace_begin(&env.trace, ctx.guest, &run);
-    if let Some((rip, addr, write)) = st.retry.take()
-        && rip == tf.tf_rip
-    {
+    // The fault a fast RUN returned left only the hint (vkrun did not see
+    // that RUN end): the library takes the hypercall for the retry.
+    let hint = lock(&ctx.hint).take();
+    let retry = match st.retry.take() {
+        Some((rip, addr, write)) => (rip == tf.tf_rip).then_some((addr, write)),
+        None => hint,
+    };
+    if let Some((addr, write)) = retry {
         // The vkernel most likely filled the VPTE and retries: spare the
         // user code a second fault (two hand-offs through the fault
         // thread).
@@ -202,7 +207,9 @@ impl Waiter {
                     return;
                 }
                 if ctx.listener.is_some() {
-                    if ctx.recv_report(WAITER_POLL) {
+                    let mine =
+                        || lock(&ctx.state).run.as_ref().map(|p| p.run_no) == Some(self.run_no);
+                    if ctx.recv_report(WAITER_POLL, &mine) {
                         if ctx.word(CX_SEQ).load(Ordering::Acquire) == seq {
                             // A notification without a report: the user
                             // code's own report call (ENOSYS for it), or a
