@@ -762,8 +762,9 @@ pub fn run(id: u64, cmd: i32, tf: &mut TrapFrame, vf: &mut VextFrame) -> Option<
         return None;
     }
     // Not taken: the hypercall (whose end vkrun sees).
-    let r = run_fast(id, tf, vf).unwrap_or_else(|| raw(id, tf, vf));
-    if let Some(slot) = find(id) {
+    let tid = gettid();
+    let r = run_fast(id, tid, tf, vf).unwrap_or_else(|| raw(id, tf, vf));
+    if let Some(slot) = find(id, tid) {
         let fault = tf.tf_trapno == T_PAGEFLT && tf.tf_err & PGEX_I == 0;
         CACHE[slot]
             .retry
@@ -773,18 +774,21 @@ pub fn run(id: u64, cmd: i32, tf: &mut TrapFrame, vf: &mut VextFrame) -> Option<
 }
 
 /// This thread's cache entry for vmspace `id`.
-fn find(id: u64) -> Option<usize> {
-    let tid = gettid();
+fn find(id: u64, tid: u32) -> Option<usize> {
     CACHE
         .iter()
         .position(|e| e.tid.load(Ordering::Relaxed) == tid && e.id.load(Ordering::Relaxed) == id)
 }
 
-fn run_fast(id: u64, tf: &mut TrapFrame, vf: &mut VextFrame) -> Option<Result<(), Errno>> {
+fn run_fast(
+    id: u64,
+    tid: u32,
+    tf: &mut TrapFrame,
+    vf: &mut VextFrame,
+) -> Option<Result<(), Errno>> {
     if !vf.vx_tls.iter().all(|t| canonical(t.base)) {
         return Some(Err(Errno(EINVAL)));
     }
-    let tid = gettid();
     let (slot, b) = block_for(id, tid)?;
     if CACHE[slot].retry.swap(0, Ordering::Relaxed) != 0 {
         return None;
