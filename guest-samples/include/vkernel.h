@@ -397,6 +397,12 @@ static inline int vmspace_destroy(void *id)
 #define VK_FAST_CX_N_PAGEFAULT 0x0A8
 #define VK_FAST_CX_N_TRAP 0x0B0
 #define VK_FAST_CX_N_SIGNAL 0x0B8
+#define VK_FAST_CX_NOTIF 0x0C0
+#define VK_FAST_CX_LISTENER 0x0C4
+#define VK_FAST_CX_NOTIF_ID 0x0C8
+#define VK_FAST_CX_RECV_LOCK 0x0D0
+#define VK_FAST_NR_REPORT 0x0DF00FFF
+#define VK_FAST_FASTINFO_LISTENER 1
 #define VK_FAST_CX_IN 0x100
 #define VK_FAST_CX_OUT 0x200
 #define VK_FAST_GREGS_IN 18
@@ -425,6 +431,8 @@ struct vk__fast_cache {
     struct {
         void *id;
         unsigned char *block;
+        int listener; /* the context's, when it reports by notification */
+        int retry;    /* the last RUN returned a data T_PAGEFLT */
     } e[VK__FAST_ENTRIES];
 };
 static VK__TLS struct vk__fast_cache vk__fc;
@@ -472,10 +480,13 @@ static inline int vk__accessible(const void *p, size_t n)
 
 static inline void vk__fast_drop(int i)
 {
-    if (vk__fc.e[i].block)
+    if (vk__fc.e[i].block) {
         vk_syscall6(11, (long)VK__PTR(vk__fc.e[i].block), 4096, 0, 0, 0, 0);
+        vk_syscall6(3, vk__fc.e[i].listener, 0, 0, 0, 0, 0);
+    }
     vk__fc.e[i].block = 0;
     vk__fc.e[i].id = 0;
+    vk__fc.e[i].retry = 0;
 }
 
 /* This thread's block for vmspace id, or NULL (take the hypercall). */
@@ -512,13 +523,96 @@ static inline unsigned char *vk__fast_block(void *id, int *slot)
     vk_syscall6(3, (long)(uint32_t)r, 0, 0, 0, 0, 0);
     if (vk_is_error(at))
         return 0;
+    /* The context's listener, if it reports by notification. */
+    r = vk_raw_hypercall(VK_SYS_vmspace_ctl, VK__PTR(id), VMSPACE_CTL_FASTINFO,
+                         VK_FAST_FASTINFO_LISTENER, 0, 0, 0);
+    if (r < 0 && vk__ld32((unsigned char *)(uintptr_t)at, VK_FAST_CX_NOTIF)) {
+        /* Not had (a signal interrupted the question): the hypercall this
+         * time, the question again next time. */
+        vk_syscall6(11, at, 4096, 0, 0, 0, 0);
+        return 0;
+    }
+    vk__fc.e[free_slot].listener = r < 0 ? -1 : (int)r;
     vk__fc.e[free_slot].id = id;
     vk__fc.e[free_slot].block = (unsigned char *)(uintptr_t)at;
     *slot = free_slot;
     return vk__fc.e[free_slot].block;
 }
 
-static inline void vk__fast_post(unsigned char *b, const uint64_t *g, uint64_t fs, uint64_t gs)
+/* Receive the context's next report notification within ms; its id is
+ * kept in the block for the next go. */
+static inline int vk__fast_recv(unsigned char *b, int l, int ms)
+{
+    uint64_t notif[10] = {0};
+    struct {
+        int fd;
+        short events, revents;
+    } pfd = {l, 1 /* POLLIN */, 0};
+    long n = vk_syscall6(7, (long)VK__PTR(&pfd), 1, ms, 0, 0, 0);
+    if (n <= 0)
+        return 0;
+    if (!(pfd.revents & 1)) {
+        /* no task left on the filter: the stub is dying */
+        int64_t ts[2] = {0, 10000000};
+        vk_syscall6(202, (long)VK__PTR(b + VK_FAST_CX_SEQ), 0, (long)vk__ld32(b, VK_FAST_CX_SEQ),
+                    (long)VK__PTR(ts), 0, 0);
+        return 0;
+    }
+    {
+        /* One receiver at a time, and only while one is pending: a receive
+         * with none pending would block for good. A holder that keeps the
+         * lock for long (the user code can write the block) loses it. */
+        uint32_t *lock = (uint32_t *)(void *)(b + VK_FAST_CX_RECV_LOCK);
+        uint32_t zero;
+        int tries, got = 0;
+        for (tries = 0; tries < 100; tries++) {
+            int64_t ts[2] = {0, 1000000};
+            zero = 0;
+            if (__atomic_compare_exchange_n(lock, &zero, 1, 0, __ATOMIC_ACQ_REL, __ATOMIC_RELAXED))
+                break;
+            vk_syscall6(202, (long)VK__PTR(lock), 0, 1, (long)VK__PTR(ts), 0, 0);
+        }
+        __atomic_store_n(lock, 1, __ATOMIC_RELEASE);
+        pfd.revents = 0;
+        if (vk_syscall6(7, (long)VK__PTR(&pfd), 1, 0, 0, 0, 0) == 1 && (pfd.revents & 1) &&
+            vk_syscall6(16, l, (long)0xC0502100 /* NOTIF_RECV */, (long)VK__PTR(notif), 0, 0, 0) == 0) {
+            __atomic_store_n((uint64_t *)(void *)(b + VK_FAST_CX_NOTIF_ID), notif[0],
+                             __ATOMIC_RELEASE);
+            got = 1;
+        }
+        __atomic_store_n(lock, 0, __ATOMIC_RELEASE);
+        return got;
+    }
+}
+
+/* Answer the notification the context sleeps in with value 0 (go) or
+ * error -ENOSYS (the user code's own report call). */
+static inline long vk__fast_send(unsigned char *b, int l, int32_t error)
+{
+    uint64_t resp[3];
+    resp[0] = vk__ld64(b, VK_FAST_CX_NOTIF_ID);
+    resp[1] = 0;
+    resp[2] = (uint64_t)(uint32_t)error;
+    return vk_syscall6(16, l, (long)0xC0182101 /* NOTIF_SEND */, (long)VK__PTR(resp), 0, 0, 0);
+}
+
+/* Wake the context to look at its state. */
+static inline void vk__fast_go(unsigned char *b, int l)
+{
+    int i;
+    if (l < 0) {
+        vk_syscall6(202, (long)VK__PTR(b + VK_FAST_CX_STATE), 1 /* FUTEX_WAKE */, 1, 0, 0, 0);
+        return;
+    }
+    /* Refused: the report it answers was received by someone else's wait
+     * first, or not yet: receive it, answer it. */
+    for (i = 0; i < 2; i++)
+        if (vk__fast_send(b, l, 0) == 0 || !vk__fast_recv(b, l, 100))
+            return;
+}
+
+static inline void vk__fast_post(unsigned char *b, int l, const uint64_t *g, uint64_t fs,
+                                 uint64_t gs)
 {
     int i;
     for (i = 0; i < VK_FAST_GREGS_IN; i++)
@@ -526,7 +620,7 @@ static inline void vk__fast_post(unsigned char *b, const uint64_t *g, uint64_t f
     vk__st64(b, VK_FAST_CX_FS_IN, fs);
     vk__st64(b, VK_FAST_CX_GS_IN, gs);
     vk__st32(b, VK_FAST_CX_STATE, VK_FAST_STATE_GO);
-    vk_syscall6(202, (long)VK__PTR(b + VK_FAST_CX_STATE), 1 /* FUTEX_WAKE */, 1, 0, 0, 0);
+    vk__fast_go(b, l);
 }
 
 /* The end of a fast RUN: not busy; signals vkrun held are let through. */
@@ -626,7 +720,7 @@ static inline long vk__fast_run(void *id, struct trapframe *tf, struct vextframe
     unsigned char *b;
     uint64_t g[VK_FAST_GREGS], trap[3];
     uint32_t seen, seq, sig;
-    int slot = 0, i;
+    int slot = 0, i, l;
     if (id == 0 || vk__fc.off)
         return 1;
     b = vk__fast_block(id, &slot);
@@ -640,7 +734,15 @@ static inline long vk__fast_run(void *id, struct trapframe *tf, struct vextframe
     }
     if (!vk__canonical(vf->vx_tls[0].base) || !vk__canonical(vf->vx_tls[1].base))
         return -EINVAL;
+    if (vk__fc.e[slot].retry) {
+        /* The retry of a fault takes the hypercall: vkrun installs the page
+         * the vkernel has just mapped before the user code runs. */
+        vk__fc.e[slot].retry = 0;
+        return 1;
+    }
+    l = vk__fc.e[slot].listener;
     vk__st32(b, VK_FAST_CX_KICK, 0);
+    vk__st64(b, VK_FAST_CX_KICK_AT, 0);
     vk__st32(b, VK_FAST_CX_BUSY, 1);
     if (vk__ld32(b, VK_FAST_CX_OPEN) != VK_FAST_OPEN_MAGIC ||
         vk__ld32(b, VK_FAST_CX_STATE) != VK_FAST_STATE_WAIT) {
@@ -655,8 +757,32 @@ static inline long vk__fast_run(void *id, struct trapframe *tf, struct vextframe
     g[16] = tf->tf_rip;
     g[17] = (tf->tf_rflags & RFLAGS_USER_MASK) | RFLAGS_USER_SET;
     seen = vk__ld32(b, VK_FAST_CX_SEQ);
-    vk__fast_post(b, g, vf->vx_tls[0].base, vf->vx_tls[1].base);
+    vk__fast_post(b, l, g, vf->vx_tls[0].base, vf->vx_tls[1].base);
     for (;;) {
+        if (l >= 0) {
+            /* Notification mode: receive each report's notification
+             * before reading the report, so that the next go answers it. */
+            if (!vk__fast_recv(b, l, 100)) {
+                if (vk__ld32(b, VK_FAST_CX_OPEN) != VK_FAST_OPEN_MAGIC || !vk__fast_alive(b)) {
+                    vk__fast_finish(b);
+                    vk__fast_drop(slot);
+                    return -EIO;
+                }
+                if (vk__ld32(b, VK_FAST_CX_SEQ) == seen) {
+                    if (vk__ld32(b, VK_FAST_CX_STATE) == VK_FAST_STATE_GO)
+                        vk__fast_go(b, l); /* its notification went elsewhere */
+                    continue;
+                }
+                /* reported, received by an earlier wait: read the report */
+            } else if (vk__ld32(b, VK_FAST_CX_SEQ) == seen) {
+                /* no report: go again, or the user code's own report call */
+                if (vk__ld32(b, VK_FAST_CX_STATE) == VK_FAST_STATE_GO)
+                    vk__fast_go(b, l);
+                else
+                    vk__fast_send(b, l, -ENOSYS);
+                continue;
+            }
+        }
         seq = vk__ld32(b, VK_FAST_CX_SEQ);
         if (seq == seen) {
             int64_t ts[2] = {0, 100000000};
@@ -694,7 +820,7 @@ static inline long vk__fast_run(void *id, struct trapframe *tf, struct vextframe
                     trap[0] = T_SIGNAL;
                     trap[1] = trap[2] = 0;
                 } else {
-                    vk__fast_post(b, g, fs, gs); /* a stale kick: carry on */
+                    vk__fast_post(b, l, g, fs, gs); /* a stale kick: carry on */
                     continue;
                 }
             } else
@@ -734,8 +860,14 @@ static inline int vmspace_ctl(void *id, int cmd, struct trapframe *tf, struct ve
 {
     if (cmd == VMSPACE_CTL_RUN) {
         long r = vk__fast_run(id, tf, vf);
-        if (r != 1)
-            return (int)vk__ret(r);
+        int i;
+        if (r == 1)
+            r = vk_raw_hypercall(VK_SYS_vmspace_ctl, VK__PTR(id), VK__INT(cmd), VK__PTR(tf),
+                                 VK__PTR(vf), 0, 0);
+        for (i = 0; i < VK__FAST_ENTRIES; i++)
+            if (vk__fc.e[i].block && vk__fc.e[i].id == id)
+                vk__fc.e[i].retry = r == 0 && tf->tf_trapno == T_PAGEFLT && !(tf->tf_err & PGEX_I);
+        return (int)vk__ret(r);
     }
     return (int)vk__ret(vk_raw_hypercall(VK_SYS_vmspace_ctl, VK__PTR(id), VK__INT(cmd), VK__PTR(tf),
                                          VK__PTR(vf), 0, 0));

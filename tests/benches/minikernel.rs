@@ -7,7 +7,12 @@
 //! - fault-heavy: `hello-vmspace bench-touch 256` (one write per 4 KiB page
 //!   of a fresh 256 MiB mapping; it prints ns per page) inside and natively;
 //! - `busybox sha256sum` of a 64 MiB file, wall clock, inside and natively
-//!   (skipped loudly, failing in CI, without a static busybox).
+//!   (skipped loudly, failing in CI, without a static busybox);
+//! - the same three under User-Mode Linux when Debian's `user-mode-linux` is
+//!   installed (`/usr/bin/linux`, booted with the host's root over hostfs and
+//!   `init=` a script that runs them and powers off; the hash is timed inside
+//!   UML, without its boot), with the ratios the RUN fast-path issue aims
+//!   at; without UML a note says the rows are skipped.
 //!
 //! `hello-vmspace` is built by `cargo build --release --workspace`, so no
 //! compiler is needed here. Everything is measured once pinned (the bench
@@ -148,6 +153,84 @@ fn hash_input(dir: &Path) -> PathBuf {
     path
 }
 
+/// What the same workloads measure under User-Mode Linux (Debian's
+/// `user-mode-linux`, `/usr/bin/linux`): ns per getpid, ns per page
+/// touched, ms for the hash; the medians of [`UML_BOOTS`] boots, each with
+/// the host's root over hostfs and `init=` a script that runs the three
+/// workloads, prints `VKUML key value` lines and powers off. `None` (and a
+/// printed note) without UML or when a boot fails.
+fn uml(dir: &Path, hello: &Path, busybox: Option<&Path>, input: &Path) -> Option<[f64; 3]> {
+    let Some(linux) = which("linux").filter(|p| p.starts_with("/usr/bin")) else {
+        println!(
+            "(User-Mode Linux is not installed: apt-get install user-mode-linux; UML rows skipped)"
+        );
+        return None;
+    };
+    let hello = hello.display();
+    let hash = match busybox {
+        Some(bb) => format!(
+            "s=$(date +%s%N); {} sha256sum {} >/dev/null; e=$(date +%s%N)\necho VKUML hash_ms $(( (e - s) / 1000000 ))",
+            bb.display(),
+            input.display()
+        ),
+        None => String::new(),
+    };
+    let script = dir.join("uml-init.sh");
+    let body = format!(
+        "#!/bin/sh\nmount -t proc proc /proc 2>/dev/null\n\
+         echo VKUML $({hello} bench-getpid {INSIDE_CALLS})\n\
+         echo VKUML $({hello} bench-touch {TOUCH_MIB})\n{hash}\n\
+         echo o > /proc/sysrq-trigger\n"
+    );
+    std::fs::write(&script, body).expect("write the UML init script");
+    std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+        .expect("chmod the UML init script");
+    let mut runs: [Vec<f64>; 3] = [Vec::new(), Vec::new(), Vec::new()];
+    for _ in 0..UML_BOOTS {
+        let child = Command::new(&linux)
+            .args([
+                "mem=768M",
+                "root=/dev/root",
+                "rootfstype=hostfs",
+                "rootflags=/",
+                "rw",
+                "quiet",
+                "con=null",
+                "con0=fd:0,fd:1",
+            ])
+            .arg(format!("init={}", script.display()))
+            .current_dir(dir)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .ok()?;
+        let out = wait_output(child, DEADLINE);
+        let stdout = text(&out.stdout);
+        let value = |key: &str| {
+            stdout.lines().find_map(|l| {
+                l.trim()
+                    .strip_prefix("VKUML ")?
+                    .strip_prefix(key)?
+                    .trim()
+                    .parse::<f64>()
+                    .ok()
+            })
+        };
+        let (Some(g), Some(t)) = (value("getpid_ns_per_call"), value("touch_ns_per_page")) else {
+            println!("(User-Mode Linux did not run the workloads; UML rows skipped)");
+            return None;
+        };
+        runs[0].push(g);
+        runs[1].push(t);
+        runs[2].push(value("hash_ms").unwrap_or(f64::NAN));
+    }
+    Some(runs.map(median))
+}
+
+/// UML boots per figure.
+const UML_BOOTS: usize = 3;
+
 fn measure(label: &str, hello: &Path, busybox: Option<&Path>, input: &Path) {
     let n = |v: u64| v.to_string();
     let getpid_native = median_printed(
@@ -202,6 +285,8 @@ fn measure(label: &str, hello: &Path, busybox: Option<&Path>, input: &Path) {
         let under = median_secs(|| inside(bb, &["sha256sum", input_arg], false));
         (native, under)
     });
+    let dir = tempfile::tempdir().expect("tempdir");
+    let uml = uml(dir.path(), hello, busybox, input);
 
     println!("== {label} ==");
     println!("getpid native                    {getpid_native:>10.1} ns   1.00x");
@@ -242,6 +327,24 @@ fn measure(label: &str, hello: &Path, busybox: Option<&Path>, input: &Path) {
         start_native * 1e3,
         start_inside * 1e3
     );
+    if let Some([g, t, h]) = uml {
+        println!(
+            "getpid under UML 6.1             {g:>10.1} ns   inside is {:.2}x UML (target <= 0.6x)",
+            getpid_inside / g
+        );
+        println!(
+            "touch 256 MiB under UML          {t:>10.1} ns a page   inside is {:.2}x UML (target <= 0.2x)",
+            touch_inside / t
+        );
+        if let Some((_, under)) = hash
+            && h.is_finite()
+        {
+            println!(
+                "sha256sum 64 MiB under UML       {h:>10.1} ms   inside is {:.2}x UML (target <= 0.8x; UML timed inside, without its boot)",
+                under * 1e3 / h
+            );
+        }
+    }
 }
 
 /// `name: value` from vkrun's `--stats` lines.

@@ -857,8 +857,9 @@ fn stats_count_runs_and_their_exits() {
 }
 
 /// The library's `vmspace_ctl()` takes the fast RUN by default (vkrun is
-/// asked once per thread and vmspace, so the RUNs far outnumber the
-/// `vmspace_ctl` hypercalls), and the RUNs it makes are still counted, with
+/// asked once per thread and vmspace, and only a fault's retry is a
+/// hypercall, so the RUNs outnumber the `vmspace_ctl` hypercalls), and the
+/// RUNs it makes are still counted, with
 /// their exits; `--run=hypercall` and a trace of RUNs make every RUN a
 /// hypercall again (one more `vmspace_ctl` per process: the library's
 /// question, refused).
@@ -887,7 +888,7 @@ fn the_fast_run_is_taken_unless_runs_are_traced_or_refused() {
     };
     let (fast_runs, fast_exits, fast_calls, stats) = stats_of(&[]);
     assert!(
-        fast_runs >= 10 && fast_calls * 2 < fast_runs,
+        fast_runs >= 10 && fast_calls < fast_runs,
         "the fast RUN was not taken: {fast_runs} RUNs, {fast_calls} vmspace_ctl hypercalls\n{stats}"
     );
     assert_eq!(

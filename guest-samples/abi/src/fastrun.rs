@@ -22,7 +22,7 @@
 //! it: nothing read from it is trusted beyond the RUN it belongs to (a
 //! forged report only misleads this RUN of that user code).
 
-use core::sync::atomic::{AtomicU32, AtomicU64, Ordering, fence};
+use core::sync::atomic::{AtomicI32, AtomicU32, AtomicU64, Ordering, fence};
 
 use crate::Hypercall;
 use crate::hypercall::{Errno, hypercall, syscall6};
@@ -96,6 +96,20 @@ pub const CX_N_PAGEFAULT: usize = 0x0A8;
 pub const CX_N_TRAP: usize = 0x0B0;
 /// Block: fast RUNs that ended for a signal.
 pub const CX_N_SIGNAL: usize = 0x0B8;
+/// Block: 1 if the context reports through a seccomp user notification
+/// (its handler makes system call [`NR_REPORT`], which its own filter turns
+/// into `SECCOMP_RET_USER_NOTIF`, and sleeps until the notification is
+/// answered: the answer is the next "go"); 0 if it reports by futex.
+pub const CX_NOTIF: usize = 0x0C0;
+/// Block: the context's listener descriptor, in the stub.
+pub const CX_LISTENER: usize = 0x0C4;
+/// Block: the id of the notification the context waits on (written by
+/// whoever received it; the next "go" answers it).
+pub const CX_NOTIF_ID: usize = 0x0C8;
+/// Block: held (1) by whoever receives the context's notification: a
+/// receive blocks until a notification comes, so only one waiter may look
+/// (it checks one is pending under the lock).
+pub const CX_RECV_LOCK: usize = 0x0D0;
 /// Block: registers to run with, `ucontext` `gregs` order, `REG_R8` to
 /// `REG_EFL` ([`GREGS_IN`] of them).
 pub const CX_IN: usize = 0x100;
@@ -114,6 +128,16 @@ pub const STATE_GO: u32 = 1;
 pub const STATE_RUNNING: u32 = 2;
 /// `CX_STATE`: the context is ending.
 pub const STATE_EXIT: u32 = 3;
+
+/// The system call a context's handler reports with in notification mode
+/// (in vkrun's reserved range: no kernel implements it).
+pub const NR_REPORT: u64 = 0x0DF0_0FFF;
+
+/// `vmspace_ctl(id, VMSPACE_CTL_FASTINFO, tf, NULL)` with `tf` =
+/// [`FASTINFO_LISTENER`]: the context's listener instead (a new
+/// close-on-exec descriptor the library keeps), `EOPNOTSUPP` if the
+/// context reports by futex.
+pub const FASTINFO_LISTENER: u64 = 1;
 
 /// The signal that kicks a context out of its user code (`SIGURG`).
 pub const KICK_SIGNAL: u32 = 23;
@@ -342,6 +366,11 @@ const NR_GETTID: u64 = 186;
 const NR_FUTEX: u64 = 202;
 const NR_CLOCK_GETTIME: u64 = 228;
 const NR_TGKILL: u64 = 234;
+const NR_IOCTL: u64 = 16;
+const NR_POLL: u64 = 7;
+const SECCOMP_IOCTL_NOTIF_RECV: u64 = 0xC050_2100;
+const SECCOMP_IOCTL_NOTIF_SEND: u64 = 0xC018_2101;
+const POLLIN: u16 = 1;
 const FUTEX_WAIT: u64 = 0;
 const FUTEX_WAKE: u64 = 1;
 const ESRCH: i64 = 3;
@@ -356,6 +385,13 @@ struct Entry {
     tid: AtomicU32,
     id: AtomicU64,
     block: AtomicU64,
+    /// The context's listener (notification mode), or -1.
+    listener: AtomicI32,
+    /// The last RUN returned a data `T_PAGEFLT`: its retry takes the
+    /// hypercall, where vkrun installs the page the vkernel has just
+    /// mapped before the user code runs (it saves the user code a second
+    /// fault through vkrun's fault thread).
+    retry: AtomicU32,
 }
 
 const ENTRIES: usize = 64;
@@ -365,6 +401,8 @@ const EMPTY: Entry = Entry {
     tid: AtomicU32::new(0),
     id: AtomicU64::new(0),
     block: AtomicU64::new(0),
+    listener: AtomicI32::new(-1),
+    retry: AtomicU32::new(0),
 };
 
 /// The cache of blocks: (thread, vmspace) to the block mapped in this
@@ -394,9 +432,9 @@ fn now_ns() -> u64 {
         .wrapping_add(ts[1] as u64)
 }
 
-/// A mapped block.
+/// A mapped block, and the context's listener (-1: it reports by futex).
 #[derive(Clone, Copy)]
-struct Block(u64);
+struct Block(u64, i32);
 
 impl Block {
     fn w(&self, off: usize) -> &AtomicU32 {
@@ -454,7 +492,129 @@ impl Block {
         self.q(CX_FS_IN).store(fs, Ordering::Relaxed);
         self.q(CX_GS_IN).store(gs, Ordering::Relaxed);
         self.w(CX_STATE).store(STATE_GO, Ordering::Release);
-        self.wake(CX_STATE);
+        self.go();
+    }
+
+    /// Wake the context to look at its state: answer the notification it
+    /// sleeps in (the answer wakes it on this CPU), or wake its futex.
+    fn go(&self) {
+        if self.1 < 0 {
+            self.wake(CX_STATE);
+            return;
+        }
+        for _ in 0..2 {
+            let resp = [self.q(CX_NOTIF_ID).load(Ordering::Acquire), 0, 0];
+            let r = sys(
+                NR_IOCTL,
+                [
+                    self.1 as u64,
+                    SECCOMP_IOCTL_NOTIF_SEND,
+                    resp.as_ptr() as u64,
+                    0,
+                    0,
+                    0,
+                ],
+            );
+            // Refused: the report it answers was handled before it was
+            // received (vkrun's waiter does that): receive it, answer it.
+            if r == 0 || !self.recv(POLL_NS / 1_000_000) {
+                return;
+            }
+        }
+    }
+
+    /// Answer the notification just received with `ENOSYS` (the user
+    /// code's own report call).
+    fn refuse(&self) {
+        let resp = [
+            self.q(CX_NOTIF_ID).load(Ordering::Acquire),
+            0,
+            (-ENOSYS) as u32 as u64,
+        ];
+        sys(
+            NR_IOCTL,
+            [
+                self.1 as u64,
+                SECCOMP_IOCTL_NOTIF_SEND,
+                resp.as_ptr() as u64,
+                0,
+                0,
+                0,
+            ],
+        );
+    }
+
+    /// Receive the context's next report notification within `ms`; its id
+    /// is kept for the next "go".
+    fn recv(&self, ms: i64) -> bool {
+        let mut pfd = [self.1 as u32 as u64 | (u64::from(POLLIN) << 32)];
+        let n = sys(NR_POLL, [pfd.as_mut_ptr() as u64, 1, ms as u64, 0, 0, 0]);
+        let revents = (pfd[0] >> 48) as u16;
+        if n <= 0 {
+            return false;
+        }
+        if revents & POLLIN == 0 {
+            // No task left on the filter: the stub is dying.
+            self.wait(CX_SEQ, self.w(CX_SEQ).load(Ordering::Acquire));
+            return false;
+        }
+        // One receiver at a time, and only while one is pending: a receive
+        // with none pending would block for good.
+        if !self.lock_recv() {
+            return false;
+        }
+        let mut pfd = [self.1 as u32 as u64 | (u64::from(POLLIN) << 32)];
+        let pending = sys(NR_POLL, [pfd.as_mut_ptr() as u64, 1, 0, 0, 0, 0]) == 1
+            && (pfd[0] >> 48) as u16 & POLLIN != 0;
+        let mut notif = [0u64; 10];
+        let r = if pending {
+            sys(
+                NR_IOCTL,
+                [
+                    self.1 as u64,
+                    SECCOMP_IOCTL_NOTIF_RECV,
+                    notif.as_mut_ptr() as u64,
+                    0,
+                    0,
+                    0,
+                ],
+            )
+        } else {
+            -1
+        };
+        if r == 0 {
+            self.q(CX_NOTIF_ID).store(notif[0], Ordering::Release);
+        }
+        self.w(CX_RECV_LOCK).store(0, Ordering::Release);
+        r == 0
+    }
+
+    /// Take the receive lock; a holder that keeps it for long (the user
+    /// code can write the block) loses it.
+    fn lock_recv(&self) -> bool {
+        let lock = self.w(CX_RECV_LOCK);
+        for _ in 0..100 {
+            if lock
+                .compare_exchange(0, 1, Ordering::AcqRel, Ordering::Relaxed)
+                .is_ok()
+            {
+                return true;
+            }
+            let ts = [0i64, 1_000_000];
+            sys(
+                NR_FUTEX,
+                [
+                    self.0 + CX_RECV_LOCK as u64,
+                    FUTEX_WAIT,
+                    1,
+                    ts.as_ptr() as u64,
+                    0,
+                    0,
+                ],
+            );
+        }
+        lock.store(1, Ordering::Release);
+        true
     }
 
     fn count(&self, off: usize) {
@@ -467,7 +627,8 @@ impl Block {
 fn block_for(id: u64, tid: u32) -> Option<(usize, Block)> {
     for (i, e) in CACHE.iter().enumerate() {
         if e.tid.load(Ordering::Relaxed) == tid && e.id.load(Ordering::Relaxed) == id {
-            return Some((i, Block(e.block.load(Ordering::Relaxed))));
+            let b = e.block.load(Ordering::Relaxed);
+            return Some((i, Block(b, e.listener.load(Ordering::Relaxed))));
         }
     }
     if OFF.load(Ordering::Relaxed) != 0 {
@@ -494,14 +655,44 @@ fn block_for(id: u64, tid: u32) -> Option<(usize, Block)> {
     if (-4095..0).contains(&at) {
         return None;
     }
-    let slot = claim(tid).or_else(|| {
+    // The context's listener, if it reports by notification.
+    // SAFETY: FASTINFO reads no guest memory.
+    let l = unsafe {
+        hypercall(
+            Hypercall::VmspaceCtl,
+            [id, VMSPACE_CTL_FASTINFO as u64, FASTINFO_LISTENER, 0, 0, 0],
+        )
+    };
+    let listener = if (0..i64::from(i32::MAX)).contains(&l) {
+        l as i32
+    } else {
+        -1
+    };
+    // SAFETY: `at` is the page just mapped.
+    let notif = unsafe { &*((at as u64 + CX_NOTIF as u64) as *const AtomicU32) };
+    if listener < 0 && notif.load(Ordering::Acquire) != 0 {
+        // The context reports by notification but the listener did not
+        // come (a signal interrupted the question): the hypercall this
+        // time, the question again next time.
         sys(NR_MUNMAP, [at as u64, 4096, 0, 0, 0, 0]);
-        None
-    })?;
+        return None;
+    }
+    let Some(slot) = claim(tid) else {
+        sys(NR_MUNMAP, [at as u64, 4096, 0, 0, 0, 0]);
+        close(listener);
+        return None;
+    };
     let e = &CACHE[slot];
     e.id.store(id, Ordering::Relaxed);
     e.block.store(at as u64, Ordering::Relaxed);
-    Some((slot, Block(at as u64)))
+    e.listener.store(listener, Ordering::Relaxed);
+    Some((slot, Block(at as u64, listener)))
+}
+
+fn close(fd: i32) {
+    if fd >= 0 {
+        sys(NR_CLOSE, [fd as u64, 0, 0, 0, 0, 0]);
+    }
 }
 
 /// A free cache entry, claimed for `tid`: an empty one, or one whose thread
@@ -528,6 +719,7 @@ fn claim(tid: u32) -> Option<usize> {
                 NR_MUNMAP,
                 [e.block.load(Ordering::Relaxed), 4096, 0, 0, 0, 0],
             );
+            close(e.listener.swap(-1, Ordering::Relaxed));
             return Some(i);
         }
     }
@@ -537,7 +729,9 @@ fn claim(tid: u32) -> Option<usize> {
 /// Forget entry `slot` (its context closed): unmap the block.
 fn drop_entry(slot: usize) {
     let e = &CACHE[slot];
+    e.retry.store(0, Ordering::Relaxed);
     let block = e.block.swap(0, Ordering::Relaxed);
+    close(e.listener.swap(-1, Ordering::Relaxed));
     e.id.store(0, Ordering::Relaxed);
     e.tid.store(0, Ordering::Release);
     if block != 0 {
@@ -567,12 +761,42 @@ pub fn run(id: u64, cmd: i32, tf: &mut TrapFrame, vf: &mut VextFrame) -> Option<
     if cmd != VMSPACE_CTL_RUN || id == 0 || OFF.load(Ordering::Relaxed) != 0 {
         return None;
     }
+    // Not taken: the hypercall (whose end vkrun sees).
+    let tid = gettid();
+    let r = run_fast(id, tid, tf, vf).unwrap_or_else(|| raw(id, tf, vf));
+    if let Some(slot) = find(id, tid) {
+        let fault = tf.tf_trapno == T_PAGEFLT && tf.tf_err & PGEX_I == 0;
+        CACHE[slot]
+            .retry
+            .store(u32::from(fault && r.is_ok()), Ordering::Relaxed);
+    }
+    Some(r)
+}
+
+/// This thread's cache entry for vmspace `id`.
+fn find(id: u64, tid: u32) -> Option<usize> {
+    CACHE
+        .iter()
+        .position(|e| e.tid.load(Ordering::Relaxed) == tid && e.id.load(Ordering::Relaxed) == id)
+}
+
+fn run_fast(
+    id: u64,
+    tid: u32,
+    tf: &mut TrapFrame,
+    vf: &mut VextFrame,
+) -> Option<Result<(), Errno>> {
     if !vf.vx_tls.iter().all(|t| canonical(t.base)) {
         return Some(Err(Errno(EINVAL)));
     }
-    let tid = gettid();
     let (slot, b) = block_for(id, tid)?;
+    if CACHE[slot].retry.swap(0, Ordering::Relaxed) != 0 {
+        return None;
+    }
+    // A kick (and its time) left from a signal that stopped the thread
+    // just as the last RUN ended is not this RUN's: cleared before busy.
     b.w(CX_KICK).store(0, Ordering::Relaxed);
+    b.q(CX_KICK_AT).store(0, Ordering::Relaxed);
     b.w(CX_BUSY).store(1, Ordering::SeqCst);
     if b.w(CX_OPEN).load(Ordering::SeqCst) != OPEN_MAGIC
         || b.w(CX_STATE).load(Ordering::Acquire) != STATE_WAIT
@@ -586,6 +810,41 @@ pub fn run(id: u64, cmd: i32, tf: &mut TrapFrame, vf: &mut VextFrame) -> Option<
     let mut seen = b.w(CX_SEQ).load(Ordering::Acquire);
     b.post(&gregs_in(tf), vf.vx_tls[0].base, vf.vx_tls[1].base);
     loop {
+        if b.1 >= 0 {
+            // Notification mode: each report is one notification; receive
+            // it before reading the report, so that the next "go" answers
+            // it.
+            if !b.recv(POLL_NS / 1_000_000) {
+                if b.w(CX_OPEN).load(Ordering::Acquire) != OPEN_MAGIC || !alive(b) {
+                    finish(b);
+                    drop_entry(slot);
+                    return Some(Err(Errno(EIO)));
+                }
+                if b.w(CX_SEQ).load(Ordering::Acquire) == seen {
+                    if b.w(CX_STATE).load(Ordering::Acquire) == STATE_GO {
+                        // Not picked up: the notification the go answered
+                        // was received by someone else (vkrun's waiter of
+                        // an earlier, interrupted RUN, still looking):
+                        // answer the one it keeps.
+                        b.go();
+                    }
+                    continue;
+                }
+                // Reported, and received by that waiter (the id is in the
+                // block): read the report.
+            } else if b.w(CX_SEQ).load(Ordering::Acquire) == seen {
+                // A notification without a report: the user code made the
+                // report call itself (it can jump to the handler's
+                // `syscall`), so it fails for it with ENOSYS; or a context
+                // that was not picked up parked again: go again.
+                if b.w(CX_STATE).load(Ordering::Acquire) == STATE_GO {
+                    b.go();
+                } else {
+                    b.refuse();
+                }
+                continue;
+            }
+        }
         let seq = b.w(CX_SEQ).load(Ordering::Acquire);
         if seq == seen {
             if b.w(CX_OPEN).load(Ordering::Acquire) != OPEN_MAGIC {
@@ -669,6 +928,13 @@ fn alive(b: Block) -> bool {
     !(at != 0 && now_ns().saturating_sub(at) > KICK_TIMEOUT_NS)
 }
 
+// The block's words fit the first page, before the registers.
+const _: () = {
+    assert!(CX_OUT + 8 * GREGS <= 0x300);
+    assert!(CX_IN + 8 * GREGS_IN <= CX_OUT);
+    assert!(CX_RECV_LOCK + 4 <= CX_IN);
+};
+
 /// The raw hypercall.
 pub fn raw(id: u64, tf: &mut TrapFrame, vf: &mut VextFrame) -> Result<(), Errno> {
     // SAFETY: `tf` and `vf` are valid, exclusive references of the ABI's sizes.
@@ -743,14 +1009,5 @@ mod tests {
         };
         assert_eq!(gregs_in(&tf)[reg::EFL], 0x27_4DD5 | 0x202);
         assert!(canonical(0x7fff_ffff_ffff) && !canonical(0x8000_0000_0000));
-    }
-
-    #[test]
-    fn the_block_layout_fits_one_page() {
-        const {
-            assert!(CX_OUT + 8 * GREGS <= 0x300);
-            assert!(CX_IN + 8 * GREGS_IN <= CX_OUT);
-            assert!(CX_N_SIGNAL + 8 <= CX_IN);
-        }
     }
 }

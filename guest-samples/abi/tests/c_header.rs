@@ -461,6 +461,36 @@ fn vkabi_table() -> Abi {
             "VK_FAST_CX_N_SIGNAL",
             fastrun::CX_N_SIGNAL as i32,
         );
+        abi.constant(
+            "fastrun::CX_NOTIF",
+            "VK_FAST_CX_NOTIF",
+            fastrun::CX_NOTIF as i32,
+        );
+        abi.constant(
+            "fastrun::CX_LISTENER",
+            "VK_FAST_CX_LISTENER",
+            fastrun::CX_LISTENER as i32,
+        );
+        abi.constant(
+            "fastrun::CX_NOTIF_ID",
+            "VK_FAST_CX_NOTIF_ID",
+            fastrun::CX_NOTIF_ID as i32,
+        );
+        abi.constant(
+            "fastrun::CX_RECV_LOCK",
+            "VK_FAST_CX_RECV_LOCK",
+            fastrun::CX_RECV_LOCK as i32,
+        );
+        abi.constant(
+            "fastrun::NR_REPORT",
+            "VK_FAST_NR_REPORT",
+            fastrun::NR_REPORT as i32,
+        );
+        abi.constant(
+            "fastrun::FASTINFO_LISTENER",
+            "VK_FAST_FASTINFO_LISTENER",
+            fastrun::FASTINFO_LISTENER as i32,
+        );
         abi.constant("fastrun::CX_IN", "VK_FAST_CX_IN", fastrun::CX_IN as i32);
         abi.constant("fastrun::CX_OUT", "VK_FAST_CX_OUT", fastrun::CX_OUT as i32);
         abi.constant(

@@ -239,6 +239,43 @@ impl NotifyFd {
         matches!(nix::poll::poll(&mut fds, nix::poll::PollTimeout::ZERO), Ok(n) if n > 0)
     }
 
+    /// Whether a notification is pending within `timeout` (`Err`: the
+    /// listener has no task left, or poll failed).
+    pub fn pending_within(&self, timeout: std::time::Duration) -> Result<bool, Errno> {
+        use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+        let mut fds = [PollFd::new(self.fd.as_fd(), PollFlags::POLLIN)];
+        let timeout = PollTimeout::try_from(timeout).unwrap_or(PollTimeout::MAX);
+        match poll(&mut fds, timeout) {
+            Ok(0) | Err(Errno::EINTR) => return Ok(false),
+            Ok(_) => {}
+            Err(e) => return Err(e),
+        }
+        let revents = fds[0].revents().unwrap_or(PollFlags::empty());
+        if revents.contains(PollFlags::POLLIN) {
+            Ok(true)
+        } else {
+            Err(Errno::ENOENT)
+        }
+    }
+
+    /// Receive one notification within `timeout`: `Ok(None)` if none came,
+    /// `Err` if the listener has no task left (or failed).
+    pub fn recv_within(&self, timeout: std::time::Duration) -> Result<Option<Notification>, Errno> {
+        use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+        let mut fds = [PollFd::new(self.fd.as_fd(), PollFlags::POLLIN)];
+        let timeout = PollTimeout::try_from(timeout).unwrap_or(PollTimeout::MAX);
+        match poll(&mut fds, timeout) {
+            Ok(0) | Err(Errno::EINTR) => return Ok(None),
+            Ok(_) => {}
+            Err(e) => return Err(e),
+        }
+        let revents = fds[0].revents().unwrap_or(PollFlags::empty());
+        if !revents.contains(PollFlags::POLLIN) {
+            return Err(Errno::ENOENT);
+        }
+        self.recv().map(Some)
+    }
+
     /// Whether notification `id` is still pending (its caller alive and
     /// waiting). Check before acting on the caller's memory: a dead caller's
     /// thread id may already name another task.
@@ -282,4 +319,20 @@ impl AsFd for NotifyFd {
     fn as_fd(&self) -> BorrowedFd<'_> {
         self.fd.as_fd()
     }
+}
+
+/// A duplicate of descriptor `fd` of process `pid` (`pidfd_getfd`,
+/// close-on-exec), as a listener: an execution context's own.
+pub fn listener_of(pid: nix::unistd::Pid, fd: i32) -> Result<NotifyFd, Errno> {
+    use std::os::fd::FromRawFd;
+    // SAFETY: pidfd_open takes integers; the result is a new descriptor we own.
+    let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid.as_raw(), 0) };
+    let pidfd = Errno::result(pidfd)? as RawFd;
+    // SAFETY: the descriptor was just made and is ours alone.
+    let pidfd = unsafe { OwnedFd::from_raw_fd(pidfd) };
+    // SAFETY: pidfd_getfd takes integers; the result is a new descriptor.
+    let dup = unsafe { libc::syscall(libc::SYS_pidfd_getfd, pidfd.as_raw_fd(), fd, 0) };
+    let dup = Errno::result(dup)? as RawFd;
+    // SAFETY: as above.
+    Ok(NotifyFd::new(unsafe { OwnedFd::from_raw_fd(dup) }))
 }

@@ -82,39 +82,14 @@ pub const CX_IN: usize = 0x100;
 /// Registers at the report, all 23 `gregs` (with `REG_ERR`, `REG_TRAPNO`,
 /// `REG_CR2`).
 pub const CX_OUT: usize = 0x200;
-/// Fast RUN (the guest's own `vmspace_ctl()` wrapper, `vkabi::fastrun`):
-/// [`FAST_OPEN`] while vkrun offers the fast path on this context, 0 once
-/// the context is closed, its vmspace destroyed or its stub dead.
-pub const CX_OPEN: usize = vkabi::fastrun::CX_OPEN;
-/// Fast RUN: non-zero while the guest thread is inside a fast RUN (set by
-/// its wrapper before it posts, cleared after it wrote `tf`).
-pub const CX_BUSY: usize = vkabi::fastrun::CX_BUSY;
-/// Fast RUN: the tracer blocked the guest thread's signals
-/// (`PTRACE_SETSIGMASK`) to hold a signal until RUN returns; the wrapper
-/// restores [`CX_SAVED_MASK`].
-pub const CX_MASK_HELD: usize = vkabi::fastrun::CX_MASK_HELD;
-/// Fast RUN: the guest thread's signal mask before the tracer blocked it.
-pub const CX_SAVED_MASK: usize = vkabi::fastrun::CX_SAVED_MASK;
-/// Fast RUN: the stub's pid and the context's thread id (the wrapper checks
-/// that the thread lives while it waits).
-pub const CX_STUB_PID: usize = vkabi::fastrun::CX_STUB_PID;
-/// See [`CX_STUB_PID`].
-pub const CX_CTX_TID: usize = vkabi::fastrun::CX_CTX_TID;
-/// Fast RUN: `CLOCK_MONOTONIC` nanoseconds of the tracer's kick for a
-/// signal (0: none), so that a context ignoring it is given up on.
-pub const CX_KICK_AT: usize = vkabi::fastrun::CX_KICK_AT;
-/// Fast RUN counters, kept by the wrapper, summed by vkrun when the
-/// context closes: runs, then exits by system call, page fault, other
-/// trap, signal (u64 each).
-pub const CX_N_RUNS: usize = vkabi::fastrun::CX_N_RUNS;
-/// See [`CX_N_RUNS`].
-pub const CX_N_SYSCALL: usize = vkabi::fastrun::CX_N_SYSCALL;
-/// See [`CX_N_RUNS`].
-pub const CX_N_PAGEFAULT: usize = vkabi::fastrun::CX_N_PAGEFAULT;
-/// See [`CX_N_RUNS`].
-pub const CX_N_TRAP: usize = vkabi::fastrun::CX_N_TRAP;
-/// See [`CX_N_RUNS`].
-pub const CX_N_SIGNAL: usize = vkabi::fastrun::CX_N_SIGNAL;
+/// The block's words for the fast RUN and the report by
+/// notification (defined once in `vkabi::fastrun`, which the guest
+/// libraries implement: see there).
+pub use vkabi::fastrun::{
+    CX_BUSY, CX_CTX_TID, CX_KICK_AT, CX_LISTENER, CX_MASK_HELD, CX_N_PAGEFAULT, CX_N_RUNS,
+    CX_N_SIGNAL, CX_N_SYSCALL, CX_N_TRAP, CX_NOTIF, CX_NOTIF_ID, CX_OPEN, CX_RECV_LOCK,
+    CX_SAVED_MASK, CX_STUB_PID,
+};
 /// [`CX_OPEN`] while the fast path is offered.
 pub const FAST_OPEN: u32 = vkabi::fastrun::OPEN_MAGIC;
 /// The stack a context starts on (below its signal stack).
@@ -247,7 +222,20 @@ global_asm!(
     "xor r8d, r8d",
     "mov eax, 157",
     "syscall",
-    // seccomp(SECCOMP_SET_MODE_FILTER, 0, &data.fprog)
+    // seccomp(SECCOMP_SET_MODE_FILTER, NEW_LISTENER, &data.fprog): the
+    // listener is how the context reports; without one (an older kernel),
+    // it reports by futex
+    "mov edi, 1",
+    "mov esi, 8",
+    "lea rdx, [r14 + {d_fprog}]",
+    "mov eax, 317",
+    "syscall",
+    "test rax, rax",
+    "js 8f",
+    "mov [r15 + {cx_listener}], eax",
+    "mov dword ptr [r15 + {cx_notif}], 1",
+    "jmp 9f",
+    "8:",
     "mov edi, 1",
     "xor esi, esi",
     "lea rdx, [r14 + {d_fprog}]",
@@ -255,6 +243,7 @@ global_asm!(
     "syscall",
     "test rax, rax",
     "jnz 6f",
+    "9:",
     // ready: any system call made here traps into the handler
     "mov eax, 39",
     "syscall",
@@ -321,6 +310,15 @@ global_asm!(
     "je 12f",
     "cmp eax, {st_exit}",
     "je 13f",
+    // notification mode: report and sleep until answered (the answer is
+    // the go); a failed report (no listener left) waits by futex instead
+    "cmp dword ptr [r15 + {cx_notif}], 0",
+    "je 15f",
+    "mov rax, {nr_report}",
+    "call 20f",
+    "cmp rax, -38",
+    "jne 11b",
+    "15:",
     "lea rdi, [r15 + {cx_state}]",
     "xor esi, esi",
     "mov edx, eax",
@@ -407,6 +405,9 @@ global_asm!(
     cx_gs_in = const CX_GS_IN,
     cx_altstack = const CX_ALTSTACK,
     cx_in = const CX_IN,
+    cx_notif = const CX_NOTIF,
+    cx_listener = const CX_LISTENER,
+    nr_report = const vkabi::fastrun::NR_REPORT,
     cx_out = const CX_OUT,
     gregs_in = const GREGS_IN,
     reg_efl = const REG_EFL,
@@ -495,7 +496,9 @@ pub fn data_page() -> Vec<u8> {
 /// traps (`SECCOMP_RET_TRAP`, so none reaches the host), whatever its
 /// architecture (`int 0x80` included). Only the handler's own instruction
 /// may make `futex` (`FUTEX_WAIT`/`FUTEX_WAKE` only), `rt_sigreturn` and
-/// `exit` (the calling thread). User code can jump to that instruction too;
+/// `exit` (the calling thread), and the report ([`vkabi::fastrun::NR_REPORT`],
+/// a user notification to the context's own listener). User code can jump
+/// to that instruction too;
 /// all it can reach that way is its own context's sleep, a spurious futex
 /// wake-up, a forged signal return (its own registers) or its own end.
 pub fn context_filter() -> Vec<libc::sock_filter> {
@@ -506,21 +509,23 @@ pub fn context_filter() -> Vec<libc::sock_filter> {
     let ip = at(&raw const vkrun_stub_handler_syscall) + 2;
     vec![
         /* 0 */ stmt(LD_W_ABS, 4),
-        /* 1 */ jump(JEQ_K, AUDIT_ARCH_X86_64, 0, 8),
+        /* 1 */ jump(JEQ_K, AUDIT_ARCH_X86_64, 0, 9),
         /* 2 */ stmt(LD_W_ABS, 8),
-        /* 3 */ jump(JEQ_K, ip as u32, 0, 6),
+        /* 3 */ jump(JEQ_K, ip as u32, 0, 7),
         /* 4 */ stmt(LD_W_ABS, 12),
-        /* 5 */ jump(JEQ_K, (ip >> 32) as u32, 0, 4),
+        /* 5 */ jump(JEQ_K, (ip >> 32) as u32, 0, 5),
         /* 6 */ stmt(LD_W_ABS, 0),
-        /* 7 */ jump(JEQ_K, libc::SYS_futex as u32, 3, 0),
-        /* 8 */ jump(JEQ_K, libc::SYS_rt_sigreturn as u32, 5, 0),
-        /* 9 */ jump(JEQ_K, libc::SYS_exit as u32, 4, 0),
-        /* 10 */ stmt(RET_K, TRAP),
-        /* 11 */ stmt(LD_W_ABS, 24),
-        /* 12 */ jump(JEQ_K, 0, 1, 0),
-        /* 13 */ jump(JEQ_K, 1, 0, 1),
-        /* 14 */ stmt(RET_K, ALLOW),
-        /* 15 */ stmt(RET_K, TRAP),
+        /* 7 */ jump(JEQ_K, libc::SYS_futex as u32, 4, 0),
+        /* 8 */ jump(JEQ_K, libc::SYS_rt_sigreturn as u32, 6, 0),
+        /* 9 */ jump(JEQ_K, libc::SYS_exit as u32, 5, 0),
+        /* 10 */ jump(JEQ_K, vkabi::fastrun::NR_REPORT as u32, 6, 0),
+        /* 11 */ stmt(RET_K, TRAP),
+        /* 12 */ stmt(LD_W_ABS, 24),
+        /* 13 */ jump(JEQ_K, 0, 1, 0),
+        /* 14 */ jump(JEQ_K, 1, 0, 1),
+        /* 15 */ stmt(RET_K, ALLOW),
+        /* 16 */ stmt(RET_K, TRAP),
+        /* 17 */ stmt(RET_K, libc::SECCOMP_RET_USER_NOTIF),
     ]
 }
 
@@ -690,11 +695,11 @@ mod tests {
             .map(|i| i.k)
             .collect();
         assert!(rets.contains(&libc::SECCOMP_RET_TRAP));
-        assert!(
-            rets.iter()
-                .all(|&k| k == libc::SECCOMP_RET_TRAP || k == libc::SECCOMP_RET_ALLOW)
-        );
-        assert_eq!(f[n - 1].k, libc::SECCOMP_RET_TRAP);
+        assert!(rets.iter().all(|&k| k == libc::SECCOMP_RET_TRAP
+            || k == libc::SECCOMP_RET_ALLOW
+            || k == libc::SECCOMP_RET_USER_NOTIF));
+        assert_eq!(f[n - 2].k, libc::SECCOMP_RET_TRAP);
+        assert_eq!(f[n - 1].k, libc::SECCOMP_RET_USER_NOTIF);
     }
 
     #[test]

@@ -16,10 +16,16 @@ use nix::unistd::Pid;
 use vkabi::{TrapFrame, VextFrame};
 
 use super::space::Vmspace;
+use crate::sys::seccomp::NotifyFd;
 use crate::sys::stub::{
     CX_BUSY, CX_FS_IN, CX_GS_IN, CX_IN, CX_KICK, CX_N_PAGEFAULT, CX_N_RUNS, CX_N_SIGNAL,
-    CX_N_SYSCALL, CX_N_TRAP, CX_OPEN, CX_SEQ, CX_STATE, FAST_OPEN, GREGS_IN, STATE_EXIT, STATE_GO,
+    CX_N_SYSCALL, CX_N_TRAP, CX_NOTIF_ID, CX_OPEN, CX_RECV_LOCK, CX_SEQ, CX_STATE, FAST_OPEN,
+    GREGS_IN, STATE_EXIT, STATE_GO,
 };
+
+/// How long a "go" waits for the report notification it answers, when
+/// its waiter handled the report before receiving it.
+const NOTIF_CATCH_UP: std::time::Duration = std::time::Duration::from_millis(100);
 use crate::sys::{futex, lock};
 
 /// A RUN in flight.
@@ -94,11 +100,21 @@ pub struct Context {
     pub(super) seen: AtomicU32,
     /// The context is being destroyed: its waiter ends.
     pub(super) closed: AtomicBool,
+    /// The context's listener, when it reports by user notification (its
+    /// handler sleeps in its report until the next "go" answers it).
+    pub(super) listener: Option<NotifyFd>,
 }
 
 impl Context {
     /// A context whose thread `tid` has made its first report.
-    pub fn new(vm: Arc<Vmspace>, slot: usize, tid: Pid, guest: Pid, seen: u32) -> Self {
+    pub fn new(
+        vm: Arc<Vmspace>,
+        slot: usize,
+        tid: Pid,
+        guest: Pid,
+        seen: u32,
+        listener: Option<NotifyFd>,
+    ) -> Self {
         Self {
             vm,
             slot,
@@ -107,6 +123,7 @@ impl Context {
             state: Mutex::new(RunState::default()),
             seen: AtomicU32::new(seen),
             closed: AtomicBool::new(false),
+            listener,
         }
     }
 
@@ -177,7 +194,7 @@ impl Context {
         self.closed.store(true, Ordering::Release);
         lock(&self.state).end_interrupt(-(Errno::EIO as i64));
         self.word(CX_STATE).store(STATE_EXIT, Ordering::Release);
-        let _ = futex::wake(self.word(CX_STATE));
+        self.go();
         let _ = futex::wake(self.word(CX_SEQ));
         // If its user code is running (its guest thread died inside RUN),
         // kick it into the handler, which then sees EXIT.
@@ -194,6 +211,104 @@ impl Context {
         self.qword(CX_FS_IN).store(fs, Ordering::Relaxed);
         self.qword(CX_GS_IN).store(gs, Ordering::Relaxed);
         self.word(CX_STATE).store(STATE_GO, Ordering::Release);
-        let _ = futex::wake(self.word(CX_STATE));
+        self.go();
+    }
+
+    /// Wake the context to look at its state: answer the notification it
+    /// sleeps in, or wake its futex.
+    pub(super) fn go(&self) {
+        let Some(l) = &self.listener else {
+            let _ = futex::wake(self.word(CX_STATE));
+            return;
+        };
+        for _ in 0..2 {
+            let id = self.qword(CX_NOTIF_ID).load(Ordering::Acquire);
+            match l.respond(id, Ok(0)) {
+                Ok(()) => return,
+                // The context's report that this answers is not received
+                // yet (its waiter handled the report first): receive it.
+                Err(_) => {
+                    if !self.recv_locked(l, NOTIF_CATCH_UP, &|| true) {
+                        return;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Receive a pending notification under the block's receive lock (one
+    /// receiver at a time, and only while one is pending: a receive with
+    /// none pending blocks for good), if `mine()` still holds then (a
+    /// waiter whose RUN was taken back receives nothing more). A holder that
+    /// keeps the lock for long (the user code can write the block) loses it.
+    fn recv_locked(
+        &self,
+        l: &NotifyFd,
+        timeout: std::time::Duration,
+        mine: &dyn Fn() -> bool,
+    ) -> bool {
+        if !matches!(l.pending_within(timeout), Ok(true)) {
+            return false;
+        }
+        let lock = self.word(CX_RECV_LOCK);
+        let mut tries = 0;
+        while lock
+            .compare_exchange(0, 1, Ordering::AcqRel, Ordering::Relaxed)
+            .is_err()
+        {
+            tries += 1;
+            if tries > 100 {
+                lock.store(1, Ordering::Release);
+                break;
+            }
+            let _ = futex::wait(lock, 1, std::time::Duration::from_millis(1));
+        }
+        let pending = matches!(l.pending_within(std::time::Duration::ZERO), Ok(true));
+        let got = if mine() && pending {
+            l.recv().ok()
+        } else {
+            None
+        };
+        if let Some(n) = &got {
+            self.qword(CX_NOTIF_ID).store(n.id, Ordering::Release);
+        }
+        lock.store(0, Ordering::Release);
+        got.is_some()
+    }
+
+    /// The notification just received came with no report: go again if
+    /// the context was posted and not picked up, else it is the user code's
+    /// own report call, which fails with `ENOSYS`.
+    pub(super) fn answer_stray(&self) {
+        if self.word(CX_STATE).load(Ordering::Acquire) == STATE_GO {
+            self.go();
+        } else if let Some(l) = &self.listener {
+            let id = self.qword(CX_NOTIF_ID).load(Ordering::Acquire);
+            let _ = l.respond(id, Err(Errno::ENOSYS));
+        }
+    }
+
+    /// Wait up to `timeout` for the context's next report notification;
+    /// its id is kept for the next "go". False if none came (or the
+    /// listener has no task left).
+    pub(super) fn recv_report(
+        &self,
+        timeout: std::time::Duration,
+        mine: &dyn Fn() -> bool,
+    ) -> bool {
+        let Some(l) = &self.listener else {
+            return false;
+        };
+        match l.pending_within(timeout) {
+            Ok(true) => self.recv_locked(l, std::time::Duration::ZERO, mine),
+            Ok(false) => false,
+            Err(_) => {
+                // No task left on the filter: its stub is dying. Do not
+                // spin until the tracer has seen it.
+                let seq = self.word(CX_SEQ).load(Ordering::Acquire);
+                let _ = futex::wait(self.word(CX_SEQ), seq, std::time::Duration::from_millis(10));
+                false
+            }
+        }
     }
 }

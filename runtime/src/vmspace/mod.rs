@@ -50,10 +50,11 @@ use nix::unistd::Pid;
 use crate::error::TraceeError;
 use crate::ram::GuestRam;
 use crate::stats::Stats;
-use crate::sys::seccomp::Notification;
+use crate::sys::seccomp::{self, Notification, NotifyFd};
 use crate::sys::stub::{
-    self, CONTEXTS, CTX_SIZE, CX_ADDR, CX_ALTSTACK, CX_CTX_TID, CX_ENTRY_STACK, CX_SEQ, CX_SIG,
-    CX_SIGSTACK, CX_STATE, CX_STUB_PID, STATE_WAIT, STUB_BASE,
+    self, CONTEXTS, CTX_SIZE, CX_ADDR, CX_ALTSTACK, CX_CTX_TID, CX_ENTRY_STACK, CX_LISTENER,
+    CX_NOTIF, CX_NOTIF_ID, CX_SEQ, CX_SIG, CX_SIGSTACK, CX_STATE, CX_STUB_PID, STATE_WAIT,
+    STUB_BASE,
 };
 use crate::sys::{futex, lock, proc};
 use crate::tracee::Tracer;
@@ -465,6 +466,12 @@ impl Vmspaces {
             ctx.close();
             return Err(Errno::EIO);
         }
+        if n.args[2] == vkabi::fastrun::FASTINFO_LISTENER {
+            // The context's listener, for the library to wait and go by
+            // notification as vkrun does (SYNC_WAKE_UP is the filter's).
+            let l = ctx.listener.as_ref().ok_or(Errno::EOPNOTSUPP)?;
+            return env.notify.add_fd(n.id, l.as_fd(), true).map(i64::from);
+        }
         vm.block_word(ctx.slot, CX_STUB_PID)
             .store(vm.stub.as_raw() as u32, Ordering::Relaxed);
         vm.block_word(ctx.slot, CX_CTX_TID)
@@ -566,16 +573,56 @@ impl Vmspaces {
             );
             return Err(Errno::from_raw((-err) as i32));
         }
+        let listener = if vm.block_word(slot, CX_NOTIF).load(Ordering::Acquire) == 1 {
+            Some(self.context_listener(vm, slot, deadline)?)
+        } else {
+            None
+        };
         let ctx = Arc::new(Context::new(
             Arc::clone(vm),
             slot,
             tid,
             guest,
             seq.load(Ordering::Acquire),
+            listener,
         ));
         lock(&vm.contexts).insert(guest, Arc::clone(&ctx));
         tracing::debug!(vmspace = format_args!("{:#x}", vm.id), %guest, context = %tid, slot, "execution context ready");
         Ok(ctx)
+    }
+
+    /// The listener of the context in block `slot`, which reports by user
+    /// notification: a duplicate of its descriptor in the stub, woken on
+    /// the current CPU (`SYNC_WAKE_UP`: both hand-offs stay on the CPU that
+    /// makes them, whatever the placement), and its first report received.
+    fn context_listener(
+        &self,
+        vm: &Vmspace,
+        slot: usize,
+        deadline: Instant,
+    ) -> Result<NotifyFd, Errno> {
+        let fd = vm.block_word(slot, CX_LISTENER).load(Ordering::Acquire) as i32;
+        let listener = seccomp::listener_of(vm.stub, fd).map_err(|errno| {
+            // Destroyed, or its stub died, meanwhile: said where it happened.
+            if *vm.gone.read().unwrap_or_else(PoisonError::into_inner) {
+                return Errno::ENOENT;
+            }
+            if !vm.is_dead() && proc::task_alive(vm.stub, vm.stub) {
+                tracing::warn!(%errno, "taking an execution context's listener failed");
+            }
+            Errno::EIO
+        })?;
+        let _ = listener.set_sync_wake_up();
+        loop {
+            if let Some(n) = listener.recv_within(Duration::from_millis(50))? {
+                vm.block_qword(slot, CX_NOTIF_ID)
+                    .store(n.id, Ordering::Release);
+                return Ok(listener);
+            }
+            if vm.is_dead() || Instant::now() > deadline {
+                return Err(Errno::EIO);
+            }
+        }
     }
 
     fn inject_failed(&self, vm: &Vmspace, e: &TraceeError) -> Errno {

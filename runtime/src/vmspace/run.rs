@@ -148,9 +148,13 @@ pub fn start(ctx: &Arc<Context>, n: &Notification, env: &Arc<RunEnv>) -> Started
     }
     env.stats.runs.fetch_add(1, Ordering::Relaxed);
     trace_begin(&env.trace, ctx.guest, &run);
-    if let Some((rip, addr, write)) = st.retry.take()
-        && rip == tf.tf_rip
-    {
+    // A fast RUN's fault goes on through this hypercall, whose waiter
+    // records it here, so the retry finds it whichever path it takes.
+    let retry = st
+        .retry
+        .take()
+        .and_then(|(rip, addr, write)| (rip == tf.tf_rip).then_some((addr, write)));
+    if let Some((addr, write)) = retry {
         // The vkernel most likely filled the VPTE and retries: spare the
         // user code a second fault (two hand-offs through the fault
         // thread).
@@ -201,7 +205,26 @@ impl Waiter {
                     self.fail_pending(Errno::EIO, "the vmspace's host process died");
                     return;
                 }
-                let _ = futex::wait(ctx.word(CX_SEQ), seq, WAITER_POLL);
+                if ctx.listener.is_some() {
+                    let mine =
+                        || lock(&ctx.state).run.as_ref().map(|p| p.run_no) == Some(self.run_no);
+                    if ctx.recv_report(WAITER_POLL, &mine) {
+                        if ctx.word(CX_SEQ).load(Ordering::Acquire) == seq {
+                            // A notification without a report: the user
+                            // code's own report call (ENOSYS for it), or a
+                            // context not picked up that parked again.
+                            ctx.answer_stray();
+                        }
+                        continue;
+                    }
+                    if ctx.word(CX_STATE).load(Ordering::Acquire) == STATE_GO {
+                        // Not picked up: answer the notification kept in
+                        // the block (another waiter received it).
+                        ctx.go();
+                    }
+                } else {
+                    let _ = futex::wait(ctx.word(CX_SEQ), seq, WAITER_POLL);
+                }
                 if ctx.word(CX_SEQ).load(Ordering::Acquire) != seq {
                     continue;
                 }
