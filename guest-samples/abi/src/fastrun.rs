@@ -411,6 +411,23 @@ const EMPTY: Entry = Entry {
 /// its parent's contexts.
 static CACHE: [Entry; ENTRIES] = [EMPTY; ENTRIES];
 
+/// Whether descriptor `fd` is one this library holds (a context's
+/// listener, kept for the fast RUN). A vkernel that closes or replaces
+/// descriptors on its user programs' behalf (`close`, `dup2`, a
+/// `close_fds` loop) must leave these alone, as it leaves its RAM alone:
+/// a listener closed under the library leaves its fast RUN waiting on a
+/// context that reports to nobody.
+///
+/// ```
+/// assert!(!vkabi::fastrun::holds_fd(1));
+/// ```
+pub fn holds_fd(fd: i32) -> bool {
+    fd >= 0
+        && CACHE
+            .iter()
+            .any(|e| e.listener.load(Ordering::Relaxed) == fd)
+}
+
 /// Set once vkrun said it does not offer the fast path (or is absent).
 static OFF: AtomicU32 = AtomicU32::new(0);
 

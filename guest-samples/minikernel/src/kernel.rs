@@ -327,9 +327,12 @@ impl Kernel {
         })
     }
 
-    /// Whether `fd` is one of the minikernel's own descriptors.
+    /// Whether `fd` is one of the minikernel's own descriptors (its RAM, its
+    /// file mappings' copies, the fast RUN's listeners of `vkabi`).
     pub fn reserved_fd(&self, fd: u64) -> bool {
-        fd as i32 == self.ram_fd || self.map_fds.contains(&(fd as i32))
+        fd as i32 == self.ram_fd
+            || self.map_fds.contains(&(fd as i32))
+            || vkabi::fastrun::holds_fd(fd as i32)
     }
 
     /// A vmspace with its window pointing at `mm`'s tables: an idle one
