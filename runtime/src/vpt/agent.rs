@@ -284,7 +284,8 @@ impl Agent {
     }
 
     /// `mmap` a run of RAM at `va` in the guest (reopening the agent's RAM
-    /// descriptor once if the guest closed it).
+    /// descriptor once if the guest closed it or put another file there:
+    /// a pipe there fails with `EPERM` or `EACCES`, nothing with `EBADF`).
     pub fn mmap_ram(&self, tgid: Pid, ram_fd: i32, run: RamRun) -> Result<(), Errno> {
         let RamRun {
             va,
@@ -298,7 +299,9 @@ impl Agent {
             let r = self.run(tgid, &[(libc::SYS_mmap, [va, len, prot, flags, fd, pa])])?;
             match errno_or(r[0]) {
                 Ok(_) => return Ok(()),
-                Err(Errno::EBADF | Errno::EACCES | Errno::ENODEV) if attempt == 0 => {
+                Err(Errno::EBADF | Errno::EACCES | Errno::ENODEV | Errno::EPERM)
+                    if attempt == 0 =>
+                {
                     self.open_ram(ram_fd, tgid)?;
                 }
                 Err(e) => return Err(e),
