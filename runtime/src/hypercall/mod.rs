@@ -167,6 +167,53 @@ fn account(
     }
 }
 
+/// A hypercall a thread is stopped at, as the trace and the answer need it.
+#[derive(Clone, Copy, Debug)]
+struct AtStop {
+    pid: Pid,
+    h: Option<Hypercall>,
+    nr: u64,
+    args: [u64; 6],
+    when: SystemTime,
+    /// gdb single-steps over the call: it must stop again as it returns.
+    then_stop: bool,
+}
+
+/// Account the call `at` (counters, trace line) and answer it with
+/// `result`, resuming the thread through `inj`.
+fn answer(
+    trace: &Mutex<TraceWriter>,
+    stats: &Stats,
+    inj: Injector,
+    at: AtStop,
+    result: Result<i64, Errno>,
+) -> Result<(), TraceeError> {
+    let AtStop {
+        pid,
+        h,
+        nr,
+        args,
+        when,
+        then_stop,
+    } = at;
+    account(
+        trace,
+        stats,
+        pid.as_raw(),
+        h,
+        nr,
+        args,
+        result,
+        Some(when),
+        None,
+        None,
+    );
+    if then_stop && let Err(errno) = nix::sys::ptrace::interrupt(pid) {
+        tracing::debug!(%pid, %errno, "PTRACE_INTERRUPT after a stepped hypercall failed");
+    }
+    inj.finish(raw_result(result))
+}
+
 /// Outcome of a hypercall served at a seccomp stop.
 #[derive(Debug)]
 pub struct StopOutcome {
@@ -227,23 +274,15 @@ impl StopCalls {
             Err(CallError::Guest(e)) => Err(e),
             Err(CallError::Tracee(e)) => return outcome(e, new_threads),
         };
-        let (trace, stats) = (&self.trace, &self.stats);
-        account(
-            trace,
-            stats,
-            pid.as_raw(),
+        let at = AtStop {
+            pid,
             h,
-            r.orig_rax,
+            nr: r.orig_rax,
             args,
-            result,
-            Some(when),
-            None,
-            None,
-        );
-        if then_stop && let Err(errno) = nix::sys::ptrace::interrupt(pid) {
-            tracing::debug!(%pid, %errno, "PTRACE_INTERRUPT after a stepped hypercall failed");
-        }
-        match inj.finish(raw_result(result)) {
+            when,
+            then_stop,
+        };
+        match answer(&self.trace, &self.stats, inj, at, result) {
             Ok(()) => StopOutcome {
                 new_threads,
                 gone: None,
@@ -281,7 +320,14 @@ impl StopCalls {
             Arc::clone(&self.trace),
             Arc::clone(&self.stats),
         );
-        let nr = inj.regs().orig_rax;
+        let at = AtStop {
+            pid,
+            h,
+            nr: inj.regs().orig_rax,
+            args,
+            when,
+            then_stop,
+        };
         self.vpt.defer(
             tgid,
             pid,
@@ -290,23 +336,7 @@ impl StopCalls {
                     .vk_mmap_by_agent(tgid, args)
                     .unwrap_or(Err(Errno::EINVAL));
                 Box::new(move |_: &Tracer| {
-                    account(
-                        &trace,
-                        &stats,
-                        pid.as_raw(),
-                        h,
-                        nr,
-                        args,
-                        result,
-                        Some(when),
-                        None,
-                        None,
-                    );
-                    // A gdb single step over the call ends as it returns.
-                    if then_stop && let Err(errno) = nix::sys::ptrace::interrupt(pid) {
-                        tracing::debug!(%pid, %errno, "PTRACE_INTERRUPT after a stepped hypercall failed");
-                    }
-                    match inj.finish(raw_result(result)) {
+                    match answer(&trace, &stats, inj, at, result) {
                         Ok(()) => StopDone::Resumed,
                         Err(TraceeError::Gone(gone)) => StopDone::Gone(gone.status),
                         Err(TraceeError::Ptrace { tid, errno }) => {
