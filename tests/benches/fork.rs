@@ -184,7 +184,7 @@ fn where_the_time_goes(bench: &Path, work: &[Workload]) {
             .collect();
         let med = |v: Vec<f64>| if v.is_empty() { 0.0 } else { median(v) };
         let n = f64::from(w.n[1]);
-        let per = |name: &str| vkrun_stat(&err, name) as f64 / n;
+        let per = |name: &str| vkrun_tests::counter(&err, name) as f64 / n;
         println!(
             "{}:\n    parent: {parent}\n    children (median): vmspace {:.0} µs (the first: {:.0} µs, a new one), exec {:.0} µs\n    \
              the run's totals / forks (with the first touch of the 64 MiB, where there is one): \
@@ -208,20 +208,6 @@ fn after(line: &str, key: &str) -> Option<f64> {
         .next()?
         .parse()
         .ok()
-}
-
-/// `name: value` from vkrun's `--stats` lines.
-fn vkrun_stat(stderr: &str, name: &str) -> u64 {
-    stderr
-        .lines()
-        .find_map(|l| {
-            l.strip_prefix(name)?
-                .strip_prefix(": ")?
-                .trim()
-                .parse()
-                .ok()
-        })
-        .unwrap_or(0)
 }
 
 fn main() {

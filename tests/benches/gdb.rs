@@ -21,27 +21,13 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use nix::sched::{CpuSet, sched_setaffinity};
-use nix::unistd::Pid;
+use vkrun_tests::bench::{median, pin};
 use vkrun_tests::{bin, compile_c, require, text, wait_output, workspace_root};
 
 const REPEATS: usize = 5;
 const RUN_CALLS: &str = "10000";
 const FAULTS: &str = "2000";
 const DEADLINE: Duration = Duration::from_secs(120);
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
-}
-
-fn pin(cpus: &[usize]) {
-    let mut set = CpuSet::new();
-    for &c in cpus {
-        set.set(c).expect("cpu index");
-    }
-    sched_setaffinity(Pid::from_raw(0), &set).expect("sched_setaffinity");
-}
 
 /// How the guest runs.
 #[derive(Clone, Copy, PartialEq)]

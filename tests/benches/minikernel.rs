@@ -347,20 +347,6 @@ fn measure(label: &str, hello: &Path, busybox: Option<&Path>, input: &Path) {
     }
 }
 
-/// `name: value` from vkrun's `--stats` lines.
-fn stat(stderr: &str, name: &str) -> u64 {
-    stderr
-        .lines()
-        .find_map(|l| {
-            l.strip_prefix(name)?
-                .strip_prefix(": ")?
-                .trim()
-                .parse()
-                .ok()
-        })
-        .unwrap_or(0)
-}
-
 /// One run of each workload inside with the counters on.
 fn where_the_time_goes(hello: &Path, busybox: Option<&Path>, input: &Path) {
     println!("== where the time goes (pinned, one run each, vkrun --stats, MINIKERNEL_STATS=1) ==");
@@ -390,17 +376,17 @@ fn where_the_time_goes(hello: &Path, busybox: Option<&Path>, input: &Path) {
             .lines()
             .find(|l| l.starts_with("minikernel: "))
             .unwrap_or("minikernel: (no counters)");
-        let runs = stat(&stderr, "vkrun.runs");
+        let runs = vkrun_tests::counter(&stderr, "vkrun.runs");
         println!(
             "{name}: {:.1} ms; {runs} RUNs ({:.1} us of wall clock per RUN): {} syscall exits, {} page-fault exits, {} trap, {} signal; {} vpagetable faults, {} host mappings installed\n    {mk}",
             secs * 1e3,
             secs * 1e6 / runs.max(1) as f64,
-            stat(&stderr, "vkrun.run_exits.syscall"),
-            stat(&stderr, "vkrun.run_exits.pagefault"),
-            stat(&stderr, "vkrun.run_exits.trap"),
-            stat(&stderr, "vkrun.run_exits.signal"),
-            stat(&stderr, "vm.vpagetable_faults"),
-            stat(&stderr, "vkrun.host_mappings_installed"),
+            vkrun_tests::counter(&stderr, "vkrun.run_exits.syscall"),
+            vkrun_tests::counter(&stderr, "vkrun.run_exits.pagefault"),
+            vkrun_tests::counter(&stderr, "vkrun.run_exits.trap"),
+            vkrun_tests::counter(&stderr, "vkrun.run_exits.signal"),
+            vkrun_tests::counter(&stderr, "vm.vpagetable_faults"),
+            vkrun_tests::counter(&stderr, "vkrun.host_mappings_installed"),
         );
     }
 }

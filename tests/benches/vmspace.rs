@@ -33,8 +33,7 @@ use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
-use nix::sched::{CpuSet, sched_setaffinity};
-use nix::unistd::Pid;
+use vkrun_tests::bench::{median, pin, unpin};
 use vkrun_tests::{bin, require, skip, text, wait_output};
 
 const REPEATS: usize = 5;
@@ -52,19 +51,6 @@ const RAM: &str = "256M";
 const GUEST_DEADLINE: Duration = Duration::from_secs(60);
 
 const PAGE: usize = 4096;
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
-}
-
-fn pin(cpus: &[usize]) {
-    let mut set = CpuSet::new();
-    for &c in cpus {
-        set.set(c).expect("cpu index");
-    }
-    sched_setaffinity(Pid::from_raw(0), &set).expect("sched_setaffinity");
-}
 
 /// `futex(word, op, val)` with no timeout (FUTEX_WAIT and FUTEX_WAKE, not
 /// private: the word is shared between processes).
@@ -321,7 +307,6 @@ fn measure(label: &str, floor: Option<&Path>, same_cpu: Option<f64>) -> f64 {
 }
 
 fn main() {
-    let ncpu = std::thread::available_parallelism().map_or(1, |n| n.get());
     let floor = build_floor();
     pin(&[0]);
     let same_cpu = measure(
@@ -329,7 +314,7 @@ fn main() {
         floor.as_deref(),
         None,
     );
-    pin(&(0..ncpu).collect::<Vec<_>>());
+    let ncpu = unpin();
     measure(
         &format!("unpinned: {ncpu} CPUs, scheduler's choice"),
         floor.as_deref(),
