@@ -109,7 +109,8 @@ pub struct Cli {
     /// (every RUN through vkrun, as a raw hypercall; the default) or fast
     /// (the guest's vmspace_ctl() in vkernel.h and vkabi hands off to it
     /// directly: about 2.3x faster, but under heavy concurrency a fast RUN
-    /// can stall until vkrun's 5 s bound; opt-in until that is fixed).
+    /// can stall, see the README's Known limits; opt-in until that is
+    /// fixed).
     /// Traced RUNs (-e trace=runs, all) always take the hypercall.
     #[arg(long = "run", value_name = "PATH", value_enum, default_value_t = RunPath::Hypercall)]
     pub run: RunPath,
